@@ -1,0 +1,548 @@
+//! Admin endpoints (DESIGN §5) on the admin listener: keys, wallets and top-ups, the ledger,
+//! routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
+//! `/healthz` and `/readyz` do not.
+
+use std::str::FromStr;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::keys::NewKey;
+use crate::ledger::store::ApiKeyRecord;
+use crate::ledger::{LedgerRecord, Status, TopupOutcome};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/metrics").route(web::get().to(metrics)))
+        .service(web::resource("/healthz").route(web::get().to(super::healthz)))
+        .service(web::resource("/readyz").route(web::get().to(super::readyz)))
+        .service(
+            web::scope("/admin")
+                .service(
+                    web::resource("/keys")
+                        .route(web::post().to(create_key))
+                        .route(web::get().to(list_keys)),
+                )
+                .service(
+                    web::resource("/keys/{id}")
+                        .route(web::delete().to(revoke_key))
+                        .route(web::get().to(get_key)),
+                )
+                .service(web::resource("/keys/{id}/topup").route(web::post().to(topup)))
+                .service(web::resource("/keys/{id}/wallet").route(web::get().to(wallet)))
+                .service(web::resource("/ledger").route(web::get().to(ledger)))
+                .service(web::resource("/ledger/{request_id}").route(web::get().to(ledger_one)))
+                .service(web::resource("/routes").route(web::get().to(routes_view)))
+                .service(web::resource("/catalog").route(web::get().to(catalog)))
+                .default_service(web::to(admin_not_found)),
+        )
+        .default_service(web::to(super::client::not_found));
+}
+
+async fn admin_not_found(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    Err(ApiError::not_found(format!(
+        "no admin route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let token = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if state.admin_token_matches(t) => Ok(()),
+        _ => Err(ApiError::unauthorized("missing or invalid admin token")),
+    }
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() {
+            "invalid_json"
+        } else {
+            "invalid_value"
+        };
+        ApiError::invalid(code, format!("invalid request body: {e}"))
+    })
+}
+
+pub fn key_view(k: &ApiKeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "workspace": k.workspace,
+        "project": k.project,
+        "buckets": k.buckets,
+        "models": k.models,
+        "allow_cross_bucket_fallback": k.allow_cross_bucket_fallback,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "max_concurrent_streams": k.max_concurrent_streams,
+        "created_at": k.created_at,
+        "revoked_at": k.revoked_at,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    workspace: Option<String>,
+    project: Option<String>,
+    buckets: Option<Vec<String>>,
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    allow_cross_bucket_fallback: bool,
+    rpm: Option<u32>,
+    tpm: Option<u64>,
+    max_concurrent_streams: Option<u32>,
+}
+
+async fn create_key(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let c: CreateKey = json_body(&body)?;
+    if c.name.trim().is_empty() {
+        return Err(ApiError::invalid_value("name", "'name' must not be empty"));
+    }
+    for b in c.buckets.iter().flatten() {
+        if !state.config.buckets.contains_key(b) {
+            return Err(ApiError::invalid_value(
+                "buckets",
+                format!("unknown bucket '{b}'"),
+            ));
+        }
+    }
+    for m in c.models.iter().flatten() {
+        if state.config.model(m).is_none() {
+            return Err(ApiError::invalid_value(
+                "models",
+                format!("unknown model '{m}'"),
+            ));
+        }
+    }
+    let (rec, secret) = state
+        .keys
+        .create(NewKey {
+            name: c.name,
+            workspace: c.workspace,
+            project: c.project,
+            models: c.models,
+            buckets: c.buckets,
+            allow_cross_bucket_fallback: c.allow_cross_bucket_fallback,
+            rpm: c.rpm,
+            tpm: c.tpm,
+            max_concurrent_streams: c.max_concurrent_streams,
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut v = key_view(&rec);
+    v["secret"] = json!(secret);
+    Ok(HttpResponse::Created().json(v))
+}
+
+async fn list_keys(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let keys: Vec<Value> = state.keys.list().iter().map(key_view).collect();
+    Ok(HttpResponse::Ok().json(json!({"keys": keys})))
+}
+
+async fn get_key(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let k = state
+        .keys
+        .get(&path)
+        .ok_or_else(|| ApiError::not_found(format!("no key with id '{}'", path.as_str())))?;
+    Ok(HttpResponse::Ok().json(key_view(&k.record)))
+}
+
+async fn revoke_key(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    match state.keys.revoke(&path).await {
+        Ok(Some(_)) => Ok(HttpResponse::NoContent().finish()),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no key with id '{}'",
+            path.as_str()
+        ))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopupBody {
+    bucket: String,
+    amount: Value,
+    reference: Option<String>,
+}
+
+fn parse_amount(v: &Value) -> Result<Decimal, ApiError> {
+    let d = match v {
+        Value::String(s) => Decimal::from_str(s.trim()).ok(),
+        Value::Number(n) => Decimal::from_str(&n.to_string()).ok(),
+        _ => None,
+    };
+    match d {
+        Some(d) if d > Decimal::ZERO => Ok(d.normalize()),
+        Some(_) => Err(ApiError::invalid_value(
+            "amount",
+            "'amount' must be greater than 0",
+        )),
+        None => Err(ApiError::invalid_value(
+            "amount",
+            "'amount' must be a decimal string such as \"10.50\"",
+        )),
+    }
+}
+
+async fn wallet_view(state: &AppState, key_id: &str) -> Result<Value, ApiError> {
+    let key = state
+        .keys
+        .get(key_id)
+        .ok_or_else(|| ApiError::not_found(format!("no key with id '{key_id}'")))?;
+    let snap = state.wallets.snapshot(key_id).await.map_err(|e| {
+        ApiError::new(
+            503,
+            "service_unavailable",
+            "wallet_unavailable",
+            e.to_string(),
+        )
+    })?;
+    let mut buckets = serde_json::Map::new();
+    for (name, b) in &state.config.buckets {
+        if !key.may_spend(name) {
+            continue;
+        }
+        let balance = snap.balances.get(name).copied().unwrap_or_default();
+        let held = snap.held.get(name).copied().unwrap_or_default();
+        buckets.insert(
+            name.clone(),
+            json!({
+                "currency": b.currency,
+                "balance": balance.normalize().to_string(),
+                "held": held.normalize().to_string(),
+                "available": (balance - held).max(Decimal::ZERO).normalize().to_string(),
+            }),
+        );
+    }
+    Ok(json!({"key_id": key_id, "buckets": buckets}))
+}
+
+async fn topup(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let key = state
+        .keys
+        .get(&path)
+        .ok_or_else(|| ApiError::not_found(format!("no key with id '{}'", path.as_str())))?;
+    let t: TopupBody = json_body(&body)?;
+    if !state.config.buckets.contains_key(&t.bucket) {
+        return Err(ApiError::invalid_value(
+            "bucket",
+            format!("unknown bucket '{}'", t.bucket),
+        ));
+    }
+    if !key.may_spend(&t.bucket) {
+        return Err(ApiError::invalid_value(
+            "bucket",
+            format!(
+                "key '{}' may not spend bucket '{}'",
+                key.record.id, t.bucket
+            ),
+        ));
+    }
+    let amount = parse_amount(&t.amount)?;
+    if let Some(r) = &t.reference {
+        if r.is_empty() || r.len() > 256 {
+            return Err(ApiError::invalid_value(
+                "reference",
+                "'reference' must be 1 to 256 characters",
+            ));
+        }
+    }
+    match state
+        .wallets
+        .topup(key.id(), &t.bucket, amount, t.reference.clone())
+        .await
+    {
+        Ok(TopupOutcome::Applied) | Ok(TopupOutcome::Duplicate) => {}
+        Ok(TopupOutcome::Conflict(prev)) => {
+            return Err(ApiError::new(
+                409,
+                "invalid_request_error",
+                "reference_conflict",
+                format!(
+                    "reference '{}' was already used for {} in bucket {}",
+                    t.reference.unwrap_or_default(),
+                    prev.amount.normalize(),
+                    prev.bucket
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                503,
+                "service_unavailable",
+                "wallet_unavailable",
+                e.to_string(),
+            ))
+        }
+    }
+    Ok(HttpResponse::Ok().json(wallet_view(&state, key.id()).await?))
+}
+
+async fn wallet(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok().json(wallet_view(&state, &path).await?))
+}
+
+/// Ledger filters (R31).
+#[derive(Debug, Default, Deserialize)]
+pub struct LedgerQuery {
+    pub key_id: Option<String>,
+    pub project: Option<String>,
+    pub model: Option<String>,
+    pub status: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+fn parse_time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|_| {
+                ApiError::invalid_value(field, format!("'{field}' must be an RFC 3339 time"))
+            }),
+    }
+}
+
+pub struct Filter {
+    pub key_id: Option<String>,
+    pub project: Option<String>,
+    pub model: Option<String>,
+    pub status: Option<Status>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    pub fn parse(q: &LedgerQuery) -> Result<Filter, ApiError> {
+        let status = match &q.status {
+            None => None,
+            Some(s) => Some(Status::parse(s).ok_or_else(|| {
+                ApiError::invalid_value("status", format!("unknown status '{s}'"))
+            })?),
+        };
+        Ok(Filter {
+            key_id: q.key_id.clone(),
+            project: q.project.clone(),
+            model: q.model.clone(),
+            status,
+            since: parse_time("since", &q.since)?,
+            until: parse_time("until", &q.until)?,
+        })
+    }
+    pub fn matches(&self, r: &LedgerRecord) -> bool {
+        self.project.as_ref().is_none_or(|p| &r.project == p)
+            && self.model.as_ref().is_none_or(|m| &r.requested_model == m)
+            && self.status.is_none_or(|s| r.status == s)
+            && self.key_id.as_ref().is_none_or(|k| &r.key_id == k)
+    }
+}
+
+async fn ledger(
+    req: HttpRequest,
+    q: web::Query<LedgerQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let f = Filter::parse(&q)?;
+    let limit = match &q.limit {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid_value(
+                    "limit",
+                    "'limit' must be an integer from 1 to 1000",
+                ))
+            }
+        },
+    };
+    let cursor = match &q.cursor {
+        None => None,
+        Some(c) => {
+            Some(hex::decode(c).map_err(|_| ApiError::invalid_value("cursor", "invalid cursor"))?)
+        }
+    };
+    let state2 = state.clone();
+    let (records, next) = web::block(
+        move || -> Result<(Vec<LedgerRecord>, Option<String>), String> {
+            let mut out = Vec::new();
+            let mut last_key = None;
+            let mut more = false;
+            for item in
+                state2
+                    .store
+                    .scan_records(f.key_id.as_deref(), f.since, f.until, cursor.as_deref())
+            {
+                let (k, rec) = item.map_err(|e| e.to_string())?;
+                if !f.matches(&rec) {
+                    continue;
+                }
+                if out.len() == limit {
+                    more = true;
+                    break;
+                }
+                last_key = Some(k);
+                out.push(rec);
+            }
+            Ok((
+                out,
+                if more {
+                    last_key.map(hex::encode)
+                } else {
+                    None
+                },
+            ))
+        },
+    )
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::internal)?;
+    Ok(HttpResponse::Ok().json(json!({"records": records, "next_cursor": next})))
+}
+
+async fn ledger_one(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    match state.store.record(&path) {
+        Ok(Some(r)) => Ok(HttpResponse::Ok().json(r)),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no ledger record for request '{}'",
+            path.as_str()
+        ))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+async fn routes_view(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let now = std::time::Instant::now();
+    let mut out = Vec::new();
+    for (m, r) in state.config.routes() {
+        let Some(s) = state.routes.snapshot(&r.id) else {
+            continue;
+        };
+        let bucket = state.config.buckets.get(&r.bucket);
+        out.push(json!({
+            "route": r.id,
+            "model": m.name,
+            "provider": r.provider,
+            "upstream_model": r.upstream_model,
+            "bucket": r.bucket,
+            "kind": bucket.map(|b| b.kind.as_str()),
+            "priority": r.priority,
+            "weight": r.weight,
+            "state": s.effective_state(now).as_str(),
+            "consecutive_failures": s.consecutive_failures,
+            "requests": s.requests,
+            "failures": s.failures,
+            "latency_ewma_ms": s.latency_ewma_ms,
+            "open_until": s.open_until_at,
+            "last_probe": s.last_probe,
+            "last_failure": s.last_failure,
+        }));
+    }
+    Ok(HttpResponse::Ok().json(json!({"routes": out})))
+}
+
+#[derive(Deserialize)]
+struct CatalogQuery {
+    key_id: Option<String>,
+}
+
+async fn catalog(
+    req: HttpRequest,
+    q: web::Query<CatalogQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let models: Vec<Value> = match &q.key_id {
+        Some(id) => {
+            let key = state.keys.get(id).ok_or_else(|| ApiError::not_found(format!("no key with id '{id}'")))?;
+            crate::catalog::for_key(&state, &key, true)
+                .await
+                .into_iter()
+                .map(|m| {
+                    json!({"id": m.id, "endpoints": m.endpoints, "tokenizer": m.tokenizer, "available": m.available, "reason": m.reason, "routes": m.routes})
+                })
+                .collect()
+        }
+        None => state
+            .config
+            .models
+            .iter()
+            .map(|m| {
+                let keys: Vec<String> = state
+                    .keys
+                    .list()
+                    .into_iter()
+                    .filter(|k| k.revoked_at.is_none() && k.models.as_ref().is_none_or(|ms| ms.contains(&m.name)))
+                    .map(|k| k.id)
+                    .collect();
+                json!({"id": m.name, "endpoints": m.endpoints, "tokenizer": m.tokenizer.as_str(), "routes": crate::catalog::route_views(&state, m), "keys": keys})
+            })
+            .collect(),
+    };
+    Ok(HttpResponse::Ok().json(json!({"models": models})))
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    metrics::gauge!(crate::metrics::WALLET_ACTORS).set(state.wallets.actor_count() as f64);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}

@@ -1,0 +1,440 @@
+//! Client endpoints (DESIGN §4): authenticate → read the body within the limit → check the
+//! fields the gateway reads (R25) → resolve the model and the key's permission → hand over to
+//! the router. Authentication comes before the body size check (R28).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use http::HeaderMap;
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::config::Endpoint;
+use crate::keys::ApiKey;
+use crate::router::upstream::Upstreams;
+use crate::router::{self, Call};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/chat/completions")
+            .route(web::post().to(chat))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/embeddings")
+            .route(web::post().to(embeddings))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/models")
+            .route(web::get().to(models))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(web::resource("/healthz").route(web::get().to(super::healthz)))
+    .service(web::resource("/readyz").route(web::get().to(super::readyz)))
+    .default_service(web::to(not_found));
+}
+
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("method {} is not allowed on {}", req.method(), req.path()),
+    ))
+}
+
+pub fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The key behind `Authorization: Bearer <secret>`.
+pub fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<ApiKey>, ApiError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .ok_or_else(|| {
+            ApiError::unauthorized("missing Authorization header (expected 'Bearer <key>')")
+        })?;
+    let secret = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("malformed Authorization header (expected 'Bearer <key>')")
+        })?;
+    state
+        .keys
+        .authenticate(secret)
+        .ok_or_else(|| ApiError::unauthorized("invalid API key: unknown or revoked"))
+}
+
+async fn read_limited(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(too_large());
+        }
+    }
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::invalid("invalid_json", format!("cannot read the request body: {e}"))
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::invalid(
+            "invalid_json",
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::invalid(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+fn positive_int(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v > 0 => Ok(Some(v)),
+            _ => Err(ApiError::invalid_value(
+                field,
+                format!("'{field}' must be a positive integer"),
+            )),
+        },
+        Some(_) => Err(ApiError::invalid_value(
+            field,
+            format!("'{field}' must be a positive integer"),
+        )),
+    }
+}
+
+/// Fields the gateway reads, checked per R25. Returns (model, stream, include_usage, n, max).
+fn check_fields(
+    body: &Map<String, Value>,
+    endpoint: Endpoint,
+) -> Result<(String, bool, bool, u64, Option<u64>), ApiError> {
+    let model = match body.get("model") {
+        None | Some(Value::Null) => return Err(ApiError::missing_field("model")),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => {
+            return Err(ApiError::invalid_value(
+                "model",
+                "'model' must be a non-empty string",
+            ))
+        }
+    };
+    match endpoint {
+        Endpoint::Chat => match body.get("messages") {
+            None | Some(Value::Null) => return Err(ApiError::missing_field("messages")),
+            Some(Value::Array(_)) => {}
+            Some(_) => {
+                return Err(ApiError::invalid_value(
+                    "messages",
+                    "'messages' must be an array",
+                ))
+            }
+        },
+        Endpoint::Embeddings => match body.get("input") {
+            None | Some(Value::Null) => return Err(ApiError::missing_field("input")),
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            Some(_) => {
+                return Err(ApiError::invalid_value(
+                    "input",
+                    "'input' must be a string or an array",
+                ))
+            }
+        },
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid_value(
+                "stream",
+                "'stream' must be a boolean",
+            ))
+        }
+    };
+    let include_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid_value(
+                    "stream_options.include_usage",
+                    "'stream_options.include_usage' must be a boolean",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid_value(
+                "stream_options",
+                "'stream_options' must be an object",
+            ))
+        }
+    };
+    let max_tokens = positive_int(body, "max_tokens")?;
+    let max_completion = positive_int(body, "max_completion_tokens")?;
+    let n = positive_int(body, "n")?.unwrap_or(1);
+    if endpoint == Endpoint::Embeddings && stream {
+        return Err(ApiError::invalid_value(
+            "stream",
+            "embeddings cannot be streamed",
+        ));
+    }
+    Ok((
+        model,
+        stream,
+        include_usage && stream,
+        n,
+        max_completion.or(max_tokens),
+    ))
+}
+
+async fn chat(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    ups: web::Data<Upstreams>,
+) -> Result<HttpResponse, ApiError> {
+    handle(req, payload, state, ups, Endpoint::Chat).await
+}
+
+async fn embeddings(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    ups: web::Data<Upstreams>,
+) -> Result<HttpResponse, ApiError> {
+    handle(req, payload, state, ups, Endpoint::Embeddings).await
+}
+
+fn header_str(req: &HttpRequest, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().chars().take(256).collect::<String>())
+        .filter(|s| !s.is_empty())
+}
+
+async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    ups: web::Data<Upstreams>,
+    endpoint: Endpoint,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let key = authenticate(&state, &req)?;
+    let request_id = new_request_id();
+    let rid = |e: ApiError| e.with_request_id(&request_id);
+    let bytes = read_limited(&req, payload, state.config.server.max_body_bytes)
+        .await
+        .map_err(rid)?;
+    let body = parse_object(&bytes).map_err(rid)?;
+    let (model_name, stream, include_usage, n, max_tokens) =
+        check_fields(&body, endpoint).map_err(rid)?;
+    let model = state.config.model(&model_name).cloned();
+    let project =
+        header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
+    let end_user = header_str(&req, "x-tollgate-user");
+    let mut mock_headers = HeaderMap::new();
+    for (k, v) in req.headers() {
+        if k.as_str().starts_with("x-mock-") {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(k.as_str().as_bytes()),
+                http::HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                mock_headers.insert(name, value);
+            }
+        }
+    }
+    let input_tokens = |m: &crate::config::Model| {
+        let t = state.tokenizer(&m.name);
+        match endpoint {
+            Endpoint::Chat => t.chat_input_tokens(body.get("messages").unwrap_or(&Value::Null)),
+            Endpoint::Embeddings => {
+                t.embeddings_input_tokens(body.get("input").unwrap_or(&Value::Null))
+            }
+        }
+    };
+    let Some(model) = model.filter(|m| m.serves(endpoint)) else {
+        // Unknown model (or not served on this endpoint): rejected, with a record (R15).
+        let placeholder = Arc::new(crate::config::Model {
+            name: model_name.clone(),
+            endpoints: vec![endpoint],
+            tokenizer: crate::metering::tokenizer::TokenizerKind::Chunks,
+            retry: crate::config::Retry {
+                max_retries: 0,
+                backoff_base_ms: 0,
+                backoff_max_ms: 0,
+            },
+            routes: Vec::new(),
+        });
+        let call = make_call(
+            request_id.clone(),
+            key,
+            project,
+            end_user,
+            endpoint,
+            placeholder,
+            stream,
+            include_usage,
+            n,
+            max_tokens,
+            0,
+            body,
+            mock_headers,
+            started_at,
+            started,
+        );
+        let what = match endpoint {
+            Endpoint::Chat => "chat completions",
+            Endpoint::Embeddings => "embeddings",
+        };
+        let err = ApiError::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model '{model_name}' does not exist or is not served for {what}"),
+        );
+        return Err(router::reject(&state, &call, call.draft(), err));
+    };
+    let input = input_tokens(&model);
+    let call = make_call(
+        request_id,
+        key.clone(),
+        project,
+        end_user,
+        endpoint,
+        model.clone(),
+        stream,
+        include_usage,
+        n,
+        max_tokens,
+        input,
+        body,
+        mock_headers,
+        started_at,
+        started,
+    );
+    if !key.may_use_model(&model.name) {
+        let err = ApiError::new(
+            403,
+            "permission_error",
+            "model_not_allowed",
+            format!("this key may not use the model '{}'", model.name),
+        );
+        return Err(router::reject(&state, &call, call.draft(), err));
+    }
+    router::serve(&state, &ups, call).await
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_call(
+    request_id: String,
+    key: Arc<ApiKey>,
+    project: String,
+    end_user: Option<String>,
+    endpoint: Endpoint,
+    model: Arc<crate::config::Model>,
+    stream: bool,
+    include_usage: bool,
+    n: u64,
+    max_tokens: Option<u64>,
+    input_tokens: u64,
+    body: Map<String, Value>,
+    mock_headers: HeaderMap,
+    started_at: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+) -> Call {
+    Call {
+        request_id,
+        key,
+        project,
+        end_user,
+        endpoint,
+        model,
+        stream,
+        include_usage,
+        n,
+        max_tokens,
+        input_tokens,
+        body,
+        mock_headers,
+        started_at,
+        started,
+    }
+}
+
+async fn models(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let key = authenticate(&state, &req)?;
+    let request_id = new_request_id();
+    let include_unavailable = req
+        .query_string()
+        .split('&')
+        .any(|kv| kv == "include_unavailable=true");
+    let data: Vec<Value> = crate::catalog::for_key(&state, &key, false)
+        .await
+        .into_iter()
+        .filter(|m| include_unavailable || m.available)
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "object": "model",
+                "created": state.config.loaded_at,
+                "owned_by": "tollgate",
+                "tollgate": m.tollgate_json(),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header(("x-tollgate-request-id", request_id))
+        .json(json!({"object": "list", "data": data})))
+}

@@ -1,0 +1,307 @@
+//! Wiring: builds the shared state (store, writer, keys, wallets, routes, metrics), starts the
+//! built-in mock providers, and runs the client and admin listeners until a signal stops them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::{AdminToken, Config, ProviderKind};
+use crate::keys::Keys;
+use crate::ledger::writer::{self, TopupOutcome, WriterThread};
+use crate::ledger::{LedgerWriter, Store};
+use crate::metering::tokenizer::Tokenizer;
+use crate::mock::{MockOptions, MockServer};
+use crate::route::RouteTable;
+use crate::router::budget::RetryBudget;
+use crate::router::upstream::{provider_keys, Upstreams};
+use crate::wallet::Wallets;
+
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub writer: LedgerWriter,
+    pub keys: Keys,
+    pub wallets: Wallets,
+    pub routes: RouteTable,
+    pub budget: RetryBudget,
+    pub metrics: PrometheusHandle,
+    tokenizers: HashMap<String, Tokenizer>,
+    default_tokenizer: Tokenizer,
+    admin_token: String,
+    secrets: Vec<String>,
+    pub ready: AtomicBool,
+    pub provider_keys: HashMap<String, String>,
+}
+
+impl AppState {
+    pub fn tokenizer(&self, model: &str) -> Tokenizer {
+        self.tokenizers
+            .get(model)
+            .unwrap_or(&self.default_tokenizer)
+            .clone()
+    }
+
+    /// Replaces every provider key in `text` with `[redacted]` (R26).
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "[redacted]");
+            }
+        }
+        out
+    }
+
+    /// Constant-time comparison of a presented admin token.
+    pub fn admin_token_matches(&self, presented: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        let a = Sha256::digest(presented.as_bytes());
+        let b = Sha256::digest(self.admin_token.as_bytes());
+        bool::from(a.ct_eq(&b))
+    }
+}
+
+/// Everything `serve` starts, so that it can be stopped in order.
+pub struct Running {
+    pub state: Arc<AppState>,
+    pub client_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    writer_thread: Option<WriterThread>,
+    _mocks: Vec<MockServer>,
+}
+
+fn resolve_admin_token(config: &Config) -> Result<String, String> {
+    match &config.server.admin_token {
+        AdminToken::Inline(t) => Ok(t.clone()),
+        AdminToken::Env(var) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(v),
+            _ => Err(format!(
+                "server.admin_token_env: environment variable {var} is not set (set it, or put admin_token in [server] for a demo)"
+            )),
+        },
+    }
+}
+
+/// Builds the state: store (with crash recovery), writer, keys (with bootstrap top-ups),
+/// wallets, routes. Must run inside an actix `System`.
+pub async fn build(mut config: Config) -> Result<Running, String> {
+    let metrics = crate::metrics::install();
+    let admin_token = resolve_admin_token(&config)?;
+    let provider_keys = provider_keys(&config)?;
+
+    // Built-in mock providers listen before anything routes to them.
+    let mut mocks = Vec::new();
+    let mut providers = Vec::new();
+    for p in &config.providers {
+        let mut p = (**p).clone();
+        if let ProviderKind::Mock {
+            listen,
+            ttft_ms,
+            tokens,
+            interval_ms,
+        } = p.kind
+        {
+            let models: Vec<String> = config
+                .routes()
+                .filter(|(_, r)| r.provider == p.id)
+                .map(|(_, r)| r.upstream_model.clone())
+                .collect();
+            let opts = MockOptions {
+                ttft_ms,
+                tokens,
+                interval_ms,
+                fault: None,
+                models,
+            };
+            let m = MockServer::start(listen, opts).map_err(|e| {
+                format!("providers.{}: cannot start the mock on {listen}: {e}", p.id)
+            })?;
+            p.base_url = format!("http://{}/v1", m.addr());
+            tracing::info!(provider = %p.id, addr = %m.addr(), "built-in mock upstream listening");
+            mocks.push(m);
+        }
+        providers.push(Arc::new(p));
+    }
+    config.providers = providers;
+
+    let mut tokenizers = HashMap::new();
+    for m in &config.models {
+        let t =
+            Tokenizer::new(m.tokenizer).map_err(|e| format!("models.{}.tokenizer: {e}", m.name))?;
+        tokenizers.insert(m.name.clone(), t);
+    }
+
+    let store = Store::open(&config.server.data_dir).map_err(|e| e.to_string())?;
+    let recovered = store.recover_holds().map_err(|e| e.to_string())?;
+    if recovered > 0 {
+        tracing::warn!(
+            holds = recovered,
+            "settled holds left by a crash as interrupted records"
+        );
+    }
+    let flush = Duration::from_millis(config.settlement.flush_interval_ms);
+    let (writer, writer_thread) = writer::start(store.clone(), flush).map_err(|e| e.to_string())?;
+    let keys = Keys::load(&store, writer.clone()).map_err(|e| e.to_string())?;
+    let wallets = Wallets::new(
+        2,
+        writer.clone(),
+        flush,
+        Duration::from_secs(config.settlement.wallet_idle_s.max(1)),
+    );
+    let boot = keys
+        .bootstrap(&config, &store)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (key_id, topups, name) in boot {
+        for (bucket, amount) in topups {
+            let reference = format!("bootstrap:{name}:{bucket}");
+            match wallets
+                .topup(&key_id, &bucket, amount, Some(reference))
+                .await
+            {
+                Ok(TopupOutcome::Applied) => {
+                    tracing::info!(key = %name, %bucket, %amount, "bootstrap top-up applied")
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("bootstrap top-up for key {name}: {e}")),
+            }
+        }
+    }
+    let routes = RouteTable::start(&config, &provider_keys)?;
+    let budget = RetryBudget::new(
+        config.routing.retry_budget_ratio,
+        config.routing.retry_budget_min_per_s,
+    );
+    let secrets = provider_keys
+        .values()
+        .filter(|s| s.len() >= 4)
+        .cloned()
+        .collect();
+    let state = Arc::new(AppState {
+        config: Arc::new(config),
+        store,
+        writer,
+        keys,
+        wallets,
+        routes,
+        budget,
+        metrics,
+        tokenizers,
+        default_tokenizer: Tokenizer::new(crate::metering::tokenizer::TokenizerKind::Chunks)
+            .map_err(|e| e.to_string())?,
+        admin_token,
+        secrets,
+        ready: AtomicBool::new(false),
+        provider_keys,
+    });
+    Ok(Running {
+        client_addr: state.config.server.listen,
+        admin_addr: state.config.server.admin_listen,
+        state,
+        writer_thread: Some(writer_thread),
+        _mocks: mocks,
+    })
+}
+
+/// Runs both listeners until SIGINT/SIGTERM, then drains, settles and flushes.
+pub async fn serve(config: Config) -> Result<(), String> {
+    let mut running = build(config).await?;
+    let state = running.state.clone();
+    let cfg = state.config.clone();
+    let client_state = web::Data::from(state.clone());
+    let keys = state.provider_keys.clone();
+    let cfg2 = cfg.clone();
+    let client = HttpServer::new(move || {
+        // One upstream client set per worker: pooled connections stay on the worker using them.
+        let ups = match Upstreams::new(&cfg2, &keys) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build upstream clients");
+                Upstreams::empty()
+            }
+        };
+        App::new()
+            .app_data(client_state.clone())
+            .app_data(web::Data::new(ups))
+            .configure(crate::api::client::routes)
+    })
+    .workers(cfg.server.workers)
+    .backlog(4096)
+    .max_connections(100_000)
+    .keep_alive(Duration::from_secs(cfg.server.client_idle_timeout_s.max(1)))
+    .client_request_timeout(Duration::from_millis(cfg.server.client_request_timeout_ms))
+    .shutdown_timeout(cfg.server.shutdown_drain_s);
+    let client = match &cfg.server.tls {
+        Some(tls) => client
+            .bind_rustls_0_23(cfg.server.listen, crate::api::tls::server_config(tls)?)
+            .map_err(|e| format!("server.listen: cannot bind {}: {e}", cfg.server.listen))?,
+        None => client
+            .bind(cfg.server.listen)
+            .map_err(|e| format!("server.listen: cannot bind {}: {e}", cfg.server.listen))?,
+    };
+    let client_addr = client.addrs().first().copied().unwrap_or(cfg.server.listen);
+    let admin_state = web::Data::from(state.clone());
+    let admin = HttpServer::new(move || {
+        App::new()
+            .app_data(admin_state.clone())
+            .configure(crate::api::admin::routes)
+    })
+    .workers(1)
+    .shutdown_timeout(cfg.server.shutdown_drain_s)
+    .bind(cfg.server.admin_listen)
+    .map_err(|e| {
+        format!(
+            "server.admin_listen: cannot bind {}: {e}",
+            cfg.server.admin_listen
+        )
+    })?;
+    let admin_addr = admin
+        .addrs()
+        .first()
+        .copied()
+        .unwrap_or(cfg.server.admin_listen);
+    running.client_addr = client_addr;
+    running.admin_addr = admin_addr;
+    let client = client.run();
+    let admin = admin.run();
+    state.ready.store(true, Ordering::Release);
+    announce(&state, client_addr, admin_addr);
+    let (a, b) = futures_util::future::join(client, admin).await;
+    state.ready.store(false, Ordering::Release);
+    tracing::info!("listeners stopped; settling open holds and flushing the ledger");
+    // Give detached settlements from dropped streams a moment to reach the wallets.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = state.writer.flush().await;
+    state.wallets.stop_all();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = state.writer.flush().await;
+    if let Some(w) = running.writer_thread.take() {
+        w.stop();
+    }
+    a.and(b).map_err(|e| e.to_string())
+}
+
+fn announce(state: &AppState, client: std::net::SocketAddr, admin: std::net::SocketAddr) {
+    let scheme = if state.config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!("client API on {scheme}://{client}  (POST /v1/chat/completions, /v1/embeddings, GET /v1/models)");
+    tracing::info!("admin API on http://{admin}  (/admin/*, /metrics)");
+    let key = state.config.keys.first();
+    let model = state.config.models.first();
+    if let (Some(k), Some(m)) = (key, model) {
+        println!(
+            "ready: curl -N {scheme}://{client}/v1/chat/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"stream\":true,\"stream_options\":{{\"include_usage\":true}},\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'",
+            k.secret, m.name
+        );
+    } else {
+        println!("ready: client API on {scheme}://{client}, admin API on http://{admin}");
+    }
+}

@@ -1,0 +1,233 @@
+//! Configuration: the raw TOML types (`raw.rs`) are checked into [`Config`] (`validate.rs`), whose
+//! cross-references (route → provider, route → bucket, key → model) are resolved and whose
+//! problems are reported all at once, one line each, naming the offending key.
+
+mod money;
+pub mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use crate::metering::tokenizer::TokenizerKind;
+pub use validate::{load_file, parse_str, ConfigProblems};
+
+/// A checked configuration. Built only by [`parse_str`]/[`load_file`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub settlement: Settlement,
+    pub ledger: Ledger,
+    pub routing: Routing,
+    pub buckets: BTreeMap<String, Arc<Bucket>>,
+    pub providers: Vec<Arc<Provider>>,
+    pub models: Vec<Arc<Model>>,
+    pub keys: Vec<BootstrapKey>,
+    /// Unix seconds when the configuration was loaded (`created` in `/v1/models`).
+    pub loaded_at: i64,
+}
+
+impl Config {
+    pub fn model(&self, name: &str) -> Option<&Arc<Model>> {
+        self.models.iter().find(|m| m.name == name)
+    }
+    pub fn provider(&self, id: &str) -> Option<&Arc<Provider>> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+    pub fn routes(&self) -> impl Iterator<Item = (&Arc<Model>, &Arc<Route>)> {
+        self.models
+            .iter()
+            .flat_map(|m| m.routes.iter().map(move |r| (m, r)))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Where the admin token comes from: `Inline(token)` or `Env(variable)`; resolved at start.
+    pub admin_token: AdminToken,
+    pub data_dir: PathBuf,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+    pub tls: Option<Tls>,
+    pub client_idle_timeout_s: u64,
+    pub client_request_timeout_ms: u64,
+    pub shutdown_drain_s: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum AdminToken {
+    Inline(String),
+    Env(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub flush_interval_ms: u64,
+    pub initial_output_hold_tokens: u64,
+    pub max_output_hold_tokens: u64,
+    pub default_max_tokens: u64,
+    pub wallet_idle_s: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub retention_days: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub retry_budget_ratio: f64,
+    pub retry_budget_min_per_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    Official,
+    Routed,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Official => "official",
+            RouteKind::Routed => "routed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    pub name: String,
+    pub currency: String,
+    pub kind: RouteKind,
+    pub display_scale: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2Mode {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderKind {
+    Http,
+    /// Served by this process: the built-in mock upstream.
+    Mock {
+        listen: SocketAddr,
+        ttft_ms: u64,
+        tokens: u32,
+        interval_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Circuit {
+    pub failure_threshold: u32,
+    pub failure_rate: f64,
+    pub window_s: u64,
+    pub min_requests: u32,
+    pub open_ms: u64,
+    pub max_open_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Models,
+    Chat,
+}
+
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub interval_ms: u64,
+    pub kind: ProbeKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub id: String,
+    pub kind: ProviderKind,
+    /// For kind `mock` this is empty until the mock is bound; `serve` fills it in.
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub http2: Http2Mode,
+    pub connect_timeout_ms: u64,
+    pub first_token_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub circuit: Circuit,
+    pub probe: Option<Probe>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    Chat,
+    Embeddings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry {
+    pub max_retries: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub id: String,
+    pub model: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub bucket: String,
+    pub input_per_mtok: Decimal,
+    pub output_per_mtok: Decimal,
+    pub priority: i64,
+    pub weight: u32,
+    /// Position of the route in the model's list (stable tie-break).
+    pub position: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub tokenizer: TokenizerKind,
+    pub retry: Retry,
+    /// Sorted by (priority, position).
+    pub routes: Vec<Arc<Route>>,
+}
+
+impl Model {
+    pub fn serves(&self, endpoint: Endpoint) -> bool {
+        self.endpoints.contains(&endpoint)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BootstrapKey {
+    pub name: String,
+    pub secret: String,
+    pub workspace: String,
+    pub project: String,
+    pub models: Option<Vec<String>>,
+    pub buckets: Option<Vec<String>>,
+    pub allow_cross_bucket_fallback: bool,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrent_streams: Option<u32>,
+    pub topup: BTreeMap<String, Decimal>,
+}

@@ -1,0 +1,10 @@
+//! The route ledger: the record type, the sled store, and the writer thread that commits wallet
+//! debits together with the records that explain them.
+
+pub mod record;
+pub mod store;
+pub mod writer;
+
+pub use record::{Attempt, LedgerRecord, Status, UpstreamUsage, UsageSource};
+pub use store::{Store, StoreError};
+pub use writer::{LedgerWriter, StoreOp, TopupOutcome};

@@ -1,0 +1,370 @@
+//! The sled store: keys, wallets, open holds, top-ups and ledger records live in one tree under
+//! key prefixes, so that a wallet debit and the ledger record that explains it are committed in
+//! one atomic batch. Only the writer thread (`writer.rs`) writes; readers use snapshots of sled.
+//!
+//! Layout (all values JSON):
+//! - `k/{key_id}` API key record; `m/bootstrap/{name}` → key id of a config key
+//! - `w/{key_id}` wallet balances per bucket
+//! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record
+//! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log
+//! - `l/{micros:016x}{request_id}` ledger record; `x/{key_id}/{micros:016x}{request_id}` key
+//!   index; `i/{request_id}` → the record's `l/` key
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::record::{LedgerRecord, Status, UsageSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt stored value under {key}: {err}")]
+    Corrupt { key: String, err: String },
+    #[error("storage writer stopped")]
+    WriterGone,
+    #[error("cannot prepare data directory {path}: {err}")]
+    DataDir { path: String, err: String },
+}
+
+/// Balances per bucket name, exact.
+pub type Balances = BTreeMap<String, Decimal>;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WalletState {
+    #[serde(default)]
+    pub balances: BTreeMap<String, StoredAmount>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredAmount(#[serde(with = "rust_decimal::serde::str")] pub Decimal);
+
+impl WalletState {
+    pub fn from_balances(b: &Balances) -> Self {
+        WalletState {
+            balances: b
+                .iter()
+                .map(|(k, v)| (k.clone(), StoredAmount(*v)))
+                .collect(),
+        }
+    }
+    pub fn balances(&self) -> Balances {
+        self.balances
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0))
+            .collect()
+    }
+}
+
+/// An open hold as persisted for crash recovery (R9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedHold {
+    pub hold_id: u64,
+    pub key_id: String,
+    pub bucket: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub granted: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub consumed: Decimal,
+    pub consumed_tokens: u64,
+    pub updated_at: DateTime<Utc>,
+    /// The request's record as far as it is known; settled as `interrupted` after a crash.
+    pub draft: Box<LedgerRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopupRef {
+    pub bucket: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopupRecord {
+    pub key_id: String,
+    pub bucket: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    pub reference: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub name: String,
+    pub secret_sha256: String,
+    pub workspace: String,
+    pub project: String,
+    pub models: Option<Vec<String>>,
+    pub buckets: Option<Vec<String>>,
+    pub allow_cross_bucket_fallback: bool,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrent_streams: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) fn key_k(id: &str) -> Vec<u8> {
+    format!("k/{id}").into_bytes()
+}
+pub(crate) fn key_w(id: &str) -> Vec<u8> {
+    format!("w/{id}").into_bytes()
+}
+pub(crate) fn key_h(hold: u64) -> Vec<u8> {
+    format!("h/{hold:016x}").into_bytes()
+}
+pub(crate) fn key_t(key_id: &str, reference: &str) -> Vec<u8> {
+    format!("t/{key_id}/{reference}").into_bytes()
+}
+pub(crate) fn micros(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp_micros()).unwrap_or(0)
+}
+pub(crate) fn key_l(rec: &LedgerRecord) -> Vec<u8> {
+    format!("l/{:016x}{}", micros(rec.started_at), rec.request_id).into_bytes()
+}
+pub(crate) fn key_x(rec: &LedgerRecord) -> Vec<u8> {
+    format!(
+        "x/{}/{:016x}{}",
+        rec.key_id,
+        micros(rec.started_at),
+        rec.request_id
+    )
+    .into_bytes()
+}
+pub(crate) fn key_i(request_id: &str) -> Vec<u8> {
+    format!("i/{request_id}").into_bytes()
+}
+
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain data types cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
+    key: &[u8],
+    v: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        err: e.to_string(),
+    })
+}
+
+/// Adds a ledger record and its indexes to a batch.
+pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
+    let lk = key_l(rec);
+    batch.insert(key_x(rec), lk.clone());
+    batch.insert(key_i(&rec.request_id), lk.clone());
+    batch.insert(lk, to_json(rec));
+}
+
+/// Read access to the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl Store {
+    /// Opens (creating) the store under `dir`, with owner-only permissions on what it creates.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let dd = |e: std::io::Error| StoreError::DataDir {
+            path: dir.display().to_string(),
+            err: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(dd)?;
+        set_mode(dir, 0o700).map_err(dd)?;
+        let db = sled::Config::new()
+            .path(dir.join("tollgate.sled"))
+            .cache_capacity(256 * 1024 * 1024)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        restrict_tree(&dir.join("tollgate.sled")).map_err(dd)?;
+        Ok(Store { db })
+    }
+
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn get_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let k = key_k(id);
+        match self.db.get(&k)? {
+            Some(v) => Ok(Some(from_json(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"k/") {
+            let (k, v) = kv?;
+            out.push(from_json(&k, &v)?);
+        }
+        out.sort_by(|a: &ApiKeyRecord, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    pub fn bootstrap_key_id(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .get(format!("m/bootstrap/{name}"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn wallet(&self, key_id: &str) -> Result<WalletState, StoreError> {
+        let k = key_w(key_id);
+        match self.db.get(&k)? {
+            Some(v) => from_json(&k, &v),
+            None => Ok(WalletState::default()),
+        }
+    }
+
+    pub fn topup_ref(&self, key_id: &str, reference: &str) -> Result<Option<TopupRef>, StoreError> {
+        let k = key_t(key_id, reference);
+        match self.db.get(&k)? {
+            Some(v) => Ok(Some(from_json(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn topups(&self) -> Result<Vec<TopupRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"u/") {
+            let (k, v) = kv?;
+            out.push(from_json(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn holds(&self) -> Result<Vec<PersistedHold>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"h/") {
+            let (k, v) = kv?;
+            out.push(from_json(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn record(&self, request_id: &str) -> Result<Option<LedgerRecord>, StoreError> {
+        let Some(lk) = self.db.get(key_i(request_id))? else {
+            return Ok(None);
+        };
+        match self.db.get(&lk)? {
+            Some(v) => Ok(Some(from_json(&lk, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records newest first, starting after `cursor` (an `l/` key from a previous page).
+    /// With `key_id`, walks that key's index instead of the whole ledger.
+    pub fn scan_records<'a>(
+        &'a self,
+        key_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        cursor: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, LedgerRecord), StoreError>> + 'a {
+        let lo_t = since.map(micros).unwrap_or(0);
+        let hi_t = until.map(micros).unwrap_or(u64::MAX);
+        let (prefix, indexed) = match key_id {
+            Some(k) => (format!("x/{k}/"), true),
+            None => ("l/".to_string(), false),
+        };
+        let lo = format!("{prefix}{lo_t:016x}").into_bytes();
+        let mut hi = format!("{prefix}{hi_t:016x}").into_bytes();
+        if let Some(c) = cursor {
+            // The cursor is an `l/` key; map it into this prefix's space.
+            let tail = c.get(2..).unwrap_or_default();
+            let mut ck = prefix.clone().into_bytes();
+            ck.extend_from_slice(tail);
+            if ck < hi {
+                hi = ck;
+            }
+        }
+        let db = self.db.clone();
+        self.db.range(lo..hi).rev().map(move |kv| {
+            let (k, v) = kv?;
+            let lk: Vec<u8> = if indexed { v.to_vec() } else { k.to_vec() };
+            if indexed {
+                match db.get(&lk)? {
+                    Some(rec) => Ok((lk.clone(), from_json(&lk, &rec)?)),
+                    None => Err(StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        err: "index points to a missing record".into(),
+                    }),
+                }
+            } else {
+                Ok((lk, from_json(&k, &v)?))
+            }
+        })
+    }
+
+    /// Settles every hold left by a crash at its last persisted consumption, with an
+    /// `interrupted` record, each in one atomic batch (DESIGN §2, R9). Returns how many.
+    pub fn recover_holds(&self) -> Result<usize, StoreError> {
+        let holds = self.holds()?;
+        for h in &holds {
+            let mut wallet = self.wallet(&h.key_id)?.balances();
+            let balance = wallet.get(&h.bucket).copied().unwrap_or_default();
+            let debit = h.consumed.min(balance).max(Decimal::ZERO);
+            wallet.insert(h.bucket.clone(), balance - debit);
+            let mut rec = (*h.draft).clone();
+            rec.status = Status::Interrupted;
+            rec.finished_at = h.updated_at;
+            rec.output_tokens = h.consumed_tokens;
+            rec.output_tokens_delivered = h.consumed_tokens;
+            rec.usage_source = UsageSource::Counted;
+            rec.upstream_usage = None;
+            rec.cost = debit;
+            rec.shortfall = h.consumed - debit;
+            rec.duration_ms =
+                u64::try_from((h.updated_at - rec.started_at).num_milliseconds()).unwrap_or(0);
+            let mut batch = sled::Batch::default();
+            batch.insert(
+                key_w(&h.key_id),
+                to_json(&WalletState::from_balances(&wallet)),
+            );
+            batch.remove(key_h(h.hold_id));
+            put_record(&mut batch, &rec);
+            self.db.apply_batch(batch)?;
+        }
+        if !holds.is_empty() {
+            self.db.flush()?;
+        }
+        Ok(holds.len())
+    }
+}
+
+/// Folders 0700, files 0600, below (and including) the store's own folder. Files sled creates
+/// later inherit the umask, but sit inside a 0700 folder.
+fn restrict_tree(path: &Path) -> std::io::Result<()> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if meta.is_dir() {
+        set_mode(path, 0o700)?;
+        for entry in std::fs::read_dir(path)?.flatten() {
+            restrict_tree(&entry.path())?;
+        }
+        Ok(())
+    } else {
+        set_mode(path, 0o600)
+    }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &Path, _: u32) -> std::io::Result<()> {
+    Ok(())
+}

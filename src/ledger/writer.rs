@@ -1,0 +1,408 @@
+//! The ledger writer: one thread that owns every write to sled. Operations arrive on a bounded
+//! channel in the order their senders issued them; the writer applies what has queued up as one
+//! sled batch (group commit) and fsyncs at least every half flush interval while dirty, so a
+//! request that finished more than `flush_interval_ms` before a crash has its record on disk.
+//! Wallet loads go through the same queue, so a wallet actor started after an idle stop sees
+//! every write its predecessor queued.
+
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use tokio::sync::oneshot;
+
+use super::record::LedgerRecord;
+use super::store::*;
+
+/// How a top-up went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TopupOutcome {
+    Applied,
+    /// The reference was applied before with the same bucket and amount: nothing changed.
+    Duplicate,
+    /// The reference was applied before with another bucket or amount.
+    Conflict(TopupRef),
+}
+
+pub enum StoreOp {
+    /// A request's settlement: the wallet's balances after the debit, the hold it closes and the
+    /// record that explains it, in one atomic batch.
+    Settle {
+        key_id: String,
+        balances: Balances,
+        hold_id: Option<u64>,
+        record: Option<Box<LedgerRecord>>,
+    },
+    /// A record without a wallet change (rejected requests).
+    Record(Box<LedgerRecord>),
+    /// Open holds' latest consumption (crash recovery, R9).
+    Holds(Vec<PersistedHold>),
+    TopUp {
+        key_id: String,
+        bucket: String,
+        amount: Decimal,
+        reference: Option<String>,
+        balances_after: Balances,
+        reply: oneshot::Sender<Result<TopupOutcome, StoreError>>,
+    },
+    PutKey {
+        record: Box<ApiKeyRecord>,
+        bootstrap_name: Option<String>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    LoadWallet {
+        key_id: String,
+        reply: oneshot::Sender<Result<WalletState, StoreError>>,
+    },
+    /// Durability barrier: answers once everything sent before it is on disk.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Deletes ledger records that started before the cutoff (retention).
+    Prune {
+        before_micros: u64,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+}
+
+/// Sends operations to the writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct LedgerWriter {
+    tx: SyncSender<Msg>,
+}
+
+enum Msg {
+    Op(StoreOp),
+    Stop,
+}
+
+pub struct WriterThread {
+    handle: Option<JoinHandle<()>>,
+    tx: SyncSender<Msg>,
+}
+
+impl WriterThread {
+    /// Flushes everything queued and stops the thread.
+    pub fn stop(mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.tx.send(Msg::Stop);
+            let _ = h.join();
+        }
+    }
+}
+
+const QUEUE: usize = 65_536;
+const MAX_BATCH: usize = 4096;
+
+pub fn start(
+    store: Store,
+    flush_interval: Duration,
+) -> Result<(LedgerWriter, WriterThread), StoreError> {
+    let (tx, rx) = sync_channel(QUEUE);
+    let handle = std::thread::Builder::new()
+        .name("tollgate-ledger-writer".into())
+        .spawn(move || run(store, rx, flush_interval))
+        .map_err(|e| StoreError::DataDir {
+            path: "writer thread".into(),
+            err: e.to_string(),
+        })?;
+    Ok((
+        LedgerWriter { tx: tx.clone() },
+        WriterThread {
+            handle: Some(handle),
+            tx,
+        },
+    ))
+}
+
+impl LedgerWriter {
+    /// Queues an operation. Blocks only when the writer is `QUEUE` operations behind
+    /// (backpressure from storage), which never happens in normal operation.
+    pub fn send(&self, op: StoreOp) -> Result<(), StoreError> {
+        match self.tx.try_send(Msg::Op(op)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(m)) => {
+                metrics::counter!(crate::metrics::LEDGER_QUEUE_FULL).increment(1);
+                self.tx.send(m).map_err(|_| StoreError::WriterGone)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
+        }
+    }
+
+    /// Queues an operation that answers, and waits for the answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> StoreOp,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.ask(StoreOp::Flush).await
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+struct Pending {
+    batch: sled::Batch,
+    ops: usize,
+    dirty: bool,
+    sync_now: bool,
+    after_sync: Vec<Reply>,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Pending {
+            batch: sled::Batch::default(),
+            ops: 0,
+            dirty: false,
+            sync_now: false,
+            after_sync: Vec::new(),
+        }
+    }
+}
+
+fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration) {
+    let db = store.db().clone();
+    let half = (flush_interval / 2).max(Duration::from_millis(1));
+    let mut p = Pending::new();
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    let mut stopping = false;
+    while !stopping {
+        let first = match rx.recv_timeout(half) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Msg::Stop),
+        };
+        let mut msgs: Vec<Msg> = first.into_iter().collect();
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        for m in msgs {
+            match m {
+                Msg::Stop => {
+                    stopping = true;
+                    p.sync_now = true;
+                }
+                Msg::Op(op) => apply_op(&store, &db, &mut p, op),
+            }
+        }
+        let started = Instant::now();
+        let res = commit(&db, &mut p);
+        if p.dirty || res.is_err() {
+            unsynced = true;
+        }
+        p.dirty = false;
+        let due = unsynced && last_sync.elapsed() >= half;
+        let res = match res {
+            Ok(()) if p.sync_now || due => {
+                let r = db.flush().map(|_| ()).map_err(StoreError::from);
+                last_sync = Instant::now();
+                unsynced = false;
+                r
+            }
+            other => other,
+        };
+        if p.ops > 0 {
+            metrics::histogram!(crate::metrics::LEDGER_FLUSH_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "ledger write failed");
+        }
+        let replies = std::mem::take(&mut p.after_sync);
+        for r in replies {
+            r(match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Corrupt {
+                    key: "batch".into(),
+                    err: e.to_string(),
+                }),
+            });
+        }
+        p.sync_now = false;
+        p.ops = 0;
+    }
+}
+
+fn commit(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
+    if p.ops == 0 {
+        return Ok(());
+    }
+    let batch = std::mem::take(&mut p.batch);
+    db.apply_batch(batch)?;
+    p.dirty = true;
+    Ok(())
+}
+
+/// Applies what is pending, so that reads below see every earlier operation.
+fn barrier(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
+    let r = commit(db, p);
+    p.ops = 0;
+    r
+}
+
+fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
+    match op {
+        StoreOp::Settle {
+            key_id,
+            balances,
+            hold_id,
+            record,
+        } => {
+            p.batch.insert(
+                key_w(&key_id),
+                to_json(&WalletState::from_balances(&balances)),
+            );
+            if let Some(h) = hold_id {
+                p.batch.remove(key_h(h));
+            }
+            if let Some(rec) = record {
+                put_record(&mut p.batch, &rec);
+            }
+            p.ops += 1;
+        }
+        StoreOp::Record(rec) => {
+            put_record(&mut p.batch, &rec);
+            p.ops += 1;
+        }
+        StoreOp::Holds(holds) => {
+            for h in holds {
+                p.batch.insert(key_h(h.hold_id), to_json(&h));
+            }
+            p.ops += 1;
+        }
+        StoreOp::TopUp {
+            key_id,
+            bucket,
+            amount,
+            reference,
+            balances_after,
+            reply,
+        } => {
+            let outcome = (|| -> Result<TopupOutcome, StoreError> {
+                barrier(db, p)?;
+                if let Some(r) = &reference {
+                    if let Some(prev) = store.topup_ref(&key_id, r)? {
+                        return Ok(if prev.bucket == bucket && prev.amount == amount {
+                            TopupOutcome::Duplicate
+                        } else {
+                            TopupOutcome::Conflict(prev)
+                        });
+                    }
+                }
+                let now = chrono::Utc::now();
+                let mut b = sled::Batch::default();
+                b.insert(
+                    key_w(&key_id),
+                    to_json(&WalletState::from_balances(&balances_after)),
+                );
+                if let Some(r) = &reference {
+                    b.insert(
+                        key_t(&key_id, r),
+                        to_json(&TopupRef {
+                            bucket: bucket.clone(),
+                            amount,
+                        }),
+                    );
+                }
+                let seq = db.generate_id()?;
+                b.insert(
+                    format!("u/{:016x}{:08x}", micros(now), seq).into_bytes(),
+                    to_json(&TopupRecord {
+                        key_id: key_id.clone(),
+                        bucket: bucket.clone(),
+                        amount,
+                        reference: reference.clone(),
+                        at: now,
+                    }),
+                );
+                db.apply_batch(b)?;
+                p.dirty = true;
+                Ok(TopupOutcome::Applied)
+            })();
+            match outcome {
+                Ok(TopupOutcome::Applied) => {
+                    p.sync_now = true;
+                    p.after_sync.push(Box::new(move |r| {
+                        let _ = reply.send(r.map(|()| TopupOutcome::Applied));
+                    }));
+                }
+                other => {
+                    let _ = reply.send(other);
+                }
+            }
+        }
+        StoreOp::PutKey {
+            record,
+            bootstrap_name,
+            reply,
+        } => {
+            p.batch.insert(key_k(&record.id), to_json(&*record));
+            if let Some(name) = bootstrap_name {
+                p.batch.insert(
+                    format!("m/bootstrap/{name}").into_bytes(),
+                    record.id.as_bytes(),
+                );
+            }
+            p.ops += 1;
+            p.sync_now = true;
+            p.after_sync.push(Box::new(move |r| {
+                let _ = reply.send(r);
+            }));
+        }
+        StoreOp::LoadWallet { key_id, reply } => {
+            let r = barrier(db, p).and_then(|()| store.wallet(&key_id));
+            let _ = reply.send(r);
+        }
+        StoreOp::Flush(reply) => {
+            p.sync_now = true;
+            p.after_sync.push(Box::new(move |r| {
+                let _ = reply.send(r);
+            }));
+        }
+        StoreOp::Prune {
+            before_micros,
+            reply,
+        } => {
+            let r = barrier(db, p).and_then(|()| prune(store, db, before_micros));
+            let _ = reply.send(r);
+        }
+    }
+}
+
+fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, StoreError> {
+    let hi = format!("l/{before_micros:016x}").into_bytes();
+    let mut n = 0;
+    let mut batch = sled::Batch::default();
+    for kv in db.range(b"l/".to_vec()..hi) {
+        let (k, v) = kv?;
+        let rec: LedgerRecord = from_json(&k, &v)?;
+        batch.remove(k);
+        batch.remove(key_x(&rec));
+        batch.remove(key_i(&rec.request_id));
+        n += 1;
+        if n % 1000 == 0 {
+            db.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    db.apply_batch(batch)?;
+    let _ = store;
+    Ok(n)
+}

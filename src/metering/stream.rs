@@ -1,0 +1,487 @@
+//! The metered stream: upstream SSE in, client SSE out. Each event is parsed incrementally;
+//! content tokens are counted and paid from the hold before the event is forwarded byte for byte;
+//! the usage chunk is held back, settled and rewritten with the billed numbers and the `tollgate`
+//! object. Every ending — done, cut at zero, upstream break, client gone (`Drop`) — settles the
+//! hold exactly once, in [`MeteredStream::settle`] or its detached twin in `Drop`.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rust_decimal::Decimal;
+use serde_json::{json, Map, Value};
+
+use super::chunk::{parse_chunk, Usage};
+use super::meter::{cost, Meter};
+use super::sse::{SseEvent, SseParser};
+use super::tokenizer::Tokenizer;
+use crate::ledger::{LedgerRecord, Status, UpstreamUsage, UsageSource};
+
+/// Why the stream could not produce its first content token (nothing was sent to the client).
+#[derive(Debug, Clone)]
+pub enum EarlyFailure {
+    Timeout,
+    Broken(String),
+    Malformed(String),
+    /// The hold could not pay the first token (cannot happen with a grant ≥ input + one token,
+    /// except with a tokenizer that counts several tokens for the first event).
+    Unpaid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Completed,
+    BalanceExhausted,
+    UpstreamBroke,
+}
+
+pub struct StreamParts {
+    pub body: Incoming,
+    pub meter: Meter,
+    pub tokenizer: Tokenizer,
+    pub idle: Duration,
+    pub include_usage: bool,
+    /// Draft record: route, attempts, prices and attribution are filled in.
+    pub record: LedgerRecord,
+    pub started: Instant,
+    pub max_event_bytes: usize,
+}
+
+pub struct MeteredStream {
+    body: Option<Incoming>,
+    parser: SseParser,
+    meter: Option<Meter>,
+    tokenizer: Tokenizer,
+    idle: Duration,
+    include_usage: bool,
+    record: Option<LedgerRecord>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    usage: Option<Usage>,
+    usage_data: Option<String>,
+    /// `id`, `created` and `model` of the first chunk, for a synthesized usage chunk.
+    meta: Option<(Value, Value, Value)>,
+    out: BytesMut,
+    /// Set once the final events were produced; the next poll drains the upstream and ends.
+    finished: bool,
+    eof: bool,
+    in_gauge: bool,
+}
+
+impl MeteredStream {
+    pub fn new(p: StreamParts) -> MeteredStream {
+        metrics::gauge!(crate::metrics::STREAMS_ACTIVE).increment(1.0);
+        MeteredStream {
+            body: Some(p.body),
+            parser: SseParser::with_max_event_bytes(p.max_event_bytes),
+            meter: Some(p.meter),
+            tokenizer: p.tokenizer,
+            idle: p.idle,
+            include_usage: p.include_usage,
+            record: Some(p.record),
+            started: p.started,
+            first_token_at: None,
+            usage: None,
+            usage_data: None,
+            meta: None,
+            out: BytesMut::new(),
+            finished: false,
+            eof: false,
+            in_gauge: true,
+        }
+    }
+
+    pub fn record(&self) -> Option<&LedgerRecord> {
+        self.record.as_ref()
+    }
+
+    /// Reads until the first content token has been paid, or the upstream stream ended normally.
+    /// Returns the bytes to send first (earlier events included, R24). On failure nothing was
+    /// sent, and the caller may retry or fall back; the hold is released by dropping `self`
+    /// after [`MeteredStream::abandon`].
+    pub async fn first_token(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Bytes, EarlyFailure> {
+        loop {
+            match self.next_event(Some(deadline)).await {
+                Err(e) => return Err(e),
+                Ok(None) => {
+                    // EOF before any content and without [DONE]: a broken stream.
+                    return Err(EarlyFailure::Broken(
+                        "upstream closed the stream before the first token".into(),
+                    ));
+                }
+                Ok(Some(ev)) => match self.on_event(ev).await {
+                    Flow::Continue => {
+                        if self.first_token_at.is_some() {
+                            return Ok(self.out.split().freeze());
+                        }
+                    }
+                    Flow::End(End::Completed) => {
+                        // Ended normally without content: send everything now.
+                        let tail = self.settle(End::Completed).await;
+                        self.out.extend_from_slice(&tail);
+                        return Ok(self.out.split().freeze());
+                    }
+                    Flow::End(End::BalanceExhausted) => return Err(EarlyFailure::Unpaid),
+                    Flow::End(End::UpstreamBroke) => {
+                        return Err(EarlyFailure::Malformed(
+                            "upstream sent an invalid event".into(),
+                        ))
+                    }
+                },
+            }
+        }
+    }
+
+    /// Gives up this attempt before anything was sent: releases the hold, writes no record.
+    pub fn abandon(&mut self) {
+        self.leave_gauge();
+        self.record = None;
+        self.body = None;
+        if let Some(m) = self.meter.take() {
+            drop(m.hold);
+        }
+    }
+
+    /// The next bytes for the client, or `None` at the end.
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            if self.finished {
+                self.drain_upstream().await;
+                return None;
+            }
+            let ev = match self.next_event(None).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    // EOF without [DONE]: complete if the upstream reported usage, else broken.
+                    let end = if self.usage.is_some() {
+                        End::Completed
+                    } else {
+                        End::UpstreamBroke
+                    };
+                    return Some(self.end(end).await);
+                }
+                Err(_) => return Some(self.end(End::UpstreamBroke).await),
+            };
+            match self.on_event(ev).await {
+                Flow::Continue => {
+                    if !self.out.is_empty() {
+                        return Some(self.out.split().freeze());
+                    }
+                }
+                Flow::End(e) => return Some(self.end(e).await),
+            }
+        }
+    }
+
+    fn leave_gauge(&mut self) {
+        if std::mem::take(&mut self.in_gauge) {
+            metrics::gauge!(crate::metrics::STREAMS_ACTIVE).decrement(1.0);
+        }
+    }
+
+    async fn end(&mut self, e: End) -> Bytes {
+        let tail = self.settle(e).await;
+        self.out.extend_from_slice(&tail);
+        self.out.split().freeze()
+    }
+
+    async fn drain_upstream(&mut self) {
+        if let Some(mut body) = self.body.take() {
+            if self.eof {
+                return;
+            }
+            // Read the rest (the chunked terminator) so the connection can be pooled.
+            let _ = tokio::time::timeout(Duration::from_millis(100), async {
+                while let Some(Ok(_)) = body.frame().await {}
+            })
+            .await;
+        }
+    }
+
+    async fn next_event(
+        &mut self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<SseEvent>, EarlyFailure> {
+        loop {
+            match self.parser.next_event() {
+                Ok(Some(ev)) => return Ok(Some(ev)),
+                Ok(None) => {}
+                Err(e) => return Err(EarlyFailure::Malformed(e.to_string())),
+            }
+            if self.eof {
+                return self
+                    .parser
+                    .finish()
+                    .map_err(|e| EarlyFailure::Malformed(e.to_string()));
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Ok(None);
+            };
+            let wait = match deadline {
+                Some(d) => d,
+                None => tokio::time::Instant::now() + self.idle,
+            };
+            match tokio::time::timeout_at(wait, body.frame()).await {
+                Err(_) => return Err(EarlyFailure::Timeout),
+                Ok(None) => self.eof = true,
+                Ok(Some(Err(e))) => return Err(EarlyFailure::Broken(e.to_string())),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.parser.push(data);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: SseEvent) -> Flow {
+        let Some(data) = ev.data.as_deref() else {
+            self.out.extend_from_slice(&ev.raw);
+            return Flow::Continue;
+        };
+        if ev.is_done() {
+            return Flow::End(End::Completed);
+        }
+        let (tokens, usage, content) = match parse_chunk(data) {
+            Err(_) => return Flow::End(End::UpstreamBroke),
+            Ok(chunk) => {
+                if chunk.is_error() {
+                    return Flow::End(End::UpstreamBroke);
+                }
+                (
+                    self.tokenizer.chunk_output_tokens(&chunk),
+                    chunk.usage(),
+                    chunk.has_content(),
+                )
+            }
+        };
+        if self.meta.is_none() {
+            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(data) {
+                self.meta = Some((
+                    m.get("id").cloned().unwrap_or(Value::Null),
+                    m.get("created").cloned().unwrap_or(Value::Null),
+                    m.get("model").cloned().unwrap_or(Value::Null),
+                ));
+            }
+        }
+        if let Some(u) = usage {
+            self.usage = Some(u);
+            if !content {
+                // Held back: settled and rewritten (or dropped) at the end.
+                self.usage_data = Some(data.to_string());
+                return Flow::Continue;
+            }
+        }
+        if tokens > 0 {
+            let paid = match self.meter.as_mut() {
+                Some(m) => m.pay(tokens).await,
+                None => false,
+            };
+            if !paid {
+                return Flow::End(End::BalanceExhausted);
+            }
+            if self.first_token_at.is_none() {
+                self.first_token_at = Some(Instant::now());
+            }
+        }
+        self.out.extend_from_slice(&ev.raw);
+        Flow::Continue
+    }
+
+    /// Settles the hold for this ending and returns the final events (usage chunk if asked for,
+    /// error event for a cut or a break, `[DONE]`).
+    async fn settle(&mut self, e: End) -> Bytes {
+        self.finished = true;
+        if e != End::Completed {
+            // Stop the upstream generating: close its request now.
+            self.body = None;
+        }
+        let Some(mut rec) = self.record.take() else {
+            return Bytes::new();
+        };
+        let Some(meter) = self.meter.take() else {
+            return Bytes::new();
+        };
+        let status = match e {
+            End::Completed => Status::Completed,
+            End::BalanceExhausted => Status::BalanceExhausted,
+            End::UpstreamBroke => Status::UpstreamError,
+        };
+        let charge = fill_record(
+            &mut rec,
+            &meter,
+            status,
+            self.usage.filter(|_| e == End::Completed),
+            self.first_token_at,
+            self.started,
+        );
+        let settled = meter.hold.settle(charge, Some(rec.clone())).await;
+        rec.cost = settled.debited;
+        rec.shortfall = settled.shortfall;
+        crate::metrics::observe_request(&rec, Some(meter.tokens));
+        self.leave_gauge();
+
+        let mut out = BytesMut::new();
+        if self.include_usage {
+            let mut chunk = match self
+                .usage_data
+                .as_deref()
+                .map(serde_json::from_str::<Value>)
+            {
+                Some(Ok(Value::Object(m))) => m,
+                _ => {
+                    let (id, created, model) =
+                        self.meta
+                            .clone()
+                            .unwrap_or((Value::Null, Value::Null, Value::Null));
+                    let mut m = Map::new();
+                    m.insert("id".into(), id);
+                    m.insert("object".into(), json!("chat.completion.chunk"));
+                    m.insert("created".into(), created);
+                    m.insert("model".into(), model);
+                    m.insert("choices".into(), json!([]));
+                    m
+                }
+            };
+            chunk.insert(
+                "usage".into(),
+                json!({
+                    "prompt_tokens": rec.input_tokens,
+                    "completion_tokens": rec.output_tokens,
+                    "total_tokens": rec.input_tokens + rec.output_tokens,
+                }),
+            );
+            chunk.insert("tollgate".into(), tollgate_object(&rec));
+            push_event(&mut out, &Value::Object(chunk).to_string());
+        }
+        match e {
+            End::Completed => {}
+            End::BalanceExhausted => {
+                metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "balance_exhausted")
+                    .increment(1);
+                let msg = format!(
+                    "the {} balance is exhausted: the stream was stopped after {} paid output tokens",
+                    rec.bucket.as_deref().unwrap_or("wallet"),
+                    rec.output_tokens_delivered
+                );
+                push_event(
+                    &mut out,
+                    &error_event(&msg, "insufficient_quota", "balance_exhausted"),
+                );
+            }
+            End::UpstreamBroke => {
+                metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "upstream_error")
+                    .increment(1);
+                let msg = format!(
+                    "the upstream stream of route {} broke after {} tokens; only delivered tokens are billed",
+                    rec.route.as_deref().unwrap_or("?"),
+                    rec.output_tokens_delivered
+                );
+                push_event(
+                    &mut out,
+                    &error_event(&msg, "upstream_error", "upstream_stream_error"),
+                );
+            }
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        out.freeze()
+    }
+}
+
+enum Flow {
+    Continue,
+    End(End),
+}
+
+fn push_event(out: &mut BytesMut, data: &str) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
+fn error_event(message: &str, kind: &str, code: &str) -> String {
+    json!({"error": {"message": message, "type": kind, "code": code, "param": null}}).to_string()
+}
+
+/// Fills the billing fields of `rec` for an ending and returns the charge (R6, DESIGN §2).
+pub fn fill_record(
+    rec: &mut LedgerRecord,
+    meter: &Meter,
+    status: Status,
+    upstream: Option<Usage>,
+    first_token_at: Option<Instant>,
+    started: Instant,
+) -> Decimal {
+    let in_price = rec.input_per_mtok.unwrap_or_default();
+    let out_price = rec.output_per_mtok.unwrap_or_default();
+    rec.status = status;
+    rec.http_status = 200;
+    rec.finished_at = chrono::Utc::now();
+    rec.duration_ms = started.elapsed().as_millis() as u64;
+    rec.ttft_ms = first_token_at.map(|t| t.duration_since(started).as_millis() as u64);
+    rec.output_tokens_delivered = meter.tokens;
+    match upstream {
+        Some(u) => {
+            rec.usage_source = UsageSource::Upstream;
+            rec.upstream_usage = Some(UpstreamUsage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            });
+            rec.input_tokens = u.prompt_tokens;
+            rec.output_tokens = u.completion_tokens;
+            cost(u.prompt_tokens, in_price) + cost(u.completion_tokens, out_price)
+        }
+        None => {
+            rec.usage_source = UsageSource::Counted;
+            rec.output_tokens = meter.tokens;
+            cost(rec.input_tokens, in_price) + cost(meter.tokens, out_price)
+        }
+    }
+}
+
+/// The `tollgate` object of bodies and usage chunks (DESIGN §4.2).
+pub fn tollgate_object(rec: &LedgerRecord) -> Value {
+    json!({
+        "request_id": rec.request_id,
+        "route": rec.route,
+        "provider": rec.provider,
+        "upstream_model": rec.upstream_model,
+        "bucket": rec.bucket,
+        "currency": rec.currency,
+        "cost": rec.cost.normalize().to_string(),
+        "input_tokens": rec.input_tokens,
+        "output_tokens": rec.output_tokens,
+        "fallbacks": rec.fallbacks,
+        "retries": rec.retries,
+        "status": rec.status.as_str(),
+    })
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        // The client went away mid-stream (actix dropped the body): bill what was delivered.
+        let (Some(mut rec), Some(meter)) = (self.record.take(), self.meter.take()) else {
+            return;
+        };
+        self.body = None;
+        let charge = fill_record(
+            &mut rec,
+            &meter,
+            Status::ClientDisconnected,
+            None,
+            self.first_token_at,
+            self.started,
+        );
+        let mut observed = rec.clone();
+        observed.cost = charge;
+        crate::metrics::observe_request(&observed, Some(meter.tokens));
+        metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "client_disconnected")
+            .increment(1);
+        self.leave_gauge();
+        meter.hold.settle_detached(charge, Some(rec));
+    }
+}

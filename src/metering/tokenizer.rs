@@ -1,0 +1,481 @@
+//! Token counting for metering (DESIGN R5): the gateway's own count of input and output tokens,
+//! billed when the upstream reports no usage and compared with it when it does.
+//!
+//! A route's tokenizer is one of:
+//! - `chunks`: no vocabulary. Input and non-stream output are ceil(UTF-8 bytes / 4); a streamed
+//!   chunk counts one token per choice delta that carries output text.
+//! - `o200k_base`, `cl100k_base`: OpenAI's BPE vocabularies (tiktoken). Each text is encoded
+//!   with `encode_ordinary` (special-token text counts as plain text); a chat request adds 3
+//!   tokens per message and 3 for the reply's priming.
+//!
+//! Each BPE table is built once per process, on first use, and shared by every [`Tokenizer`].
+//! Text with a very long run of whitespace or non-whitespace is counted in pieces of at most
+//! [`MAX_RUN_BYTES`] within that run: tiktoken's merge is quadratic in the length of one run
+//! (and its regex can give up on long whitespace), so a hostile request could otherwise stall a
+//! worker. Ordinary text never has such runs and is counted exactly.
+
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+use tiktoken_rs::CoreBPE;
+
+use crate::metering::chunk::ChunkView;
+
+/// Longest run of whitespace or non-whitespace that is handed to the BPE in one piece.
+pub const MAX_RUN_BYTES: usize = 256;
+
+/// Which tokenizer a route meters with (config `tokenizer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    O200kBase,
+    Cl100kBase,
+    Chunks,
+}
+
+impl TokenizerKind {
+    /// The config name of this tokenizer.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenizerKind::O200kBase => "o200k_base",
+            TokenizerKind::Cl100kBase => "cl100k_base",
+            TokenizerKind::Chunks => "chunks",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenizerError {
+    /// The BPE table shipped with tiktoken-rs could not be built (an internal error).
+    #[error("cannot load the {kind} tokenizer: {message}")]
+    Load {
+        kind: TokenizerKind,
+        message: String,
+    },
+}
+
+/// A token counter. Cheap to clone: the BPE table is shared.
+#[derive(Clone)]
+pub struct Tokenizer {
+    kind: TokenizerKind,
+    bpe: Option<Arc<CoreBPE>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+type SharedBpe = OnceLock<Result<Arc<CoreBPE>, String>>;
+
+static O200K_BASE: SharedBpe = OnceLock::new();
+static CL100K_BASE: SharedBpe = OnceLock::new();
+
+/// The process-wide table in `cell`, built by `build` on first use. (`E` is tiktoken-rs's
+/// `anyhow::Error`; only its message is kept.)
+fn shared_bpe<E: std::fmt::Display>(
+    cell: &'static SharedBpe,
+    build: fn() -> Result<CoreBPE, E>,
+) -> Result<Arc<CoreBPE>, String> {
+    cell.get_or_init(|| build().map(Arc::new).map_err(|e| e.to_string()))
+        .clone()
+}
+
+impl Tokenizer {
+    /// A tokenizer of the given kind. The first call for a BPE kind builds its table (tens of
+    /// milliseconds); later calls share it.
+    pub fn new(kind: TokenizerKind) -> Result<Tokenizer, TokenizerError> {
+        let bpe = match kind {
+            TokenizerKind::Chunks => return Ok(Tokenizer { kind, bpe: None }),
+            TokenizerKind::O200kBase => shared_bpe(&O200K_BASE, tiktoken_rs::o200k_base),
+            TokenizerKind::Cl100kBase => shared_bpe(&CL100K_BASE, tiktoken_rs::cl100k_base),
+        };
+        match bpe {
+            Ok(bpe) => Ok(Tokenizer {
+                kind,
+                bpe: Some(bpe),
+            }),
+            Err(message) => Err(TokenizerError::Load { kind, message }),
+        }
+    }
+
+    pub fn kind(&self) -> TokenizerKind {
+        self.kind
+    }
+
+    /// Tokens in one text: BPE `encode_ordinary` length, or ceil(bytes / 4) for `chunks` (0 for
+    /// the empty string).
+    pub fn count_text(&self, text: &str) -> u64 {
+        match &self.bpe {
+            None => chunks_of(text.len()),
+            Some(bpe) => bpe_count(bpe, text),
+        }
+    }
+
+    /// Input estimate for a chat request's `messages`. `chunks`: ceil(bytes of all text / 4), at
+    /// least 1. BPE: tokens of each text + 3 per message + 3. The text of a message is its string
+    /// `content` or the `text` of each part of an array `content`, its `name`, and the
+    /// `function.arguments` of its tool calls.
+    pub fn chat_input_tokens(&self, messages: &Value) -> u64 {
+        let messages = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+        match &self.bpe {
+            None => {
+                let mut bytes = 0usize;
+                for message in messages {
+                    for_each_message_text(message, |text| bytes += text.len());
+                }
+                chunks_of(bytes).max(1)
+            }
+            Some(bpe) => {
+                let mut tokens = 3u64;
+                for message in messages {
+                    tokens += 3;
+                    for_each_message_text(message, |text| tokens += bpe_count(bpe, text));
+                }
+                tokens
+            }
+        }
+    }
+
+    /// Input tokens of an embeddings request's `input`: a string, an array of strings, an array
+    /// of token ids (one token each), or an array of such arrays. Strings are counted one by one
+    /// with [`count_text`](Self::count_text). At least 1.
+    pub fn embeddings_input_tokens(&self, input: &Value) -> u64 {
+        self.embeddings_value_tokens(input).max(1)
+    }
+
+    fn embeddings_value_tokens(&self, value: &Value) -> u64 {
+        match value {
+            Value::String(text) => self.count_text(text),
+            Value::Number(_) => 1,
+            Value::Array(items) => items
+                .iter()
+                .map(|item| self.embeddings_value_tokens(item))
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    /// Output tokens in one stream chunk, summed over its choices. `chunks`: one per choice delta
+    /// with non-empty output text (role-only and finish-only deltas count 0). BPE: the tokens of
+    /// those texts.
+    pub fn chunk_output_tokens(&self, chunk: &ChunkView<'_>) -> u64 {
+        match &self.bpe {
+            None => chunk.choices().filter(|c| c.has_text()).count() as u64,
+            Some(bpe) => chunk
+                .choices()
+                .flat_map(|c| c.texts())
+                .map(|text| bpe_count(bpe, text))
+                .sum(),
+        }
+    }
+
+    /// Output tokens of a non-stream response whose upstream reported no usage. BPE: tokens of
+    /// each text. `chunks`: ceil(total bytes / 4), so at least 1 when any text is non-empty.
+    pub fn completion_output_tokens(&self, texts: &[&str]) -> u64 {
+        match &self.bpe {
+            None => chunks_of(texts.iter().map(|t| t.len()).sum()),
+            Some(bpe) => texts.iter().map(|text| bpe_count(bpe, text)).sum(),
+        }
+    }
+}
+
+/// ceil(bytes / 4).
+fn chunks_of(bytes: usize) -> u64 {
+    bytes.div_ceil(4) as u64
+}
+
+/// Calls `f` with each text of one chat message (see [`Tokenizer::chat_input_tokens`]).
+fn for_each_message_text<'a>(message: &'a Value, mut f: impl FnMut(&'a str)) {
+    match message.get("content") {
+        Some(Value::String(text)) => f(text),
+        Some(Value::Array(parts)) => {
+            for part in parts {
+                if let Some(text) = part.get("text").and_then(Value::as_str) {
+                    f(text);
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Some(name) = message.get("name").and_then(Value::as_str) {
+        f(name);
+    }
+    if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
+        for call in calls {
+            if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                f(args);
+            }
+        }
+    }
+}
+
+/// BPE token count of `text`, cutting runs longer than [`MAX_RUN_BYTES`] (see the module doc).
+fn bpe_count(bpe: &CoreBPE, text: &str) -> u64 {
+    if text.is_empty() {
+        return 0;
+    }
+    if text.len() <= MAX_RUN_BYTES {
+        return encode_len(bpe, text);
+    }
+    let mut tokens = 0;
+    let mut segment_start = 0;
+    let mut run_start = 0;
+    let mut run_is_space = None;
+    for (i, c) in text.char_indices() {
+        let is_space = c.is_whitespace();
+        if run_is_space != Some(is_space) {
+            run_is_space = Some(is_space);
+            run_start = i;
+        } else if i - run_start >= MAX_RUN_BYTES {
+            tokens += encode_len(bpe, &text[segment_start..i]);
+            segment_start = i;
+            run_start = i;
+        }
+    }
+    tokens + encode_len(bpe, &text[segment_start..])
+}
+
+fn encode_len(bpe: &CoreBPE, text: &str) -> u64 {
+    // tiktoken-rs unwraps its regex matches; should that ever panic, fall back to the `chunks`
+    // estimate rather than take the stream down.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bpe.encode_ordinary(text).len() as u64
+    }))
+    .unwrap_or_else(|_| chunks_of(text.len()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::metering::chunk::parse_chunk;
+    use serde_json::json;
+
+    fn chunks() -> Tokenizer {
+        Tokenizer::new(TokenizerKind::Chunks).unwrap()
+    }
+
+    fn o200k() -> Tokenizer {
+        Tokenizer::new(TokenizerKind::O200kBase).unwrap()
+    }
+
+    fn cl100k() -> Tokenizer {
+        Tokenizer::new(TokenizerKind::Cl100kBase).unwrap()
+    }
+
+    fn ordinary(kind: TokenizerKind, text: &str) -> u64 {
+        // tiktoken-rs's own singletons: independent of the tables under test.
+        let bpe = match kind {
+            TokenizerKind::O200kBase => tiktoken_rs::o200k_base_singleton(),
+            TokenizerKind::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+            TokenizerKind::Chunks => unreachable!(),
+        };
+        let bpe = bpe.lock();
+        bpe.encode_ordinary(text).len() as u64
+    }
+
+    #[test]
+    fn kind_names_match_config() {
+        for (kind, name) in [
+            (TokenizerKind::O200kBase, "\"o200k_base\""),
+            (TokenizerKind::Cl100kBase, "\"cl100k_base\""),
+            (TokenizerKind::Chunks, "\"chunks\""),
+        ] {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), name);
+            assert_eq!(serde_json::from_str::<TokenizerKind>(name).unwrap(), kind);
+            assert_eq!(format!("\"{kind}\""), name);
+        }
+        assert_eq!(o200k().kind(), TokenizerKind::O200kBase);
+    }
+
+    #[test]
+    fn chunks_count_text() {
+        let t = chunks();
+        assert_eq!(t.count_text(""), 0);
+        assert_eq!(t.count_text("a"), 1);
+        assert_eq!(t.count_text("abcd"), 1);
+        assert_eq!(t.count_text("abcde"), 2);
+        assert_eq!(t.count_text("héllo"), 2); // 6 bytes
+        assert_eq!(t.count_text("🌍"), 1); // 4 bytes
+    }
+
+    #[test]
+    fn tiktoken_known_counts() {
+        assert_eq!(o200k().count_text("hello world"), 2);
+        assert_eq!(cl100k().count_text("hello world"), 2);
+        assert_eq!(o200k().count_text(""), 0);
+        for text in [
+            "The quick brown fox jumps over the lazy dog.",
+            "Ünïcödé 🌍 text, with   spaces\n\nand newlines\tand <|endoftext|> too",
+            "fn main() { println!(\"{}\", 1 + 2); }",
+        ] {
+            assert_eq!(
+                o200k().count_text(text),
+                ordinary(TokenizerKind::O200kBase, text)
+            );
+            assert_eq!(
+                cl100k().count_text(text),
+                ordinary(TokenizerKind::Cl100kBase, text)
+            );
+        }
+    }
+
+    #[test]
+    fn long_ordinary_text_is_counted_exactly() {
+        let text = "Metering counts tokens as they stream. ".repeat(200);
+        assert!(text.len() > MAX_RUN_BYTES);
+        assert_eq!(
+            o200k().count_text(&text),
+            ordinary(TokenizerKind::O200kBase, &text)
+        );
+    }
+
+    #[test]
+    fn pathological_runs_are_fast_and_close() {
+        let t = o200k();
+        let start = std::time::Instant::now();
+        let letters = "a".repeat(200_000);
+        let spaces = " ".repeat(200_000);
+        let n_letters = t.count_text(&letters);
+        let n_spaces = t.count_text(&spaces);
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        assert!(n_letters > 0 && n_letters <= 200_000 / 2);
+        assert!(n_spaces > 0 && n_spaces <= 200_000 / 2);
+    }
+
+    fn messages() -> Value {
+        json!([
+            {"role": "system", "content": "Be brief."},                       // 9 bytes
+            {"role": "user", "name": "ann", "content": [                      // 3 bytes
+                {"type": "text", "text": "Hello there"},                      // 11 bytes
+                {"type": "image_url", "image_url": {"url": "data:xyz"}}
+            ]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "lookup", "arguments": "{\"q\":\"x\"}"}} // 9 bytes
+            ]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}           // 2 bytes
+        ])
+    }
+
+    #[test]
+    fn chat_input_chunks() {
+        // 9 + 3 + 11 + 9 + 2 = 34 bytes -> ceil(34 / 4) = 9.
+        assert_eq!(chunks().chat_input_tokens(&messages()), 9);
+        assert_eq!(chunks().chat_input_tokens(&json!([])), 1);
+        assert_eq!(
+            chunks().chat_input_tokens(&json!([{"role": "user", "content": ""}])),
+            1
+        );
+        assert_eq!(chunks().chat_input_tokens(&json!("not an array")), 1);
+    }
+
+    #[test]
+    fn chat_input_tiktoken() {
+        for kind in [TokenizerKind::O200kBase, TokenizerKind::Cl100kBase] {
+            let t = Tokenizer::new(kind).unwrap();
+            let texts = ["Be brief.", "Hello there", "ann", "{\"q\":\"x\"}", "42"];
+            let text_tokens: u64 = texts.iter().map(|s| ordinary(kind, s)).sum();
+            assert_eq!(
+                t.chat_input_tokens(&messages()),
+                text_tokens + 3 * 4 + 3,
+                "{kind}"
+            );
+            // "hello world" is 2 tokens: 2 + 3 + 3.
+            assert_eq!(
+                t.chat_input_tokens(&json!([{"role": "user", "content": "hello world"}])),
+                8
+            );
+            assert_eq!(t.chat_input_tokens(&json!([])), 3);
+        }
+    }
+
+    #[test]
+    fn embeddings_input() {
+        let c = chunks();
+        assert_eq!(c.embeddings_input_tokens(&json!("abcdefghi")), 3);
+        assert_eq!(c.embeddings_input_tokens(&json!(["abcde", "ab"])), 3); // 2 + 1
+        assert_eq!(c.embeddings_input_tokens(&json!([1, 2, 3, 4, 5])), 5);
+        assert_eq!(c.embeddings_input_tokens(&json!([[1, 2], [3, 4, 5]])), 5);
+        assert_eq!(c.embeddings_input_tokens(&json!("")), 1);
+        assert_eq!(c.embeddings_input_tokens(&json!([])), 1);
+        let o = o200k();
+        assert_eq!(o.embeddings_input_tokens(&json!("hello world")), 2);
+        assert_eq!(
+            o.embeddings_input_tokens(&json!(["hello world", "hello world"])),
+            4
+        );
+        assert_eq!(o.embeddings_input_tokens(&json!([[1, 2], [3]])), 3);
+    }
+
+    #[test]
+    fn chunk_output_counts() {
+        let content = parse_chunk(
+            r#"{"choices":[{"index":0,"delta":{"content":"hello world"}},{"index":1,"delta":{"content":" hi"}}]}"#,
+        )
+        .unwrap();
+        let role_only =
+            parse_chunk(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#)
+                .unwrap();
+        let finish_only =
+            parse_chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#).unwrap();
+        let mixed = parse_chunk(
+            r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hello world","tool_calls":[{"function":{"arguments":"hello world"}}]}},{"index":1,"delta":{"refusal":"hello world"}}]}"#,
+        )
+        .unwrap();
+        let usage =
+            parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#)
+                .unwrap();
+
+        let c = chunks();
+        assert_eq!(c.chunk_output_tokens(&content), 2);
+        assert_eq!(c.chunk_output_tokens(&role_only), 0);
+        assert_eq!(c.chunk_output_tokens(&finish_only), 0);
+        assert_eq!(c.chunk_output_tokens(&mixed), 2); // one per choice delta
+        assert_eq!(c.chunk_output_tokens(&usage), 0);
+
+        for t in [o200k(), cl100k()] {
+            let hi = ordinary(t.kind(), " hi");
+            assert_eq!(t.chunk_output_tokens(&content), 2 + hi);
+            assert_eq!(t.chunk_output_tokens(&role_only), 0);
+            assert_eq!(t.chunk_output_tokens(&finish_only), 0);
+            assert_eq!(t.chunk_output_tokens(&mixed), 6);
+        }
+    }
+
+    #[test]
+    fn completion_output_counts() {
+        let c = chunks();
+        assert_eq!(c.completion_output_tokens(&[]), 0);
+        assert_eq!(c.completion_output_tokens(&[""]), 0);
+        assert_eq!(c.completion_output_tokens(&["a"]), 1);
+        assert_eq!(c.completion_output_tokens(&["abc", "de"]), 2); // 5 bytes
+        assert_eq!(c.completion_output_tokens(&["abcd", "abcd"]), 2);
+        let o = o200k();
+        assert_eq!(
+            o.completion_output_tokens(&["hello world", "hello world"]),
+            4
+        );
+        assert_eq!(o.completion_output_tokens(&[]), 0);
+    }
+
+    #[test]
+    fn clones_share_the_table() {
+        let a = o200k();
+        let b = o200k();
+        assert!(Arc::ptr_eq(
+            a.bpe.as_ref().unwrap(),
+            b.bpe.as_ref().unwrap()
+        ));
+    }
+}

@@ -1,0 +1,194 @@
+//! Every metric tollgate exports, named and described in one place (DESIGN §8). Labels are
+//! bounded: model, route, bucket, currency, status, outcome and reason values come from the
+//! configuration or from fixed enums, never from a key, user or request.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "tollgate_requests_total";
+pub const UPSTREAM_ATTEMPTS: &str = "tollgate_upstream_attempts_total";
+pub const RETRIES: &str = "tollgate_retries_total";
+pub const FALLBACKS: &str = "tollgate_fallbacks_total";
+pub const TOKENS: &str = "tollgate_tokens_total";
+pub const SPEND: &str = "tollgate_spend_total";
+pub const STREAM_CUTOFFS: &str = "tollgate_stream_cutoffs_total";
+pub const SHORTFALL: &str = "tollgate_settlement_shortfall_total";
+pub const RETRY_BUDGET_EXHAUSTED: &str = "tollgate_retry_budget_exhausted_total";
+pub const CIRCUIT_TRANSITIONS: &str = "tollgate_circuit_transitions_total";
+pub const PROBES: &str = "tollgate_probes_total";
+pub const STREAMS_ACTIVE: &str = "tollgate_streams_active";
+pub const CIRCUIT_STATE: &str = "tollgate_circuit_state";
+pub const WALLET_HOLDS_ACTIVE: &str = "tollgate_wallet_holds_active";
+pub const WALLET_ACTORS: &str = "tollgate_wallet_actors";
+pub const REQUEST_DURATION: &str = "tollgate_request_duration_seconds";
+pub const TTFT: &str = "tollgate_ttft_seconds";
+pub const GATEWAY_OVERHEAD: &str = "tollgate_gateway_overhead_seconds";
+pub const LEDGER_FLUSH_SECONDS: &str = "tollgate_ledger_flush_seconds";
+pub const METERING_DRIFT: &str = "tollgate_metering_drift_tokens";
+pub const LEDGER_QUEUE_FULL: &str = "tollgate_ledger_queue_full_total";
+
+/// Installs the global recorder with explicit histogram buckets and describes every metric.
+/// Returns the handle that renders `/metrics`. Safe to call more than once per process (tests):
+/// later calls build a recorder that is not installed, whose renders are empty.
+pub fn install() -> PrometheusHandle {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(GATEWAY_OVERHEAD.into()),
+            &[
+                0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+                0.025, 0.05, 0.1,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(REQUEST_DURATION.into()),
+                &[
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                    600.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(TTFT.into()),
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(LEDGER_FLUSH_SECONDS.into()),
+                &[
+                    0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(METERING_DRIFT.into()),
+                &[-64.0, -16.0, -4.0, -1.0, 0.0, 1.0, 4.0, 16.0, 64.0],
+            )
+        });
+    let builder = match builder {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "metric buckets rejected; using defaults");
+            PrometheusBuilder::new()
+        }
+    };
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_ok() {
+        describe();
+    }
+    handle
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS,
+        "Requests by model, serving route, bucket and ledger status."
+    );
+    describe_counter!(
+        UPSTREAM_ATTEMPTS,
+        "Upstream attempts (sent or skipped) by route and outcome."
+    );
+    describe_counter!(
+        RETRIES,
+        "Retries on the same route, by the failed attempt's outcome."
+    );
+    describe_counter!(
+        FALLBACKS,
+        "Fallbacks from one route to the next, by the last outcome on from_route."
+    );
+    describe_counter!(
+        TOKENS,
+        "Billed tokens by model, route, bucket and direction."
+    );
+    describe_counter!(SPEND, "Amount debited, in the bucket's currency.");
+    describe_counter!(
+        STREAM_CUTOFFS,
+        "Streams ended before the upstream finished, by reason."
+    );
+    describe_counter!(
+        SHORTFALL,
+        "Charges that could not be debited (operator loss), in the bucket's currency."
+    );
+    describe_counter!(
+        RETRY_BUDGET_EXHAUSTED,
+        "Retries or fallbacks refused by the gateway-wide retry budget."
+    );
+    describe_counter!(
+        CIRCUIT_TRANSITIONS,
+        "Circuit breaker transitions by route and target state."
+    );
+    describe_counter!(PROBES, "Active probes by route and result.");
+    describe_gauge!(STREAMS_ACTIVE, "Client streams being forwarded now.");
+    describe_gauge!(
+        CIRCUIT_STATE,
+        "Breaker state per route: 0 closed, 1 half-open, 2 open."
+    );
+    describe_gauge!(WALLET_HOLDS_ACTIVE, "Open wallet holds.");
+    describe_gauge!(WALLET_ACTORS, "Wallet actors running.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request duration, from arrival to the last byte."
+    );
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Time to the first content token forwarded."
+    );
+    describe_histogram!(
+        GATEWAY_OVERHEAD,
+        Unit::Seconds,
+        "Time the gateway itself adds: before the upstream request, and per forwarded chunk."
+    );
+    describe_histogram!(
+        LEDGER_FLUSH_SECONDS,
+        Unit::Seconds,
+        "Time to commit one ledger batch (and fsync when due)."
+    );
+    describe_histogram!(
+        METERING_DRIFT,
+        "Gateway token count minus upstream usage, per completed stream."
+    );
+    describe_counter!(
+        LEDGER_QUEUE_FULL,
+        "Times the ledger writer queue was full (storage behind)."
+    );
+}
+
+/// Counts a finished request: its status, billed tokens, spend, shortfall, latency and metering
+/// drift. `delivered` is the gateway's own count of streamed output tokens, if any.
+pub fn observe_request(rec: &crate::ledger::LedgerRecord, delivered: Option<u64>) {
+    use rust_decimal::prelude::ToPrimitive;
+    let model = rec.requested_model.clone();
+    let route = rec.route.clone().unwrap_or_else(|| "none".into());
+    let bucket = rec.bucket.clone().unwrap_or_else(|| "none".into());
+    metrics::counter!(REQUESTS, "model" => model.clone(), "route" => route.clone(), "bucket" => bucket.clone(), "status" => rec.status.as_str()).increment(1);
+    if rec.route.is_none() {
+        return;
+    }
+    metrics::counter!(TOKENS, "model" => model.clone(), "route" => route.clone(), "bucket" => bucket.clone(), "direction" => "input").increment(rec.input_tokens);
+    metrics::counter!(TOKENS, "model" => model.clone(), "route" => route.clone(), "bucket" => bucket.clone(), "direction" => "output").increment(rec.output_tokens);
+    let currency = rec.currency.clone().unwrap_or_default();
+    if !rec.cost.is_zero() {
+        metrics::gauge!(SPEND, "bucket" => bucket.clone(), "currency" => currency.clone(), "model" => model.clone(), "route" => route.clone())
+            .increment(rec.cost.to_f64().unwrap_or(0.0));
+    }
+    if !rec.shortfall.is_zero() {
+        metrics::gauge!(SHORTFALL, "bucket" => bucket, "currency" => currency)
+            .increment(rec.shortfall.to_f64().unwrap_or(0.0));
+    }
+    metrics::histogram!(REQUEST_DURATION, "model" => model.clone(), "route" => route.clone())
+        .record(rec.duration_ms as f64 / 1000.0);
+    if let Some(t) = rec.ttft_ms {
+        metrics::histogram!(TTFT, "model" => model, "route" => route).record(t as f64 / 1000.0);
+    }
+    if let (Some(d), Some(u)) = (delivered, rec.upstream_usage) {
+        metrics::histogram!(METERING_DRIFT).record(d as f64 - u.completion_tokens as f64);
+    }
+}

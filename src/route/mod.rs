@@ -1,0 +1,443 @@
+//! Route health: one [`RouteActor`] per route owns its breaker, counters, latency EWMA, probes and
+//! last failure, and publishes a [`RouteSnapshot`] that the router reads without a mailbox round
+//! trip. Outcomes reach the actor fire-and-forget; the half-open trial slot is claimed with an
+//! atomic so exactly one request (or probe) tests a recovering route.
+
+pub mod breaker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{HeaderMap, Method};
+use serde::Serialize;
+
+use crate::config::{Circuit, Config, ProbeKind, Route};
+use crate::router::upstream::{read_body, UpstreamProvider, Upstreams};
+use breaker::{Breaker, State};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProbeResult {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailureInfo {
+    pub at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// What the router and the admin API read.
+#[derive(Debug, Clone)]
+pub struct RouteSnapshot {
+    pub state: State,
+    pub open_until: Option<Instant>,
+    pub open_until_at: Option<DateTime<Utc>>,
+    pub consecutive_failures: u32,
+    pub requests: u64,
+    pub failures: u64,
+    pub latency_ewma_ms: f64,
+    pub last_probe: Option<ProbeResult>,
+    pub last_failure: Option<FailureInfo>,
+}
+
+impl RouteSnapshot {
+    /// The state as callers see it now: an open breaker past its time is half-open.
+    pub fn effective_state(&self, now: Instant) -> State {
+        match (self.state, self.open_until) {
+            (State::Open, Some(t)) if now >= t => State::HalfOpen,
+            (s, _) => s,
+        }
+    }
+}
+
+pub enum Admission {
+    Go { trial: bool },
+    Open,
+}
+
+struct RouteShared {
+    route: Arc<Route>,
+    snapshot: ArcSwap<RouteSnapshot>,
+    /// Milliseconds since `epoch` when the half-open trial was claimed; 0 when free.
+    trial_since: AtomicU64,
+    trial_ttl: Duration,
+}
+
+pub struct RouteTable {
+    routes: HashMap<String, Arc<RouteShared>>,
+    actors: HashMap<String, Addr<RouteActor>>,
+    epoch: Instant,
+    _arbiter: Option<Arbiter>,
+}
+
+impl RouteTable {
+    /// Starts one actor per route on a dedicated arbiter. Must run inside an actix `System`.
+    pub fn start(
+        config: &Config,
+        probe_keys: &HashMap<String, String>,
+    ) -> Result<RouteTable, String> {
+        let arbiter = Arbiter::new();
+        let epoch = Instant::now();
+        let mut routes = HashMap::new();
+        let mut actors = HashMap::new();
+        let probe_clients = Arc::new(Upstreams::new(config, probe_keys)?);
+        for (_, route) in config.routes() {
+            let provider = config
+                .provider(&route.provider)
+                .ok_or_else(|| format!("route {}: unknown provider", route.id))?
+                .clone();
+            let shared = Arc::new(RouteShared {
+                route: route.clone(),
+                snapshot: ArcSwap::from_pointee(RouteSnapshot {
+                    state: State::Closed,
+                    open_until: None,
+                    open_until_at: None,
+                    consecutive_failures: 0,
+                    requests: 0,
+                    failures: 0,
+                    latency_ewma_ms: 0.0,
+                    last_probe: None,
+                    last_failure: None,
+                }),
+                trial_since: AtomicU64::new(0),
+                trial_ttl: Duration::from_millis(
+                    provider
+                        .first_token_timeout_ms
+                        .max(provider.idle_timeout_ms)
+                        + 5000,
+                ),
+            });
+            metrics::gauge!(crate::metrics::CIRCUIT_STATE, "route" => route.id.clone()).set(0.0);
+            for to in ["closed", "half_open", "open"] {
+                metrics::counter!(crate::metrics::CIRCUIT_TRANSITIONS, "route" => route.id.clone(), "to" => to).absolute(0);
+            }
+            for result in ["ok", "fail"] {
+                metrics::counter!(crate::metrics::PROBES, "route" => route.id.clone(), "result" => result).absolute(0);
+            }
+            let s = shared.clone();
+            let circuit = provider.circuit.clone();
+            let probe = provider.probe.clone();
+            let clients = probe_clients.clone();
+            let addr = RouteActor::start_in_arbiter(&arbiter.handle(), move |_| RouteActor {
+                breaker: Breaker::new(circuit.clone(), Instant::now()),
+                circuit,
+                shared: s,
+                probe,
+                clients,
+                epoch,
+            });
+            routes.insert(route.id.clone(), shared);
+            actors.insert(route.id.clone(), addr);
+        }
+        Ok(RouteTable {
+            routes,
+            actors,
+            epoch,
+            _arbiter: Some(arbiter),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn snapshot(&self, route_id: &str) -> Option<Arc<RouteSnapshot>> {
+        self.routes.get(route_id).map(|r| r.snapshot.load_full())
+    }
+
+    /// May an attempt go to this route now? Claims the half-open trial when that is the case.
+    pub fn admit(&self, route_id: &str) -> Admission {
+        let Some(r) = self.routes.get(route_id) else {
+            return Admission::Go { trial: false };
+        };
+        let snap = r.snapshot.load();
+        match snap.effective_state(Instant::now()) {
+            State::Closed => Admission::Go { trial: false },
+            State::Open => Admission::Open,
+            State::HalfOpen => {
+                if claim_trial(r, self.now_ms()) {
+                    Admission::Go { trial: true }
+                } else {
+                    Admission::Open
+                }
+            }
+        }
+    }
+
+    /// Frees a claimed trial slot that was not used.
+    pub fn release_trial(&self, route_id: &str, trial: bool) {
+        if trial {
+            if let Some(r) = self.routes.get(route_id) {
+                r.trial_since.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Reports a sent attempt's outcome (fire-and-forget).
+    pub fn report(
+        &self,
+        route_id: &str,
+        ok: bool,
+        breaker_failure: bool,
+        latency: Duration,
+        reason: Option<String>,
+        trial: bool,
+    ) {
+        if let Some(a) = self.actors.get(route_id) {
+            a.do_send(Outcome {
+                ok,
+                breaker_failure,
+                latency,
+                reason,
+                trial,
+            });
+        }
+    }
+
+    pub fn route_ids(&self) -> impl Iterator<Item = &String> {
+        self.routes.keys()
+    }
+}
+
+fn claim_trial(r: &RouteShared, now_ms: u64) -> bool {
+    let cur = r.trial_since.load(Ordering::Acquire);
+    let expired = cur != 0 && now_ms.saturating_sub(cur) > r.trial_ttl.as_millis() as u64;
+    if cur != 0 && !expired {
+        return false;
+    }
+    r.trial_since
+        .compare_exchange(cur, now_ms, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+struct RouteActor {
+    breaker: Breaker,
+    circuit: Circuit,
+    shared: Arc<RouteShared>,
+    probe: Option<crate::config::Probe>,
+    clients: Arc<Upstreams>,
+    epoch: Instant,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Outcome {
+    ok: bool,
+    breaker_failure: bool,
+    latency: Duration,
+    reason: Option<String>,
+    trial: bool,
+}
+
+impl RouteActor {
+    fn publish(&self, f: impl FnOnce(&mut RouteSnapshot)) {
+        let mut s = (**self.shared.snapshot.load()).clone();
+        s.state = self.breaker.state();
+        s.open_until = self.breaker.open_until().filter(|_| s.state == State::Open);
+        s.open_until_at = s.open_until.map(|t| {
+            Utc::now()
+                + chrono::Duration::from_std(t.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default()
+        });
+        s.consecutive_failures = self.breaker.consecutive_failures();
+        f(&mut s);
+        self.shared.snapshot.store(Arc::new(s));
+    }
+
+    fn transition(&self, to: Option<State>) {
+        if let Some(to) = to {
+            let id = self.shared.route.id.clone();
+            tracing::info!(route = %id, to = to.as_str(), "circuit breaker transition");
+            metrics::counter!(crate::metrics::CIRCUIT_TRANSITIONS, "route" => id.clone(), "to" => to.as_str()).increment(1);
+            metrics::gauge!(crate::metrics::CIRCUIT_STATE, "route" => id).set(to.gauge());
+        }
+    }
+
+    fn record(&mut self, failure: bool, trial: bool) {
+        let changed = self.breaker.record(Instant::now(), failure);
+        self.transition(changed);
+        if trial || changed.is_some() {
+            self.shared.trial_since.store(0, Ordering::Release);
+        }
+    }
+}
+
+impl Actor for RouteActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let _ = &self.circuit;
+        ctx.run_interval(Duration::from_millis(100), |act, _| {
+            let changed = act.breaker.tick(Instant::now());
+            if changed.is_some() {
+                act.transition(changed);
+                act.publish(|_| {});
+            }
+        });
+        if let Some(p) = self.probe.clone() {
+            ctx.run_interval(Duration::from_millis(p.interval_ms), move |act, ctx| {
+                let shared = act.shared.clone();
+                // While open (not yet expired) the probe still runs, to record health; only a
+                // probe that claims the trial slot may close a half-open breaker.
+                let now_ms = act.epoch.elapsed().as_millis() as u64 + 1;
+                let snap = shared.snapshot.load_full();
+                let state = snap.effective_state(Instant::now());
+                let trial = state == State::HalfOpen && claim_trial(&shared, now_ms);
+                if state == State::HalfOpen && !trial {
+                    return;
+                }
+                let clients = act.clients.clone();
+                let route = shared.route.clone();
+                let kind = p.kind;
+                ctx.spawn(
+                    async move { run_probe(&clients, &route, kind).await }
+                        .into_actor(act)
+                        .map(move |res, act, _| {
+                            let id = act.shared.route.id.clone();
+                            metrics::counter!(crate::metrics::PROBES, "route" => id, "result" => if res.ok { "ok" } else { "fail" }).increment(1);
+                            if res.ok || state != State::Open {
+                                act.record(!res.ok, trial);
+                            }
+                            let failure = (!res.ok).then(|| FailureInfo {
+                                at: res.at,
+                                reason: format!("probe: {}", res.reason.clone().unwrap_or_default()),
+                            });
+                            act.publish(|s| {
+                                s.last_probe = Some(res);
+                                if failure.is_some() {
+                                    s.last_failure = failure;
+                                }
+                            });
+                        }),
+                );
+            });
+        }
+    }
+}
+
+impl Handler<Outcome> for RouteActor {
+    type Result = ();
+    fn handle(&mut self, m: Outcome, _: &mut Context<Self>) {
+        self.record(m.breaker_failure, m.trial);
+        let lat = m.latency.as_secs_f64() * 1000.0;
+        self.publish(|s| {
+            s.requests += 1;
+            if !m.ok {
+                s.failures += 1;
+                s.last_failure = Some(FailureInfo {
+                    at: Utc::now(),
+                    reason: m.reason.unwrap_or_else(|| "failed".into()),
+                });
+            }
+            s.latency_ewma_ms = if s.requests == 1 {
+                lat
+            } else {
+                0.8 * s.latency_ewma_ms + 0.2 * lat
+            };
+        });
+    }
+}
+
+async fn run_probe(clients: &Upstreams, route: &Route, kind: ProbeKind) -> ProbeResult {
+    let at = Utc::now();
+    let t0 = Instant::now();
+    let Some(up) = clients.get(&route.provider) else {
+        return probe_result(at, t0, false, None, Some("unknown provider".into()));
+    };
+    let (method, path, body) = match kind {
+        ProbeKind::Models => (Method::GET, "/models", Bytes::new()),
+        ProbeKind::Chat => (
+            Method::POST,
+            "/chat/completions",
+            Bytes::from(
+                serde_json::json!({"model": route.upstream_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
+                    .to_string(),
+            ),
+        ),
+    };
+    probe_send(up, route, method, path, body, at, t0).await
+}
+
+async fn probe_send(
+    up: &UpstreamProvider,
+    route: &Route,
+    method: Method,
+    path: &str,
+    body: Bytes,
+    at: DateTime<Utc>,
+    t0: Instant,
+) -> ProbeResult {
+    let timeout = Duration::from_millis(up.provider.first_token_timeout_ms.min(10_000));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let is_models = method == Method::GET;
+    let resp = match up
+        .send(method, path, body, &HeaderMap::new(), deadline)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return probe_result(at, t0, false, None, Some(e.to_string())),
+    };
+    let status = resp.status().as_u16();
+    let body = read_body(resp.into_body(), 4 << 20, timeout).await;
+    if !(200..300).contains(&status) {
+        return probe_result(
+            at,
+            t0,
+            false,
+            Some(status),
+            Some(format!("upstream answered {status}")),
+        );
+    }
+    if is_models {
+        let listed = body
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("data").and_then(|d| d.as_array()).cloned())
+            .is_some_and(|d| {
+                d.iter().any(|m| {
+                    m.get("id").and_then(|i| i.as_str()) == Some(route.upstream_model.as_str())
+                })
+            });
+        if !listed {
+            return probe_result(
+                at,
+                t0,
+                false,
+                Some(status),
+                Some(format!(
+                    "upstream model {} not listed",
+                    route.upstream_model
+                )),
+            );
+        }
+    }
+    probe_result(at, t0, true, Some(status), None)
+}
+
+fn probe_result(
+    at: DateTime<Utc>,
+    t0: Instant,
+    ok: bool,
+    status: Option<u16>,
+    reason: Option<String>,
+) -> ProbeResult {
+    ProbeResult {
+        at,
+        ok,
+        latency_ms: t0.elapsed().as_millis() as u64,
+        status,
+        reason,
+    }
+}

@@ -1,0 +1,822 @@
+//! The request pipeline after authentication and input checks: plan the routes, and for each
+//! one reserve → attempt → retry or fall back, until a route serves the request (DESIGN §3).
+//! Every way out — served, passed-through 4xx, all failed, all skipped — writes exactly one
+//! ledger record: through the hold's settlement when a hold served, directly otherwise.
+
+pub mod budget;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{HeaderMap, Method, StatusCode};
+use rand::Rng;
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+use crate::api::error::ApiError;
+use crate::app::AppState;
+use crate::config::{Endpoint, Model, Route};
+use crate::keys::ApiKey;
+use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp, UsageSource};
+use crate::metering::chunk::{chat_usage, completion_output, embeddings_usage};
+use crate::metering::meter::{cost, Meter};
+use crate::metering::stream::{
+    fill_record, tollgate_object, EarlyFailure, MeteredStream, StreamParts,
+};
+use crate::route::Admission;
+use crate::wallet::WalletError;
+use upstream::{is_retriable_status, read_body, retry_after, SendError, Upstreams};
+
+/// One client request, validated and authenticated.
+pub struct Call {
+    pub request_id: String,
+    pub key: Arc<ApiKey>,
+    pub project: String,
+    pub end_user: Option<String>,
+    pub endpoint: Endpoint,
+    pub model: Arc<Model>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub n: u64,
+    pub max_tokens: Option<u64>,
+    pub input_tokens: u64,
+    pub body: Map<String, Value>,
+    pub mock_headers: HeaderMap,
+    pub started_at: DateTime<Utc>,
+    pub started: Instant,
+}
+
+impl Call {
+    /// A record with the attribution fields set and nothing billed.
+    pub fn draft(&self) -> LedgerRecord {
+        LedgerRecord {
+            request_id: self.request_id.clone(),
+            started_at: self.started_at,
+            finished_at: self.started_at,
+            workspace: self.key.record.workspace.clone(),
+            key_id: self.key.record.id.clone(),
+            key_name: self.key.record.name.clone(),
+            project: self.project.clone(),
+            end_user: self.end_user.clone(),
+            endpoint: match self.endpoint {
+                Endpoint::Chat => "chat.completions".into(),
+                Endpoint::Embeddings => "embeddings".into(),
+            },
+            requested_model: self.model.name.clone(),
+            stream: self.stream,
+            route: None,
+            provider: None,
+            upstream_model: None,
+            route_kind: None,
+            bucket: None,
+            currency: None,
+            attempts: Vec::new(),
+            fallbacks: 0,
+            retries: 0,
+            status: Status::Rejected,
+            http_status: 0,
+            input_tokens: self.input_tokens,
+            output_tokens: 0,
+            output_tokens_delivered: 0,
+            usage_source: UsageSource::Counted,
+            upstream_usage: None,
+            input_per_mtok: None,
+            output_per_mtok: None,
+            cost: Decimal::ZERO,
+            shortfall: Decimal::ZERO,
+            ttft_ms: None,
+            duration_ms: 0,
+        }
+    }
+}
+
+/// Writes the record of a request refused or failed without a serving hold, and returns the
+/// error with the request id.
+pub fn reject(state: &AppState, call: &Call, mut rec: LedgerRecord, err: ApiError) -> ApiError {
+    rec.finished_at = Utc::now();
+    rec.duration_ms = call.started.elapsed().as_millis() as u64;
+    rec.http_status = err.status.as_u16();
+    rec.status = match err.status.as_u16() {
+        502 | 504 => Status::UpstreamError,
+        s if s >= 400
+            && s < 500
+            && err.kind != "insufficient_quota"
+            && !matches!(s, 402 | 403 | 404 | 429) =>
+        {
+            Status::UpstreamError
+        }
+        _ => Status::Rejected,
+    };
+    crate::metrics::observe_request(&rec, None);
+    if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
+        tracing::error!(error = %e, "cannot queue ledger record");
+    }
+    err.with_request_id(&call.request_id)
+}
+
+/// Orders routes by priority; among equal priorities a weighted random pick goes first and the
+/// rest follow by weight (R12).
+pub fn plan(routes: &[Arc<Route>]) -> Vec<Arc<Route>> {
+    let mut out = Vec::with_capacity(routes.len());
+    let mut i = 0;
+    let mut rng = rand::thread_rng();
+    while i < routes.len() {
+        let p = routes[i].priority;
+        let mut group: Vec<Arc<Route>> = routes[i..]
+            .iter()
+            .take_while(|r| r.priority == p)
+            .cloned()
+            .collect();
+        i += group.len();
+        while !group.is_empty() {
+            let total: u64 = group.iter().map(|r| u64::from(r.weight)).sum();
+            let mut pick = rng.gen_range(0..total.max(1));
+            let mut idx = 0;
+            for (j, r) in group.iter().enumerate() {
+                if pick < u64::from(r.weight) {
+                    idx = j;
+                    break;
+                }
+                pick -= u64::from(r.weight);
+            }
+            out.push(group.remove(idx));
+        }
+    }
+    out
+}
+
+/// How one sent attempt failed.
+struct Failure {
+    outcome: String,
+    http_status: Option<u16>,
+    error: String,
+    retriable: bool,
+    /// Counts against the breaker (R17).
+    breaker: bool,
+    timeout: bool,
+    retry_after: Option<Duration>,
+    /// A non-retriable upstream 4xx to pass through (status, body).
+    passthrough: Option<(StatusCode, Bytes)>,
+}
+
+enum Served {
+    Response(HttpResponse),
+    Failed(Failure),
+}
+
+pub async fn serve(
+    state: &AppState,
+    ups: &Upstreams,
+    call: Call,
+) -> Result<HttpResponse, ApiError> {
+    let key = call.key.clone();
+    let model = call.model.clone();
+    let routes = plan(&model.routes);
+    let Some(home) = routes
+        .iter()
+        .find(|r| key.may_spend(&r.bucket))
+        .map(|r| r.bucket.clone())
+    else {
+        let err = ApiError::new(
+            403,
+            "permission_error",
+            "model_not_allowed",
+            format!(
+                "this key may not spend any bucket that model '{}' is served from",
+                model.name
+            ),
+        );
+        return Err(reject(state, &call, call.draft(), err));
+    };
+    let mut rec = call.draft();
+    let mut skipped: Vec<String> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut insufficient: Vec<String> = Vec::new();
+    let mut last: Option<Failure> = None;
+    let mut sent_attempts = 0u32;
+    let mut all_timeouts = true;
+    let mut prev_failed_route: Option<(String, String)> = None;
+    let mut budget_denied = false;
+    state.budget.first_attempt();
+
+    'routes: for route in &routes {
+        let Some(bucket) = state.config.buckets.get(&route.bucket) else {
+            continue;
+        };
+        let skip = |rec: &mut LedgerRecord,
+                    skipped: &mut Vec<String>,
+                    outcome: &str,
+                    why: String| {
+            metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => outcome.to_string()).increment(1);
+            rec.attempts.push(Attempt {
+                route: route.id.clone(),
+                upstream_model: route.upstream_model.clone(),
+                bucket: route.bucket.clone(),
+                retry: 0,
+                outcome: outcome.to_string(),
+                http_status: None,
+                error: Some(why.clone()),
+                started_at: Utc::now(),
+                latency_ms: 0,
+            });
+            skipped.push(format!("{} ({outcome}: {why})", route.id));
+        };
+        if !key.may_spend(&route.bucket) {
+            skip(
+                &mut rec,
+                &mut skipped,
+                "bucket_not_allowed",
+                format!("key may not spend bucket {}", route.bucket),
+            );
+            continue;
+        }
+        if route.bucket != home && !key.record.allow_cross_bucket_fallback {
+            skip(
+                &mut rec,
+                &mut skipped,
+                "cross_bucket_denied",
+                format!("bucket {} differs from home bucket {home} and the key does not allow cross-bucket fallback", route.bucket),
+            );
+            continue;
+        }
+        let in_cost = cost(call.input_tokens, route.input_per_mtok);
+        let one_token = cost(call.n, route.output_per_mtok);
+        let bound = if call.stream {
+            call.max_tokens
+                .unwrap_or(u64::MAX)
+                .min(state.config.settlement.initial_output_hold_tokens)
+        } else {
+            call.max_tokens
+                .unwrap_or(state.config.settlement.default_max_tokens)
+        };
+        let want = in_cost + cost(call.n.saturating_mul(bound), route.output_per_mtok);
+        let min = if call.endpoint == Endpoint::Embeddings {
+            in_cost
+        } else {
+            in_cost + one_token
+        };
+        let upstream = ups.get(&route.provider);
+        let Some(upstream) = upstream else {
+            continue;
+        };
+        let mut retry = 0u32;
+        loop {
+            let trial = match state.routes.admit(&route.id) {
+                Admission::Open => {
+                    skip(
+                        &mut rec,
+                        &mut skipped,
+                        "circuit_open",
+                        "circuit breaker open".into(),
+                    );
+                    continue 'routes;
+                }
+                Admission::Go { trial } => trial,
+            };
+            if sent_attempts > 0 && !state.budget.try_extra() {
+                state.routes.release_trial(&route.id, trial);
+                metrics::counter!(crate::metrics::RETRY_BUDGET_EXHAUSTED).increment(1);
+                skip(
+                    &mut rec,
+                    &mut skipped,
+                    "retry_budget_exhausted",
+                    "gateway retry budget exhausted".into(),
+                );
+                budget_denied = true;
+                break 'routes;
+            }
+            let mut draft = rec.clone();
+            set_route(&mut draft, route, &bucket.currency, bucket.kind.as_str());
+            let hold = match state
+                .wallets
+                .reserve(&key.record.id, &route.bucket, min, want, &draft)
+                .await
+            {
+                Ok(h) => h,
+                Err(WalletError::InsufficientBalance { available, .. }) => {
+                    state.routes.release_trial(&route.id, trial);
+                    let why = format!(
+                        "bucket {} has {} {} available, {} needed",
+                        route.bucket,
+                        available.normalize(),
+                        bucket.currency,
+                        min.normalize()
+                    );
+                    insufficient.push(why.clone());
+                    skip(&mut rec, &mut skipped, "insufficient_balance", why);
+                    continue 'routes;
+                }
+                Err(WalletError::Unavailable(e)) => {
+                    state.routes.release_trial(&route.id, trial);
+                    let err = ApiError::new(
+                        503,
+                        "service_unavailable",
+                        "wallet_unavailable",
+                        format!("the wallet is unavailable: {e}"),
+                    );
+                    return Err(reject(state, &call, rec, err));
+                }
+            };
+            if let Some((from, reason)) = prev_failed_route.take() {
+                if from != route.id {
+                    metrics::counter!(crate::metrics::FALLBACKS, "model" => model.name.clone(), "from_route" => from, "to_route" => route.id.clone(), "reason" => reason).increment(1);
+                }
+            }
+            if retry > 0 {
+                rec.retries += 1;
+            }
+            sent_attempts += 1;
+            let started_at = Utc::now();
+            let t0 = Instant::now();
+            let served = attempt(
+                state, ups, &call, route, upstream, hold, in_cost, draft, &rec, retry,
+            )
+            .await;
+            let latency = t0.elapsed();
+            match served {
+                Served::Response(resp) => {
+                    state
+                        .routes
+                        .report(&route.id, true, false, latency, None, trial);
+                    metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => "ok").increment(1);
+                    return Ok(resp);
+                }
+                Served::Failed(f) => {
+                    state.routes.report(
+                        &route.id,
+                        false,
+                        f.breaker,
+                        latency,
+                        Some(f.error.clone()),
+                        trial,
+                    );
+                    metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => f.outcome.clone()).increment(1);
+                    rec.attempts.push(Attempt {
+                        route: route.id.clone(),
+                        upstream_model: route.upstream_model.clone(),
+                        bucket: route.bucket.clone(),
+                        retry,
+                        outcome: f.outcome.clone(),
+                        http_status: f.http_status,
+                        error: Some(f.error.clone()),
+                        started_at,
+                        latency_ms: latency.as_millis() as u64,
+                    });
+                    if !f.timeout {
+                        all_timeouts = false;
+                    }
+                    if let Some((status, body)) = f.passthrough.clone() {
+                        set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
+                        rec.fallbacks = failed.len() as u32;
+                        let err = passthrough_error(state, status, &body);
+                        return Err(reject(state, &call, rec, err));
+                    }
+                    let outcome = f.outcome.clone();
+                    let retry_after = f.retry_after;
+                    let retriable = f.retriable;
+                    last = Some(f);
+                    if retriable && retry < model.retry.max_retries {
+                        let max = Duration::from_millis(model.retry.backoff_max_ms);
+                        let delay = match retry_after {
+                            Some(d) if d > max => {
+                                // Told to wait longer than we may: fall back instead (R16).
+                                failed.push(format!("{} ({outcome})", route.id));
+                                prev_failed_route = Some((route.id.clone(), outcome));
+                                continue 'routes;
+                            }
+                            Some(d) => d,
+                            None => backoff(
+                                model.retry.backoff_base_ms,
+                                model.retry.backoff_max_ms,
+                                retry,
+                            ),
+                        };
+                        metrics::counter!(crate::metrics::RETRIES, "model" => model.name.clone(), "route" => route.id.clone(), "reason" => outcome).increment(1);
+                        tokio::time::sleep(delay).await;
+                        retry += 1;
+                        continue;
+                    }
+                    failed.push(format!("{} ({outcome})", route.id));
+                    prev_failed_route = Some((route.id.clone(), outcome));
+                    continue 'routes;
+                }
+            }
+        }
+    }
+
+    // Nothing served.
+    rec.fallbacks = failed.len().saturating_sub(1) as u32;
+    let err = if sent_attempts == 0 {
+        if !insufficient.is_empty() {
+            ApiError::new(
+                402,
+                "insufficient_quota",
+                "insufficient_balance",
+                format!(
+                    "no route of model '{}' can be paid for: {}",
+                    model.name,
+                    insufficient.join("; ")
+                ),
+            )
+        } else {
+            ApiError::new(
+                503,
+                "service_unavailable",
+                "no_available_route",
+                format!(
+                    "no route of model '{}' is available: {}",
+                    model.name,
+                    skipped.join("; ")
+                ),
+            )
+        }
+    } else {
+        let detail = describe_failures(&rec.attempts);
+        let budget = if budget_denied {
+            "; the gateway retry budget is exhausted"
+        } else {
+            ""
+        };
+        if all_timeouts {
+            ApiError::new(
+                504,
+                "upstream_error",
+                "upstream_timeout",
+                format!("every attempt timed out: {detail}{budget}"),
+            )
+        } else {
+            let _ = last;
+            ApiError::new(
+                502,
+                "upstream_error",
+                "upstream_error",
+                format!("every attempt failed: {detail}{budget}"),
+            )
+        }
+    };
+    Err(reject(state, &call, rec, err))
+}
+
+fn describe_failures(attempts: &[Attempt]) -> String {
+    attempts
+        .iter()
+        .map(|a| {
+            format!(
+                "{} retry {}: {}{}",
+                a.route,
+                a.retry,
+                a.outcome,
+                a.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn set_route(rec: &mut LedgerRecord, route: &Route, currency: &str, kind: &str) {
+    rec.route = Some(route.id.clone());
+    rec.provider = Some(route.provider.clone());
+    rec.upstream_model = Some(route.upstream_model.clone());
+    rec.route_kind = Some(kind.to_string());
+    rec.bucket = Some(route.bucket.clone());
+    rec.currency = Some(currency.to_string());
+    rec.input_per_mtok = Some(route.input_per_mtok);
+    rec.output_per_mtok = Some(route.output_per_mtok);
+}
+
+/// Exponential backoff with full jitter.
+fn backoff(base_ms: u64, max_ms: u64, retry: u32) -> Duration {
+    let cap = base_ms.saturating_mul(1u64 << retry.min(20)).min(max_ms);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=cap))
+}
+
+fn passthrough_error(state: &AppState, status: StatusCode, body: &Bytes) -> ApiError {
+    let text = state.redact(&String::from_utf8_lossy(body));
+    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let mut err = ApiError::new(
+        status.as_u16(),
+        "invalid_request_error",
+        "upstream_error",
+        String::new(),
+    );
+    match parsed.as_ref().and_then(|v| v.get("error")) {
+        Some(Value::Object(e)) => {
+            err.message = e
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error")
+                .to_string();
+            if let Some(t) = e.get("type").and_then(Value::as_str) {
+                err.kind = leak_kind(t);
+            }
+            if let Some(c) = e.get("code").and_then(Value::as_str) {
+                err.code = c.to_string();
+            }
+            err.param = e.get("param").and_then(Value::as_str).map(str::to_string);
+        }
+        _ => {
+            err.message = format!(
+                "upstream answered {}: {}",
+                status.as_u16(),
+                text.chars().take(500).collect::<String>()
+            );
+        }
+    }
+    err
+}
+
+/// Error types are a small fixed set; keep known ones, map the rest.
+fn leak_kind(t: &str) -> &'static str {
+    match t {
+        "invalid_request_error" => "invalid_request_error",
+        "authentication_error" => "authentication_error",
+        "permission_error" => "permission_error",
+        "not_found_error" => "not_found_error",
+        "rate_limit_error" => "rate_limit_error",
+        _ => "upstream_error",
+    }
+}
+
+fn fail(
+    outcome: &str,
+    status: Option<u16>,
+    error: String,
+    retriable: bool,
+    timeout: bool,
+) -> Failure {
+    Failure {
+        outcome: outcome.to_string(),
+        http_status: status,
+        error,
+        retriable,
+        breaker: retriable,
+        timeout,
+        retry_after: None,
+        passthrough: None,
+    }
+}
+
+fn send_failure(e: SendError) -> Failure {
+    match e {
+        SendError::Connect(m) => fail("connect_error", None, m, true, false),
+        SendError::Timeout(ms) => fail(
+            "timeout",
+            None,
+            format!("no response within {ms} ms"),
+            true,
+            true,
+        ),
+        SendError::Request(m) => fail("stream_error", None, m, true, false),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    state: &AppState,
+    ups: &Upstreams,
+    call: &Call,
+    route: &Route,
+    upstream: &upstream::UpstreamProvider,
+    mut hold: crate::wallet::Hold,
+    in_cost: Decimal,
+    mut draft: LedgerRecord,
+    rec: &LedgerRecord,
+    retry: u32,
+) -> Served {
+    let _ = ups;
+    let provider = &upstream.provider;
+    // The input is paid for up front.
+    hold.try_draw(in_cost, 0);
+    let mut body = call.body.clone();
+    body.insert("model".into(), Value::String(route.upstream_model.clone()));
+    if call.stream {
+        let so = body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(m) = so {
+            m.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let bytes = Bytes::from(Value::Object(body).to_string());
+    let path = match call.endpoint {
+        Endpoint::Chat => "/chat/completions",
+        Endpoint::Embeddings => "/embeddings",
+    };
+    let first_deadline = tokio::time::Instant::now()
+        + Duration::from_millis(if call.stream {
+            provider.first_token_timeout_ms
+        } else {
+            provider
+                .first_token_timeout_ms
+                .max(provider.idle_timeout_ms)
+        });
+    metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
+        .record(call.started.elapsed().as_secs_f64());
+    let resp = match upstream
+        .send(
+            Method::POST,
+            path,
+            bytes,
+            &call.mock_headers,
+            first_deadline,
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return Served::Failed(send_failure(e)),
+    };
+    let status = resp.status();
+    let idle = Duration::from_millis(provider.idle_timeout_ms);
+    if !status.is_success() {
+        let ra = retry_after(resp.headers());
+        let body = read_body(resp.into_body(), 1 << 20, idle)
+            .await
+            .unwrap_or_default();
+        let code = status.as_u16();
+        let mut f = fail(
+            &format!("http_{code}"),
+            Some(code),
+            format!("upstream answered {code}"),
+            is_retriable_status(status),
+            false,
+        );
+        f.retry_after = ra;
+        f.breaker = code >= 500 || code == 408 || code == 429;
+        if status.is_client_error() && !is_retriable_status(status) {
+            f.passthrough = Some((status, body));
+        }
+        return Served::Failed(f);
+    }
+    draft.attempts = rec.attempts.clone();
+    draft.retries = rec.retries;
+    draft.fallbacks = rec
+        .attempts
+        .iter()
+        .filter(|a| a.route != route.id && is_sent(&a.outcome))
+        .map(|a| a.route.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u32;
+    let mut ok_attempt = Attempt {
+        route: route.id.clone(),
+        upstream_model: route.upstream_model.clone(),
+        bucket: route.bucket.clone(),
+        retry,
+        outcome: "ok".into(),
+        http_status: Some(status.as_u16()),
+        error: None,
+        started_at: Utc::now(),
+        latency_ms: 0,
+    };
+    let tokenizer = state.tokenizer(&call.model.name);
+    let settlement = &state.config.settlement;
+    if call.stream {
+        let limit = call
+            .n
+            .saturating_mul(call.max_tokens.unwrap_or(u64::MAX / 4));
+        let meter = Meter::new(
+            hold,
+            route.output_per_mtok,
+            settlement.initial_output_hold_tokens,
+            settlement.max_output_hold_tokens,
+            limit,
+        );
+        ok_attempt.latency_ms = call.started.elapsed().as_millis() as u64;
+        draft.attempts.push(ok_attempt);
+        let headers = success_headers(&draft);
+        let mut ms = MeteredStream::new(StreamParts {
+            body: resp.into_body(),
+            meter,
+            tokenizer,
+            idle,
+            include_usage: call.include_usage,
+            record: draft,
+            started: call.started,
+            max_event_bytes: 16 << 20,
+        });
+        match ms.first_token(first_deadline).await {
+            Ok(first) => {
+                let mut r = HttpResponse::Ok();
+                r.content_type("text/event-stream")
+                    .insert_header(("cache-control", "no-cache"));
+                for (k, v) in headers {
+                    r.insert_header((k, v));
+                }
+                let rest = futures_util::stream::unfold(ms, |mut ms| async move {
+                    ms.next_chunk()
+                        .await
+                        .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), ms))
+                });
+                let first = futures_util::stream::once(async move {
+                    Ok::<Bytes, std::convert::Infallible>(first)
+                });
+                use futures_util::StreamExt;
+                Served::Response(r.streaming(first.chain(rest)))
+            }
+            Err(e) => {
+                ms.abandon();
+                Served::Failed(match e {
+                    EarlyFailure::Timeout => fail(
+                        "timeout",
+                        None,
+                        format!(
+                            "no first token within {} ms",
+                            provider.first_token_timeout_ms
+                        ),
+                        true,
+                        true,
+                    ),
+                    EarlyFailure::Broken(m) => fail("stream_error", None, m, true, false),
+                    EarlyFailure::Malformed(m) => fail("stream_error", None, m, true, false),
+                    EarlyFailure::Unpaid => fail(
+                        "insufficient_balance",
+                        None,
+                        "the hold cannot pay the first token".into(),
+                        false,
+                        false,
+                    ),
+                })
+            }
+        }
+    } else {
+        let body = match read_body(resp.into_body(), 64 << 20, idle).await {
+            Ok(b) => b,
+            Err(e) => return Served::Failed(send_failure(e)),
+        };
+        let mut json: Value = match serde_json::from_slice(&body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                return Served::Failed(fail(
+                    "stream_error",
+                    None,
+                    "upstream body is not a JSON object".into(),
+                    true,
+                    false,
+                ))
+            }
+        };
+        let (usage, counted_out) = match call.endpoint {
+            Endpoint::Chat => {
+                let (texts, usage) = completion_output(&json);
+                (usage, tokenizer.completion_output_tokens(&texts))
+            }
+            Endpoint::Embeddings => (embeddings_usage(&json).or_else(|| chat_usage(&json)), 0),
+        };
+        ok_attempt.latency_ms = call.started.elapsed().as_millis() as u64;
+        draft.attempts.push(ok_attempt);
+        let mut meter = Meter::new(hold, route.output_per_mtok, 1, 1, 1);
+        meter.tokens = counted_out;
+        let charge = fill_record(
+            &mut draft,
+            &meter,
+            Status::Completed,
+            usage,
+            Some(Instant::now()),
+            call.started,
+        );
+        let headers = success_headers(&draft);
+        let settled = meter.hold.settle(charge, Some(draft.clone())).await;
+        draft.cost = settled.debited;
+        draft.shortfall = settled.shortfall;
+        crate::metrics::observe_request(&draft, None);
+        if let Value::Object(m) = &mut json {
+            m.insert("tollgate".into(), tollgate_object(&draft));
+        }
+        let mut r = HttpResponse::Ok();
+        for (k, v) in headers {
+            r.insert_header((k, v));
+        }
+        Served::Response(r.content_type("application/json").body(json.to_string()))
+    }
+}
+
+fn is_sent(outcome: &str) -> bool {
+    !matches!(
+        outcome,
+        "circuit_open"
+            | "bucket_not_allowed"
+            | "insufficient_balance"
+            | "cross_bucket_denied"
+            | "retry_budget_exhausted"
+    )
+}
+
+fn success_headers(rec: &LedgerRecord) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-tollgate-request-id", rec.request_id.clone()),
+        ("x-tollgate-route", rec.route.clone().unwrap_or_default()),
+        (
+            "x-tollgate-upstream-model",
+            rec.upstream_model.clone().unwrap_or_default(),
+        ),
+        ("x-tollgate-bucket", rec.bucket.clone().unwrap_or_default()),
+        ("x-tollgate-fallbacks", rec.fallbacks.to_string()),
+        ("x-tollgate-retries", rec.retries.to_string()),
+    ]
+}

@@ -1,0 +1,242 @@
+//! The upstream HTTP client: one pooled hyper client per provider, HTTP/1.1 and HTTP/2 (ALPN
+//! over rustls with the ring provider; h2c prior knowledge for `http2 = "always"` on plain
+//! http), TCP_NODELAY on every socket, connect / first-byte timeouts. The provider key is added
+//! here and nowhere else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, Http2Mode, Provider, ProviderKind};
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Why an attempt failed before a response could be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    #[error("connect error: {0}")]
+    Connect(String),
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("upstream request failed: {0}")]
+    Request(String),
+}
+
+pub struct UpstreamProvider {
+    pub provider: Arc<Provider>,
+    client: HttpClient,
+    auth: Option<HeaderValue>,
+    /// Forward `x-mock-*` request headers (built-in mock providers only).
+    pub forwards_mock_headers: bool,
+}
+
+/// Clients for every provider. Built once per server worker so that pooled connections are
+/// driven by the worker that uses them.
+pub struct Upstreams {
+    by_id: HashMap<String, UpstreamProvider>,
+}
+
+/// Reads the provider keys from the environment: an unset variable is a start-up error that
+/// names it (R35). Returns provider id → key.
+pub fn provider_keys(config: &Config) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for p in &config.providers {
+        if let Some(var) = &p.api_key_env {
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => {
+                    out.insert(p.id.clone(), v);
+                }
+                _ => {
+                    return Err(format!(
+                        "providers.{}.api_key_env: environment variable {var} is not set",
+                        p.id
+                    ))
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn build_client(p: &Provider) -> Result<HttpClient, String> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_millis(p.connect_timeout_ms)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)
+        .map_err(|e| format!("TLS setup for provider {}: {e}", p.id))?
+        .https_or_http();
+    let connector = match p.http2 {
+        Http2Mode::Never => tls.enable_http1().wrap_connector(http),
+        Http2Mode::Always => tls.enable_http2().wrap_connector(http),
+        Http2Mode::Auto => tls.enable_all_versions().wrap_connector(http),
+    };
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .http2_adaptive_window(true);
+    if p.http2 == Http2Mode::Always {
+        b.http2_only(true);
+    }
+    Ok(b.build(connector))
+}
+
+impl Upstreams {
+    pub fn new(config: &Config, keys: &HashMap<String, String>) -> Result<Upstreams, String> {
+        let mut by_id = HashMap::new();
+        for p in &config.providers {
+            let auth = match keys.get(&p.id) {
+                Some(k) => {
+                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                        format!(
+                            "providers.{}: the API key is not a valid header value",
+                            p.id
+                        )
+                    })?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                None => None,
+            };
+            by_id.insert(
+                p.id.clone(),
+                UpstreamProvider {
+                    provider: p.clone(),
+                    client: build_client(p)?,
+                    auth,
+                    forwards_mock_headers: matches!(p.kind, ProviderKind::Mock { .. }),
+                },
+            );
+        }
+        Ok(Upstreams { by_id })
+    }
+
+    /// No providers: every route's attempt is skipped (used only when building clients failed).
+    pub fn empty() -> Upstreams {
+        Upstreams {
+            by_id: HashMap::new(),
+        }
+    }
+
+    pub fn get(&self, provider: &str) -> Option<&UpstreamProvider> {
+        self.by_id.get(provider)
+    }
+}
+
+impl UpstreamProvider {
+    /// Sends `body` to `{base_url}{path}` and waits for the response head, at most
+    /// `first_token_timeout_ms` (the rest of the first-token wait is the caller's).
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        extra: &HeaderMap,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, SendError> {
+        let uri = format!("{}{}", self.provider.base_url, path);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(body))
+            .map_err(|e| SendError::Request(e.to_string()))?;
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        if let Some(a) = &self.auth {
+            h.insert(header::AUTHORIZATION, a.clone());
+        }
+        if self.forwards_mock_headers {
+            for (k, v) in extra {
+                if k.as_str().starts_with("x-mock-") {
+                    h.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let fut = self.client.request(req);
+        match tokio::time::timeout_at(deadline, fut).await {
+            Err(_) => Err(SendError::Timeout(self.provider.first_token_timeout_ms)),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                if e.is_connect() {
+                    Err(SendError::Connect(describe(&e)))
+                } else {
+                    Err(SendError::Request(describe(&e)))
+                }
+            }
+        }
+    }
+}
+
+/// The error chain in one line, without URLs' userinfo (none is ever configured with keys).
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Reads a whole (non-stream) body, at most `limit` bytes, each frame within `idle`.
+pub async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, SendError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(SendError::Timeout(idle.as_millis() as u64)),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(SendError::Request(describe(&e))),
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    if buf.len() + d.len() > limit {
+                        return Err(SendError::Request(format!(
+                            "upstream body larger than {limit} bytes"
+                        )));
+                    }
+                    buf.extend_from_slice(&d);
+                }
+            }
+        }
+    }
+}
+
+/// `Retry-After` as a duration (seconds or an HTTP date), R16.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let t = httpdate::parse_http_date(v).ok()?;
+    Some(
+        t.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+pub fn is_retriable_status(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+}

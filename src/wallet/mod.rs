@@ -1,0 +1,235 @@
+//! Wallets: balances per settlement bucket, owned by one actor per API key (`actor.rs`), started
+//! lazily on sharded arbiters (`registry.rs`). [`Wallets`] is the facade handlers use: it hides
+//! the messages and retries a send that raced an idle stop. A [`Hold`] lives with the request:
+//! streams draw each token's cost from it locally and only talk to the actor to extend or
+//! settle it.
+
+pub mod actor;
+pub mod registry;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use rust_decimal::Decimal;
+
+use actor::{Extend, Reserve, Settle, Snapshot, TopUp, WalletActor};
+pub use actor::{Settled, WalletSnapshot};
+use registry::Registry;
+
+use crate::ledger::{LedgerRecord, LedgerWriter, TopupOutcome};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum WalletError {
+    #[error("bucket {bucket} has {available} available, {needed} needed")]
+    InsufficientBalance {
+        bucket: String,
+        available: Decimal,
+        needed: Decimal,
+    },
+    #[error("wallet unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Process-unique hold ids, increasing across restarts (seeded from the clock).
+fn next_hold_id() -> u64 {
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(1);
+        AtomicU64::new(now << 4)
+    })
+    .fetch_add(1, Ordering::Relaxed)
+}
+
+#[derive(Clone)]
+pub struct Wallets {
+    registry: Arc<Registry>,
+}
+
+const SEND_TRIES: usize = 4;
+
+impl Wallets {
+    pub fn new(
+        shards: usize,
+        writer: LedgerWriter,
+        flush_interval: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Wallets {
+            registry: Arc::new(Registry::new(shards, writer, flush_interval, idle_timeout)),
+        }
+    }
+
+    async fn send<M>(&self, key_id: &str, make: impl Fn() -> M) -> Result<M::Result, WalletError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        WalletActor: Handler<M>,
+    {
+        let mut last = String::new();
+        for _ in 0..SEND_TRIES {
+            match self.registry.addr(key_id).send(make()).await {
+                Ok(r) => return Ok(r),
+                // The actor stopped (idle) between lookup and send: a new one is started.
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(WalletError::Unavailable(last))
+    }
+
+    /// Reserves between `min` and `want` in `bucket` (R4).
+    pub async fn reserve(
+        &self,
+        key_id: &str,
+        bucket: &str,
+        min: Decimal,
+        want: Decimal,
+        draft: &LedgerRecord,
+    ) -> Result<Hold, WalletError> {
+        let hold_id = next_hold_id();
+        let granted = self
+            .send(key_id, || Reserve {
+                hold_id,
+                bucket: bucket.to_string(),
+                min,
+                want,
+                draft: Box::new(draft.clone()),
+            })
+            .await??;
+        Ok(Hold {
+            id: hold_id,
+            addr: Some(self.registry.addr(key_id)),
+            granted,
+            consumed: Decimal::ZERO,
+            tokens: 0,
+        })
+    }
+
+    pub async fn topup(
+        &self,
+        key_id: &str,
+        bucket: &str,
+        amount: Decimal,
+        reference: Option<String>,
+    ) -> Result<TopupOutcome, WalletError> {
+        self.send(key_id, || TopUp {
+            bucket: bucket.to_string(),
+            amount,
+            reference: reference.clone(),
+        })
+        .await?
+    }
+
+    pub async fn snapshot(&self, key_id: &str) -> Result<WalletSnapshot, WalletError> {
+        self.send(key_id, || Snapshot).await
+    }
+
+    pub fn actor_count(&self) -> usize {
+        self.registry.actor_count()
+    }
+
+    pub fn stop_all(&self) {
+        self.registry.stop_all();
+    }
+}
+
+/// A reservation held by one request attempt. Draws are local; `extend` and `settle` are the
+/// only messages. Dropping an unsettled hold releases it without a charge.
+pub struct Hold {
+    id: u64,
+    addr: Option<Addr<WalletActor>>,
+    granted: Decimal,
+    consumed: Decimal,
+    tokens: u64,
+}
+
+impl Hold {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn granted(&self) -> Decimal {
+        self.granted
+    }
+    pub fn consumed(&self) -> Decimal {
+        self.consumed
+    }
+    pub fn remaining(&self) -> Decimal {
+        self.granted - self.consumed
+    }
+
+    /// Takes `amount` from the hold if it covers it.
+    #[inline]
+    pub fn try_draw(&mut self, amount: Decimal, tokens: u64) -> bool {
+        if self.consumed + amount <= self.granted {
+            self.consumed += amount;
+            self.tokens += tokens;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Asks the wallet for up to `want` more; reports consumption so far. Returns the grant.
+    pub async fn extend(&mut self, want: Decimal) -> Decimal {
+        let Some(addr) = &self.addr else {
+            return Decimal::ZERO;
+        };
+        let grant = addr
+            .send(Extend {
+                hold_id: self.id,
+                consumed: self.consumed,
+                consumed_tokens: self.tokens,
+                want,
+            })
+            .await
+            .unwrap_or(Decimal::ZERO);
+        self.granted += grant;
+        grant
+    }
+
+    /// Settles the hold: debits `charge` and commits `record` (if any) in the same batch.
+    pub async fn settle(mut self, charge: Decimal, record: Option<LedgerRecord>) -> Settled {
+        let Some(addr) = self.addr.take() else {
+            return Settled {
+                debited: Decimal::ZERO,
+                shortfall: charge,
+            };
+        };
+        let msg = Settle {
+            hold_id: self.id,
+            charge,
+            record: record.map(Box::new),
+        };
+        match addr.send(msg).await {
+            Ok(s) => s,
+            Err(_) => Settled {
+                debited: Decimal::ZERO,
+                shortfall: charge,
+            },
+        }
+    }
+
+    /// Settles without waiting for the answer (used from `Drop` paths).
+    pub fn settle_detached(mut self, charge: Decimal, record: Option<LedgerRecord>) {
+        if let Some(addr) = self.addr.take() {
+            addr.do_send(Settle {
+                hold_id: self.id,
+                charge,
+                record: record.map(Box::new),
+            });
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(addr) = self.addr.take() {
+            addr.do_send(Settle {
+                hold_id: self.id,
+                charge: Decimal::ZERO,
+                record: None,
+            });
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Wallet actors sharded over a few arbiters by key hash. Each shard has its own small map, so
+//! no single lock or actor sits on every request; a lookup that races an idle stop retries.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use parking_lot::Mutex;
+
+use super::actor::WalletActor;
+use crate::ledger::LedgerWriter;
+
+pub struct Shard {
+    arbiter: ArbiterHandle,
+    actors: Mutex<HashMap<Arc<str>, Addr<WalletActor>>>,
+}
+
+impl Shard {
+    /// Removes `key_id` from the map if it still points at `addr`.
+    pub(super) fn forget(&self, key_id: &str, addr: &Addr<WalletActor>) {
+        let mut m = self.actors.lock();
+        if m.get(key_id).is_some_and(|a| a == addr) {
+            m.remove(key_id);
+        }
+    }
+}
+
+pub struct Registry {
+    shards: Vec<Arc<Shard>>,
+    /// Kept so the arbiters live as long as the registry; stopped on drop.
+    arbiters: Vec<Arbiter>,
+    hasher: std::collections::hash_map::RandomState,
+    writer: LedgerWriter,
+    flush_interval: Duration,
+    idle_timeout: Duration,
+}
+
+impl Registry {
+    /// Must be called inside a running actix `System`.
+    pub fn new(
+        shards: usize,
+        writer: LedgerWriter,
+        flush_interval: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let arbiters: Vec<Arbiter> = (0..shards.max(1)).map(|_| Arbiter::new()).collect();
+        let shards = arbiters
+            .iter()
+            .map(|a| {
+                Arc::new(Shard {
+                    arbiter: a.handle(),
+                    actors: Mutex::new(HashMap::new()),
+                })
+            })
+            .collect();
+        Registry {
+            shards,
+            arbiters,
+            hasher: Default::default(),
+            writer,
+            flush_interval,
+            idle_timeout,
+        }
+    }
+
+    fn shard(&self, key_id: &str) -> &Arc<Shard> {
+        let mut h = self.hasher.build_hasher();
+        key_id.hash(&mut h);
+        let i = (h.finish() as usize) % self.shards.len();
+        &self.shards[i]
+    }
+
+    /// The key's actor, started if needed.
+    pub fn addr(&self, key_id: &str) -> Addr<WalletActor> {
+        let shard = self.shard(key_id);
+        let mut m = shard.actors.lock();
+        if let Some(a) = m.get(key_id) {
+            if a.connected() {
+                return a.clone();
+            }
+        }
+        let key: Arc<str> = Arc::from(key_id);
+        let writer = self.writer.clone();
+        let s = shard.clone();
+        let (fi, it) = (self.flush_interval, self.idle_timeout);
+        let k = key.clone();
+        let addr = WalletActor::start_in_arbiter(&shard.arbiter, move |_| {
+            WalletActor::new(k, writer, s, fi, it)
+        });
+        m.insert(key, addr.clone());
+        addr
+    }
+
+    /// Stops every wallet actor (they persist open holds as they stop).
+    pub fn stop_all(&self) {
+        for a in &self.arbiters {
+            a.stop();
+        }
+    }
+
+    pub fn actor_count(&self) -> usize {
+        self.shards.iter().map(|s| s.actors.lock().len()).sum()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
