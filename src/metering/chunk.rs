@@ -34,7 +34,7 @@ pub struct ChunkView<'a> {
     error: Option<IgnoredAny>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct RawChoice<'a> {
     #[serde(default)]
     index: u32,
@@ -248,18 +248,31 @@ pub fn embeddings_usage(body: &serde_json::Value) -> Option<Usage> {
 
 /// The fast path of [`parse_chunk`]: a strict JSON scanner that builds the same [`ChunkView`]
 /// as the serde derive, or gives up (`None`) and leaves the input to serde_json.
-mod scan {
+pub mod scan {
     use super::*;
 
     /// Nesting beyond this is left to serde_json (whose limit is 128).
     const MAX_DEPTH: usize = 64;
+
+    /// Bytes that end a plain run inside a JSON string: quote, backslash, control characters.
+    static STRING_SPECIAL: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 0x20 {
+            table[b] = true;
+            b += 1;
+        }
+        table[b'"' as usize] = true;
+        table[b'\\' as usize] = true;
+        table
+    };
 
     struct Scanner<'a> {
         text: &'a str,
         pos: usize,
     }
 
-    pub(super) fn chunk(text: &str) -> Option<ChunkView<'_>> {
+    pub fn chunk(text: &str) -> Option<ChunkView<'_>> {
         let mut s = Scanner { text, pos: 0 };
         let mut view = ChunkView {
             choices: None,
@@ -272,7 +285,14 @@ mod scan {
             match key {
                 "choices" => {
                     once(&mut choices)?;
-                    view.choices = s.nullable(|s| s.array(|s| s.choice()))?;
+                    if !s.null()? {
+                        // Filled in place: a choice is large, and moving it costs.
+                        let list = view.choices.insert(Vec::with_capacity(1));
+                        s.array(|s| {
+                            list.push(RawChoice::default());
+                            s.choice(list.last_mut()?)
+                        })?;
+                    }
                 }
                 "usage" => {
                     once(&mut usage)?;
@@ -331,6 +351,17 @@ mod scan {
                 Some(())
             } else {
                 None
+            }
+        }
+
+        /// Consumes a `null` if one is next.
+        fn null(&mut self) -> Option<bool> {
+            self.ws();
+            if self.peek() == Some(b'n') {
+                self.literal("null")?;
+                Some(true)
+            } else {
+                Some(false)
             }
         }
 
@@ -407,6 +438,12 @@ mod scan {
             let mut escaped = false;
             let mut i = start;
             loop {
+                while bytes
+                    .get(i)
+                    .is_some_and(|&b| !STRING_SPECIAL[usize::from(b)])
+                {
+                    i += 1;
+                }
                 match *bytes.get(i)? {
                     b'"' => {
                         self.pos = i + 1;
@@ -454,12 +491,7 @@ mod scan {
             (digits > 0 && !leading_zero && !continues).then_some(value)
         }
 
-        fn choice(&mut self) -> Option<RawChoice<'a>> {
-            let mut choice = RawChoice {
-                index: 0,
-                delta: None,
-                finish_reason: None,
-            };
+        fn choice(&mut self, choice: &mut RawChoice<'a>) -> Option<()> {
             let (mut index, mut delta, mut finish) = (false, false, false);
             self.object(|s, key| {
                 match key {
@@ -469,7 +501,10 @@ mod scan {
                     }
                     "delta" => {
                         once(&mut delta)?;
-                        choice.delta = s.nullable(|s| s.delta())?;
+                        choice.delta = None;
+                        if !s.null()? {
+                            s.delta(choice.delta.insert(RawDelta::default()))?;
+                        }
                     }
                     "finish_reason" => {
                         once(&mut finish)?;
@@ -478,12 +513,10 @@ mod scan {
                     _ => s.skip_value(3)?,
                 }
                 Some(())
-            })?;
-            Some(choice)
+            })
         }
 
-        fn delta(&mut self) -> Option<RawDelta<'a>> {
-            let mut delta = RawDelta::default();
+        fn delta(&mut self, delta: &mut RawDelta<'a>) -> Option<()> {
             let mut seen = [false; 5];
             self.object(|s, key| {
                 match key {
@@ -510,8 +543,7 @@ mod scan {
                     _ => s.skip_value(4)?,
                 }
                 Some(())
-            })?;
-            Some(delta)
+            })
         }
 
         fn tool_call(&mut self) -> Option<RawToolCall<'a>> {
