@@ -96,21 +96,26 @@ impl Call {
 
 /// Writes the record of a request refused or failed without a serving hold, and returns the
 /// error with the request id.
-pub fn reject(state: &AppState, call: &Call, mut rec: LedgerRecord, err: ApiError) -> ApiError {
+pub fn reject(state: &AppState, call: &Call, rec: LedgerRecord, err: ApiError) -> ApiError {
+    let status = match err.status.as_u16() {
+        502 | 504 => Status::UpstreamError,
+        _ => Status::Rejected,
+    };
+    record_error(state, call, rec, err, status)
+}
+
+/// Writes the record of a request that ended in `err` with ledger `status` (R15).
+pub fn record_error(
+    state: &AppState,
+    call: &Call,
+    mut rec: LedgerRecord,
+    err: ApiError,
+    status: Status,
+) -> ApiError {
     rec.finished_at = Utc::now();
     rec.duration_ms = call.started.elapsed().as_millis() as u64;
     rec.http_status = err.status.as_u16();
-    rec.status = match err.status.as_u16() {
-        502 | 504 => Status::UpstreamError,
-        s if s >= 400
-            && s < 500
-            && err.kind != "insufficient_quota"
-            && !matches!(s, 402 | 403 | 404 | 429) =>
-        {
-            Status::UpstreamError
-        }
-        _ => Status::Rejected,
-    };
+    rec.status = status;
     crate::metrics::observe_request(&rec, None);
     if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
         tracing::error!(error = %e, "cannot queue ledger record");
@@ -373,7 +378,7 @@ pub async fn serve(
                         set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
                         rec.fallbacks = failed.len() as u32;
                         let err = passthrough_error(state, status, &body);
-                        return Err(reject(state, &call, rec, err));
+                        return Err(record_error(state, &call, rec, err, Status::UpstreamError));
                     }
                     let outcome = f.outcome.clone();
                     let retry_after = f.retry_after;

@@ -2,7 +2,7 @@
 //! no single lock or actor sits on every request; a lookup that races an idle stop retries.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,9 +66,7 @@ impl Registry {
     }
 
     fn shard(&self, key_id: &str) -> &Arc<Shard> {
-        let mut h = self.hasher.build_hasher();
-        key_id.hash(&mut h);
-        let i = (h.finish() as usize) % self.shards.len();
+        let i = (self.hasher.hash_one(key_id) as usize) % self.shards.len();
         &self.shards[i]
     }
 
