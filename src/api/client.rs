@@ -373,7 +373,37 @@ async fn handle(
         );
         return Err(router::reject(&state, &call, call.draft(), err));
     }
-    router::serve(&state, &ups, call).await
+    // If the client goes away before the response starts, actix drops this future: the guard
+    // records the request as `client_disconnected` (nothing was delivered or charged).
+    let mut guard = Abandoned {
+        writer: state.writer.clone(),
+        rec: Some(call.draft()),
+        started,
+    };
+    let r = router::serve(&state, &ups, call).await;
+    guard.rec = None;
+    r
+}
+
+struct Abandoned {
+    writer: crate::ledger::LedgerWriter,
+    rec: Option<crate::ledger::LedgerRecord>,
+    started: Instant,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.status = crate::ledger::Status::ClientDisconnected;
+            rec.http_status = 499;
+            rec.finished_at = chrono::Utc::now();
+            rec.duration_ms = self.started.elapsed().as_millis() as u64;
+            crate::metrics::observe_request(&rec, None);
+            let _ = self
+                .writer
+                .send(crate::ledger::StoreOp::Record(Box::new(rec)));
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -295,8 +295,8 @@ impl Handler<Settle> for WalletActor {
             self.balances.insert(bucket.clone(), balance - debited);
         }
         let record = m.record.map(|mut r| {
-            r.cost = debited;
-            r.shortfall = shortfall;
+            r.cost = debited.normalize();
+            r.shortfall = shortfall.normalize();
             r
         });
         let op = StoreOp::Settle {
