@@ -64,7 +64,13 @@ impl Checker {
         match T::deserialize(value) {
             Ok(v) => Some(v),
             Err(e) => {
-                let msg = e.message().trim().to_string();
+                let msg = e
+                    .message()
+                    .trim()
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 self.problem(path, msg);
                 None
             }
@@ -126,7 +132,14 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
     let table: Table = match text.parse::<Table>() {
         Ok(t) => t,
         Err(e) => {
-            let msg = e.message().trim().to_string();
+            // One line per problem (R36): toml's messages can span lines.
+            let msg = e
+                .message()
+                .trim()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; ");
             let at = e
                 .span()
                 .map(|s| {

@@ -46,6 +46,8 @@ pub struct StreamParts {
     pub record: LedgerRecord,
     pub started: Instant,
     pub max_event_bytes: usize,
+    /// Reports the attempt's outcome to its route when the stream ends.
+    pub reporter: Option<crate::route::AttemptReporter>,
 }
 
 pub struct MeteredStream {
@@ -67,6 +69,9 @@ pub struct MeteredStream {
     finished: bool,
     eof: bool,
     in_gauge: bool,
+    /// Time spent waiting on upstream frames, so that per-chunk overhead can exclude it.
+    upstream_wait: Duration,
+    reporter: Option<crate::route::AttemptReporter>,
 }
 
 impl MeteredStream {
@@ -89,6 +94,8 @@ impl MeteredStream {
             finished: false,
             eof: false,
             in_gauge: true,
+            upstream_wait: Duration::ZERO,
+            reporter: p.reporter,
         }
     }
 
@@ -138,6 +145,8 @@ impl MeteredStream {
 
     /// Gives up this attempt before anything was sent: releases the hold, writes no record.
     pub fn abandon(&mut self) {
+        // The caller reports this failed attempt itself.
+        self.reporter = None;
         self.leave_gauge();
         self.record = None;
         self.body = None;
@@ -148,6 +157,8 @@ impl MeteredStream {
 
     /// The next bytes for the client, or `None` at the end.
     pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        let t0 = Instant::now();
+        let waited = self.upstream_wait;
         loop {
             if self.finished {
                 self.drain_upstream().await;
@@ -169,6 +180,12 @@ impl MeteredStream {
             match self.on_event(ev).await {
                 Flow::Continue => {
                     if !self.out.is_empty() {
+                        // Gateway overhead per forwarded chunk: parse, count, pay, copy.
+                        let busy = t0
+                            .elapsed()
+                            .saturating_sub(self.upstream_wait.saturating_sub(waited));
+                        metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
+                            .record(busy.as_secs_f64());
                         return Some(self.out.split().freeze());
                     }
                 }
@@ -225,7 +242,10 @@ impl MeteredStream {
                 Some(d) => d,
                 None => tokio::time::Instant::now() + self.idle,
             };
-            match tokio::time::timeout_at(wait, body.frame()).await {
+            let waiting = Instant::now();
+            let frame = tokio::time::timeout_at(wait, body.frame()).await;
+            self.upstream_wait += waiting.elapsed();
+            match frame {
                 Err(_) => return Err(EarlyFailure::Timeout),
                 Ok(None) => self.eof = true,
                 Ok(Some(Err(e))) => return Err(EarlyFailure::Broken(e.to_string())),
@@ -311,6 +331,18 @@ impl MeteredStream {
             End::BalanceExhausted => Status::BalanceExhausted,
             End::UpstreamBroke => Status::UpstreamError,
         };
+        let broke = (e == End::UpstreamBroke)
+            .then(|| format!("the stream broke after {} output tokens", meter.tokens));
+        if let Some(why) = &broke {
+            // The serving attempt failed after all (R17): say so in the ledger too.
+            if let Some(a) = rec.attempts.last_mut() {
+                a.outcome = "stream_error".into();
+                a.error = Some(why.clone());
+            }
+        }
+        if let Some(r) = self.reporter.take() {
+            r.finish(broke);
+        }
         let charge = fill_record(
             &mut rec,
             &meter,

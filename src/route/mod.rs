@@ -206,8 +206,51 @@ impl RouteTable {
         }
     }
 
+    /// A one-shot reporter for an attempt whose outcome is known only later (a stream that
+    /// may still break after its first token, R17).
+    pub fn reporter(
+        &self,
+        route_id: &str,
+        trial: bool,
+        started: Instant,
+    ) -> Option<AttemptReporter> {
+        self.actors.get(route_id).map(|a| AttemptReporter {
+            addr: a.clone(),
+            route: route_id.to_string(),
+            trial,
+            started,
+        })
+    }
+
     pub fn route_ids(&self) -> impl Iterator<Item = &String> {
         self.routes.keys()
+    }
+}
+
+/// Reports one sent attempt's outcome when it is finally known; dropping it reports nothing.
+pub struct AttemptReporter {
+    addr: Addr<RouteActor>,
+    route: String,
+    trial: bool,
+    started: Instant,
+}
+
+impl AttemptReporter {
+    /// `broke`: the stream broke after it started (a breaker failure), with the reason.
+    pub fn finish(self, broke: Option<String>) {
+        let outcome = if broke.is_some() {
+            "stream_error"
+        } else {
+            "ok"
+        };
+        metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => self.route.clone(), "outcome" => outcome).increment(1);
+        self.addr.do_send(Outcome {
+            ok: broke.is_none(),
+            breaker_failure: broke.is_some(),
+            latency: self.started.elapsed(),
+            reason: broke,
+            trial: self.trial,
+        });
     }
 }
 

@@ -337,17 +337,28 @@ pub async fn serve(
             sent_attempts += 1;
             let started_at = Utc::now();
             let t0 = Instant::now();
+            let mut reporter = state.routes.reporter(&route.id, trial, t0);
             let served = attempt(
-                state, ups, &call, route, upstream, hold, in_cost, draft, &rec, retry,
+                state,
+                ups,
+                &call,
+                route,
+                upstream,
+                hold,
+                in_cost,
+                draft,
+                &rec,
+                retry,
+                &mut reporter,
             )
             .await;
             let latency = t0.elapsed();
             match served {
                 Served::Response(resp) => {
-                    state
-                        .routes
-                        .report(&route.id, true, false, latency, None, trial);
-                    metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => "ok").increment(1);
+                    // A stream took the reporter: it reports when it ends.
+                    if let Some(r) = reporter.take() {
+                        r.finish(None);
+                    }
                     return Ok(resp);
                 }
                 Served::Failed(f) => {
@@ -594,6 +605,7 @@ async fn attempt(
     mut draft: LedgerRecord,
     rec: &LedgerRecord,
     retry: u32,
+    reporter: &mut Option<crate::route::AttemptReporter>,
 ) -> Served {
     let _ = ups;
     let provider = &upstream.provider;
@@ -622,8 +634,11 @@ async fn attempt(
                 .first_token_timeout_ms
                 .max(provider.idle_timeout_ms)
         });
-    metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
-        .record(call.started.elapsed().as_secs_f64());
+    // First sent attempt only: a later one's elapsed time includes upstream waits and backoff.
+    if !rec.attempts.iter().any(|a| is_sent(&a.outcome)) {
+        metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
+            .record(call.started.elapsed().as_secs_f64());
+    }
     let resp = match upstream
         .send(
             Method::POST,
@@ -704,6 +719,7 @@ async fn attempt(
             record: draft,
             started: call.started,
             max_event_bytes: 16 << 20,
+            reporter: reporter.take(),
         });
         match ms.first_token(first_deadline).await {
             Ok(first) => {
