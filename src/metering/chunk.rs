@@ -248,7 +248,7 @@ pub fn embeddings_usage(body: &serde_json::Value) -> Option<Usage> {
 
 /// The fast path of [`parse_chunk`]: a strict JSON scanner that builds the same [`ChunkView`]
 /// as the serde derive, or gives up (`None`) and leaves the input to serde_json.
-pub mod scan {
+mod scan {
     use super::*;
 
     /// Nesting beyond this is left to serde_json (whose limit is 128).
@@ -272,7 +272,7 @@ pub mod scan {
         pos: usize,
     }
 
-    pub fn chunk(text: &str) -> Option<ChunkView<'_>> {
+    pub(super) fn chunk(text: &str) -> Option<ChunkView<'_>> {
         let mut s = Scanner { text, pos: 0 };
         let mut view = ChunkView {
             choices: None,

@@ -64,7 +64,14 @@ pub enum TokenizerError {
 #[derive(Clone)]
 pub struct Tokenizer {
     kind: TokenizerKind,
-    bpe: Option<Arc<CoreBPE>>,
+    bpe: Option<Vocabulary>,
+}
+
+/// A shared BPE table and the index of its per-thread memo.
+#[derive(Clone)]
+struct Vocabulary {
+    core: Arc<CoreBPE>,
+    memo_slot: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -94,15 +101,15 @@ impl Tokenizer {
     /// A tokenizer of the given kind. The first call for a BPE kind builds its table (tens of
     /// milliseconds); later calls share it.
     pub fn new(kind: TokenizerKind) -> Result<Tokenizer, TokenizerError> {
-        let bpe = match kind {
+        let (bpe, memo_slot) = match kind {
             TokenizerKind::Chunks => return Ok(Tokenizer { kind, bpe: None }),
-            TokenizerKind::O200kBase => shared_bpe(&O200K_BASE, tiktoken_rs::o200k_base),
-            TokenizerKind::Cl100kBase => shared_bpe(&CL100K_BASE, tiktoken_rs::cl100k_base),
+            TokenizerKind::O200kBase => (shared_bpe(&O200K_BASE, tiktoken_rs::o200k_base), 0),
+            TokenizerKind::Cl100kBase => (shared_bpe(&CL100K_BASE, tiktoken_rs::cl100k_base), 1),
         };
         match bpe {
-            Ok(bpe) => Ok(Tokenizer {
+            Ok(core) => Ok(Tokenizer {
                 kind,
-                bpe: Some(bpe),
+                bpe: Some(Vocabulary { core, memo_slot }),
             }),
             Err(message) => Err(TokenizerError::Load { kind, message }),
         }
@@ -219,11 +226,28 @@ fn for_each_message_text<'a>(message: &'a Value, mut f: impl FnMut(&'a str)) {
     }
 }
 
+/// Texts up to this length have their count memoised per thread.
+const MEMO_MAX_TEXT_BYTES: usize = 32;
+/// Entries per thread and vocabulary before the memo starts over.
+const MEMO_CAPACITY: usize = 4096;
+
+type Memo = std::collections::HashMap<Box<str>, u32>;
+
+thread_local! {
+    /// Streamed deltas are mostly one common token (" the", ","), and BPE encoding is ~20 times
+    /// dearer than a lookup, so short texts' counts are memoised. One memo per vocabulary.
+    static MEMO: std::cell::RefCell<[Memo; 2]> = std::cell::RefCell::new([Memo::new(), Memo::new()]);
+}
+
 /// BPE token count of `text`, cutting runs longer than [`MAX_RUN_BYTES`] (see the module doc).
-fn bpe_count(bpe: &CoreBPE, text: &str) -> u64 {
+fn bpe_count(bpe: &Vocabulary, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
+    if text.len() <= MEMO_MAX_TEXT_BYTES {
+        return memoised_count(bpe, text);
+    }
+    let bpe = &*bpe.core;
     if text.len() <= MAX_RUN_BYTES {
         return encode_len(bpe, text);
     }
@@ -243,6 +267,23 @@ fn bpe_count(bpe: &CoreBPE, text: &str) -> u64 {
         }
     }
     tokens + encode_len(bpe, &text[segment_start..])
+}
+
+fn memoised_count(vocabulary: &Vocabulary, text: &str) -> u64 {
+    let slot = vocabulary.memo_slot;
+    let cached = MEMO.with(|memo| memo.borrow()[slot].get(text).copied());
+    if let Some(count) = cached {
+        return u64::from(count);
+    }
+    let count = encode_len(&vocabulary.core, text);
+    MEMO.with(|memo| {
+        let memo = &mut memo.borrow_mut()[slot];
+        if memo.len() >= MEMO_CAPACITY {
+            memo.clear();
+        }
+        memo.insert(text.into(), u32::try_from(count).unwrap_or(u32::MAX));
+    });
+    count
 }
 
 fn encode_len(bpe: &CoreBPE, text: &str) -> u64 {
@@ -470,12 +511,34 @@ mod tests {
     }
 
     #[test]
+    fn memo_keeps_vocabularies_apart() {
+        // Texts whose counts differ between the vocabularies, counted repeatedly in turn.
+        let texts = [
+            "こんにちは世界",
+            " Привет",
+            "\u{1F600}\u{1F600}",
+            "ababababab",
+        ];
+        let differs = texts.iter().any(|t| {
+            ordinary(TokenizerKind::O200kBase, t) != ordinary(TokenizerKind::Cl100kBase, t)
+        });
+        assert!(differs);
+        for _ in 0..3 {
+            for text in texts {
+                for t in [o200k(), cl100k()] {
+                    assert_eq!(t.count_text(text), ordinary(t.kind(), text), "{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn clones_share_the_table() {
         let a = o200k();
         let b = o200k();
         assert!(Arc::ptr_eq(
-            a.bpe.as_ref().unwrap(),
-            b.bpe.as_ref().unwrap()
+            &a.bpe.as_ref().unwrap().core,
+            &b.bpe.as_ref().unwrap().core
         ));
     }
 }
