@@ -91,6 +91,7 @@ fn resolve_admin_token(config: &Config) -> Result<String, String> {
 /// wallets, routes. Must run inside an actix `System`.
 pub async fn build(mut config: Config) -> Result<Running, String> {
     let metrics = crate::metrics::install();
+    crate::metrics::init_route_series(&config);
     let admin_token = resolve_admin_token(&config)?;
     let provider_keys = provider_keys(&config)?;
 
@@ -271,7 +272,13 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let admin = admin.run();
     state.ready.store(true, Ordering::Release);
     announce(&state, client_addr, admin_addr);
+    // Ledger retention: prunes on the writer thread once now, then hourly.
+    let retention = actix_rt::spawn(crate::ledger::retention::run(
+        state.writer.clone(),
+        cfg.ledger.retention_days,
+    ));
     let (a, b) = futures_util::future::join(client, admin).await;
+    retention.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!("listeners stopped; settling open holds and flushing the ledger");
     // Give detached settlements from dropped streams a moment to reach the wallets.

@@ -27,6 +27,40 @@ pub const LEDGER_FLUSH_SECONDS: &str = "tollgate_ledger_flush_seconds";
 pub const METERING_DRIFT: &str = "tollgate_metering_drift_tokens";
 pub const LEDGER_QUEUE_FULL: &str = "tollgate_ledger_queue_full_total";
 
+/// Ledger statuses (R38 `status`), for the zero series of `tollgate_requests_total`.
+const STATUSES: [&str; 6] = [
+    "completed",
+    "balance_exhausted",
+    "client_disconnected",
+    "upstream_error",
+    "rejected",
+    "interrupted",
+];
+/// Failed-attempt outcomes that lead to a retry or a fallback (DESIGN §3), for zero series.
+const RETRIABLE_OUTCOMES: [&str; 9] = [
+    "connect_error",
+    "timeout",
+    "stream_error",
+    "http_408",
+    "http_429",
+    "http_500",
+    "http_502",
+    "http_503",
+    "http_504",
+];
+/// Attempt outcomes that are not upstream failures: success and the skips.
+const OTHER_OUTCOMES: [&str; 6] = [
+    "ok",
+    "circuit_open",
+    "insufficient_balance",
+    "bucket_not_allowed",
+    "cross_bucket_denied",
+    "retry_budget_exhausted",
+];
+/// Metrics whose value is an amount of money. They are recorded as gauges (the `metrics` crate's
+/// counters are integers) but only ever grow, so `/metrics` declares them as counters.
+const MONEY_COUNTERS: [&str; 2] = [SPEND, SHORTFALL];
+
 /// Installs the global recorder with explicit histogram buckets and describes every metric.
 /// Returns the handle that renders `/metrics`. Safe to call more than once per process (tests):
 /// later calls build a recorder that is not installed, whose renders are empty.
@@ -83,6 +117,74 @@ pub fn install() -> PrometheusHandle {
         describe();
     }
     handle
+}
+
+/// Renders `/metrics`: the recorder's text with the money metrics typed as counters (R38: the
+/// value stays in currency units, which an integer counter could not carry).
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    for name in MONEY_COUNTERS {
+        text = text.replace(
+            &format!("# TYPE {name} gauge\n"),
+            &format!("# TYPE {name} counter\n"),
+        );
+    }
+    text
+}
+
+/// Creates, at zero, every series whose labels the configuration already knows (R38), so that
+/// rates and alerts see 0 rather than nothing before the first request. Route actors do the same
+/// for the circuit and probe series. Call once, after [`install`].
+pub fn init_route_series(config: &crate::config::Config) {
+    for (model, route) in config.routes() {
+        let m = model.name.clone();
+        let r = route.id.clone();
+        let b = route.bucket.clone();
+        for status in STATUSES {
+            metrics::counter!(REQUESTS, "model" => m.clone(), "route" => r.clone(), "bucket" => b.clone(), "status" => status).increment(0);
+        }
+        for direction in ["input", "output"] {
+            metrics::counter!(TOKENS, "model" => m.clone(), "route" => r.clone(), "bucket" => b.clone(), "direction" => direction).increment(0);
+        }
+        if let Some(bucket) = config.buckets.get(&route.bucket) {
+            metrics::gauge!(SPEND, "bucket" => b.clone(), "currency" => bucket.currency.clone(), "model" => m.clone(), "route" => r.clone()).increment(0.0);
+        }
+        for outcome in OTHER_OUTCOMES.iter().chain(RETRIABLE_OUTCOMES.iter()) {
+            metrics::counter!(UPSTREAM_ATTEMPTS, "route" => r.clone(), "outcome" => *outcome)
+                .increment(0);
+        }
+        for reason in RETRIABLE_OUTCOMES {
+            metrics::counter!(RETRIES, "model" => m.clone(), "route" => r.clone(), "reason" => reason).increment(0);
+        }
+        for to in model.routes.iter().filter(|t| t.id != route.id) {
+            for reason in RETRIABLE_OUTCOMES {
+                metrics::counter!(FALLBACKS, "model" => m.clone(), "from_route" => r.clone(), "to_route" => to.id.clone(), "reason" => reason).increment(0);
+            }
+        }
+        // Histograms render (empty) once registered.
+        let _ = metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "route" => r.clone());
+        let _ = metrics::histogram!(TTFT, "model" => m, "route" => r);
+    }
+    for model in &config.models {
+        for status in ["rejected", "upstream_error"] {
+            metrics::counter!(REQUESTS, "model" => model.name.clone(), "route" => "none", "bucket" => "none", "status" => status).increment(0);
+        }
+    }
+    for (name, bucket) in &config.buckets {
+        metrics::gauge!(SHORTFALL, "bucket" => name.clone(), "currency" => bucket.currency.clone())
+            .increment(0.0);
+    }
+    for reason in ["balance_exhausted", "client_disconnected", "upstream_error"] {
+        metrics::counter!(STREAM_CUTOFFS, "reason" => reason).increment(0);
+    }
+    metrics::counter!(RETRY_BUDGET_EXHAUSTED).increment(0);
+    metrics::counter!(LEDGER_QUEUE_FULL).increment(0);
+    for gauge in [STREAMS_ACTIVE, WALLET_HOLDS_ACTIVE, WALLET_ACTORS] {
+        metrics::gauge!(gauge).increment(0.0);
+    }
+    for histogram in [GATEWAY_OVERHEAD, LEDGER_FLUSH_SECONDS, METERING_DRIFT] {
+        let _ = metrics::histogram!(histogram);
+    }
 }
 
 fn describe() {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::ledger_queries;
 use crate::app::AppState;
 use crate::keys::NewKey;
 use crate::ledger::store::ApiKeyRecord;
@@ -35,6 +36,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/keys/{id}/topup").route(web::post().to(topup)))
                 .service(web::resource("/keys/{id}/wallet").route(web::get().to(wallet)))
                 .service(web::resource("/ledger").route(web::get().to(ledger)))
+                // Before `/ledger/{request_id}`, so that `export` is not taken for an id.
+                .service(
+                    web::resource("/ledger/export").route(web::get().to(ledger_queries::export)),
+                )
+                .service(web::resource("/usage").route(web::get().to(ledger_queries::usage)))
+                .service(
+                    web::resource("/usage/explain").route(web::get().to(ledger_queries::explain)),
+                )
                 .service(web::resource("/ledger/{request_id}").route(web::get().to(ledger_one)))
                 .service(web::resource("/routes").route(web::get().to(routes_view)))
                 .service(web::resource("/catalog").route(web::get().to(catalog)))
@@ -55,7 +64,7 @@ async fn admin_not_found(
     )))
 }
 
-fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+pub(crate) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let token = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -341,7 +350,10 @@ pub struct LedgerQuery {
     pub cursor: Option<String>,
 }
 
-fn parse_time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+pub(crate) fn parse_time(
+    field: &str,
+    v: &Option<String>,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
     match v {
         None => Ok(None),
         Some(s) => DateTime::parse_from_rfc3339(s)
@@ -544,5 +556,5 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     metrics::gauge!(crate::metrics::WALLET_ACTORS).set(state.wallets.actor_count() as f64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(crate::metrics::render(&state.metrics))
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod ledger_queries;
 pub mod tls;
 
 use std::sync::atomic::Ordering;

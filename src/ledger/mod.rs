@@ -1,8 +1,12 @@
 //! The route ledger: the record type, the sled store, and the writer thread that commits wallet
 //! debits together with the records that explain them.
 
+pub mod explain;
+pub mod export;
 pub mod record;
+pub mod retention;
 pub mod store;
+pub mod usage;
 pub mod writer;
 
 pub use record::{Attempt, LedgerRecord, Status, UpstreamUsage, UsageSource};

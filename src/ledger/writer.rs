@@ -387,11 +387,15 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
     }
 }
 
+/// Records deleted by one `Prune` at most, so that a large backlog does not hold up the writer
+/// (and the settlements queued behind it); the caller repeats while it gets this many.
+pub const PRUNE_MAX: usize = 10_000;
+
 fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, StoreError> {
     let hi = format!("l/{before_micros:016x}").into_bytes();
     let mut n = 0;
     let mut batch = sled::Batch::default();
-    for kv in db.range(b"l/".to_vec()..hi) {
+    for kv in db.range(b"l/".to_vec()..hi).take(PRUNE_MAX) {
         let (k, v) = kv?;
         let rec: LedgerRecord = from_json(&k, &v)?;
         batch.remove(k);

@@ -1,0 +1,252 @@
+//! Admin endpoints that read the ledger in bulk (DESIGN §5, R31, R32): the streamed export, usage
+//! groups and the spend-change explainer. Every read runs on the blocking pool (`web::block`) and
+//! walks the store in time order, so memory stays bounded by a batch or by the number of groups,
+//! never by the size of the ledger.
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::admin::{authorize, parse_time, Filter, LedgerQuery};
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::ledger::explain::{self, Period};
+use crate::ledger::export::Format;
+use crate::ledger::usage::{parse_group_by, Usage};
+use crate::ledger::{LedgerRecord, Store, StoreError};
+
+/// Records per export batch (one `web::block` each).
+const EXPORT_BATCH: usize = 500;
+/// Records scanned per batch at most, matching or not, so a selective filter over a large
+/// ledger still yields to the executor regularly.
+const EXPORT_SCAN: usize = 20_000;
+
+#[derive(Deserialize)]
+pub struct ExportQuery {
+    format: Option<String>,
+}
+
+/// Where an export stands between batches.
+struct ExportCursor {
+    store: Store,
+    filter: Arc<Filter>,
+    format: Format,
+    /// The `l/` key of the last record scanned; `None` before the first batch.
+    after: Option<Vec<u8>>,
+    done: bool,
+}
+
+/// One batch: up to `EXPORT_BATCH` matching records after `after`, formatted.
+fn export_batch(
+    store: &Store,
+    f: &Filter,
+    format: Format,
+    after: Option<&[u8]>,
+) -> Result<(Vec<u8>, Option<Vec<u8>>, bool), StoreError> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    let (mut matched, mut scanned) = (0, 0);
+    let mut last = None;
+    for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, after) {
+        let (k, rec) = item?;
+        scanned += 1;
+        if f.matches(&rec) {
+            format.write(&mut out, &rec);
+            matched += 1;
+        }
+        last = Some(k);
+        if matched == EXPORT_BATCH || scanned == EXPORT_SCAN {
+            return Ok((out, last, false));
+        }
+    }
+    Ok((out, last, true))
+}
+
+/// `GET /admin/ledger/export?format=jsonl|csv&...`: the ledger's filters without paging,
+/// newest first, streamed batch by batch.
+pub async fn export(
+    req: HttpRequest,
+    q: web::Query<LedgerQuery>,
+    fq: web::Query<ExportQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let filter = Arc::new(Filter::parse(&q)?);
+    let name = fq.format.as_deref().unwrap_or("jsonl");
+    let format = Format::parse(name).ok_or_else(|| {
+        ApiError::invalid_value(
+            "format",
+            format!("unknown format '{name}': use jsonl or csv"),
+        )
+    })?;
+    let header = Bytes::from(format.header());
+    let start = ExportCursor {
+        store: state.store.clone(),
+        filter,
+        format,
+        after: None,
+        done: false,
+    };
+    let batches = futures_util::stream::unfold(start, |mut c| async move {
+        if c.done {
+            return None;
+        }
+        let (store, filter, after) = (c.store.clone(), c.filter.clone(), c.after.take());
+        let format = c.format;
+        let res = web::block(move || export_batch(&store, &filter, format, after.as_deref()))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match res {
+            Ok((bytes, last, done)) => {
+                c.done = done || last.is_none();
+                c.after = last;
+                Some((Ok(Bytes::from(bytes)), c))
+            }
+            Err(e) => {
+                // The status line is gone already: abort the body so the client sees a
+                // truncated transfer, not a short but complete export.
+                tracing::error!(error = %e, "ledger export failed");
+                c.done = true;
+                Some((Err(std::io::Error::other(e)), c))
+            }
+        }
+    });
+    let body =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(header) }).chain(batches);
+    Ok(HttpResponse::Ok()
+        .content_type(format.content_type())
+        .streaming(body))
+}
+
+#[derive(Deserialize)]
+pub struct UsageQuery {
+    since: Option<String>,
+    until: Option<String>,
+    group_by: Option<String>,
+    key_id: Option<String>,
+    project: Option<String>,
+    model: Option<String>,
+    status: Option<String>,
+}
+
+/// Folds every record that `f` matches into `add`, on the blocking pool.
+async fn fold_records<T: Send + 'static>(
+    state: &AppState,
+    f: Filter,
+    mut acc: T,
+    add: impl Fn(&mut T, &LedgerRecord) + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = state.store.clone();
+    web::block(move || -> Result<T, StoreError> {
+        for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, None) {
+            let (_, rec) = item?;
+            if f.matches(&rec) {
+                add(&mut acc, &rec);
+            }
+        }
+        Ok(acc)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// `GET /admin/usage?since=&until=&group_by=...` (R32). Also takes the ledger's `key_id`,
+/// `project`, `model` and `status` filters.
+pub async fn usage(
+    req: HttpRequest,
+    q: web::Query<UsageQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let group_by = parse_group_by(q.group_by.as_deref().unwrap_or("")).map_err(|bad| {
+        ApiError::invalid_value(
+            "group_by",
+            format!("unknown group_by '{bad}': use any of key_id, project, model, route, bucket"),
+        )
+    })?;
+    let q = q.into_inner();
+    let f = Filter::parse(&LedgerQuery {
+        key_id: q.key_id,
+        project: q.project,
+        model: q.model,
+        status: q.status,
+        since: q.since,
+        until: q.until,
+        ..LedgerQuery::default()
+    })?;
+    let usage = fold_records(&state, f, Usage::new(group_by), |u, r| u.add(r)).await?;
+    Ok(HttpResponse::Ok().json(json!({"groups": usage.finish()})))
+}
+
+#[derive(Deserialize)]
+pub struct ExplainQuery {
+    base_since: Option<String>,
+    base_until: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    key_id: Option<String>,
+    project: Option<String>,
+}
+
+fn period_bound(field: &str, v: &Option<String>) -> Result<DateTime<Utc>, ApiError> {
+    parse_time(field, v)?.ok_or_else(|| {
+        ApiError::invalid_value(field, format!("'{field}' is required (an RFC 3339 time)"))
+    })
+}
+
+fn period(
+    q: &ExplainQuery,
+    since: (&str, &Option<String>),
+    until: (&str, &Option<String>),
+) -> Result<Filter, ApiError> {
+    let (s, u) = (
+        period_bound(since.0, since.1)?,
+        period_bound(until.0, until.1)?,
+    );
+    if s >= u {
+        return Err(ApiError::invalid_value(
+            since.0,
+            format!("'{}' must be before '{}'", since.0, until.0),
+        ));
+    }
+    Ok(Filter {
+        key_id: q.key_id.clone(),
+        project: q.project.clone(),
+        model: None,
+        status: None,
+        since: Some(s),
+        until: Some(u),
+    })
+}
+
+/// `GET /admin/usage/explain?base_since=&base_until=&since=&until=[&key_id=][&project=]`:
+/// the change in spend between two periods per currency, attributed to drivers (see
+/// `ledger::explain` for the method).
+pub async fn explain(
+    req: HttpRequest,
+    q: web::Query<ExplainQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let base = period(
+        &q,
+        ("base_since", &q.base_since),
+        ("base_until", &q.base_until),
+    )?;
+    let current = period(&q, ("since", &q.since), ("until", &q.until))?;
+    let bounds = |f: &Filter| json!({"since": f.since, "until": f.until});
+    let (base_view, current_view) = (bounds(&base), bounds(&current));
+    let base = fold_records(&state, base, Period::default(), |p, r| p.add(r)).await?;
+    let current = fold_records(&state, current, Period::default(), |p, r| p.add(r)).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "base": base_view,
+        "current": current_view,
+        "currencies": explain::explain(&base, &current),
+    })))
+}

@@ -1,0 +1,316 @@
+//! Usage aggregation (`GET /admin/usage`, R32): ledger records folded into groups by the
+//! requested dimensions plus currency. Currency is always part of the group, so costs are never
+//! summed across currencies; records without a bucket (rejected requests) form their own group
+//! with `currency: null`. Pure functions over records: the admin handler feeds them from a store
+//! scan, so memory grows with the number of groups, not records.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use super::record::{LedgerRecord, Status};
+
+/// A dimension usage can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupKey {
+    KeyId,
+    Project,
+    /// The requested model (as the ledger's `model` filter, R31).
+    Model,
+    Route,
+    Bucket,
+}
+
+impl GroupKey {
+    pub const ALL: [GroupKey; 5] = [
+        GroupKey::KeyId,
+        GroupKey::Project,
+        GroupKey::Model,
+        GroupKey::Route,
+        GroupKey::Bucket,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupKey::KeyId => "key_id",
+            GroupKey::Project => "project",
+            GroupKey::Model => "model",
+            GroupKey::Route => "route",
+            GroupKey::Bucket => "bucket",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<GroupKey> {
+        GroupKey::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn value(self, r: &LedgerRecord) -> Option<String> {
+        match self {
+            GroupKey::KeyId => Some(r.key_id.clone()),
+            GroupKey::Project => Some(r.project.clone()),
+            GroupKey::Model => Some(r.requested_model.clone()),
+            GroupKey::Route => r.route.clone(),
+            GroupKey::Bucket => r.bucket.clone(),
+        }
+    }
+}
+
+/// Parses `group_by=key_id,project,...`: any subset, in any order, duplicates ignored; empty
+/// items are ignored so that `group_by=` means no grouping. Returns the unknown name on error.
+pub fn parse_group_by(s: &str) -> Result<Vec<GroupKey>, String> {
+    let mut keys = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let k = GroupKey::parse(part).ok_or_else(|| part.to_string())?;
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+/// One group of the usage answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageGroup {
+    /// The grouping dimensions asked for, by name (`null` for a record without a route or bucket).
+    pub group: BTreeMap<&'static str, Option<String>>,
+    pub currency: Option<String>,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+    pub fallbacks: u64,
+    pub retries: u64,
+    pub balance_exhausted: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Totals {
+    requests: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost: Decimal,
+    fallbacks: u64,
+    retries: u64,
+    balance_exhausted: u64,
+}
+
+/// Folds records into groups. `add` each record, then `finish`.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    group_by: Vec<GroupKey>,
+    groups: BTreeMap<(Vec<Option<String>>, Option<String>), Totals>,
+}
+
+impl Usage {
+    pub fn new(group_by: Vec<GroupKey>) -> Usage {
+        Usage {
+            group_by,
+            groups: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, r: &LedgerRecord) {
+        let dims: Vec<Option<String>> = self.group_by.iter().map(|k| k.value(r)).collect();
+        // A record without a bucket was never billed: its currency is null whatever it says.
+        let currency = r.bucket.as_ref().and(r.currency.clone());
+        let t = self.groups.entry((dims, currency)).or_default();
+        t.requests += 1;
+        t.input_tokens += r.input_tokens;
+        t.output_tokens += r.output_tokens;
+        t.cost += r.cost;
+        t.fallbacks += u64::from(r.fallbacks);
+        t.retries += u64::from(r.retries);
+        if r.status == Status::BalanceExhausted {
+            t.balance_exhausted += 1;
+        }
+    }
+
+    /// The groups, ordered by their dimension values and then currency (null first).
+    pub fn finish(self) -> Vec<UsageGroup> {
+        let group_by = self.group_by;
+        self.groups
+            .into_iter()
+            .map(|((dims, currency), t)| UsageGroup {
+                group: group_by.iter().map(|k| k.as_str()).zip(dims).collect(),
+                cost: if currency.is_none() {
+                    Decimal::ZERO
+                } else {
+                    t.cost.normalize()
+                },
+                currency,
+                requests: t.requests,
+                input_tokens: t.input_tokens,
+                output_tokens: t.output_tokens,
+                fallbacks: t.fallbacks,
+                retries: t.retries,
+                balance_exhausted: t.balance_exhausted,
+            })
+            .collect()
+    }
+}
+
+/// Aggregates `records` grouped by `group_by` (plus currency, always).
+pub fn aggregate<'a>(
+    group_by: Vec<GroupKey>,
+    records: impl IntoIterator<Item = &'a LedgerRecord>,
+) -> Vec<UsageGroup> {
+    let mut u = Usage::new(group_by);
+    for r in records {
+        u.add(r);
+    }
+    u.finish()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::ledger::record::UsageSource;
+    use chrono::{TimeZone, Utc};
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    /// A completed record served by `route` (model `m`), or a rejected one when `route` is None.
+    pub(crate) fn rec(
+        key: &str,
+        route: Option<(&str, &str, &str)>,
+        input: u64,
+        output: u64,
+        cost: &str,
+    ) -> LedgerRecord {
+        let t = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
+        LedgerRecord {
+            request_id: format!("r-{key}-{input}-{output}"),
+            started_at: t,
+            finished_at: t,
+            workspace: "ws".into(),
+            key_id: key.into(),
+            key_name: key.into(),
+            project: format!("proj-{key}"),
+            end_user: None,
+            endpoint: "chat.completions".into(),
+            requested_model: "m".into(),
+            stream: true,
+            route: route.map(|r| r.0.to_string()),
+            provider: route.map(|_| "p".to_string()),
+            upstream_model: route.map(|_| "up".to_string()),
+            route_kind: route.map(|_| "official".to_string()),
+            bucket: route.map(|r| r.1.to_string()),
+            currency: route.map(|r| r.2.to_string()),
+            attempts: Vec::new(),
+            fallbacks: 0,
+            retries: 0,
+            status: if route.is_some() {
+                Status::Completed
+            } else {
+                Status::Rejected
+            },
+            http_status: if route.is_some() { 200 } else { 404 },
+            input_tokens: input,
+            output_tokens: output,
+            output_tokens_delivered: output,
+            usage_source: UsageSource::Upstream,
+            upstream_usage: None,
+            input_per_mtok: route.map(|_| d("1")),
+            output_per_mtok: route.map(|_| d("2")),
+            cost: d(cost),
+            shortfall: Decimal::ZERO,
+            ttft_ms: None,
+            duration_ms: 1,
+        }
+    }
+
+    #[test]
+    fn group_by_parses_subsets_and_rejects_unknown_names() {
+        assert_eq!(parse_group_by("").unwrap(), vec![]);
+        assert_eq!(
+            parse_group_by("route, key_id,route").unwrap(),
+            vec![GroupKey::KeyId, GroupKey::Route]
+        );
+        assert_eq!(parse_group_by("key_id,colour").unwrap_err(), "colour");
+    }
+
+    #[test]
+    fn one_group_per_currency_without_group_by() {
+        let usd = Some(("m/p1", "credit", "USD"));
+        let cny = Some(("m/p2", "routed", "CNY"));
+        let mut a = rec("k1", usd, 2, 8, "0.000018");
+        a.fallbacks = 1;
+        a.retries = 2;
+        let mut b = rec("k2", usd, 3, 1, "0.0000050");
+        b.status = Status::BalanceExhausted;
+        let c = rec("k1", cny, 2, 8, "0.000038");
+        let rejected = rec("k1", None, 5, 0, "0");
+        let groups = aggregate(vec![], [&a, &b, &c, &rejected]);
+        assert_eq!(groups.len(), 3);
+        assert_eq!(groups[0].currency, None);
+        assert_eq!(groups[0].requests, 1);
+        assert_eq!(groups[0].cost, Decimal::ZERO);
+        assert_eq!(groups[1].currency.as_deref(), Some("CNY"));
+        assert_eq!(groups[1].cost, d("0.000038"));
+        let usd = &groups[2];
+        assert_eq!(usd.currency.as_deref(), Some("USD"));
+        assert_eq!(
+            (usd.requests, usd.input_tokens, usd.output_tokens),
+            (2, 5, 9)
+        );
+        assert_eq!(usd.cost.to_string(), "0.000023");
+        assert_eq!(
+            (usd.fallbacks, usd.retries, usd.balance_exhausted),
+            (1, 2, 1)
+        );
+        let v = serde_json::to_value(usd).unwrap();
+        assert_eq!(v["cost"], "0.000023");
+        assert_eq!(v["group"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn groups_by_dimensions_and_currency() {
+        let usd = Some(("m/p1", "credit", "USD"));
+        let records = [
+            rec("k1", usd, 1, 1, "0.000003"),
+            rec("k1", usd, 1, 1, "0.000003"),
+            rec("k2", usd, 1, 1, "0.000003"),
+            rec("k2", None, 1, 0, "0"),
+        ];
+        let groups = aggregate(parse_group_by("key_id,route").unwrap(), &records);
+        let view: Vec<(Option<String>, Option<String>, Option<String>, u64, String)> = groups
+            .iter()
+            .map(|g| {
+                (
+                    g.group["key_id"].clone(),
+                    g.group["route"].clone(),
+                    g.currency.clone(),
+                    g.requests,
+                    g.cost.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                (
+                    Some("k1".into()),
+                    Some("m/p1".into()),
+                    Some("USD".into()),
+                    2,
+                    "0.000006".into()
+                ),
+                (Some("k2".into()), None, None, 1, "0".into()),
+                (
+                    Some("k2".into()),
+                    Some("m/p1".into()),
+                    Some("USD".into()),
+                    1,
+                    "0.000003".into()
+                ),
+            ]
+        );
+    }
+}

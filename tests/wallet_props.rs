@@ -1,0 +1,293 @@
+//! Property test of the wallet actor through the library API (STYLE "Tests"): any interleaving
+//! of reserve / draw / extend / settle (charges above the hold included) / release by drop /
+//! top-up, from several concurrent tasks on one key, keeps `balance ≥ 0` and
+//! `available = balance − held ≥ 0` at every observation and conserves money exactly:
+//! initial + Σ top-ups − Σ debited == balance, in memory and in sled.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use tollgate::ledger::{writer, LedgerRecord, Status, Store, UsageSource};
+use tollgate::wallet::{WalletError, Wallets};
+
+const KEY: &str = "key-props";
+const BUCKET: &str = "credit";
+
+/// Amounts are in cents: exact, and small enough that sums never lose precision.
+fn cents(c: u32) -> Decimal {
+    Decimal::new(i64::from(c), 2)
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Draw(u32),
+    Extend(u32),
+}
+
+#[derive(Debug, Clone)]
+enum End {
+    /// Settle for what was drawn plus `extra` (beyond the hold when large).
+    Settle { extra: u32, record: bool },
+    /// Settle for an arbitrary charge, unrelated to the hold.
+    SettleAny(u32),
+    /// Release by drop: nothing charged.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Hold {
+        min: u32,
+        want: u32,
+        steps: Vec<Step>,
+        end: End,
+    },
+    TopUp(u32),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (1u32..400).prop_map(Step::Draw),
+        1 => (0u32..800).prop_map(Step::Extend),
+    ]
+}
+
+fn end() -> impl Strategy<Value = End> {
+    prop_oneof![
+        3 => (0u32..1500, any::<bool>()).prop_map(|(extra, record)| End::Settle { extra, record }),
+        1 => (0u32..3000).prop_map(End::SettleAny),
+        1 => Just(End::Drop),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u32..300, 0u32..1500, prop::collection::vec(step(), 0..6), end())
+            .prop_map(|(min, want, steps, end)| Op::Hold { min, want, steps, end }),
+        1 => (1u32..2000).prop_map(Op::TopUp),
+    ]
+}
+
+fn draft(n: usize) -> LedgerRecord {
+    let now = chrono::Utc::now();
+    LedgerRecord {
+        request_id: format!("req-{n}"),
+        started_at: now,
+        finished_at: now,
+        workspace: "ws".into(),
+        key_id: KEY.into(),
+        key_name: "props".into(),
+        project: "p".into(),
+        end_user: None,
+        endpoint: "chat.completions".into(),
+        requested_model: "m".into(),
+        stream: true,
+        route: Some("m/p1".into()),
+        provider: Some("p1".into()),
+        upstream_model: Some("up".into()),
+        route_kind: Some("official".into()),
+        bucket: Some(BUCKET.into()),
+        currency: Some("USD".into()),
+        attempts: Vec::new(),
+        fallbacks: 0,
+        retries: 0,
+        status: Status::Completed,
+        http_status: 200,
+        input_tokens: 1,
+        output_tokens: 0,
+        output_tokens_delivered: 0,
+        usage_source: UsageSource::Counted,
+        upstream_usage: None,
+        input_per_mtok: None,
+        output_per_mtok: None,
+        cost: Decimal::ZERO,
+        shortfall: Decimal::ZERO,
+        ttft_ms: None,
+        duration_ms: 0,
+    }
+}
+
+/// Invariant 2 at one observation.
+async fn check_now(w: &Wallets) -> Result<(), String> {
+    let s = w.snapshot(KEY).await.map_err(|e| e.to_string())?;
+    let bal = s.balances.get(BUCKET).copied().unwrap_or_default();
+    let held = s.held.get(BUCKET).copied().unwrap_or_default();
+    if bal < Decimal::ZERO {
+        return Err(format!("balance {bal} < 0"));
+    }
+    if held < Decimal::ZERO {
+        return Err(format!("held {held} < 0"));
+    }
+    if held > bal {
+        return Err(format!("available < 0: held {held} > balance {bal}"));
+    }
+    Ok(())
+}
+
+/// Runs one task's operations; returns (Σ applied top-ups, Σ debited).
+async fn run_task(w: Wallets, task: usize, ops: Vec<Op>) -> Result<(Decimal, Decimal), String> {
+    let (mut topped, mut debited) = (Decimal::ZERO, Decimal::ZERO);
+    for (i, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::TopUp(c) => {
+                w.topup(KEY, BUCKET, cents(c), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                topped += cents(c);
+            }
+            Op::Hold {
+                min,
+                want,
+                steps,
+                end,
+            } => {
+                let (min, want) = (cents(min), cents(want));
+                let rec = draft(task * 1000 + i);
+                let mut hold = match w.reserve(KEY, BUCKET, min, want, &rec).await {
+                    Ok(h) => h,
+                    Err(WalletError::InsufficientBalance { available, .. }) => {
+                        if available >= min {
+                            return Err(format!("refused {min} with {available} available"));
+                        }
+                        check_now(&w).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
+                if hold.granted() < min || hold.granted() > want.max(min) {
+                    return Err(format!("grant {} outside [{min}, {want}]", hold.granted()));
+                }
+                check_now(&w).await?;
+                for s in steps {
+                    match s {
+                        Step::Draw(c) => {
+                            let before = hold.consumed();
+                            let fits = before + cents(c) <= hold.granted();
+                            if hold.try_draw(cents(c), 1) != fits {
+                                return Err("try_draw disagrees with the hold".into());
+                            }
+                        }
+                        Step::Extend(c) => {
+                            let g = hold.extend(cents(c)).await;
+                            if g < Decimal::ZERO || g > cents(c) {
+                                return Err(format!("extension {g} for {}", cents(c)));
+                            }
+                        }
+                    }
+                    if hold.consumed() > hold.granted() {
+                        return Err("consumed beyond the hold".into());
+                    }
+                    check_now(&w).await?;
+                }
+                let granted = hold.granted();
+                let charge = match end {
+                    End::Drop => {
+                        drop(hold);
+                        check_now(&w).await?;
+                        continue;
+                    }
+                    End::Settle { extra, .. } => hold.consumed() + cents(extra),
+                    End::SettleAny(c) => cents(c),
+                };
+                let record = match end {
+                    End::Settle { record: true, .. } => Some(rec),
+                    _ => None,
+                };
+                let s = hold.settle(charge, record).await;
+                if s.debited + s.shortfall != charge || s.debited < Decimal::ZERO {
+                    return Err(format!("settled {s:?} for a charge of {charge}"));
+                }
+                if charge <= granted && !s.shortfall.is_zero() {
+                    return Err(format!("shortfall {s:?} within the hold {granted}"));
+                }
+                debited += s.debited;
+                check_now(&w).await?;
+            }
+        }
+    }
+    Ok((topped, debited))
+}
+
+fn run_case(initial: u32, tasks: Vec<Vec<Op>>) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let sys = actix_rt::System::new();
+    sys.block_on(async move {
+        let store = Store::open(dir.path()).map_err(|e| e.to_string())?;
+        let (writer, thread) =
+            writer::start(store.clone(), Duration::from_millis(10)).map_err(|e| e.to_string())?;
+        let wallets = Wallets::new(
+            2,
+            writer.clone(),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
+        let initial = cents(initial);
+        wallets
+            .topup(KEY, BUCKET, initial, Some("initial".into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let handles: Vec<_> = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(t, ops)| actix_rt::spawn(run_task(wallets.clone(), t, ops)))
+            .collect();
+        let (mut topped, mut debited) = (Decimal::ZERO, Decimal::ZERO);
+        let mut failure = None;
+        for h in handles {
+            match h.await {
+                Ok(Ok((t, d))) => {
+                    topped += t;
+                    debited += d;
+                }
+                Ok(Err(e)) => failure = Some(e),
+                Err(e) => failure = Some(format!("task panicked: {e}")),
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let s = wallets.snapshot(KEY).await.map_err(|e| e.to_string())?;
+        let bal = s.balances.get(BUCKET).copied().unwrap_or_default();
+        if s.open_holds != 0 || s.held.get(BUCKET).is_some_and(|h| !h.is_zero()) {
+            return Err(format!("holds left open: {s:?}"));
+        }
+        if initial + topped - debited != bal {
+            return Err(format!(
+                "conservation: {initial} + {topped} − {debited} ≠ {bal}"
+            ));
+        }
+        // What sled holds agrees with the actor, and no hold is left for recovery to settle.
+        writer.flush().await.map_err(|e| e.to_string())?;
+        let stored = store.wallet(KEY).map_err(|e| e.to_string())?.balances();
+        if stored.get(BUCKET).copied().unwrap_or_default() != bal {
+            return Err(format!("sled has {stored:?}, the actor {bal}"));
+        }
+        let left = store.holds().map_err(|e| e.to_string())?;
+        if !left.is_empty() {
+            return Err(format!(
+                "{} persisted holds left after settlement",
+                left.len()
+            ));
+        }
+        wallets.stop_all();
+        drop(wallets);
+        drop(writer);
+        thread.stop();
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn wallet_keeps_money_exact_under_any_interleaving(
+        initial in 0u32..5000,
+        tasks in prop::collection::vec(prop::collection::vec(op(), 1..10), 1..5),
+    ) {
+        let r = run_case(initial, tasks);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+}
