@@ -291,3 +291,52 @@ proptest! {
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }
 }
+
+/// A wallet actor stops when idle; the next request starts a new one that sees every write its
+/// predecessor queued (the load goes through the writer queue), so no money is lost or doubled.
+#[test]
+fn idle_wallet_actors_stop_and_restart_with_their_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = actix_rt::System::new();
+    sys.block_on(async move {
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
+        let wallets = Wallets::new(
+            2,
+            w.clone(),
+            Duration::from_millis(10),
+            Duration::from_millis(200),
+        );
+        wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
+        for round in 0..3u32 {
+            // Spend one cent, settled with a record, then let the actor go idle and stop.
+            let hold = wallets
+                .reserve(KEY, BUCKET, cents(1), cents(5), &draft(round as usize))
+                .await
+                .unwrap();
+            let s = hold.settle(cents(1), Some(draft(round as usize))).await;
+            assert_eq!(s.debited, cents(1));
+            assert_eq!(wallets.actor_count(), 1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while wallets.actor_count() > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "actor did not stop when idle"
+                );
+                actix_rt::time::sleep(Duration::from_millis(20)).await;
+            }
+            // A fresh actor loads the state through the writer queue.
+            let snap = wallets.snapshot(KEY).await.unwrap();
+            assert_eq!(
+                snap.balances[BUCKET],
+                cents(1000 - round - 1),
+                "round {round}"
+            );
+        }
+        w.flush().await.unwrap();
+        assert_eq!(store.wallet(KEY).unwrap().balances()[BUCKET], cents(997));
+        wallets.stop_all();
+        drop(w);
+        thread.stop();
+    });
+}
