@@ -35,6 +35,13 @@ pub struct AppState {
     secrets: Vec<String>,
     pub ready: AtomicBool,
     pub provider_keys: HashMap<String, String>,
+    /// Per-key rate limits (rpm, tpm, concurrent streams).
+    pub limits: crate::limits::Limits,
+    /// Set on SIGTERM/SIGINT: new requests are refused with 503 `shutting_down`.
+    pub draining: AtomicBool,
+    /// Turns true at the drain deadline (minus a margin): open streams end themselves with the
+    /// `shutting_down` error event and settle (R34).
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -56,6 +63,11 @@ impl AppState {
         out
     }
 
+    /// The provider keys to redact, for a response stream that outlives `&self` (R26).
+    pub fn redactor(&self) -> Redactor {
+        Redactor(self.secrets.clone().into())
+    }
+
     /// Constant-time comparison of a presented admin token.
     pub fn admin_token_matches(&self, presented: &str) -> bool {
         use sha2::{Digest, Sha256};
@@ -63,6 +75,31 @@ impl AppState {
         let a = Sha256::digest(presented.as_bytes());
         let b = Sha256::digest(self.admin_token.as_bytes());
         bool::from(a.ct_eq(&b))
+    }
+}
+
+/// Replaces provider keys in upstream bytes bound for a client with `[redacted]` (R26): an
+/// upstream may echo the key it was sent in content, not only in error bodies.
+#[derive(Clone, Default)]
+pub struct Redactor(Arc<[String]>);
+
+impl Redactor {
+    /// Returns `b` unchanged (no copy) unless it contains a key. A key cannot straddle two
+    /// calls: streams pass whole SSE events.
+    pub fn bytes(&self, b: bytes::Bytes) -> bytes::Bytes {
+        if self
+            .0
+            .iter()
+            .any(|s| memchr::memmem::find(&b, s.as_bytes()).is_some())
+        {
+            let mut out = String::from_utf8_lossy(&b).into_owned();
+            for s in self.0.iter() {
+                out = out.replace(s.as_str(), "[redacted]");
+            }
+            bytes::Bytes::from(out)
+        } else {
+            b
+        }
     }
 }
 
@@ -199,6 +236,9 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         secrets,
         ready: AtomicBool::new(false),
         provider_keys,
+        limits: crate::limits::Limits::new(),
+        draining: AtomicBool::new(false),
+        shutdown: tokio::sync::watch::Sender::new(false),
     });
     Ok(Running {
         client_addr: state.config.server.listen,
@@ -236,6 +276,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     .max_connections(100_000)
     .keep_alive(Duration::from_secs(cfg.server.client_idle_timeout_s.max(1)))
     .client_request_timeout(Duration::from_millis(cfg.server.client_request_timeout_ms))
+    .disable_signals()
     .shutdown_timeout(cfg.server.shutdown_drain_s);
     let client = match &cfg.server.tls {
         Some(tls) => client
@@ -253,7 +294,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
             .configure(crate::api::admin::routes)
     })
     .workers(1)
-    .shutdown_timeout(cfg.server.shutdown_drain_s)
+    .disable_signals()
+    // The admin listener stops after the client one has drained: short admin calls only.
+    .shutdown_timeout(cfg.server.shutdown_drain_s.min(5))
     .bind(cfg.server.admin_listen)
     .map_err(|e| {
         format!(
@@ -277,7 +320,16 @@ pub async fn serve(config: Config) -> Result<(), String> {
         state.writer.clone(),
         cfg.ledger.retention_days,
     ));
-    let (a, b) = futures_util::future::join(client, admin).await;
+    let stopper = actix_rt::spawn(stop_on_signal(state.clone(), client.handle()));
+    let admin_handle = admin.handle();
+    let admin = actix_rt::spawn(admin);
+    // The admin listener keeps answering (`/readyz` 503, `/metrics`) while the client drains.
+    let a = client.await;
+    admin_handle.stop(true).await;
+    let b = admin
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    stopper.abort();
     retention.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!("listeners stopped; settling open holds and flushing the ledger");
@@ -291,6 +343,59 @@ pub async fn serve(config: Config) -> Result<(), String> {
         w.stop();
     }
     a.and(b).map_err(|e| e.to_string())
+}
+
+async fn next_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, then drains (DESIGN R34): new requests get 503
+/// `shutting_down`, `/readyz` 503; the client listener stops accepting and in-flight requests
+/// run for `shutdown_drain_s`; a second before the deadline the open streams end themselves with
+/// the `shutting_down` error event and settle (`interrupted`). A second signal cuts at once.
+async fn stop_on_signal(state: Arc<AppState>, client: actix_web::dev::ServerHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install the SIGTERM/SIGINT handlers; no graceful shutdown");
+        return;
+    };
+    let sig = next_signal(&mut term, &mut int).await;
+    let drain = Duration::from_secs(state.config.server.shutdown_drain_s);
+    tracing::warn!(
+        signal = sig,
+        drain_s = drain.as_secs(),
+        "shutting down: refusing new requests, draining in-flight ones"
+    );
+    state.draining.store(true, Ordering::Release);
+    state.ready.store(false, Ordering::Release);
+    // Streams end themselves a little before actix force-closes the connections, so that the
+    // client gets the error event and the ledger the settled record.
+    let cut = drain.saturating_sub(Duration::from_secs(1).min(drain / 2));
+    let st = state.clone();
+    let cutter = actix_rt::spawn(async move {
+        tokio::time::sleep(cut).await;
+        st.shutdown.send_replace(true);
+    });
+    let stop = client.stop(true);
+    tokio::select! {
+        _ = stop => {}
+        sig = next_signal(&mut term, &mut int) => {
+            tracing::warn!(signal = sig, "second signal: cutting open streams now");
+            state.shutdown.send_replace(true);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client.stop(false).await;
+        }
+    }
+    cutter.abort();
 }
 
 fn announce(state: &AppState, client: std::net::SocketAddr, admin: std::net::SocketAddr) {

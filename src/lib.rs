@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod config;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod mock;

@@ -274,6 +274,21 @@ fn main() -> ExitCode {
             let mut q = vec![format!("format={format}")];
             for (k, v) in [("key_id", key_id), ("since", since), ("until", until)] {
                 if let Some(v) = v {
+                    // Percent-encoded, so that a `+01:00` offset is not read as a space.
+                    let v: String = v
+                        .bytes()
+                        .map(|b| match b {
+                            b'A'..=b'Z'
+                            | b'a'..=b'z'
+                            | b'0'..=b'9'
+                            | b'-'
+                            | b'.'
+                            | b'_'
+                            | b'~'
+                            | b':' => char::from(b).to_string(),
+                            _ => format!("%{b:02X}"),
+                        })
+                        .collect();
                     q.push(format!("{k}={v}"));
                 }
             }

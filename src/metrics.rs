@@ -174,7 +174,12 @@ pub fn init_route_series(config: &crate::config::Config) {
         metrics::gauge!(SHORTFALL, "bucket" => name.clone(), "currency" => bucket.currency.clone())
             .increment(0.0);
     }
-    for reason in ["balance_exhausted", "client_disconnected", "upstream_error"] {
+    for reason in [
+        "balance_exhausted",
+        "client_disconnected",
+        "upstream_error",
+        "shutdown",
+    ] {
         metrics::counter!(STREAM_CUTOFFS, "reason" => reason).increment(0);
     }
     metrics::counter!(RETRY_BUDGET_EXHAUSTED).increment(0);

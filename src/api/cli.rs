@@ -71,6 +71,15 @@ pub fn run(
             }
             Ok(resp) => {
                 let status = resp.status();
+                let json = resp
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|c| c.starts_with("application/json"));
+                if status.is_success() && !json {
+                    // Exports (JSON Lines, CSV): copied to stdout as they stream, unchanged.
+                    return copy_body(resp.into_body()).await;
+                }
                 let body = resp
                     .into_body()
                     .collect()
@@ -95,4 +104,29 @@ pub fn run(
             }
         }
     })
+}
+
+async fn copy_body(mut body: hyper::body::Incoming) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    if let Err(e) = out.write_all(d) {
+                        eprintln!("cannot write the output: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("the transfer broke off: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(1),
+    }
 }

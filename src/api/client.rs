@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::body::MessageBody;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use http::HeaderMap;
 use serde_json::{json, Map, Value};
@@ -271,6 +272,9 @@ async fn handle(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
+    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(shutting_down());
+    }
     let key = authenticate(&state, &req)?;
     let request_id = new_request_id();
     let rid = |e: ApiError| e.with_request_id(&request_id);
@@ -280,6 +284,7 @@ async fn handle(
     let body = parse_object(&bytes).map_err(rid)?;
     let (model_name, stream, include_usage, n, max_tokens) =
         check_fields(&body, endpoint).map_err(rid)?;
+    check_message_count(&body, endpoint, state.config.server.max_messages).map_err(rid)?;
     let model = state.config.model(&model_name).cloned();
     let project =
         header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
@@ -373,6 +378,16 @@ async fn handle(
         );
         return Err(router::reject(&state, &call, call.draft(), err));
     }
+    let admission = match state.limits.admit(&key, input, stream) {
+        Ok(a) => a,
+        Err(refusal) => {
+            let mut err = ApiError::new(429, "rate_limit_error", "rate_limited", refusal.message());
+            err.retry_after_s = Some(refusal.retry_after_s);
+            return Err(router::reject(&state, &call, call.draft(), err));
+        }
+    };
+    let mut call = call;
+    call.limiter = admission.limiter;
     // If the client goes away before the response starts, actix drops this future: the guard
     // records the request as `client_disconnected` (nothing was delivered or charged).
     let mut guard = Abandoned {
@@ -382,7 +397,73 @@ async fn handle(
     };
     let r = router::serve(&state, &ups, call).await;
     guard.rec = None;
+    match (r, admission.permit) {
+        // The stream's body holds the concurrent-stream permit until it is dropped.
+        (Ok(resp), Some(permit)) if stream => {
+            Ok(resp.map_body(|_, body| PermittedBody { body, permit }.boxed()))
+        }
+        (r, _) => r,
+    }
+}
+
+/// 503 `shutting_down` for a request that arrives while the gateway drains; the connection is
+/// closed so that the client reconnects elsewhere.
+fn shutting_down() -> HttpResponse {
+    let mut r = ApiError::new(
+        503,
+        "service_unavailable",
+        "shutting_down",
+        "the gateway is shutting down and accepts no new requests; retry on another instance",
+    )
+    .error_response();
+    r.head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
     r
+}
+
+/// `server.max_messages` bounds the entries of `messages` (chat) and of an `input` array
+/// (embeddings).
+fn check_message_count(
+    body: &Map<String, Value>,
+    endpoint: Endpoint,
+    max: usize,
+) -> Result<(), ApiError> {
+    let field = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Embeddings => "input",
+    };
+    match body.get(field) {
+        Some(Value::Array(a)) if a.len() > max => Err(ApiError::invalid_value(
+            field,
+            format!(
+                "'{field}' has {} entries; this gateway accepts at most {max}",
+                a.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A response body that holds a concurrent-stream permit until actix drops it (on every ending).
+struct PermittedBody {
+    body: actix_web::body::BoxBody,
+    #[allow(dead_code)] // held for its Drop
+    permit: crate::limits::StreamPermit,
+}
+
+impl actix_web::body::MessageBody for PermittedBody {
+    type Error = <actix_web::body::BoxBody as actix_web::body::MessageBody>::Error;
+
+    fn size(&self) -> actix_web::body::BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<web::Bytes, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_next(cx)
+    }
 }
 
 struct Abandoned {
@@ -425,6 +506,7 @@ fn make_call(
     started: Instant,
 ) -> Call {
     Call {
+        limiter: None,
         request_id,
         key,
         project,
@@ -467,4 +549,31 @@ async fn models(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     Ok(HttpResponse::Ok()
         .insert_header(("x-tollgate-request-id", request_id))
         .json(json!({"object": "list", "data": data})))
+}
+
+/// A checked request body: what `handle` reads from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedBody {
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub n: u64,
+    pub max_tokens: Option<u64>,
+}
+
+/// The body checks of `handle` without a server, for the `request_body` fuzz target and tests:
+/// parse as a JSON object, then check the fields the gateway reads (R25). Errors are the
+/// client's 400s.
+pub fn check_request_body(bytes: &[u8], endpoint: Endpoint) -> Result<CheckedBody, ApiError> {
+    let body = parse_object(bytes)?;
+    let (model, stream, include_usage, n, max_tokens) = check_fields(&body, endpoint)?;
+    Ok(CheckedBody {
+        body,
+        model,
+        stream,
+        include_usage,
+        n,
+        max_tokens,
+    })
 }

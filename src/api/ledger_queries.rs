@@ -41,13 +41,21 @@ struct ExportCursor {
     done: bool,
 }
 
+/// One export batch: the formatted records, the key to resume after, and whether the scan is
+/// over.
+struct Batch {
+    bytes: Vec<u8>,
+    last: Option<Vec<u8>>,
+    done: bool,
+}
+
 /// One batch: up to `EXPORT_BATCH` matching records after `after`, formatted.
 fn export_batch(
     store: &Store,
     f: &Filter,
     format: Format,
     after: Option<&[u8]>,
-) -> Result<(Vec<u8>, Option<Vec<u8>>, bool), StoreError> {
+) -> Result<Batch, StoreError> {
     let mut out = Vec::with_capacity(64 * 1024);
     let (mut matched, mut scanned) = (0, 0);
     let mut last = None;
@@ -60,10 +68,18 @@ fn export_batch(
         }
         last = Some(k);
         if matched == EXPORT_BATCH || scanned == EXPORT_SCAN {
-            return Ok((out, last, false));
+            return Ok(Batch {
+                bytes: out,
+                last,
+                done: false,
+            });
         }
     }
-    Ok((out, last, true))
+    Ok(Batch {
+        bytes: out,
+        last,
+        done: true,
+    })
 }
 
 /// `GET /admin/ledger/export?format=jsonl|csv&...`: the ledger's filters without paging,
@@ -102,10 +118,10 @@ pub async fn export(
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         match res {
-            Ok((bytes, last, done)) => {
-                c.done = done || last.is_none();
-                c.after = last;
-                Some((Ok(Bytes::from(bytes)), c))
+            Ok(b) => {
+                c.done = b.done || b.last.is_none();
+                c.after = b.last;
+                Some((Ok(Bytes::from(b.bytes)), c))
             }
             Err(e) => {
                 // The status line is gone already: abort the body so the client sees a

@@ -58,6 +58,7 @@ pub struct Server {
     pub client_idle_timeout_s: u64,
     pub client_request_timeout_ms: u64,
     pub shutdown_drain_s: u64,
+    pub max_messages: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -32,6 +32,9 @@ pub struct RawServer {
     /// Seconds in-flight streams may run on SIGTERM before they are cut.
     #[serde(default = "d_drain")]
     pub shutdown_drain_s: u64,
+    /// Most entries a chat request's `messages` (or an embeddings `input` array) may have.
+    #[serde(default = "d_max_messages")]
+    pub max_messages: u64,
 }
 
 impl Default for RawServer {
@@ -48,6 +51,7 @@ impl Default for RawServer {
             client_idle_timeout_s: d_client_idle(),
             client_request_timeout_ms: d_client_request_timeout(),
             shutdown_drain_s: d_drain(),
+            max_messages: d_max_messages(),
         }
     }
 }
@@ -300,6 +304,9 @@ fn d_client_request_timeout() -> u64 {
 }
 fn d_drain() -> u64 {
     30
+}
+fn d_max_messages() -> u64 {
+    2048
 }
 fn d_flush() -> u64 {
     50

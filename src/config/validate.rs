@@ -249,6 +249,9 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
     if s.max_body_bytes == 0 {
         c.problem("server.max_body_bytes", "must be > 0");
     }
+    if s.max_messages == 0 {
+        c.problem("server.max_messages", "must be >= 1");
+    }
     if s.data_dir.trim().is_empty() {
         c.problem("server.data_dir", "must not be empty");
     }
@@ -276,6 +279,7 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
         client_idle_timeout_s: s.client_idle_timeout_s,
         client_request_timeout_ms: s.client_request_timeout_ms,
         shutdown_drain_s: s.shutdown_drain_s,
+        max_messages: usize::try_from(s.max_messages).unwrap_or(usize::MAX),
     })
 }
 

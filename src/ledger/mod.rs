@@ -1,5 +1,6 @@
 //! The route ledger: the record type, the sled store, and the writer thread that commits wallet
-//! debits together with the records that explain them.
+//! debits together with the records that explain them; then what reads it in bulk: export
+//! formats, usage aggregation, the spend-change explainer, and retention pruning.
 
 pub mod explain;
 pub mod export;

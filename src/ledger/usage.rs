@@ -280,36 +280,16 @@ pub(crate) mod tests {
             rec("k2", None, 1, 0, "0"),
         ];
         let groups = aggregate(parse_group_by("key_id,route").unwrap(), &records);
-        let view: Vec<(Option<String>, Option<String>, Option<String>, u64, String)> = groups
+        let view: Vec<String> = groups
             .iter()
-            .map(|g| {
-                (
-                    g.group["key_id"].clone(),
-                    g.group["route"].clone(),
-                    g.currency.clone(),
-                    g.requests,
-                    g.cost.to_string(),
-                )
-            })
+            .map(|g| serde_json::to_string(g).unwrap())
             .collect();
         assert_eq!(
             view,
             vec![
-                (
-                    Some("k1".into()),
-                    Some("m/p1".into()),
-                    Some("USD".into()),
-                    2,
-                    "0.000006".into()
-                ),
-                (Some("k2".into()), None, None, 1, "0".into()),
-                (
-                    Some("k2".into()),
-                    Some("m/p1".into()),
-                    Some("USD".into()),
-                    1,
-                    "0.000003".into()
-                ),
+                r#"{"group":{"key_id":"k1","route":"m/p1"},"currency":"USD","requests":2,"input_tokens":2,"output_tokens":2,"cost":"0.000006","fallbacks":0,"retries":0,"balance_exhausted":0}"#,
+                r#"{"group":{"key_id":"k2","route":null},"currency":null,"requests":1,"input_tokens":1,"output_tokens":0,"cost":"0","fallbacks":0,"retries":0,"balance_exhausted":0}"#,
+                r#"{"group":{"key_id":"k2","route":"m/p1"},"currency":"USD","requests":1,"input_tokens":1,"output_tokens":1,"cost":"0.000003","fallbacks":0,"retries":0,"balance_exhausted":0}"#,
             ]
         );
     }

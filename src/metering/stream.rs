@@ -34,6 +34,8 @@ enum End {
     Completed,
     BalanceExhausted,
     UpstreamBroke,
+    /// The gateway is shutting down and the drain deadline came (recorded `interrupted`).
+    Shutdown,
 }
 
 pub struct StreamParts {
@@ -48,6 +50,10 @@ pub struct StreamParts {
     pub max_event_bytes: usize,
     /// Reports the attempt's outcome to its route when the stream ends.
     pub reporter: Option<crate::route::AttemptReporter>,
+    /// The key's rate limiter, to count the billed output tokens (tokens per minute).
+    pub limiter: Option<std::sync::Arc<crate::limits::KeyLimiter>>,
+    /// Turns true at the shutdown drain deadline: the stream ends itself and settles.
+    pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 pub struct MeteredStream {
@@ -72,6 +78,10 @@ pub struct MeteredStream {
     /// Time spent waiting on upstream frames, so that per-chunk overhead can exclude it.
     upstream_wait: Duration,
     reporter: Option<crate::route::AttemptReporter>,
+    limiter: Option<std::sync::Arc<crate::limits::KeyLimiter>>,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Set when the shutdown signal ended the wait for the next upstream frame.
+    shutting_down: bool,
 }
 
 impl MeteredStream {
@@ -96,6 +106,9 @@ impl MeteredStream {
             in_gauge: true,
             upstream_wait: Duration::ZERO,
             reporter: p.reporter,
+            limiter: p.limiter,
+            shutdown: p.shutdown,
+            shutting_down: false,
         }
     }
 
@@ -133,7 +146,8 @@ impl MeteredStream {
                         return Ok(self.out.split().freeze());
                     }
                     Flow::End(End::BalanceExhausted) => return Err(EarlyFailure::Unpaid),
-                    Flow::End(End::UpstreamBroke) => {
+                    // `on_event` never ends with `Shutdown` (only the wait for a frame does).
+                    Flow::End(End::UpstreamBroke | End::Shutdown) => {
                         return Err(EarlyFailure::Malformed(
                             "upstream sent an invalid event".into(),
                         ))
@@ -175,6 +189,7 @@ impl MeteredStream {
                     };
                     return Some(self.end(end).await);
                 }
+                Err(_) if self.shutting_down => return Some(self.end(End::Shutdown).await),
                 Err(_) => return Some(self.end(End::UpstreamBroke).await),
             };
             match self.on_event(ev).await {
@@ -243,7 +258,23 @@ impl MeteredStream {
                 None => tokio::time::Instant::now() + self.idle,
             };
             let waiting = Instant::now();
-            let frame = tokio::time::timeout_at(wait, body.frame()).await;
+            // After the first token, a shutdown at the drain deadline ends the wait (a stream
+            // still waiting for its first token is left to the router's own deadline).
+            let shutdown = match (&mut self.shutdown, deadline) {
+                (Some(rx), None) => Some(rx),
+                _ => None,
+            };
+            let frame = match shutdown {
+                Some(rx) => tokio::select! {
+                    biased;
+                    _ = rx.wait_for(|stop| *stop) => {
+                        self.shutting_down = true;
+                        return Err(EarlyFailure::Broken("the gateway is shutting down".into()));
+                    }
+                    f = tokio::time::timeout_at(wait, body.frame()) => f,
+                },
+                None => tokio::time::timeout_at(wait, body.frame()).await,
+            };
             self.upstream_wait += waiting.elapsed();
             match frame {
                 Err(_) => return Err(EarlyFailure::Timeout),
@@ -330,6 +361,7 @@ impl MeteredStream {
             End::Completed => Status::Completed,
             End::BalanceExhausted => Status::BalanceExhausted,
             End::UpstreamBroke => Status::UpstreamError,
+            End::Shutdown => Status::Interrupted,
         };
         let broke = (e == End::UpstreamBroke)
             .then(|| format!("the stream broke after {} output tokens", meter.tokens));
@@ -354,6 +386,9 @@ impl MeteredStream {
         let settled = meter.hold.settle(charge, Some(rec.clone())).await;
         rec.cost = settled.debited;
         rec.shortfall = settled.shortfall;
+        if let Some(l) = &self.limiter {
+            l.add_tokens(rec.output_tokens);
+        }
         crate::metrics::observe_request(&rec, Some(meter.tokens));
         self.leave_gauge();
 
@@ -416,6 +451,18 @@ impl MeteredStream {
                 push_event(
                     &mut out,
                     &error_event(&msg, "upstream_error", "upstream_stream_error"),
+                );
+            }
+            End::Shutdown => {
+                metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "shutdown")
+                    .increment(1);
+                let msg = format!(
+                    "the gateway is shutting down: the stream was stopped after {} output tokens, which are billed; retry the request",
+                    rec.output_tokens_delivered
+                );
+                push_event(
+                    &mut out,
+                    &error_event(&msg, "service_unavailable", "shutting_down"),
                 );
             }
         }
@@ -514,6 +561,9 @@ impl Drop for MeteredStream {
         metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "client_disconnected")
             .increment(1);
         self.leave_gauge();
+        if let Some(l) = &self.limiter {
+            l.add_tokens(rec.output_tokens);
+        }
         meter.hold.settle_detached(charge, Some(rec));
     }
 }

@@ -48,6 +48,9 @@ pub struct Call {
     pub mock_headers: HeaderMap,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
+    /// The key's rate limiter when it has a tokens-per-minute limit: billed output tokens are
+    /// counted in it at settlement.
+    pub limiter: Option<Arc<crate::limits::KeyLimiter>>,
 }
 
 impl Call {
@@ -720,6 +723,8 @@ async fn attempt(
             started: call.started,
             max_event_bytes: 16 << 20,
             reporter: reporter.take(),
+            limiter: call.limiter.clone(),
+            shutdown: Some(state.shutdown.subscribe()),
         });
         match ms.first_token(first_deadline).await {
             Ok(first) => {
@@ -729,10 +734,16 @@ async fn attempt(
                 for (k, v) in headers {
                     r.insert_header((k, v));
                 }
-                let rest = futures_util::stream::unfold(ms, |mut ms| async move {
-                    ms.next_chunk()
-                        .await
-                        .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), ms))
+                // R26: chunks hold whole events, so a key echoed upstream is caught whole.
+                let redact = state.redactor();
+                let first = redact.bytes(first);
+                let rest = futures_util::stream::unfold(ms, move |mut ms| {
+                    let redact = redact.clone();
+                    async move {
+                        ms.next_chunk()
+                            .await
+                            .map(|b| (Ok::<Bytes, std::convert::Infallible>(redact.bytes(b)), ms))
+                    }
                 });
                 let first = futures_util::stream::once(async move {
                     Ok::<Bytes, std::convert::Infallible>(first)
@@ -767,7 +778,7 @@ async fn attempt(
         }
     } else {
         let body = match read_body(resp.into_body(), 64 << 20, idle).await {
-            Ok(b) => b,
+            Ok(b) => state.redactor().bytes(b),
             Err(e) => return Served::Failed(send_failure(e)),
         };
         let mut json: Value = match serde_json::from_slice(&body) {
@@ -805,6 +816,9 @@ async fn attempt(
         let settled = meter.hold.settle(charge, Some(draft.clone())).await;
         draft.cost = settled.debited;
         draft.shortfall = settled.shortfall;
+        if let Some(l) = &call.limiter {
+            l.add_tokens(draft.output_tokens);
+        }
         crate::metrics::observe_request(&draft, None);
         if let Value::Object(m) = &mut json {
             m.insert("tollgate".into(), tollgate_object(&draft));

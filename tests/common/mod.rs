@@ -343,3 +343,512 @@ pub async fn sse_events(resp: ::reqwest::Response) -> Vec<String> {
 pub fn dec(v: &serde_json::Value) -> rust_decimal::Decimal {
     v.as_str().unwrap().parse().unwrap()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hardening helpers (tests/faults.rs, tests/security.rs): extra start options, money checks at
+// quiescence, and a raw-TCP fake upstream for faults the built-in mock cannot produce.
+
+/// Start options beyond `Setup`.
+#[derive(Default)]
+pub struct Extra {
+    /// Environment variables for the gateway process (e.g. a provider key for `api_key_env`).
+    pub env: Vec<(String, String)>,
+    /// Lines appended inside `[server]`, e.g. `client_request_timeout_ms = 2000` or
+    /// `tls = { cert = "...", key = "..." }`.
+    pub server: String,
+    /// The client API speaks TLS: `client_url` is `https://`.
+    pub tls: bool,
+}
+
+impl Gateway {
+    /// Like `start`, with `extra`. A later `spawn()` (restart) does not carry `extra.env`: use
+    /// `spawn_env` for that.
+    pub fn start_extra(setup: Setup<'_>, extra: Extra) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = setup
+            .data_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("data"));
+        let client_port = free_port();
+        let admin_port = free_port();
+        let mut cfg = format!(
+            "[server]\nlisten = \"127.0.0.1:{client_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\ndata_dir = \"{}\"\n{}\n\n",
+            data_dir.display(),
+            extra.server
+        );
+        let mut mock_urls = Vec::new();
+        for (id, more) in &setup.mocks {
+            let port = free_port();
+            cfg.push_str(&format!(
+                "[[providers]]\nid = \"{id}\"\nkind = \"mock\"\nlisten = \"127.0.0.1:{port}\"\nmock = {{ ttft_ms = 1, tokens = 8, interval_ms = 1 }}\n{more}\n\n"
+            ));
+            mock_urls.push((id.to_string(), format!("http://127.0.0.1:{port}")));
+        }
+        cfg.push_str(&setup.body);
+        let config_path = dir.path().join("tollgate.toml");
+        std::fs::write(&config_path, &cfg).unwrap();
+        let log_path = dir.path().join("gateway.log");
+        let scheme = if extra.tls { "https" } else { "http" };
+        let mut g = Gateway {
+            child: None,
+            client_url: format!("{scheme}://127.0.0.1:{client_port}"),
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            dir,
+            config_path,
+            mock_urls,
+            log_path,
+        };
+        g.spawn_env(&extra.env);
+        g
+    }
+
+    /// `spawn` with extra environment variables for the child.
+    pub fn spawn_env(&mut self, env: &[(String, String)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(200) = reqwest::blocking_get(&format!("{}/readyz", self.admin_url)) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("gateway exited early ({status}):\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The gateway's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Panics if the gateway log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "the gateway panicked:\n{log}");
+    }
+
+    /// Balance and held amount per bucket of a key.
+    pub async fn wallet_view(
+        &self,
+        key_id: &str,
+    ) -> std::collections::BTreeMap<String, (rust_decimal::Decimal, rust_decimal::Decimal)> {
+        let (s, v) = self
+            .admin_get(&format!("/admin/keys/{key_id}/wallet"))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["buckets"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, b)| (k.clone(), (dec(&b["balance"]), dec(&b["held"]))))
+            .collect()
+    }
+
+    /// Waits for quiescence (nothing held, the ledger stops growing), then checks invariant 1
+    /// exactly for every bucket of the key: Σ top-ups − Σ ledger cost == balance, and
+    /// balance ≥ 0. `topups` are the key's top-ups per bucket. Returns the key's records.
+    pub async fn assert_invariant1(
+        &self,
+        key_id: &str,
+        topups: &[(&str, &str)],
+    ) -> Vec<serde_json::Value> {
+        use rust_decimal::Decimal;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let w = self.wallet_view(key_id).await;
+            if w.values().all(|b| b.1.is_zero()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "holds never released: {w:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut last = usize::MAX;
+        let recs = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let recs = self.all_records(&format!("&key_id={key_id}")).await;
+            if recs.len() == last {
+                break recs;
+            }
+            last = recs.len();
+            assert!(Instant::now() < deadline, "the ledger never settled");
+        };
+        let mut cost: std::collections::BTreeMap<String, Decimal> = Default::default();
+        for r in &recs {
+            let c = dec(&r["cost"]);
+            match r["bucket"].as_str() {
+                Some(b) => *cost.entry(b.to_string()).or_default() += c,
+                None => assert!(c.is_zero(), "a record without bucket has a cost: {r}"),
+            }
+        }
+        let w = self.wallet_view(key_id).await;
+        for (bucket, (bal, held)) in &w {
+            let t: Decimal = topups
+                .iter()
+                .filter(|(b, _)| b == bucket)
+                .map(|(_, a)| a.parse::<Decimal>().unwrap())
+                .sum();
+            let c = cost.get(bucket).copied().unwrap_or_default();
+            assert!(*bal >= Decimal::ZERO, "{bucket}: negative balance {bal}");
+            assert!(held.is_zero(), "{bucket}: not quiescent, held {held}");
+            assert_eq!(
+                t - c,
+                *bal,
+                "{bucket}: top-ups {t} − ledger cost {c} ≠ balance {bal}"
+            );
+        }
+        for b in cost.keys() {
+            assert!(w.contains_key(b), "cost in a bucket the wallet lacks: {b}");
+        }
+        recs
+    }
+}
+
+/// A raw-TCP fake OpenAI upstream for faults the built-in mock cannot produce. It reads one
+/// request per connection and acts on the request's `model` (the route's `upstream_model`):
+///
+/// - `ok`: a normal answer (stream: 5 content chunks, usage, `[DONE]`; non-stream: JSON).
+/// - `reset-before`: reads the request, then resets the connection (RST) without an answer.
+/// - `reset-headers`: sends 200 SSE headers, then resets.
+/// - `reset-mid`: 200, two content chunks, then resets.
+/// - `reset-usage`: 200, content, finish chunk, half of the usage chunk, then resets.
+/// - `garbage`: answers with bytes that are not HTTP, then closes.
+/// - `garbage-sse`: 200, one content chunk, then binary garbage as an event, then closes.
+/// - `huge-line`: 200, then a 10 MB line without a newline, then closes.
+/// - `huge-delta`: 200, one content chunk of 10 MB, then a normal ending (non-stream: a
+///   completion whose content is 10 MB).
+/// - `hang`: reads the request and never answers (the connection stays open).
+/// - `hang-mid`: 200, one content chunk, then never sends more.
+/// - `echo-400` / `echo-400-text` / `echo-401`: the `Authorization` header it received in a
+///   JSON error envelope (or a plain-text body) with that status.
+/// - `echo-500`: the same in a 500.
+/// - `echo-stream-error`: 200, one content chunk, then an error event quoting it.
+/// - `echo-content`: a normal answer whose content quotes it (also in the non-stream body).
+/// - `echo-header`: a normal answer with the header echoed in a response header.
+///
+/// Any GET (a probe's `GET /models`) gets the `echo-401` answer.
+pub mod fake_upstream {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    pub const TEN_MB: usize = 10 * 1024 * 1024;
+
+    pub struct FakeUpstream {
+        pub port: u16,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakeUpstream {
+        /// `http://127.0.0.1:PORT/v1`, for a provider's `base_url`.
+        pub fn base_url(&self) -> String {
+            format!("http://127.0.0.1:{}/v1", self.port)
+        }
+    }
+
+    impl Drop for FakeUpstream {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// Binds 127.0.0.1:0 and serves until dropped (needs a multi-thread runtime or a runtime
+    /// that keeps running while the test awaits).
+    pub async fn start() -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(s));
+            }
+        });
+        FakeUpstream { port, task }
+    }
+
+    /// A loopback port with nothing listening (connection refused).
+    pub fn closed_port() -> u16 {
+        super::free_port()
+    }
+
+    struct Request {
+        get: bool,
+        model: String,
+        stream: bool,
+        auth: String,
+    }
+
+    async fn read_request(s: &mut TcpStream) -> Option<Request> {
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 8192];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut tmp).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let n = s.read(&mut tmp).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        let body: serde_json::Value =
+            serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+        Some(Request {
+            get: head.starts_with("GET "),
+            model: body["model"].as_str().unwrap_or("ok").to_string(),
+            stream: body["stream"].as_bool().unwrap_or(false),
+            auth: header("authorization").unwrap_or_default(),
+        })
+    }
+
+    /// Resets the connection: SO_LINGER 0, then close, after giving the peer time to read
+    /// what was sent.
+    async fn reset(s: TcpStream) {
+        let _ = s.set_nodelay(true);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    }
+
+    fn chunk(content: &str) -> String {
+        let c = serde_json::json!({"id": "fake-1", "object": "chat.completion.chunk",
+            "created": 1, "model": "fake",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]});
+        format!("data: {c}\n\n")
+    }
+
+    const SSE_HEAD: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+
+    fn role() -> String {
+        "data: {\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n".to_string()
+    }
+
+    fn ending(tokens: u64) -> String {
+        format!(
+            "data: {{\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n\
+             data: {{\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":{tokens},\"total_tokens\":{}}}}}\n\n\
+             data: [DONE]\n\n",
+            tokens + 3
+        )
+    }
+
+    fn json_response(status: &str, extra_headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra_headers}\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn completion(content: &str) -> String {
+        serde_json::json!({"id": "fake-1", "object": "chat.completion", "created": 1,
+            "model": "fake",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        .to_string()
+    }
+
+    async fn normal(s: &mut TcpStream, stream: bool, content: &str, extra_headers: &str) {
+        if stream {
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n{extra_headers}\r\n"
+            );
+            out.push_str(&role());
+            for _ in 0..5 {
+                out.push_str(&chunk(content));
+            }
+            out.push_str(&ending(5));
+            let _ = s.write_all(out.as_bytes()).await;
+        } else {
+            let _ = s
+                .write_all(json_response("200 OK", extra_headers, &completion(content)).as_bytes())
+                .await;
+        }
+        let _ = s.shutdown().await;
+    }
+
+    async fn hold_open(s: TcpStream) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(s);
+    }
+
+    async fn serve(mut s: TcpStream) {
+        let _ = s.set_nodelay(true);
+        let Some(req) = read_request(&mut s).await else {
+            return;
+        };
+        let echo = serde_json::json!({"error": {"message": format!("invalid key: {}", req.auth),
+            "type": "invalid_request_error", "code": "invalid_api_key", "param": null}})
+        .to_string();
+        if req.get {
+            // Probes (`GET /models`): refused, quoting the key.
+            let _ = s
+                .write_all(json_response("401 Unauthorized", "", &echo).as_bytes())
+                .await;
+            let _ = s.shutdown().await;
+            return;
+        }
+        match req.model.as_str() {
+            "reset-before" => reset(s).await,
+            "reset-headers" => {
+                let _ = s.write_all(SSE_HEAD.as_bytes()).await;
+                reset(s).await
+            }
+            "reset-mid" => {
+                let out = format!("{SSE_HEAD}{}{}{}", role(), chunk("a"), chunk("b"));
+                let _ = s.write_all(out.as_bytes()).await;
+                reset(s).await
+            }
+            "reset-usage" => {
+                let out = format!(
+                    "{SSE_HEAD}{}{}{}data: {{\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\ndata: {{\"id\":\"fake-1\",\"choices\":[],\"usage\":{{\"prompt_tok",
+                    role(),
+                    chunk("a"),
+                    chunk("b")
+                );
+                let _ = s.write_all(out.as_bytes()).await;
+                reset(s).await
+            }
+            "garbage" => {
+                let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+                let _ = s.write_all(&junk).await;
+                let _ = s.shutdown().await;
+            }
+            "garbage-sse" => {
+                let mut out = format!("{SSE_HEAD}{}{}", role(), chunk("a")).into_bytes();
+                out.extend_from_slice(b"data: \x00\xff\xfe{{{\x01\x02 not json\n\n");
+                out.extend((0..2048u32).map(|i| (i * 31 % 256) as u8));
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+            }
+            "huge-line" => {
+                let _ = s.write_all(SSE_HEAD.as_bytes()).await;
+                let _ = s.write_all(b"data: ").await;
+                let _ = s.write_all(&vec![b'x'; TEN_MB]).await;
+                let _ = s.shutdown().await;
+            }
+            "huge-delta" if !req.stream => {
+                let body = completion(&"y".repeat(TEN_MB));
+                let _ = s
+                    .write_all(json_response("200 OK", "", &body).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            "huge-delta" => {
+                let mut out = format!("{SSE_HEAD}{}", role());
+                out.push_str(&chunk(&"y".repeat(TEN_MB)));
+                out.push_str(&ending(1));
+                let _ = s.write_all(out.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+            "hang" => hold_open(s).await,
+            "hang-mid" => {
+                let out = format!("{SSE_HEAD}{}{}", role(), chunk("a"));
+                let _ = s.write_all(out.as_bytes()).await;
+                hold_open(s).await
+            }
+            "echo-400" => {
+                let _ = s
+                    .write_all(json_response("400 Bad Request", "", &echo).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            "echo-401" => {
+                let _ = s
+                    .write_all(json_response("401 Unauthorized", "", &echo).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            "echo-400-text" => {
+                let text = format!("bad request, you sent {}", req.auth);
+                let _ = s
+                    .write_all(json_response("400 Bad Request", "", &text).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            "echo-500" => {
+                let _ = s
+                    .write_all(json_response("500 Internal Server Error", "", &echo).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            "echo-stream-error" => {
+                let out = format!("{SSE_HEAD}{}{}data: {echo}\n\n", role(), chunk("a"));
+                let _ = s.write_all(out.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+            "echo-content" => {
+                let content = format!("your key is {}", req.auth);
+                normal(&mut s, req.stream, &content, "").await
+            }
+            "echo-header" => {
+                let h = format!("x-echo-auth: {}\r\n", req.auth);
+                normal(&mut s, req.stream, "hi", &h).await
+            }
+            _ => normal(&mut s, req.stream, "tok", "").await,
+        }
+    }
+}
+
+// Limits helpers (tests/limits.rs).
+impl Gateway {
+    /// Like [`Gateway::start`], with `server_extra` lines inside `[server]`.
+    pub fn start_with_server(setup: Setup<'_>, server_extra: &str) -> Gateway {
+        Gateway::start_extra(
+            setup,
+            Extra {
+                server: server_extra.to_string(),
+                ..Extra::default()
+            },
+        )
+    }
+
+    /// The gateway process's resident set size in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}

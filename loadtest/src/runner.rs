@@ -1,0 +1,434 @@
+//! Drives a scenario: phase by phase, round by round, alternating the direct target (the mock)
+//! and the gateway (direct, gateway, gateway, direct, ... so slow drift cancels), in closed loop
+//! (fixed concurrency) or open loop (fixed start rate, latency from the scheduled start). Around
+//! each gateway round it reads the gateway's CPU and RSS from `/proc` and the mocks' token
+//! counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use crate::admin;
+use crate::client::{send, HttpClient, Target};
+use crate::procstat::{self, ProcSample};
+use crate::scenario::{Mode, Phase, Scenario};
+use crate::stats::{Outcome, Recorder};
+
+/// How often RSS and open streams are sampled during a gateway round.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+pub struct Runner {
+    pub scenario: Scenario,
+    pub client: HttpClient,
+    pub gateway: Target,
+    pub direct: Option<Target>,
+    /// `--mock NAME=URL`: mock control URLs.
+    pub mocks: Vec<(String, String)>,
+    pub gateway_pid: Option<u32>,
+    pub progress: bool,
+}
+
+/// The gateway process's cost over a phase's gateway rounds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Cost {
+    pub cpu_s: f64,
+    pub requests: u64,
+    pub tokens: u64,
+    pub cpu_s_per_1k_requests: f64,
+    pub cpu_s_per_1k_tokens: f64,
+    pub cpu_us_per_request: f64,
+    pub cpu_us_per_token: f64,
+    /// RSS right before the first gateway round of the phase.
+    pub idle_rss_kib: u64,
+    /// Highest sampled RSS during the phase's gateway rounds.
+    pub peak_rss_kib: u64,
+    /// `VmHWM` at the end of the phase (peak since the process started).
+    pub hwm_kib: u64,
+    /// Most requests in flight at a sample.
+    pub peak_open: u64,
+    /// (peak RSS − idle RSS) / peak open requests.
+    pub rss_kib_per_open: f64,
+}
+
+pub struct PhaseRun {
+    pub phase: Phase,
+    pub direct: Option<Recorder>,
+    pub gateway: Recorder,
+    pub cost: Option<Cost>,
+    /// Tokens the mocks emitted during the gateway rounds (all `--mock`s summed).
+    pub mock_tokens: Option<u64>,
+}
+
+fn lock(r: &Mutex<Recorder>) -> MutexGuard<'_, Recorder> {
+    // A panicking request task cannot leave a Recorder half-updated in a way that matters here.
+    r.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Shared per-round state of the request tasks.
+struct Load {
+    client: HttpClient,
+    target: Target,
+    bodies: Arc<Vec<Bytes>>,
+    timeout: Duration,
+    run_start: Instant,
+    recorder: Arc<Mutex<Recorder>>,
+    in_flight: Arc<AtomicU64>,
+    progress: ProgressBar,
+}
+
+impl Load {
+    async fn one(&self, i: u64, start: Instant) {
+        let body = self.bodies[(i % self.bodies.len() as u64) as usize].clone();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = send(
+            &self.client,
+            &self.target,
+            body,
+            start,
+            self.run_start,
+            self.timeout,
+        )
+        .await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        lock(&self.recorder).record(&outcome);
+        self.progress.inc(1);
+    }
+}
+
+impl Runner {
+    /// Requests per round of one target for `phase`.
+    fn per_round(&self, phase: &Phase) -> (u64, Duration) {
+        let rounds = u64::from(self.scenario.rounds);
+        let count = phase.requests.div_ceil(rounds);
+        let time = Duration::from_secs_f64(phase.duration_s / f64::from(self.scenario.rounds));
+        (count, time)
+    }
+
+    fn targets(&self) -> usize {
+        if self.scenario.compare && self.direct.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    pub async fn run(&self, run_start: Instant) -> Result<Vec<PhaseRun>, String> {
+        let total: u64 = self
+            .scenario
+            .phases
+            .iter()
+            .map(|p| self.per_round(p).0 * u64::from(self.scenario.rounds) * self.targets() as u64)
+            .sum();
+        let progress = if self.progress {
+            let bar = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40.cyan/blue}] {pos}/{len} {per_sec} {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut out = Vec::new();
+        for phase in &self.scenario.phases {
+            out.push(self.run_phase(phase, run_start, &progress).await?);
+        }
+        progress.finish_and_clear();
+        Ok(out)
+    }
+
+    async fn run_phase(
+        &self,
+        phase: &Phase,
+        run_start: Instant,
+        progress: &ProgressBar,
+    ) -> Result<PhaseRun, String> {
+        let direct_rec = Arc::new(Mutex::new(Recorder::default()));
+        let gateway_rec = Arc::new(Mutex::new(Recorder::default()));
+        let gateway_bodies: Arc<Vec<Bytes>> = Arc::new(self.gateway_bodies());
+        let direct_bodies = Arc::new(vec![self.scenario.body(&self.scenario.request.direct_model)]);
+        let mut cost_ticks = 0u64;
+        let mut cost: Option<Cost> = None;
+        let mut mock_tokens: Option<u64> = None;
+        let compare = self.targets() == 2;
+        for round in 0..self.scenario.rounds {
+            // ABBA: direct first on even rounds, gateway first on odd ones.
+            let mut order: Vec<bool> = if compare { vec![true, false] } else { vec![false] };
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for is_direct in order {
+                let (target, bodies, recorder) = match (is_direct, &self.direct) {
+                    (true, Some(d)) => (d.clone(), direct_bodies.clone(), direct_rec.clone()),
+                    _ => (
+                        self.gateway.clone(),
+                        gateway_bodies.clone(),
+                        gateway_rec.clone(),
+                    ),
+                };
+                progress.set_message(format!(
+                    "{} round {}/{} {}",
+                    phase.name,
+                    round + 1,
+                    self.scenario.rounds,
+                    target.label
+                ));
+                if !self.progress {
+                    eprintln!(
+                        "[{:7.1}s] {} round {}/{}: {}",
+                        run_start.elapsed().as_secs_f64(),
+                        phase.name,
+                        round + 1,
+                        self.scenario.rounds,
+                        target.label
+                    );
+                }
+                let base = self.scenario.mock.merged(&phase.mock);
+                for (_, url) in &self.mocks {
+                    admin::set_mock_options(&self.client, url, &base).await?;
+                }
+                let mut events = self.schedule_events(phase);
+                let before_tokens = if is_direct {
+                    None
+                } else {
+                    self.mock_token_total().await
+                };
+                let proc_before = match (is_direct, self.gateway_pid) {
+                    (false, Some(pid)) => Some(procstat::sample(pid)?),
+                    _ => None,
+                };
+                let in_flight = Arc::new(AtomicU64::new(0));
+                let sampler = proc_before.and(self.gateway_pid).map(|pid| {
+                    let (stop, stopped) = oneshot::channel();
+                    let task = tokio::spawn(sample_rss(pid, in_flight.clone(), stopped));
+                    (stop, task)
+                });
+                let load = Arc::new(Load {
+                    client: self.client.clone(),
+                    target,
+                    bodies,
+                    timeout: Duration::from_secs_f64(self.scenario.request_timeout_s),
+                    run_start,
+                    recorder: recorder.clone(),
+                    in_flight,
+                    progress: progress.clone(),
+                });
+                let began = Instant::now();
+                let (count, time) = self.per_round(phase);
+                match phase.mode {
+                    Mode::Closed => closed_loop(load, phase.concurrency, count, time).await,
+                    Mode::Open => {
+                        open_loop(load, phase.rate, phase.max_in_flight, count, time).await
+                    }
+                }
+                lock(&recorder).active += began.elapsed();
+                events.abort_all();
+                if let (Some(before), Some(pid)) = (proc_before, self.gateway_pid) {
+                    let after = procstat::sample(pid)?;
+                    let (peak_rss, peak_open) = match sampler {
+                        Some((stop, task)) => {
+                            let _ = stop.send(());
+                            task.await.unwrap_or((after.rss_kib, 0))
+                        }
+                        None => (after.rss_kib, 0),
+                    };
+                    cost_ticks += after.cpu_ticks.saturating_sub(before.cpu_ticks);
+                    let c = cost.get_or_insert_with(|| Cost {
+                        idle_rss_kib: before.rss_kib,
+                        ..Cost::default()
+                    });
+                    c.peak_rss_kib = c.peak_rss_kib.max(peak_rss).max(after.rss_kib);
+                    c.peak_open = c.peak_open.max(peak_open);
+                    c.hwm_kib = after.hwm_kib;
+                }
+                if let (Some(b), Some(a)) = (before_tokens, self.mock_token_total().await) {
+                    *mock_tokens.get_or_insert(0) += a.saturating_sub(b);
+                }
+            }
+        }
+        let gateway = take(&gateway_rec);
+        let direct = compare.then(|| take(&direct_rec));
+        if let Some(c) = cost.as_mut() {
+            finish_cost(c, cost_ticks, &gateway);
+        }
+        Ok(PhaseRun {
+            phase: phase.clone(),
+            direct,
+            gateway,
+            cost,
+            mock_tokens,
+        })
+    }
+
+    fn gateway_bodies(&self) -> Vec<Bytes> {
+        let total: u64 = self
+            .scenario
+            .request
+            .models
+            .iter()
+            .map(|m| u64::from(m.weight))
+            .sum();
+        let mut cache: HashMap<&str, Bytes> = HashMap::new();
+        (0..total.max(1))
+            .map(|i| {
+                let model = self.scenario.model_for(i);
+                cache
+                    .entry(model)
+                    .or_insert_with(|| self.scenario.body(model))
+                    .clone()
+            })
+            .collect()
+    }
+
+    /// Starts the phase's mock events; the caller aborts what has not fired at round end.
+    fn schedule_events(&self, phase: &Phase) -> JoinSet<()> {
+        let mut set = JoinSet::new();
+        for event in &phase.events {
+            let urls: Vec<String> = self
+                .mocks
+                .iter()
+                .filter(|(name, _)| event.mock.is_empty() || *name == event.mock)
+                .map(|(_, url)| url.clone())
+                .collect();
+            if urls.is_empty() {
+                eprintln!(
+                    "warning: event at {}s names mock {:?}, which no --mock gives",
+                    event.at_s, event.mock
+                );
+            }
+            let client = self.client.clone();
+            let options = event.options.clone();
+            let at = Duration::from_secs_f64(event.at_s.max(0.0));
+            set.spawn(async move {
+                tokio::time::sleep(at).await;
+                for url in urls {
+                    if let Err(e) = admin::set_mock_options(&client, &url, &options).await {
+                        eprintln!("warning: mock event failed: {e}");
+                    }
+                }
+            });
+        }
+        set
+    }
+
+    async fn mock_token_total(&self) -> Option<u64> {
+        if self.mocks.is_empty() {
+            return None;
+        }
+        let mut sum = 0;
+        for (_, url) in &self.mocks {
+            sum += admin::mock_tokens(&self.client, url).await.ok()?;
+        }
+        Some(sum)
+    }
+}
+
+fn take(r: &Mutex<Recorder>) -> Recorder {
+    std::mem::take(&mut *lock(r))
+}
+
+fn finish_cost(c: &mut Cost, ticks: u64, gateway: &Recorder) {
+    c.cpu_s = ProcSample {
+        cpu_ticks: ticks,
+        ..ProcSample::default()
+    }
+    .cpu()
+    .as_secs_f64();
+    c.requests = gateway.requests();
+    c.tokens = gateway.tokens;
+    if c.requests > 0 {
+        c.cpu_s_per_1k_requests = c.cpu_s * 1000.0 / c.requests as f64;
+        c.cpu_us_per_request = c.cpu_s * 1e6 / c.requests as f64;
+    }
+    if c.tokens > 0 {
+        c.cpu_s_per_1k_tokens = c.cpu_s * 1000.0 / c.tokens as f64;
+        c.cpu_us_per_token = c.cpu_s * 1e6 / c.tokens as f64;
+    }
+    if c.peak_open > 0 {
+        c.rss_kib_per_open =
+            c.peak_rss_kib.saturating_sub(c.idle_rss_kib) as f64 / c.peak_open as f64;
+    }
+}
+
+/// Samples RSS and requests in flight until `stop` fires (or its sender is dropped); returns
+/// (peak RSS KiB, most requests in flight).
+async fn sample_rss(
+    pid: u32,
+    in_flight: Arc<AtomicU64>,
+    mut stop: oneshot::Receiver<()>,
+) -> (u64, u64) {
+    let mut peak_rss = 0;
+    let mut peak_open = 0;
+    let mut tick = tokio::time::interval(RSS_SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return (peak_rss, peak_open),
+            _ = tick.tick() => {
+                peak_open = peak_open.max(in_flight.load(Ordering::Relaxed));
+                if let Ok(s) = procstat::sample(pid) {
+                    peak_rss = peak_rss.max(s.rss_kib);
+                }
+            }
+        }
+    }
+}
+
+/// `concurrency` workers, each sending one request after another, until `count` requests have
+/// started or `time` has passed.
+async fn closed_loop(load: Arc<Load>, concurrency: u32, count: u64, time: Duration) {
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + time;
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency.min(u32::try_from(count).unwrap_or(u32::MAX)) {
+        let load = load.clone();
+        let next = next.clone();
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count || Instant::now() >= deadline {
+                    break;
+                }
+                load.one(i, Instant::now()).await;
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+}
+
+/// Starts request `i` at `t0 + i / rate`, whatever the earlier ones do; latency counts from that
+/// scheduled time, so a stalled target cannot hide its stall (no coordinated omission). Beyond
+/// `max_in_flight`, starts are dropped and recorded as `overload`.
+async fn open_loop(load: Arc<Load>, rate: f64, max_in_flight: u32, count: u64, time: Duration) {
+    let t0 = Instant::now();
+    let deadline = t0 + time;
+    let mut tasks = JoinSet::new();
+    for i in 0..count {
+        let at = t0 + Duration::from_secs_f64(i as f64 / rate);
+        if at >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        while tasks.try_join_next().is_some() {}
+        if load.in_flight.load(Ordering::Relaxed) >= u64::from(max_in_flight) {
+            let outcome = Outcome {
+                started_s: at.saturating_duration_since(load.run_start).as_secs_f64(),
+                error: Some("overload".into()),
+                ..Outcome::default()
+            };
+            lock(&load.recorder).record(&outcome);
+            load.progress.inc(1);
+            continue;
+        }
+        let load = load.clone();
+        tasks.spawn(async move { load.one(i, at).await });
+    }
+    while tasks.join_next().await.is_some() {}
+}
