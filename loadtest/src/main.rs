@@ -136,6 +136,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         for p in &mut scenario.phases {
             p.requests = ((p.requests as f64 * cli.scale).ceil() as u64).max(1);
             p.duration_s *= cli.scale;
+            p.warmup_s *= cli.scale;
+            for e in &mut p.events {
+                e.at_s *= cli.scale;
+            }
         }
     }
     let max_conc = scenario
@@ -245,10 +249,9 @@ async fn run(cli: Cli) -> Result<bool, String> {
             let records = admin.ledger_since(&client, &id, &since).await?;
             let mut side = ClientSide::default();
             for r in &runs {
-                let g = &r.gateway;
-                side.requests += g.requests();
-                side.unsent += g.errors.get("connect").copied().unwrap_or(0)
-                    + g.errors.get("overload").copied().unwrap_or(0);
+                let g = &r.gateway.totals;
+                side.requests += g.requests;
+                side.unsent += g.unsent;
                 side.completed += g.ok;
                 side.completed_tokens += g.ok_tokens;
                 side.usage_mismatches += g.usage_mismatches;
@@ -268,7 +271,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         version: env!("CARGO_PKG_VERSION"),
         started_at,
         base_url: cli.base_url.clone(),
-        direct_url: cli.direct_url.clone(),
+        direct_url: cli.direct_url.clone().filter(|_| scenario.compare),
         conditions: format!("{before_conditions} (before), {} (after)", conditions()),
         phases: runs.iter().map(report::phase_report).collect(),
         verify,

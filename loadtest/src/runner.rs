@@ -81,6 +81,8 @@ struct Load {
     recorder: Arc<Mutex<Recorder>>,
     in_flight: Arc<AtomicU64>,
     progress: ProgressBar,
+    /// Starts before this are warm-up.
+    warm_until: Instant,
 }
 
 impl Load {
@@ -96,6 +98,10 @@ impl Load {
             self.timeout,
         )
         .await;
+        let outcome = Outcome {
+            warmup: start < self.warm_until,
+            ..outcome
+        };
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         lock(&self.recorder).record(&outcome);
         self.progress.inc(1);
@@ -211,6 +217,8 @@ impl Runner {
                     let task = tokio::spawn(sample_rss(pid, in_flight.clone(), stopped));
                     (stop, task)
                 });
+                let began = Instant::now();
+                let warmup = Duration::from_secs_f64(phase.warmup_s.max(0.0));
                 let load = Arc::new(Load {
                     client: self.client.clone(),
                     target,
@@ -220,16 +228,19 @@ impl Runner {
                     recorder: recorder.clone(),
                     in_flight,
                     progress: progress.clone(),
+                    warm_until: began + warmup,
                 });
-                let began = Instant::now();
                 let (count, time) = self.per_round(phase);
                 match phase.mode {
-                    Mode::Closed => closed_loop(load, phase.concurrency, count, time).await,
+                    Mode::Closed => {
+                        let ramp = Duration::from_secs_f64(phase.ramp_up_s.max(0.0));
+                        closed_loop(load, phase.concurrency, ramp, count, time).await
+                    }
                     Mode::Open => {
                         open_loop(load, phase.rate, phase.max_in_flight, count, time).await
                     }
                 }
-                lock(&recorder).active += began.elapsed();
+                lock(&recorder).active += began.elapsed().saturating_sub(warmup);
                 events.abort_all();
                 if let (Some(before), Some(pid)) = (proc_before, self.gateway_pid) {
                     let after = procstat::sample(pid)?;
@@ -342,8 +353,8 @@ fn finish_cost(c: &mut Cost, ticks: u64, gateway: &Recorder) {
     }
     .cpu()
     .as_secs_f64();
-    c.requests = gateway.requests();
-    c.tokens = gateway.tokens;
+    c.requests = gateway.totals.requests;
+    c.tokens = gateway.totals.tokens;
     if c.requests > 0 {
         c.cpu_s_per_1k_requests = c.cpu_s * 1000.0 / c.requests as f64;
         c.cpu_us_per_request = c.cpu_s * 1e6 / c.requests as f64;
@@ -381,16 +392,20 @@ async fn sample_rss(
     }
 }
 
-/// `concurrency` workers, each sending one request after another, until `count` requests have
-/// started or `time` has passed.
-async fn closed_loop(load: Arc<Load>, concurrency: u32, count: u64, time: Duration) {
+/// `concurrency` workers (started evenly over `ramp`), each sending one request after another,
+/// until `count` requests have started or `time` has passed.
+async fn closed_loop(load: Arc<Load>, concurrency: u32, ramp: Duration, count: u64, time: Duration) {
     let next = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + time;
+    let t0 = Instant::now();
+    let deadline = t0 + time;
     let mut workers = JoinSet::new();
-    for _ in 0..concurrency.min(u32::try_from(count).unwrap_or(u32::MAX)) {
+    let n = concurrency.min(u32::try_from(count).unwrap_or(u32::MAX));
+    for w in 0..n {
         let load = load.clone();
         let next = next.clone();
+        let first = t0 + ramp.mul_f64(f64::from(w) / f64::from(n));
         workers.spawn(async move {
+            tokio::time::sleep_until(first.into()).await;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= count || Instant::now() >= deadline {
@@ -421,6 +436,7 @@ async fn open_loop(load: Arc<Load>, rate: f64, max_in_flight: u32, count: u64, t
             let outcome = Outcome {
                 started_s: at.saturating_duration_since(load.run_start).as_secs_f64(),
                 error: Some("overload".into()),
+                warmup: at < load.warm_until,
                 ..Outcome::default()
             };
             lock(&load.recorder).record(&outcome);

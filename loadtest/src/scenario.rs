@@ -151,6 +151,14 @@ pub struct Phase {
     pub requests: u64,
     /// Bound by time (over all rounds of one target), seconds.
     pub duration_s: f64,
+    /// Closed loop: workers start evenly spread over this many seconds (so streams do not
+    /// start and end in lockstep waves).
+    #[serde(default)]
+    pub ramp_up_s: f64,
+    /// Requests started in the first `warmup_s` of each round are sent and counted in the totals
+    /// (ledger, process cost) but kept out of the latency histograms and rates.
+    #[serde(default)]
+    pub warmup_s: f64,
     /// Mock options for this phase, over the scenario's.
     #[serde(default)]
     pub mock: MockSettings,

@@ -47,6 +47,21 @@ pub struct Outcome {
     pub error: Option<String>,
     /// `x-tollgate-request-id`, when sent.
     pub request_id: Option<String>,
+    /// Started during the phase's warm-up: counted in the totals, not in the histograms.
+    pub warmup: bool,
+}
+
+/// Every request, warm-up included: what the ledger and the process-cost figures compare with.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub ok: u64,
+    pub tokens: u64,
+    pub ok_tokens: u64,
+    /// Successful streams whose usage chunk disagreed with the content events received.
+    pub usage_mismatches: u64,
+    /// Requests that never reached the target (connect errors, dropped open-loop starts).
+    pub unsent: u64,
 }
 
 /// One second of the timeline.
@@ -69,10 +84,8 @@ pub struct Recorder {
     pub tokens: u64,
     /// Tokens of the requests that succeeded.
     pub ok_tokens: u64,
-    /// `usage.completion_tokens` summed over the requests that succeeded.
-    pub ok_usage_tokens: u64,
-    /// Successful streams whose usage chunk disagreed with the content events received.
-    pub usage_mismatches: u64,
+    /// Every request including warm-up.
+    pub totals: Totals,
     pub errors: BTreeMap<String, u64>,
     pub timeline: Vec<Second>,
     /// Wall time this recorder was running (sum over rounds).
@@ -89,8 +102,7 @@ impl Default for Recorder {
             ok: 0,
             tokens: 0,
             ok_tokens: 0,
-            ok_usage_tokens: 0,
-            usage_mismatches: 0,
+            totals: Totals::default(),
             errors: BTreeMap::new(),
             timeline: Vec::new(),
             active: Duration::ZERO,
@@ -100,6 +112,21 @@ impl Default for Recorder {
 
 impl Recorder {
     pub fn record(&mut self, o: &Outcome) {
+        let t = &mut self.totals;
+        t.requests += 1;
+        t.tokens += o.tokens;
+        match o.error.as_deref() {
+            None => {
+                t.ok += 1;
+                t.ok_tokens += o.tokens;
+                t.usage_mismatches += u64::from(o.usage_tokens.is_some_and(|u| u != o.tokens));
+            }
+            Some("connect" | "overload") => t.unsent += 1,
+            Some(_) => {}
+        }
+        if o.warmup {
+            return;
+        }
         let e2e = micros(o.e2e);
         self.e2e.saturating_record(e2e);
         if let Some(t) = o.ttft {
@@ -113,10 +140,6 @@ impl Recorder {
             None => {
                 self.ok += 1;
                 self.ok_tokens += o.tokens;
-                if let Some(u) = o.usage_tokens {
-                    self.ok_usage_tokens += u;
-                    self.usage_mismatches += u64::from(u != o.tokens);
-                }
                 if o.tokens > 1 {
                     // Generation rate after the first token (the first token is TTFT's business).
                     let span = o.e2e.saturating_sub(o.ttft.unwrap_or_default());
@@ -288,6 +311,14 @@ mod tests {
         assert_eq!(points[0].t_s, 0);
         assert_eq!(points[0].completed, 100);
         assert_eq!(r.timeline[1].errors, 1);
+        r.record(&Outcome {
+            warmup: true,
+            tokens: 3,
+            ..Outcome::default()
+        });
+        assert_eq!(r.requests(), 101);
+        assert_eq!(r.totals.requests, 102);
+        assert_eq!(r.totals.tokens, 1003);
     }
 
     #[test]
