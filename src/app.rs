@@ -272,6 +272,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
             .configure(crate::api::client::routes)
     })
     .workers(cfg.server.workers)
+    // Streams write one small SSE event at a time: without TCP_NODELAY, Nagle holds an event
+    // behind the client's delayed ACK (~40 ms on Linux loopback).
+    .tcp_nodelay(true)
     .backlog(4096)
     .max_connections(100_000)
     .keep_alive(Duration::from_secs(cfg.server.client_idle_timeout_s.max(1)))

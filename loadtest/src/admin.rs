@@ -52,7 +52,10 @@ pub async fn call(
             .await
             .map_err(|e| format!("{url}: {e}"))?
             .to_bytes();
-        Ok::<_, String>((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok::<_, String>((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     };
     tokio::time::timeout(CALL_TIMEOUT, exchange)
         .await
@@ -106,13 +109,17 @@ impl Admin {
             Method::POST,
             &self.at("/admin/keys"),
             Some(&self.token),
-            Some(&serde_json::json!({"name": name, "workspace": "loadtest", "project": "loadtest"})),
+            Some(
+                &serde_json::json!({"name": name, "workspace": "loadtest", "project": "loadtest"}),
+            ),
         )
         .await?;
         let id = created["id"].as_str().unwrap_or_default().to_string();
         let secret = created["secret"].as_str().unwrap_or_default().to_string();
         if id.is_empty() || secret.is_empty() {
-            return Err(format!("POST /admin/keys answered without id/secret: {created}"));
+            return Err(format!(
+                "POST /admin/keys answered without id/secret: {created}"
+            ));
         }
         for (bucket, amount) in topup {
             ok_json(

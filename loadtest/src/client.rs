@@ -76,9 +76,11 @@ pub async fn send(
         ..Outcome::default()
     };
     let deadline = start + timeout;
-    let result =
-        tokio::time::timeout_at(deadline.into(), exchange(client, target, body, start, &mut outcome))
-            .await;
+    let result = tokio::time::timeout_at(
+        deadline.into(),
+        exchange(client, target, body, start, &mut outcome),
+    )
+    .await;
     outcome.e2e = start.elapsed();
     match result {
         Err(_) => outcome.error = Some("timeout".into()),
@@ -273,6 +275,7 @@ fn error_code(payload: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

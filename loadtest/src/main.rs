@@ -130,7 +130,7 @@ fn conditions() -> String {
 async fn run(cli: Cli) -> Result<bool, String> {
     let mut scenario = Scenario::load(&cli.scenario)?;
     if cli.scale != 1.0 {
-        if !(cli.scale > 0.0) {
+        if cli.scale.is_nan() || cli.scale <= 0.0 {
             return Err("--scale must be above 0".into());
         }
         for p in &mut scenario.phases {
@@ -145,7 +145,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
     let max_conc = scenario
         .phases
         .iter()
-        .map(|p| p.concurrency.max(p.max_in_flight.min(p.rate.ceil() as u32 * 10)))
+        .map(|p| {
+            p.concurrency
+                .max(p.max_in_flight.min(p.rate.ceil() as u32 * 10))
+        })
         .max()
         .unwrap_or(64) as usize;
     let client = build_client(max_conc.max(16));
@@ -277,18 +280,22 @@ async fn run(cli: Cli) -> Result<bool, String> {
         verify,
         scenario,
     };
-    let name = cli.name.clone().unwrap_or_else(|| report.scenario.name.clone());
+    let name = cli
+        .name
+        .clone()
+        .unwrap_or_else(|| report.scenario.name.clone());
     std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     let md = report::markdown(&report);
-    for (ext, text) in [("json", json), ("md", md.clone()), ("svg", report::svg(&report))] {
+    for (ext, text) in [
+        ("json", json),
+        ("md", md.clone()),
+        ("svg", report::svg(&report)),
+    ] {
         let path = cli.out.join(format!("{name}.{ext}"));
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     println!("{md}");
-    eprintln!(
-        "wrote {}/{name}.{{json,md,svg}}",
-        cli.out.display()
-    );
+    eprintln!("wrote {}/{name}.{{json,md,svg}}", cli.out.display());
     Ok(report.verify.as_ref().is_none_or(|v| v.passed))
 }

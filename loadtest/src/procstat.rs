@@ -26,7 +26,8 @@ pub fn sample(pid: u32) -> Result<ProcSample, String> {
         .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-    let cpu_ticks = parse_cpu_ticks(&stat).ok_or_else(|| format!("/proc/{pid}/stat: unparsable"))?;
+    let cpu_ticks =
+        parse_cpu_ticks(&stat).ok_or_else(|| format!("/proc/{pid}/stat: unparsable"))?;
     Ok(ProcSample {
         cpu_ticks,
         rss_kib: status_kib(&status, "VmRSS:").unwrap_or(0),
@@ -54,6 +55,7 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -205,8 +205,15 @@ pub fn markdown(r: &Report) -> String {
         );
         let _ = writeln!(
             md,
-            "Key `{}`: {} records {:?}; cost {:?}; shortfall {:?}.\n",
-            v.key_id, v.records, v.by_status, v.cost_by_bucket, v.shortfall_by_bucket
+            "Key `{}`: {} records {:?}; by route {:?}; {} fallbacks, {} retries; cost {:?}; shortfall {:?}.\n",
+            v.key_id,
+            v.records,
+            v.by_status,
+            v.by_route,
+            v.fallbacks,
+            v.retries,
+            v.cost_by_bucket,
+            v.shortfall_by_bucket
         );
         let _ = writeln!(md, "| check | ok | detail |\n|---|---|---|");
         for c in &v.checks {
@@ -221,6 +228,9 @@ pub fn markdown(r: &Report) -> String {
     }
     md
 }
+
+/// Reads one latency percentile off a timeline point.
+type PointValue = fn(&Point) -> u64;
 
 const W: f64 = 960.0;
 const PANEL_H: f64 = 230.0;
@@ -340,7 +350,7 @@ pub fn svg(r: &Report) -> String {
             .map(|(_, c)| *c)
             .unwrap_or("#2ca02c");
         let x = |t: u64| LEFT + plot_w * t as f64 / t_max;
-        let lat: [(&str, &str, fn(&Point) -> u64); 3] = [
+        let lat: [(&str, &str, PointValue); 3] = [
             ("p50", "", |p| p.p50_us),
             ("p90", "6 3", |p| p.p90_us),
             ("p99", "2 2", |p| p.p99_us),
@@ -351,7 +361,11 @@ pub fn svg(r: &Report) -> String {
                     .iter()
                     .map(|p| {
                         let v = get(p) as f64 / 1000.0;
-                        format!("{:.1},{:.1}", x(p.t_s), TOP + PANEL_H - PANEL_H * v / lat_max)
+                        format!(
+                            "{:.1},{:.1}",
+                            x(p.t_s),
+                            TOP + PANEL_H - PANEL_H * v / lat_max
+                        )
                     })
                     .collect();
                 let _ = writeln!(
@@ -425,6 +439,7 @@ fn escape(t: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::stats::{Outcome, Recorder};

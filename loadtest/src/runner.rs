@@ -81,8 +81,11 @@ struct Load {
     recorder: Arc<Mutex<Recorder>>,
     in_flight: Arc<AtomicU64>,
     progress: ProgressBar,
-    /// Starts before this are warm-up.
+    /// Starts before this are warm-up...
     warm_until: Instant,
+    /// ...unless the request index is at least this (a fast target finishes its warm-up by
+    /// count: a tenth of the round's requests).
+    warm_count: u64,
 }
 
 impl Load {
@@ -99,7 +102,7 @@ impl Load {
         )
         .await;
         let outcome = Outcome {
-            warmup: start < self.warm_until,
+            warmup: start < self.warm_until && i < self.warm_count,
             ..outcome
         };
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -160,14 +163,20 @@ impl Runner {
         let direct_rec = Arc::new(Mutex::new(Recorder::default()));
         let gateway_rec = Arc::new(Mutex::new(Recorder::default()));
         let gateway_bodies: Arc<Vec<Bytes>> = Arc::new(self.gateway_bodies());
-        let direct_bodies = Arc::new(vec![self.scenario.body(&self.scenario.request.direct_model)]);
+        let direct_bodies = Arc::new(vec![self
+            .scenario
+            .body(&self.scenario.request.direct_model)]);
         let mut cost_ticks = 0u64;
         let mut cost: Option<Cost> = None;
         let mut mock_tokens: Option<u64> = None;
         let compare = self.targets() == 2;
         for round in 0..self.scenario.rounds {
             // ABBA: direct first on even rounds, gateway first on odd ones.
-            let mut order: Vec<bool> = if compare { vec![true, false] } else { vec![false] };
+            let mut order: Vec<bool> = if compare {
+                vec![true, false]
+            } else {
+                vec![false]
+            };
             if round % 2 == 1 {
                 order.reverse();
             }
@@ -229,6 +238,7 @@ impl Runner {
                     in_flight,
                     progress: progress.clone(),
                     warm_until: began + warmup,
+                    warm_count: self.per_round(phase).0 / 10,
                 });
                 let (count, time) = self.per_round(phase);
                 match phase.mode {
@@ -394,7 +404,13 @@ async fn sample_rss(
 
 /// `concurrency` workers (started evenly over `ramp`), each sending one request after another,
 /// until `count` requests have started or `time` has passed.
-async fn closed_loop(load: Arc<Load>, concurrency: u32, ramp: Duration, count: u64, time: Duration) {
+async fn closed_loop(
+    load: Arc<Load>,
+    concurrency: u32,
+    ramp: Duration,
+    count: u64,
+    time: Duration,
+) {
     let next = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let deadline = t0 + time;
@@ -436,7 +452,7 @@ async fn open_loop(load: Arc<Load>, rate: f64, max_in_flight: u32, count: u64, t
             let outcome = Outcome {
                 started_s: at.saturating_duration_since(load.run_start).as_secs_f64(),
                 error: Some("overload".into()),
-                warmup: at < load.warm_until,
+                warmup: at < load.warm_until && i < load.warm_count,
                 ..Outcome::default()
             };
             lock(&load.recorder).record(&outcome);

@@ -155,8 +155,9 @@ pub struct Phase {
     /// start and end in lockstep waves).
     #[serde(default)]
     pub ramp_up_s: f64,
-    /// Requests started in the first `warmup_s` of each round are sent and counted in the totals
-    /// (ledger, process cost) but kept out of the latency histograms and rates.
+    /// Requests started in the first `warmup_s` of each round (and among its first tenth by
+    /// count) are sent and counted in the totals (ledger, process cost) but kept out of the
+    /// latency histograms and rates.
     #[serde(default)]
     pub warmup_s: f64,
     /// Mock options for this phase, over the scenario's.
@@ -226,12 +227,12 @@ impl Scenario {
         if self.phases.is_empty() {
             return Err("phases: needs at least one phase".into());
         }
-        if !(self.request_timeout_s > 0.0) {
+        if self.request_timeout_s.is_nan() || self.request_timeout_s <= 0.0 {
             return Err("request_timeout_s: must be above 0".into());
         }
         for (i, p) in self.phases.iter().enumerate() {
             let at = format!("phases[{i}] ({})", p.name);
-            if p.requests == 0 || !(p.duration_s > 0.0) {
+            if p.requests == 0 || (p.duration_s.is_nan() || p.duration_s <= 0.0) {
                 return Err(format!(
                     "{at}: `requests` and `duration_s` must both be above 0 (every run is bounded)"
                 ));
@@ -240,7 +241,7 @@ impl Scenario {
                 Mode::Closed if p.concurrency == 0 => {
                     return Err(format!("{at}.concurrency: must be above 0 in closed mode"))
                 }
-                Mode::Open if !(p.rate > 0.0) => {
+                Mode::Open if (p.rate.is_nan() || p.rate <= 0.0) => {
                     return Err(format!("{at}.rate: must be above 0 in open mode"))
                 }
                 _ => {}
@@ -251,7 +252,12 @@ impl Scenario {
 
     /// Model for request number `i` by weight, deterministic.
     pub fn model_for(&self, i: u64) -> &str {
-        let total: u64 = self.request.models.iter().map(|m| u64::from(m.weight)).sum();
+        let total: u64 = self
+            .request
+            .models
+            .iter()
+            .map(|m| u64::from(m.weight))
+            .sum();
         let mut slot = i % total.max(1);
         for m in &self.request.models {
             if slot < u64::from(m.weight) {
@@ -280,6 +286,7 @@ impl Scenario {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

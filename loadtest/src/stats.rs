@@ -167,7 +167,8 @@ impl Recorder {
             slot.errors += 1;
         } else {
             slot.completed += 1;
-            slot.latency.saturating_record(micros(o.ttft.unwrap_or(o.e2e)));
+            slot.latency
+                .saturating_record(micros(o.ttft.unwrap_or(o.e2e)));
         }
     }
 
@@ -273,6 +274,7 @@ pub fn timeline_points(r: &Recorder) -> Vec<Point> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -302,7 +304,11 @@ mod tests {
         assert_eq!(s.errors.get("http_500"), Some(&1));
         assert_eq!(s.gap_us.count, 900);
         assert!((999..=1001).contains(&s.gap_us.p99));
-        assert!((13_900..=15_100).contains(&s.ttft_us.p50), "{:?}", s.ttft_us);
+        assert!(
+            (13_900..=15_100).contains(&s.ttft_us.p50),
+            "{:?}",
+            s.ttft_us
+        );
         assert_eq!(s.tokens_per_s, 500.0);
         // ~9 tokens over ~90 ms.
         assert!((95..=115).contains(&s.stream_tokens_per_s.p50));

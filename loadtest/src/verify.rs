@@ -26,6 +26,11 @@ pub struct VerifyReport {
     pub by_status: BTreeMap<String, u64>,
     pub cost_by_bucket: BTreeMap<String, String>,
     pub shortfall_by_bucket: BTreeMap<String, String>,
+    /// Σ `fallbacks` and Σ `retries` over the records.
+    pub fallbacks: u64,
+    pub retries: u64,
+    /// Records by serving route.
+    pub by_route: BTreeMap<String, u64>,
     pub checks: Vec<Check>,
     pub passed: bool,
 }
@@ -65,6 +70,10 @@ pub fn verify(
     for rec in records {
         let status = rec["status"].as_str().unwrap_or("?").to_string();
         *r.by_status.entry(status.clone()).or_default() += 1;
+        r.fallbacks += rec["fallbacks"].as_u64().unwrap_or(0);
+        r.retries += rec["retries"].as_u64().unwrap_or(0);
+        let route = rec["route"].as_str().unwrap_or("none").to_string();
+        *r.by_route.entry(route).or_default() += 1;
         let bucket = rec["bucket"].as_str().unwrap_or("").to_string();
         let c = dec(&rec["cost"])?;
         let s = dec(&rec["shortfall"])?;
@@ -115,7 +124,10 @@ pub fn verify(
     checks.push(Check {
         name: "one_record_per_request".into(),
         ok: records.len() as u64 == reached,
-        detail: format!("{} records, {reached} requests reached the gateway", records.len()),
+        detail: format!(
+            "{} records, {reached} requests reached the gateway",
+            records.len()
+        ),
     });
     let completed_records = r.by_status.get("completed").copied().unwrap_or(0);
     checks.push(Check {
@@ -155,7 +167,10 @@ pub fn verify(
             ),
         });
     }
-    r.cost_by_bucket = cost.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+    r.cost_by_bucket = cost
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
     r.shortfall_by_bucket = shortfall
         .iter()
         .map(|(k, v)| (k.clone(), v.to_string()))
@@ -166,6 +181,7 @@ pub fn verify(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use serde_json::json;

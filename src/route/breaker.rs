@@ -34,7 +34,9 @@ pub struct Breaker {
     cfg: Circuit,
     state: State,
     consecutive_failures: u32,
-    window: VecDeque<(Instant, bool)>,
+    /// Outcomes per second over the last `window_s` seconds: (second, total, failures).
+    window: VecDeque<(u64, u32, u32)>,
+    epoch: Instant,
     open_until: Option<Instant>,
     open_ms: u64,
     closed_since: Instant,
@@ -48,6 +50,7 @@ impl Breaker {
             state: State::Closed,
             consecutive_failures: 0,
             window: VecDeque::new(),
+            epoch: now,
             open_until: None,
             open_ms,
             closed_since: now,
@@ -76,13 +79,16 @@ impl Breaker {
     /// Records an outcome that counts for the breaker (`failure` per R17). Returns the new
     /// state if it changed.
     pub fn record(&mut self, now: Instant, failure: bool) -> Option<State> {
-        let window = Duration::from_secs(self.cfg.window_s);
-        self.window.push_back((now, failure));
-        while self
-            .window
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > window)
-        {
+        let sec = now.saturating_duration_since(self.epoch).as_secs();
+        match self.window.back_mut() {
+            Some((s, total, failures)) if *s == sec => {
+                *total += 1;
+                *failures += u32::from(failure);
+            }
+            _ => self.window.push_back((sec, 1, u32::from(failure))),
+        }
+        let oldest = sec.saturating_sub(self.cfg.window_s.saturating_sub(1));
+        while self.window.front().is_some_and(|(s, _, _)| *s < oldest) {
             self.window.pop_front();
         }
         if failure {
@@ -108,8 +114,10 @@ impl Breaker {
                 if self.closed_since + Duration::from_millis(self.cfg.max_open_ms) <= now {
                     self.open_ms = self.cfg.open_ms;
                 }
-                let total = self.window.len() as u32;
-                let failures = self.window.iter().filter(|(_, f)| *f).count() as u32;
+                let (total, failures) = self
+                    .window
+                    .iter()
+                    .fold((0u32, 0u32), |(t, f), (_, bt, bf)| (t + bt, f + bf));
                 let rate_trip = total >= self.cfg.min_requests.max(1)
                     && f64::from(failures) / f64::from(total) > self.cfg.failure_rate;
                 if failure && (self.consecutive_failures >= self.cfg.failure_threshold || rate_trip)
