@@ -7,9 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate::config;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tollgate",

@@ -291,7 +291,8 @@ async fn a_slow_reader_backpressures_the_upstream() {
         body: standard_body("", "10", "10"),
         data_dir: None,
     });
-    let tokens: u64 = 100_000;
+    // Loopback socket buffers autotune to several MB (70k+ events under load): ask for far more.
+    let tokens: u64 = 400_000;
     let addr: std::net::SocketAddr = g.client_url.trim_start_matches("http://").parse().unwrap();
     // A small receive window, like a slow mobile client.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

@@ -86,6 +86,8 @@ struct Load {
     /// ...unless the request index is at least this (a fast target finishes its warm-up by
     /// count: a tenth of the round's requests).
     warm_count: u64,
+    /// Start of the first measured (non-warm-up) request: rates count from here.
+    measured_from: Mutex<Option<Instant>>,
 }
 
 impl Load {
@@ -105,6 +107,15 @@ impl Load {
             warmup: start < self.warm_until && i < self.warm_count,
             ..outcome
         };
+        if !outcome.warmup {
+            let mut from = self
+                .measured_from
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if from.is_none_or(|f| start < f) {
+                *from = Some(start);
+            }
+        }
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         lock(&self.recorder).record(&outcome);
         self.progress.inc(1);
@@ -239,18 +250,25 @@ impl Runner {
                     progress: progress.clone(),
                     warm_until: began + warmup,
                     warm_count: self.per_round(phase).0 / 10,
+                    measured_from: Mutex::new(None),
                 });
                 let (count, time) = self.per_round(phase);
                 match phase.mode {
                     Mode::Closed => {
                         let ramp = Duration::from_secs_f64(phase.ramp_up_s.max(0.0));
-                        closed_loop(load, phase.concurrency, ramp, count, time).await
+                        closed_loop(load.clone(), phase.concurrency, ramp, count, time).await
                     }
                     Mode::Open => {
-                        open_loop(load, phase.rate, phase.max_in_flight, count, time).await
+                        open_loop(load.clone(), phase.rate, phase.max_in_flight, count, time).await
                     }
                 }
-                lock(&recorder).active += began.elapsed().saturating_sub(warmup);
+                let measured_from = *load
+                    .measured_from
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Some(from) = measured_from {
+                    lock(&recorder).active += from.elapsed();
+                }
                 events.abort_all();
                 if let (Some(before), Some(pid)) = (proc_before, self.gateway_pid) {
                     let after = procstat::sample(pid)?;

@@ -181,7 +181,7 @@ impl Store {
         set_mode(dir, 0o700).map_err(dd)?;
         let db = sled::Config::new()
             .path(dir.join("tollgate.sled"))
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(64 * 1024 * 1024)
             .flush_every_ms(Some(1000))
             .open()?;
         restrict_tree(&dir.join("tollgate.sled")).map_err(dd)?;
