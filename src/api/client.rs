@@ -480,9 +480,10 @@ impl Drop for Abandoned {
             rec.finished_at = chrono::Utc::now();
             rec.duration_ms = self.started.elapsed().as_millis() as u64;
             crate::metrics::observe_request(&rec, None);
+            // Weak: if a settlement already wrote (or will write) this request's record, it wins.
             let _ = self
                 .writer
-                .send(crate::ledger::StoreOp::Record(Box::new(rec)));
+                .send(crate::ledger::StoreOp::RecordIfAbsent(Box::new(rec)));
         }
     }
 }

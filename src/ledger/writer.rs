@@ -36,6 +36,9 @@ pub enum StoreOp {
     },
     /// A record without a wallet change (rejected requests).
     Record(Box<LedgerRecord>),
+    /// A fallback record, written only if the request has no record yet: a settlement's
+    /// record for the same request always wins, whichever arrives first.
+    RecordIfAbsent(Box<LedgerRecord>),
     /// Open holds' latest consumption (crash recovery, R9).
     Holds(Vec<PersistedHold>),
     TopUp {
@@ -156,6 +159,8 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 struct Pending {
     batch: sled::Batch,
+    /// Request ids whose records are in `batch`.
+    ids: std::collections::HashSet<String>,
     ops: usize,
     dirty: bool,
     sync_now: bool,
@@ -166,6 +171,7 @@ impl Pending {
     fn new() -> Self {
         Pending {
             batch: sled::Batch::default(),
+            ids: Default::default(),
             ops: 0,
             dirty: false,
             sync_now: false,
@@ -246,6 +252,7 @@ fn commit(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
         return Ok(());
     }
     let batch = std::mem::take(&mut p.batch);
+    p.ids.clear();
     db.apply_batch(batch)?;
     p.dirty = true;
     Ok(())
@@ -274,13 +281,24 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                 p.batch.remove(key_h(h));
             }
             if let Some(rec) = record {
+                p.ids.insert(rec.request_id.clone());
                 put_record(&mut p.batch, &rec);
             }
             p.ops += 1;
         }
         StoreOp::Record(rec) => {
+            p.ids.insert(rec.request_id.clone());
             put_record(&mut p.batch, &rec);
             p.ops += 1;
+        }
+        StoreOp::RecordIfAbsent(rec) => {
+            let present = p.ids.contains(&rec.request_id)
+                || db.contains_key(key_i(&rec.request_id)).unwrap_or(false);
+            if !present {
+                p.ids.insert(rec.request_id.clone());
+                put_record(&mut p.batch, &rec);
+                p.ops += 1;
+            }
         }
         StoreOp::Holds(holds) => {
             for h in holds {
@@ -409,4 +427,53 @@ fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, Stor
     db.apply_batch(batch)?;
     let _ = store;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::ledger::usage::tests::rec;
+
+    fn run_ops(ops: Vec<StoreOp>) -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = start(store.clone(), Duration::from_millis(10)).unwrap();
+        for op in ops {
+            w.send(op).unwrap();
+        }
+        thread.stop();
+        // Keep the folder alive as long as the store handle.
+        std::mem::forget(dir);
+        store
+    }
+
+    fn cost_of(store: &Store, id: &str) -> String {
+        store.record(id).unwrap().unwrap().cost.to_string()
+    }
+
+    #[test]
+    fn a_fallback_record_never_replaces_a_settlement_record() {
+        let mut settled = rec("k1", Some(("m/p1", "credit", "USD")), 2, 8, "0.000018");
+        settled.request_id = "req-a".into();
+        let mut fallback = settled.clone();
+        fallback.cost = Decimal::ZERO;
+        fallback.status = crate::ledger::Status::ClientDisconnected;
+        // Settlement first, fallback second (same batch): the settlement stays.
+        let s = run_ops(vec![
+            StoreOp::Record(Box::new(settled.clone())),
+            StoreOp::RecordIfAbsent(Box::new(fallback.clone())),
+        ]);
+        assert_eq!(cost_of(&s, "req-a"), "0.000018");
+        // Fallback first, settlement second: the settlement overwrites it.
+        let s = run_ops(vec![
+            StoreOp::RecordIfAbsent(Box::new(fallback.clone())),
+            StoreOp::Record(Box::new(settled.clone())),
+        ]);
+        assert_eq!(cost_of(&s, "req-a"), "0.000018");
+        // Alone, the fallback is written.
+        let s = run_ops(vec![StoreOp::RecordIfAbsent(Box::new(fallback))]);
+        assert_eq!(cost_of(&s, "req-a"), "0");
+    }
 }

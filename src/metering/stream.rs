@@ -75,6 +75,8 @@ pub struct MeteredStream {
     finished: bool,
     eof: bool,
     in_gauge: bool,
+    /// Set once the response is handed to the client (after the first token).
+    delivering: bool,
     /// Time spent waiting on upstream frames, so that per-chunk overhead can exclude it.
     upstream_wait: Duration,
     reporter: Option<crate::route::AttemptReporter>,
@@ -104,6 +106,7 @@ impl MeteredStream {
             finished: false,
             eof: false,
             in_gauge: true,
+            delivering: false,
             upstream_wait: Duration::ZERO,
             reporter: p.reporter,
             limiter: p.limiter,
@@ -120,6 +123,11 @@ impl MeteredStream {
     /// Returns the bytes to send first (earlier events included, R24). On failure nothing was
     /// sent, and the caller may retry or fall back; the hold is released by dropping `self`
     /// after [`MeteredStream::abandon`].
+    /// From now on the client owns the stream: a drop bills what was delivered.
+    pub fn start_delivery(&mut self) {
+        self.delivering = true;
+    }
+
     pub async fn first_token(
         &mut self,
         deadline: tokio::time::Instant,
@@ -542,6 +550,13 @@ pub fn tollgate_object(rec: &LedgerRecord) -> Value {
 
 impl Drop for MeteredStream {
     fn drop(&mut self) {
+        if !self.delivering {
+            // Dropped before the response started (the client left while we waited for the
+            // first token): nothing was delivered, so nothing is billed, and the request's
+            // single record is written by the handler's guard.
+            self.abandon();
+            return;
+        }
         // The client went away mid-stream (actix dropped the body): bill what was delivered.
         let (Some(mut rec), Some(meter)) = (self.record.take(), self.meter.take()) else {
             return;

@@ -728,6 +728,7 @@ async fn attempt(
         });
         match ms.first_token(first_deadline).await {
             Ok(first) => {
+                ms.start_delivery();
                 let mut r = HttpResponse::Ok();
                 r.content_type("text/event-stream")
                     .insert_header(("cache-control", "no-cache"));
