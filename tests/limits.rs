@@ -272,6 +272,21 @@ async fn slow_loris_and_idle_connections_are_closed() {
         assert!(cut, "the drip was never cut");
         assert!(t0.elapsed() < Duration::from_millis(2300), "{:?}", t0.elapsed());
 
+        // A full head promising a body that stalls mid-way (slow body): 408 in time.
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let t0 = Instant::now();
+        s.write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (text, _) = read_until_closed(&mut s, Duration::from_secs(5));
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("request_timeout"), "{text}");
+        assert!(t0.elapsed() < Duration::from_millis(2300), "{:?}", t0.elapsed());
+
         // A complete request on a keep-alive connection, then idle: closed after ~1 s.
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -90,6 +90,7 @@ async fn read_limited(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
+    chunk_timeout: std::time::Duration,
 ) -> Result<web::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -110,7 +111,24 @@ async fn read_limited(
         }
     }
     let mut buf = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
+    // A client that stops sending its body mid-way (slow body) is cut after the same time a
+    // request head gets, per chunk.
+    loop {
+        let next = match tokio::time::timeout(chunk_timeout, payload.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                return Err(ApiError::new(
+                    408,
+                    "invalid_request_error",
+                    "request_timeout",
+                    format!(
+                        "the request body stalled: no data for {} ms",
+                        chunk_timeout.as_millis()
+                    ),
+                ))
+            }
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError::invalid("invalid_json", format!("cannot read the request body: {e}"))
         })?;
@@ -278,9 +296,14 @@ async fn handle(
     let key = authenticate(&state, &req)?;
     let request_id = new_request_id();
     let rid = |e: ApiError| e.with_request_id(&request_id);
-    let bytes = read_limited(&req, payload, state.config.server.max_body_bytes)
-        .await
-        .map_err(rid)?;
+    let bytes = read_limited(
+        &req,
+        payload,
+        state.config.server.max_body_bytes,
+        std::time::Duration::from_millis(state.config.server.client_request_timeout_ms.max(1)),
+    )
+    .await
+    .map_err(rid)?;
     let body = parse_object(&bytes).map_err(rid)?;
     let (model_name, stream, include_usage, n, max_tokens) =
         check_fields(&body, endpoint).map_err(rid)?;
