@@ -83,81 +83,12 @@ topup = {{ credit = "{topup_credit}", routed = "{topup_routed}" }}
 
 impl Gateway {
     pub fn start(setup: Setup<'_>) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = setup
-            .data_dir
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| dir.path().join("data"));
-        Self::start_in(dir, &data_dir, setup)
-    }
-
-    fn start_in(dir: tempfile::TempDir, data_dir: &Path, setup: Setup<'_>) -> Gateway {
-        let client_port = free_port();
-        let admin_port = free_port();
-        let mut cfg = format!(
-            "[server]\nlisten = \"127.0.0.1:{client_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\ndata_dir = \"{}\"\n\n",
-            data_dir.display()
-        );
-        let mut mock_urls = Vec::new();
-        for (id, extra) in &setup.mocks {
-            let port = free_port();
-            cfg.push_str(&format!(
-                "[[providers]]\nid = \"{id}\"\nkind = \"mock\"\nlisten = \"127.0.0.1:{port}\"\nmock = {{ ttft_ms = 1, tokens = 8, interval_ms = 1 }}\n{extra}\n\n"
-            ));
-            mock_urls.push((id.to_string(), format!("http://127.0.0.1:{port}")));
-        }
-        cfg.push_str(&setup.body);
-        let config_path = dir.path().join("tollgate.toml");
-        std::fs::write(&config_path, &cfg).unwrap();
-        let log_path = dir.path().join("gateway.log");
-        let mut g = Gateway {
-            child: None,
-            client_url: format!("http://127.0.0.1:{client_port}"),
-            admin_url: format!("http://127.0.0.1:{admin_port}"),
-            dir,
-            config_path,
-            mock_urls,
-            log_path,
-        };
-        g.spawn();
-        g
+        Self::start_extra(setup, Extra::default())
     }
 
     /// Starts (or restarts) the process on the same config and data dir; waits until ready.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["serve", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = reqwest::blocking_get(&format!("{}/readyz", self.admin_url)) {
-                if r == 200 {
-                    break;
-                }
-            }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("gateway exited early ({status}):\n{}", self.log());
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway not ready:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.spawn_env(&[]);
     }
 
     pub fn log(&self) -> String {
@@ -369,41 +300,58 @@ impl Gateway {
             .data_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("data"));
-        let client_port = free_port();
-        let admin_port = free_port();
-        let mut cfg = format!(
-            "[server]\nlisten = \"127.0.0.1:{client_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\ndata_dir = \"{}\"\n{}\n\n",
-            data_dir.display(),
-            extra.server
-        );
-        let mut mock_urls = Vec::new();
-        for (id, more) in &setup.mocks {
-            let port = free_port();
-            cfg.push_str(&format!(
-                "[[providers]]\nid = \"{id}\"\nkind = \"mock\"\nlisten = \"127.0.0.1:{port}\"\nmock = {{ ttft_ms = 1, tokens = 8, interval_ms = 1 }}\n{more}\n\n"
-            ));
-            mock_urls.push((id.to_string(), format!("http://127.0.0.1:{port}")));
-        }
-        cfg.push_str(&setup.body);
         let config_path = dir.path().join("tollgate.toml");
-        std::fs::write(&config_path, &cfg).unwrap();
         let log_path = dir.path().join("gateway.log");
         let scheme = if extra.tls { "https" } else { "http" };
         let mut g = Gateway {
             child: None,
-            client_url: format!("{scheme}://127.0.0.1:{client_port}"),
-            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            client_url: String::new(),
+            admin_url: String::new(),
             dir,
             config_path,
-            mock_urls,
+            mock_urls: Vec::new(),
             log_path,
         };
-        g.spawn_env(&extra.env);
+        // A port found free can be taken (e.g. by another test's client sockets) before the
+        // gateway binds it: then pick new ports and start again.
+        for attempt in 0.. {
+            let client_port = free_port();
+            let admin_port = free_port();
+            let mut cfg = format!(
+                "[server]\nlisten = \"127.0.0.1:{client_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\ndata_dir = \"{}\"\n{}\n\n",
+                data_dir.display(),
+                extra.server
+            );
+            g.mock_urls.clear();
+            for (id, more) in &setup.mocks {
+                let port = free_port();
+                cfg.push_str(&format!(
+                    "[[providers]]\nid = \"{id}\"\nkind = \"mock\"\nlisten = \"127.0.0.1:{port}\"\nmock = {{ ttft_ms = 1, tokens = 8, interval_ms = 1 }}\n{more}\n\n"
+                ));
+                g.mock_urls
+                    .push((id.to_string(), format!("http://127.0.0.1:{port}")));
+            }
+            cfg.push_str(&setup.body);
+            std::fs::write(&g.config_path, &cfg).unwrap();
+            g.client_url = format!("{scheme}://127.0.0.1:{client_port}");
+            g.admin_url = format!("http://127.0.0.1:{admin_port}");
+            match g.try_spawn_env(&extra.env) {
+                Ok(()) => break,
+                Err(e) if attempt < 5 && e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
         g
     }
 
     /// `spawn` with extra environment variables for the child.
     pub fn spawn_env(&mut self, env: &[(String, String)]) {
+        if let Err(e) = self.try_spawn_env(env) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_spawn_env(&mut self, env: &[(String, String)]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -422,11 +370,12 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(200) = reqwest::blocking_get(&format!("{}/readyz", self.admin_url)) {
-                return;
+                return Ok(());
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("gateway exited early ({status}):\n{}", self.log());
+                    self.child = None;
+                    return Err(format!("gateway exited early ({status}):\n{}", self.log()));
                 }
             }
             assert!(
