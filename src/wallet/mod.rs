@@ -190,6 +190,16 @@ impl Hold {
 
     /// Settles the hold: debits `charge` and commits `record` (if any) in the same batch.
     pub async fn settle(mut self, charge: Decimal, record: Option<LedgerRecord>) -> Settled {
+        if charge >= Decimal::ZERO && charge <= self.granted {
+            // The hold covers the charge, so the wallet will debit exactly `charge` (its balance
+            // covers every grant): no need to wait for the actor's answer on the request path.
+            // The actor still applies it, and commits the record, in mailbox order.
+            self.settle_detached(charge, record);
+            return Settled {
+                debited: charge,
+                shortfall: Decimal::ZERO,
+            };
+        }
         let Some(addr) = self.addr.take() else {
             return Settled {
                 debited: Decimal::ZERO,
