@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rust_decimal::Decimal;
-use tollgate::ledger::{writer, LedgerRecord, Status, Store, UsageSource};
+use tollgate::ledger::{writer, LedgerRecord, Status, Store};
 use tollgate::wallet::Wallets;
 
 const KEY: &str = "bench-key";
@@ -21,14 +21,10 @@ const BUCKET: &str = "credit";
 fn draft() -> LedgerRecord {
     let now = chrono::Utc::now();
     LedgerRecord {
-        request_id: "bench".into(),
-        started_at: now,
-        finished_at: now,
         workspace: "ws".into(),
         key_id: KEY.into(),
         key_name: "bench".into(),
         project: "p".into(),
-        end_user: None,
         endpoint: "chat.completions".into(),
         requested_model: "m".into(),
         stream: true,
@@ -38,22 +34,10 @@ fn draft() -> LedgerRecord {
         route_kind: Some("official".into()),
         bucket: Some(BUCKET.into()),
         currency: Some("USD".into()),
-        attempts: Vec::new(),
-        fallbacks: 0,
-        retries: 0,
         status: Status::Completed,
         http_status: 200,
         input_tokens: 10,
-        output_tokens: 0,
-        output_tokens_delivered: 0,
-        usage_source: UsageSource::Counted,
-        upstream_usage: None,
-        input_per_mtok: None,
-        output_per_mtok: None,
-        cost: Decimal::ZERO,
-        shortfall: Decimal::ZERO,
-        ttft_ms: None,
-        duration_ms: 0,
+        ..LedgerRecord::empty("bench".into(), now)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-use tollgate::ledger::{writer, LedgerRecord, Status, Store, UsageSource};
+use tollgate::ledger::{writer, LedgerRecord, Status, Store};
 use tollgate::wallet::{WalletError, Wallets};
 
 const KEY: &str = "key-props";
@@ -73,14 +73,10 @@ fn op() -> impl Strategy<Value = Op> {
 fn draft(n: usize) -> LedgerRecord {
     let now = chrono::Utc::now();
     LedgerRecord {
-        request_id: format!("req-{n}"),
-        started_at: now,
-        finished_at: now,
         workspace: "ws".into(),
         key_id: KEY.into(),
         key_name: "props".into(),
         project: "p".into(),
-        end_user: None,
         endpoint: "chat.completions".into(),
         requested_model: "m".into(),
         stream: true,
@@ -90,22 +86,10 @@ fn draft(n: usize) -> LedgerRecord {
         route_kind: Some("official".into()),
         bucket: Some(BUCKET.into()),
         currency: Some("USD".into()),
-        attempts: Vec::new(),
-        fallbacks: 0,
-        retries: 0,
         status: Status::Completed,
         http_status: 200,
         input_tokens: 1,
-        output_tokens: 0,
-        output_tokens_delivered: 0,
-        usage_source: UsageSource::Counted,
-        upstream_usage: None,
-        input_per_mtok: None,
-        output_per_mtok: None,
-        cost: Decimal::ZERO,
-        shortfall: Decimal::ZERO,
-        ttft_ms: None,
-        duration_ms: 0,
+        ..LedgerRecord::empty(format!("req-{n}"), now)
     }
 }
 

@@ -109,6 +109,48 @@ pub struct LedgerRecord {
     pub duration_ms: u64,
 }
 
+impl LedgerRecord {
+    /// A record with only its id and start time set: no key, no route, nothing billed, status
+    /// `rejected`. Callers fill in what they know with struct-update syntax.
+    pub fn empty(request_id: String, started_at: DateTime<Utc>) -> LedgerRecord {
+        LedgerRecord {
+            request_id,
+            started_at,
+            finished_at: started_at,
+            workspace: String::new(),
+            key_id: String::new(),
+            key_name: String::new(),
+            project: String::new(),
+            end_user: None,
+            endpoint: String::new(),
+            requested_model: String::new(),
+            stream: false,
+            route: None,
+            provider: None,
+            upstream_model: None,
+            route_kind: None,
+            bucket: None,
+            currency: None,
+            attempts: Vec::new(),
+            fallbacks: 0,
+            retries: 0,
+            status: Status::Rejected,
+            http_status: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            output_tokens_delivered: 0,
+            usage_source: UsageSource::Counted,
+            upstream_usage: None,
+            input_per_mtok: None,
+            output_per_mtok: None,
+            cost: Decimal::ZERO,
+            shortfall: Decimal::ZERO,
+            ttft_ms: None,
+            duration_ms: 0,
+        }
+    }
+}
+
 /// Field order of §5.1, used for CSV export.
 pub const FIELDS: &[&str] = &[
     "request_id",

@@ -186,14 +186,10 @@ pub(crate) mod tests {
     ) -> LedgerRecord {
         let t = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
         LedgerRecord {
-            request_id: format!("r-{key}-{input}-{output}"),
-            started_at: t,
-            finished_at: t,
             workspace: "ws".into(),
             key_id: key.into(),
             key_name: key.into(),
             project: format!("proj-{key}"),
-            end_user: None,
             endpoint: "chat.completions".into(),
             requested_model: "m".into(),
             stream: true,
@@ -203,9 +199,6 @@ pub(crate) mod tests {
             route_kind: route.map(|_| "official".to_string()),
             bucket: route.map(|r| r.1.to_string()),
             currency: route.map(|r| r.2.to_string()),
-            attempts: Vec::new(),
-            fallbacks: 0,
-            retries: 0,
             status: if route.is_some() {
                 Status::Completed
             } else {
@@ -216,13 +209,11 @@ pub(crate) mod tests {
             output_tokens: output,
             output_tokens_delivered: output,
             usage_source: UsageSource::Upstream,
-            upstream_usage: None,
             input_per_mtok: route.map(|_| d("1")),
             output_per_mtok: route.map(|_| d("2")),
             cost: d(cost),
-            shortfall: Decimal::ZERO,
-            ttft_ms: None,
             duration_ms: 1,
+            ..LedgerRecord::empty(format!("r-{key}-{input}-{output}"), t)
         }
     }
 

@@ -21,7 +21,7 @@ use crate::api::error::ApiError;
 use crate::app::AppState;
 use crate::config::{Endpoint, Model, Route};
 use crate::keys::ApiKey;
-use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp, UsageSource};
+use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp};
 use crate::metering::chunk::{chat_usage, completion_output, embeddings_usage};
 use crate::metering::meter::{cost, Meter};
 use crate::metering::stream::{
@@ -57,9 +57,6 @@ impl Call {
     /// A record with the attribution fields set and nothing billed.
     pub fn draft(&self) -> LedgerRecord {
         LedgerRecord {
-            request_id: self.request_id.clone(),
-            started_at: self.started_at,
-            finished_at: self.started_at,
             workspace: self.key.record.workspace.clone(),
             key_id: self.key.record.id.clone(),
             key_name: self.key.record.name.clone(),
@@ -71,28 +68,8 @@ impl Call {
             },
             requested_model: self.model.name.clone(),
             stream: self.stream,
-            route: None,
-            provider: None,
-            upstream_model: None,
-            route_kind: None,
-            bucket: None,
-            currency: None,
-            attempts: Vec::new(),
-            fallbacks: 0,
-            retries: 0,
-            status: Status::Rejected,
-            http_status: 0,
             input_tokens: self.input_tokens,
-            output_tokens: 0,
-            output_tokens_delivered: 0,
-            usage_source: UsageSource::Counted,
-            upstream_usage: None,
-            input_per_mtok: None,
-            output_per_mtok: None,
-            cost: Decimal::ZERO,
-            shortfall: Decimal::ZERO,
-            ttft_ms: None,
-            duration_ms: 0,
+            ..LedgerRecord::empty(self.request_id.clone(), self.started_at)
         }
     }
 }
