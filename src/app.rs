@@ -32,7 +32,7 @@ pub struct AppState {
     tokenizers: HashMap<String, Tokenizer>,
     default_tokenizer: Tokenizer,
     admin_token: String,
-    secrets: Vec<String>,
+    redactor: Redactor,
     pub ready: AtomicBool,
     pub provider_keys: HashMap<String, String>,
     /// Per-key rate limits (rpm, tpm, concurrent streams).
@@ -54,18 +54,12 @@ impl AppState {
 
     /// Replaces every provider key in `text` with `[redacted]` (R26).
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for s in &self.secrets {
-            if out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), "[redacted]");
-            }
-        }
-        out
+        self.redactor.text(text)
     }
 
-    /// The provider keys to redact, for a response stream that outlives `&self` (R26).
+    /// The redactor for upstream bytes bound for clients (cheap to clone: one `Arc`).
     pub fn redactor(&self) -> Redactor {
-        Redactor(self.secrets.clone().into())
+        self.redactor.clone()
     }
 
     /// Constant-time comparison of a presented admin token.
@@ -92,14 +86,20 @@ impl Redactor {
             .iter()
             .any(|s| memchr::memmem::find(&b, s.as_bytes()).is_some())
         {
-            let mut out = String::from_utf8_lossy(&b).into_owned();
-            for s in self.0.iter() {
-                out = out.replace(s.as_str(), "[redacted]");
-            }
-            bytes::Bytes::from(out)
+            bytes::Bytes::from(self.text(&String::from_utf8_lossy(&b)))
         } else {
             b
         }
+    }
+
+    pub fn text(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in self.0.iter() {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "[redacted]");
+            }
+        }
+        out
     }
 }
 
@@ -215,7 +215,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         config.routing.retry_budget_ratio,
         config.routing.retry_budget_min_per_s,
     );
-    let secrets = provider_keys
+    let secrets: Vec<String> = provider_keys
         .values()
         .filter(|s| s.len() >= 4)
         .cloned()
@@ -233,7 +233,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         default_tokenizer: Tokenizer::new(crate::metering::tokenizer::TokenizerKind::Chunks)
             .map_err(|e| e.to_string())?,
         admin_token,
-        secrets,
+        redactor: Redactor(secrets.into()),
         ready: AtomicBool::new(false),
         provider_keys,
         limits: crate::limits::Limits::new(),

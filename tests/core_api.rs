@@ -15,11 +15,7 @@ use serde_json::{json, Value};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn http() -> ::reqwest::Client {
-    ::reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap()
+    bounded_client(REQUEST_TIMEOUT)
 }
 
 /// Bounds a harness call that has no timeout of its own.

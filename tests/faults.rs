@@ -22,17 +22,9 @@ use tokio::net::TcpStream;
 
 const TOPUP: &str = "10";
 
-/// Breakers that never open, so that every case reaches its upstream.
-const NO_BREAKER: &str =
-    "circuit = { failure_threshold = 1000000, failure_rate = 1.0, min_requests = 1000000 }";
-
 /// A client with a bound on every request, so no test can hang on a stuck stream.
 fn http() -> ::reqwest::Client {
-    ::reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(40))
-        .build()
-        .unwrap()
+    bounded_client(Duration::from_secs(40))
 }
 
 /// The raw fake upstream's behaviours (see `fake_upstream`), each served as model `f-<name>`.

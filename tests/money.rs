@@ -19,11 +19,7 @@ const MILLION: i64 = 1_000_000;
 
 /// A client with a bound on every request, so no test can hang on a stuck stream.
 fn http() -> ::reqwest::Client {
-    ::reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    bounded_client(Duration::from_secs(30))
 }
 
 fn d(s: &str) -> Decimal {

@@ -13,15 +13,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-const NO_BREAKER: &str =
-    "circuit = { failure_threshold = 1000000, failure_rate = 1.0, min_requests = 1000000 }";
-
 fn http() -> ::reqwest::Client {
-    ::reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    bounded_client(Duration::from_secs(30))
 }
 
 /// The fake upstream's behaviours that quote the `Authorization` header they received.

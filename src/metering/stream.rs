@@ -115,19 +115,14 @@ impl MeteredStream {
         }
     }
 
-    pub fn record(&self) -> Option<&LedgerRecord> {
-        self.record.as_ref()
-    }
-
-    /// Reads until the first content token has been paid, or the upstream stream ended normally.
-    /// Returns the bytes to send first (earlier events included, R24). On failure nothing was
-    /// sent, and the caller may retry or fall back; the hold is released by dropping `self`
-    /// after [`MeteredStream::abandon`].
     /// From now on the client owns the stream: a drop bills what was delivered.
     pub fn start_delivery(&mut self) {
         self.delivering = true;
     }
 
+    /// Reads until the first content token has been paid, or the upstream stream ended normally.
+    /// Returns the bytes to send first (earlier events included, R24). On failure nothing was
+    /// sent, and the caller may retry or fall back after [`MeteredStream::abandon`].
     pub async fn first_token(
         &mut self,
         deadline: tokio::time::Instant,
@@ -385,7 +380,7 @@ impl MeteredStream {
         }
         let charge = fill_record(
             &mut rec,
-            &meter,
+            meter.tokens,
             status,
             self.usage.filter(|_| e == End::Completed),
             self.first_token_at,
@@ -394,10 +389,7 @@ impl MeteredStream {
         let settled = meter.hold.settle(charge, Some(rec.clone())).await;
         rec.cost = settled.debited;
         rec.shortfall = settled.shortfall;
-        if let Some(l) = &self.limiter {
-            l.add_tokens(rec.output_tokens);
-        }
-        crate::metrics::observe_request(&rec, Some(meter.tokens));
+        account(&rec, Some(meter.tokens), self.limiter.as_deref());
         self.leave_gauge();
 
         let mut out = BytesMut::new();
@@ -497,7 +489,7 @@ fn error_event(message: &str, kind: &str, code: &str) -> String {
 /// Fills the billing fields of `rec` for an ending and returns the charge (R6, DESIGN §2).
 pub fn fill_record(
     rec: &mut LedgerRecord,
-    meter: &Meter,
+    delivered: u64,
     status: Status,
     upstream: Option<Usage>,
     first_token_at: Option<Instant>,
@@ -510,7 +502,7 @@ pub fn fill_record(
     rec.finished_at = chrono::Utc::now();
     rec.duration_ms = started.elapsed().as_millis() as u64;
     rec.ttft_ms = first_token_at.map(|t| t.duration_since(started).as_millis() as u64);
-    rec.output_tokens_delivered = meter.tokens;
+    rec.output_tokens_delivered = delivered;
     match upstream {
         Some(u) => {
             rec.usage_source = UsageSource::Upstream;
@@ -524,9 +516,22 @@ pub fn fill_record(
         }
         None => {
             rec.usage_source = UsageSource::Counted;
-            rec.output_tokens = meter.tokens;
-            cost(rec.input_tokens, in_price) + cost(meter.tokens, out_price)
+            rec.output_tokens = delivered;
+            cost(rec.input_tokens, in_price) + cost(delivered, out_price)
         }
+    }
+}
+
+/// After a settlement: count the request's metrics and its billed output against the key's
+/// tokens-per-minute limit.
+pub fn account(
+    rec: &LedgerRecord,
+    delivered: Option<u64>,
+    limiter: Option<&crate::limits::KeyLimiter>,
+) {
+    crate::metrics::observe_request(rec, delivered);
+    if let Some(l) = limiter {
+        l.add_tokens(rec.output_tokens);
     }
 }
 
@@ -564,21 +569,18 @@ impl Drop for MeteredStream {
         self.body = None;
         let charge = fill_record(
             &mut rec,
-            &meter,
+            meter.tokens,
             Status::ClientDisconnected,
             None,
             self.first_token_at,
             self.started,
         );
-        let mut observed = rec.clone();
-        observed.cost = charge;
-        crate::metrics::observe_request(&observed, Some(meter.tokens));
+        // The charge fits the hold (it only bills what was paid), so it is what gets debited.
+        rec.cost = charge;
+        account(&rec, Some(meter.tokens), self.limiter.as_deref());
         metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "client_disconnected")
             .increment(1);
         self.leave_gauge();
-        if let Some(l) = &self.limiter {
-            l.add_tokens(rec.output_tokens);
-        }
         meter.hold.settle_detached(charge, Some(rec));
     }
 }

@@ -25,7 +25,7 @@ use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp};
 use crate::metering::chunk::{chat_usage, completion_output, embeddings_usage};
 use crate::metering::meter::{cost, Meter};
 use crate::metering::stream::{
-    fill_record, tollgate_object, EarlyFailure, MeteredStream, StreamParts,
+    account, fill_record, tollgate_object, EarlyFailure, MeteredStream, StreamParts,
 };
 use crate::route::Admission;
 use crate::wallet::WalletError;
@@ -179,9 +179,7 @@ pub async fn serve(
     };
     let mut rec = call.draft();
     let mut skipped: Vec<String> = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
     let mut insufficient: Vec<String> = Vec::new();
-    let mut last: Option<Failure> = None;
     let mut sent_attempts = 0u32;
     let mut all_timeouts = true;
     let mut prev_failed_route: Option<(String, String)> = None;
@@ -320,7 +318,6 @@ pub async fn serve(
             let mut reporter = state.routes.reporter(&route.id, trial, t0);
             let served = attempt(
                 state,
-                ups,
                 &call,
                 route,
                 upstream,
@@ -367,20 +364,18 @@ pub async fn serve(
                     }
                     if let Some((status, body)) = f.passthrough.clone() {
                         set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
-                        rec.fallbacks = failed.len() as u32;
+                        rec.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
                         let err = passthrough_error(state, status, &body);
                         return Err(record_error(state, &call, rec, err, Status::UpstreamError));
                     }
                     let outcome = f.outcome.clone();
                     let retry_after = f.retry_after;
                     let retriable = f.retriable;
-                    last = Some(f);
                     if retriable && retry < model.retry.max_retries {
                         let max = Duration::from_millis(model.retry.backoff_max_ms);
                         let delay = match retry_after {
                             Some(d) if d > max => {
                                 // Told to wait longer than we may: fall back instead (R16).
-                                failed.push(format!("{} ({outcome})", route.id));
                                 prev_failed_route = Some((route.id.clone(), outcome));
                                 continue 'routes;
                             }
@@ -396,7 +391,6 @@ pub async fn serve(
                         retry += 1;
                         continue;
                     }
-                    failed.push(format!("{} ({outcome})", route.id));
                     prev_failed_route = Some((route.id.clone(), outcome));
                     continue 'routes;
                 }
@@ -405,7 +399,8 @@ pub async fn serve(
     }
 
     // Nothing served.
-    rec.fallbacks = failed.len().saturating_sub(1) as u32;
+    // No serving route: every route that was tried but the last one was fallen back from.
+    rec.fallbacks = fallbacks(&rec.attempts, None).saturating_sub(1);
     let err = if sent_attempts == 0 {
         if !insufficient.is_empty() {
             ApiError::new(
@@ -445,7 +440,6 @@ pub async fn serve(
                 format!("every attempt timed out: {detail}{budget}"),
             )
         } else {
-            let _ = last;
             ApiError::new(
                 502,
                 "upstream_error",
@@ -576,7 +570,6 @@ fn send_failure(e: SendError) -> Failure {
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     state: &AppState,
-    ups: &Upstreams,
     call: &Call,
     route: &Route,
     upstream: &upstream::UpstreamProvider,
@@ -587,7 +580,6 @@ async fn attempt(
     retry: u32,
     reporter: &mut Option<crate::route::AttemptReporter>,
 ) -> Served {
-    let _ = ups;
     let provider = &upstream.provider;
     // The input is paid for up front.
     hold.try_draw(in_cost, 0);
@@ -656,13 +648,7 @@ async fn attempt(
     }
     draft.attempts = rec.attempts.clone();
     draft.retries = rec.retries;
-    draft.fallbacks = rec
-        .attempts
-        .iter()
-        .filter(|a| a.route != route.id && is_sent(&a.outcome))
-        .map(|a| a.route.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .len() as u32;
+    draft.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
     let mut ok_attempt = Attempt {
         route: route.id.clone(),
         upstream_model: route.upstream_model.clone(),
@@ -780,24 +766,19 @@ async fn attempt(
         };
         ok_attempt.latency_ms = call.started.elapsed().as_millis() as u64;
         draft.attempts.push(ok_attempt);
-        let mut meter = Meter::new(hold, route.output_per_mtok, 1, 1, 1);
-        meter.tokens = counted_out;
         let charge = fill_record(
             &mut draft,
-            &meter,
+            counted_out,
             Status::Completed,
             usage,
             Some(Instant::now()),
             call.started,
         );
         let headers = success_headers(&draft);
-        let settled = meter.hold.settle(charge, Some(draft.clone())).await;
+        let settled = hold.settle(charge, Some(draft.clone())).await;
         draft.cost = settled.debited;
         draft.shortfall = settled.shortfall;
-        if let Some(l) = &call.limiter {
-            l.add_tokens(draft.output_tokens);
-        }
-        crate::metrics::observe_request(&draft, None);
+        account(&draft, None, call.limiter.as_deref());
         if let Value::Object(m) = &mut json {
             m.insert("tollgate".into(), tollgate_object(&draft));
         }
@@ -807,6 +788,16 @@ async fn attempt(
         }
         Served::Response(r.content_type("application/json").body(json.to_string()))
     }
+}
+
+/// R20: routes with a sent attempt other than `serving` (skipped routes do not count).
+fn fallbacks(attempts: &[Attempt], serving: Option<&str>) -> u32 {
+    attempts
+        .iter()
+        .filter(|a| Some(a.route.as_str()) != serving && is_sent(&a.outcome))
+        .map(|a| a.route.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u32
 }
 
 fn is_sent(outcome: &str) -> bool {

@@ -67,10 +67,25 @@ impl Wallets {
         M::Result: Send,
         WalletActor: Handler<M>,
     {
+        self.send_to(key_id, make).await.map(|(r, _)| r)
+    }
+
+    /// Sends to the key's actor; also returns the address that answered.
+    async fn send_to<M>(
+        &self,
+        key_id: &str,
+        make: impl Fn() -> M,
+    ) -> Result<(M::Result, Addr<WalletActor>), WalletError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        WalletActor: Handler<M>,
+    {
         let mut last = String::new();
         for _ in 0..SEND_TRIES {
-            match self.registry.addr(key_id).send(make()).await {
-                Ok(r) => return Ok(r),
+            let addr = self.registry.addr(key_id);
+            match addr.send(make()).await {
+                Ok(r) => return Ok((r, addr)),
                 // The actor stopped (idle) between lookup and send: a new one is started.
                 Err(e) => last = e.to_string(),
             }
@@ -88,19 +103,19 @@ impl Wallets {
         draft: &LedgerRecord,
     ) -> Result<Hold, WalletError> {
         let hold_id = next_hold_id();
-        let granted = self
-            .send(key_id, || Reserve {
+        let (granted, addr) = self
+            .send_to(key_id, || Reserve {
                 hold_id,
                 bucket: bucket.to_string(),
                 min,
                 want,
                 draft: Box::new(draft.clone()),
             })
-            .await??;
+            .await?;
         Ok(Hold {
             id: hold_id,
-            addr: Some(self.registry.addr(key_id)),
-            granted,
+            addr: Some(addr),
+            granted: granted?,
             consumed: Decimal::ZERO,
             tokens: 0,
         })

@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const DEMO_KEY: &str = "tg-test-key-0001";
 
+/// Breakers that never open, so that every request reaches its upstream.
+pub const NO_BREAKER: &str =
+    "circuit = { failure_threshold = 1000000, failure_rate = 1.0, min_requests = 1000000 }";
+
+/// A client whose every request is bounded in time, so no test can hang on a stuck stream.
+pub fn bounded_client(timeout: Duration) -> ::reqwest::Client {
+    ::reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .timeout(timeout)
+        .build()
+        .unwrap()
+}
+
 /// A free loopback port (bound then released; the gateway binds it right after).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -122,10 +135,7 @@ impl Gateway {
     }
 
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .build()
-            .unwrap()
+        bounded_client(Duration::from_secs(60))
     }
 
     pub fn chat_url(&self) -> String {
