@@ -71,6 +71,8 @@ pub struct MeteredStream {
     /// `id`, `created` and `model` of the first chunk, for a synthesized usage chunk.
     meta: Option<(Value, Value, Value)>,
     out: BytesMut,
+    /// Output tokens paid for and sitting in `out`, not yet handed to the client's connection.
+    out_tokens: u64,
     /// Set once the final events were produced; the next poll drains the upstream and ends.
     finished: bool,
     eof: bool,
@@ -103,6 +105,7 @@ impl MeteredStream {
             usage_data: None,
             meta: None,
             out: BytesMut::new(),
+            out_tokens: 0,
             finished: false,
             eof: false,
             in_gauge: true,
@@ -130,23 +133,24 @@ impl MeteredStream {
         loop {
             match self.next_event(Some(deadline)).await {
                 Err(e) => return Err(e),
-                Ok(None) => {
+                Ok(Step::Flush) => return Ok(self.take_out()),
+                Ok(Step::Eof) => {
                     // EOF before any content and without [DONE]: a broken stream.
                     return Err(EarlyFailure::Broken(
                         "upstream closed the stream before the first token".into(),
                     ));
                 }
-                Ok(Some(ev)) => match self.on_event(ev).await {
+                Ok(Step::Event(ev)) => match self.on_event(ev).await {
                     Flow::Continue => {
                         if self.first_token_at.is_some() {
-                            return Ok(self.out.split().freeze());
+                            return Ok(self.take_out());
                         }
                     }
                     Flow::End(End::Completed) => {
                         // Ended normally without content: send everything now.
                         let tail = self.settle(End::Completed).await;
                         self.out.extend_from_slice(&tail);
-                        return Ok(self.out.split().freeze());
+                        return Ok(self.take_out());
                     }
                     Flow::End(End::BalanceExhausted) => return Err(EarlyFailure::Unpaid),
                     // `on_event` never ends with `Shutdown` (only the wait for a frame does).
@@ -182,8 +186,17 @@ impl MeteredStream {
                 return None;
             }
             let ev = match self.next_event(None).await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
+                Ok(Step::Event(ev)) => ev,
+                Ok(Step::Flush) => {
+                    // Gateway overhead per forwarded write: parse, count, pay, copy.
+                    let busy = t0
+                        .elapsed()
+                        .saturating_sub(self.upstream_wait.saturating_sub(waited));
+                    metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
+                        .record(busy.as_secs_f64());
+                    return Some(self.take_out());
+                }
+                Ok(Step::Eof) => {
                     // EOF without [DONE]: complete if the upstream reported usage, else broken.
                     let end = if self.usage.is_some() {
                         End::Completed
@@ -195,21 +208,16 @@ impl MeteredStream {
                 Err(_) if self.shutting_down => return Some(self.end(End::Shutdown).await),
                 Err(_) => return Some(self.end(End::UpstreamBroke).await),
             };
-            match self.on_event(ev).await {
-                Flow::Continue => {
-                    if !self.out.is_empty() {
-                        // Gateway overhead per forwarded chunk: parse, count, pay, copy.
-                        let busy = t0
-                            .elapsed()
-                            .saturating_sub(self.upstream_wait.saturating_sub(waited));
-                        metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
-                            .record(busy.as_secs_f64());
-                        return Some(self.out.split().freeze());
-                    }
-                }
-                Flow::End(e) => return Some(self.end(e).await),
+            if let Flow::End(e) = self.on_event(ev).await {
+                return Some(self.end(e).await);
             }
         }
+    }
+
+    /// Hands the waiting output over: its tokens count as delivered from now on.
+    fn take_out(&mut self) -> Bytes {
+        self.out_tokens = 0;
+        self.out.split().freeze()
     }
 
     fn leave_gauge(&mut self) {
@@ -221,7 +229,7 @@ impl MeteredStream {
     async fn end(&mut self, e: End) -> Bytes {
         let tail = self.settle(e).await;
         self.out.extend_from_slice(&tail);
-        self.out.split().freeze()
+        self.take_out()
     }
 
     async fn drain_upstream(&mut self) {
@@ -237,53 +245,71 @@ impl MeteredStream {
         }
     }
 
+    /// The next upstream event. With output waiting (after the first token), it does not wait:
+    /// it gives the upstream connection task one turn to decode what it has already read, and
+    /// returns [`Step::Flush`] if no event came of it. A burst of events read in one go thus
+    /// leaves in one write instead of one write per token.
     async fn next_event(
         &mut self,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<Option<SseEvent>, EarlyFailure> {
+    ) -> Result<Step, EarlyFailure> {
         loop {
             match self.parser.next_event() {
-                Ok(Some(ev)) => return Ok(Some(ev)),
+                Ok(Some(ev)) => return Ok(Step::Event(ev)),
                 Ok(None) => {}
                 Err(e) => return Err(EarlyFailure::Malformed(e.to_string())),
             }
             if self.eof {
-                return self
-                    .parser
-                    .finish()
-                    .map_err(|e| EarlyFailure::Malformed(e.to_string()));
+                return match self.parser.finish() {
+                    Ok(Some(ev)) => Ok(Step::Event(ev)),
+                    Ok(None) => Ok(Step::Eof),
+                    Err(e) => Err(EarlyFailure::Malformed(e.to_string())),
+                };
             }
             let Some(body) = self.body.as_mut() else {
-                return Ok(None);
-            };
-            let wait = match deadline {
-                Some(d) => d,
-                None => tokio::time::Instant::now() + self.idle,
+                return Ok(Step::Eof);
             };
             let waiting = Instant::now();
-            // After the first token, a shutdown at the drain deadline ends the wait (a stream
-            // still waiting for its first token is left to the router's own deadline).
-            let shutdown = match (&mut self.shutdown, deadline) {
-                (Some(rx), None) => Some(rx),
-                _ => None,
+            let frame = if deadline.is_none() && !self.out.is_empty() {
+                if self.out.len() >= COALESCE_BYTES {
+                    return Ok(Step::Flush);
+                }
+                tokio::task::yield_now().await;
+                let ready = futures_util::FutureExt::now_or_never(body.frame());
+                self.upstream_wait += waiting.elapsed();
+                match ready {
+                    Some(f) => f,
+                    None => return Ok(Step::Flush),
+                }
+            } else {
+                let wait = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.idle);
+                // After the first token, a shutdown at the drain deadline ends the wait (a
+                // stream still waiting for its first token is left to the router's deadline).
+                let shutdown = match (&mut self.shutdown, deadline) {
+                    (Some(rx), None) => Some(rx),
+                    _ => None,
+                };
+                let frame = match shutdown {
+                    Some(rx) => tokio::select! {
+                        biased;
+                        _ = rx.wait_for(|stop| *stop) => {
+                            self.shutting_down = true;
+                            return Err(EarlyFailure::Broken("the gateway is shutting down".into()));
+                        }
+                        f = tokio::time::timeout_at(wait, body.frame()) => f,
+                    },
+                    None => tokio::time::timeout_at(wait, body.frame()).await,
+                };
+                self.upstream_wait += waiting.elapsed();
+                match frame {
+                    Err(_) => return Err(EarlyFailure::Timeout),
+                    Ok(f) => f,
+                }
             };
-            let frame = match shutdown {
-                Some(rx) => tokio::select! {
-                    biased;
-                    _ = rx.wait_for(|stop| *stop) => {
-                        self.shutting_down = true;
-                        return Err(EarlyFailure::Broken("the gateway is shutting down".into()));
-                    }
-                    f = tokio::time::timeout_at(wait, body.frame()) => f,
-                },
-                None => tokio::time::timeout_at(wait, body.frame()).await,
-            };
-            self.upstream_wait += waiting.elapsed();
             match frame {
-                Err(_) => return Err(EarlyFailure::Timeout),
-                Ok(None) => self.eof = true,
-                Ok(Some(Err(e))) => return Err(EarlyFailure::Broken(e.to_string())),
-                Ok(Some(Ok(frame))) => {
+                None => self.eof = true,
+                Some(Err(e)) => return Err(EarlyFailure::Broken(e.to_string())),
+                Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         self.parser.push(data);
                     }
@@ -341,6 +367,7 @@ impl MeteredStream {
             if self.first_token_at.is_none() {
                 self.first_token_at = Some(Instant::now());
             }
+            self.out_tokens += tokens;
         }
         self.out.extend_from_slice(&ev.raw);
         Flow::Continue
@@ -476,6 +503,18 @@ enum Flow {
     End(End),
 }
 
+/// What [`MeteredStream::next_event`] found.
+enum Step {
+    Event(SseEvent),
+    /// The upstream body ended (after any event left in the parser).
+    Eof,
+    /// Output is waiting and nothing more is ready without waiting: send what there is.
+    Flush,
+}
+
+/// Coalesced output is sent once it reaches this size even if more events are ready.
+const COALESCE_BYTES: usize = 32 * 1024;
+
 fn push_event(out: &mut BytesMut, data: &str) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(data.as_bytes());
@@ -567,9 +606,11 @@ impl Drop for MeteredStream {
             return;
         };
         self.body = None;
+        // Tokens paid for but still waiting in `out` never reached the client: not billed.
+        let delivered = meter.tokens - self.out_tokens;
         let charge = fill_record(
             &mut rec,
-            meter.tokens,
+            delivered,
             Status::ClientDisconnected,
             None,
             self.first_token_at,
@@ -577,7 +618,7 @@ impl Drop for MeteredStream {
         );
         // The charge fits the hold (it only bills what was paid), so it is what gets debited.
         rec.cost = charge;
-        account(&rec, Some(meter.tokens), self.limiter.as_deref());
+        account(&rec, Some(delivered), self.limiter.as_deref());
         metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "client_disconnected")
             .increment(1);
         self.leave_gauge();
