@@ -81,9 +81,13 @@ pub struct MeteredStream {
     delivering: bool,
     /// Time spent waiting on upstream frames, so that per-chunk overhead can exclude it.
     upstream_wait: Duration,
+    /// How long the last blocking wait for an upstream frame took.
+    last_wait: Duration,
     reporter: Option<crate::route::AttemptReporter>,
     limiter: Option<std::sync::Arc<crate::limits::KeyLimiter>>,
-    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    shutdown: Option<ShutdownSignal>,
+    /// The idle timer, made at the first wait after the first token and reused.
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Set when the shutdown signal ended the wait for the next upstream frame.
     shutting_down: bool,
 }
@@ -111,9 +115,18 @@ impl MeteredStream {
             in_gauge: true,
             delivering: false,
             upstream_wait: Duration::ZERO,
+            last_wait: Duration::ZERO,
             reporter: p.reporter,
             limiter: p.limiter,
-            shutdown: p.shutdown,
+            shutdown: p.shutdown.map(|mut rx| -> ShutdownSignal {
+                Box::pin(async move {
+                    if rx.wait_for(|stop| *stop).await.is_err() {
+                        // The sender is gone without a shutdown: never fire.
+                        std::future::pending::<()>().await;
+                    }
+                })
+            }),
+            idle_timer: None,
             shutting_down: false,
         }
     }
@@ -271,7 +284,8 @@ impl MeteredStream {
             };
             let waiting = Instant::now();
             let frame = if deadline.is_none() && !self.out.is_empty() {
-                if self.out.len() >= COALESCE_BYTES {
+                // Paced upstreams (the last frame took a while) gain nothing from waiting.
+                if self.out.len() >= COALESCE_BYTES || self.last_wait >= COALESCE_WAIT {
                     return Ok(Step::Flush);
                 }
                 tokio::task::yield_now().await;
@@ -282,28 +296,35 @@ impl MeteredStream {
                     None => return Ok(Step::Flush),
                 }
             } else {
-                let wait = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.idle);
-                // After the first token, a shutdown at the drain deadline ends the wait (a
-                // stream still waiting for its first token is left to the router's deadline).
-                let shutdown = match (&mut self.shutdown, deadline) {
-                    (Some(rx), None) => Some(rx),
-                    _ => None,
-                };
-                let frame = match shutdown {
-                    Some(rx) => tokio::select! {
-                        biased;
-                        _ = rx.wait_for(|stop| *stop) => {
-                            self.shutting_down = true;
-                            return Err(EarlyFailure::Broken("the gateway is shutting down".into()));
+                let frame = match deadline {
+                    // Before the first token: the router's deadline, no shutdown cut (a stream
+                    // still waiting for its first token is left to the router).
+                    Some(d) => tokio::time::timeout_at(d, body.frame()).await.ok(),
+                    None => {
+                        let waited = Self::wait_frame(
+                            body,
+                            &mut self.idle_timer,
+                            self.idle,
+                            &mut self.shutdown,
+                        )
+                        .await;
+                        match waited {
+                            Wait::Frame(f) => Some(f),
+                            Wait::Idle => None,
+                            Wait::Shutdown => {
+                                self.shutting_down = true;
+                                return Err(EarlyFailure::Broken(
+                                    "the gateway is shutting down".into(),
+                                ));
+                            }
                         }
-                        f = tokio::time::timeout_at(wait, body.frame()) => f,
-                    },
-                    None => tokio::time::timeout_at(wait, body.frame()).await,
+                    }
                 };
-                self.upstream_wait += waiting.elapsed();
+                self.last_wait = waiting.elapsed();
+                self.upstream_wait += self.last_wait;
                 match frame {
-                    Err(_) => return Err(EarlyFailure::Timeout),
-                    Ok(f) => f,
+                    None => return Err(EarlyFailure::Timeout),
+                    Some(f) => f,
                 }
             };
             match frame {
@@ -313,6 +334,42 @@ impl MeteredStream {
                     if let Ok(data) = frame.into_data() {
                         self.parser.push(data);
                     }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next upstream frame, at most `idle` since the last one, and until the
+    /// shutdown drain deadline. The idle timer and the shutdown future live as long as the
+    /// stream: a frame costs no timer registration, the timer is pushed back only when it fires.
+    async fn wait_frame(
+        body: &mut Incoming,
+        timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        idle: Duration,
+        shutdown: &mut Option<ShutdownSignal>,
+    ) -> Wait {
+        let due = tokio::time::Instant::now() + idle;
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            let stop = async {
+                match shutdown.as_mut() {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stop => {
+                    *shutdown = None;
+                    return Wait::Shutdown;
+                }
+                f = body.frame() => return Wait::Frame(f),
+                _ = timer.as_mut() => {
+                    if tokio::time::Instant::now() >= due {
+                        return Wait::Idle;
+                    }
+                    // Set for an earlier wait: push it back to this wait's deadline.
+                    timer.as_mut().reset(due);
                 }
             }
         }
@@ -503,6 +560,16 @@ enum Flow {
     End(End),
 }
 
+/// Resolves at the shutdown drain deadline.
+type ShutdownSignal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// How a wait for an upstream frame ended.
+enum Wait {
+    Frame(Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>),
+    Idle,
+    Shutdown,
+}
+
 /// What [`MeteredStream::next_event`] found.
 enum Step {
     Event(SseEvent),
@@ -514,6 +581,8 @@ enum Step {
 
 /// Coalesced output is sent once it reaches this size even if more events are ready.
 const COALESCE_BYTES: usize = 32 * 1024;
+/// Output is coalesced only while upstream frames follow each other faster than this.
+const COALESCE_WAIT: Duration = Duration::from_millis(1);
 
 fn push_event(out: &mut BytesMut, data: &str) {
     out.extend_from_slice(b"data: ");
