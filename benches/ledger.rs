@@ -44,7 +44,7 @@ fn record(i: u64) -> LedgerRecord {
     let rejected = i % 10 == 0;
     let key = format!("key_{:02}", i as usize % KEYS);
     LedgerRecord {
-        request_id: format!("req_{i:012}"),
+        request_id: tollgate::ledger::new_request_id(t),
         started_at: t,
         finished_at: t + chrono::Duration::milliseconds(420),
         workspace: "ws".into(),

@@ -75,17 +75,31 @@ impl AppState {
 /// Replaces provider keys in upstream bytes bound for a client with `[redacted]` (R26): an
 /// upstream may echo the key it was sent in content, not only in error bodies.
 #[derive(Clone, Default)]
-pub struct Redactor(Arc<[String]>);
+pub struct Redactor(Arc<[Secret]>);
+
+/// A provider key and its searcher, built once.
+struct Secret {
+    text: String,
+    finder: memchr::memmem::Finder<'static>,
+}
 
 impl Redactor {
+    pub fn new(secrets: Vec<String>) -> Redactor {
+        Redactor(
+            secrets
+                .into_iter()
+                .map(|text| Secret {
+                    finder: memchr::memmem::Finder::new(text.as_bytes()).into_owned(),
+                    text,
+                })
+                .collect(),
+        )
+    }
+
     /// Returns `b` unchanged (no copy) unless it contains a key. A key cannot straddle two
     /// calls: streams pass whole SSE events.
     pub fn bytes(&self, b: bytes::Bytes) -> bytes::Bytes {
-        if self
-            .0
-            .iter()
-            .any(|s| memchr::memmem::find(&b, s.as_bytes()).is_some())
-        {
+        if self.0.iter().any(|s| s.finder.find(&b).is_some()) {
             bytes::Bytes::from(self.text(&String::from_utf8_lossy(&b)))
         } else {
             b
@@ -95,8 +109,8 @@ impl Redactor {
     pub fn text(&self, text: &str) -> String {
         let mut out = text.to_string();
         for s in self.0.iter() {
-            if out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), "[redacted]");
+            if out.contains(s.text.as_str()) {
+                out = out.replace(s.text.as_str(), "[redacted]");
             }
         }
         out
@@ -233,7 +247,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         default_tokenizer: Tokenizer::new(crate::metering::tokenizer::TokenizerKind::Chunks)
             .map_err(|e| e.to_string())?,
         admin_token,
-        redactor: Redactor(secrets.into()),
+        redactor: Redactor::new(secrets),
         ready: AtomicBool::new(false),
         provider_keys,
         limits: crate::limits::Limits::new(),

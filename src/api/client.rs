@@ -56,10 +56,6 @@ pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiErr
     ))
 }
 
-pub fn new_request_id() -> String {
-    format!("req_{}", uuid::Uuid::now_v7().simple())
-}
-
 /// The key behind `Authorization: Bearer <secret>`.
 pub fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<ApiKey>, ApiError> {
     let header = req
@@ -294,7 +290,7 @@ async fn handle(
         return Ok(shutting_down());
     }
     let key = authenticate(&state, &req)?;
-    let request_id = new_request_id();
+    let request_id = crate::ledger::new_request_id(started_at);
     let rid = |e: ApiError| e.with_request_id(&request_id);
     let bytes = read_limited(
         &req,
@@ -551,7 +547,7 @@ fn make_call(
 
 async fn models(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let key = authenticate(&state, &req)?;
-    let request_id = new_request_id();
+    let request_id = crate::ledger::new_request_id(chrono::Utc::now());
     let include_unavailable = req
         .query_string()
         .split('&')

@@ -11,5 +11,5 @@ pub mod usage;
 pub mod writer;
 
 pub use record::{Attempt, LedgerRecord, Status, UpstreamUsage, UsageSource};
-pub use store::{Store, StoreError};
+pub use store::{new_request_id, Store, StoreError};
 pub use writer::{LedgerWriter, StoreOp, TopupOutcome};

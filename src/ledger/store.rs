@@ -8,7 +8,8 @@
 //! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record
 //! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log
 //! - `l/{micros:016x}{request_id}` ledger record; `x/{key_id}/{micros:016x}{request_id}` key
-//!   index; `i/{request_id}` → the record's `l/` key
+//!   index; `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
+//!   time (see [`new_request_id`])
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -141,6 +142,27 @@ pub(crate) fn key_i(request_id: &str) -> Vec<u8> {
     format!("i/{request_id}").into_bytes()
 }
 
+/// A request id that carries its start time: `req_` + 14 hex digits of Unix microseconds +
+/// 18 random hex digits. Ids sort by start time, and the record's `l/` key follows from the
+/// id alone, so such records need no `i/` index entry.
+pub fn new_request_id(started_at: DateTime<Utc>) -> String {
+    format!(
+        "req_{:014x}{:018x}",
+        micros(started_at),
+        rand::random::<u128>() & ((1u128 << 72) - 1)
+    )
+}
+
+/// The `l/` key a request id implies, if it carries its start time.
+pub(crate) fn key_l_from_id(request_id: &str) -> Option<Vec<u8>> {
+    let hex = request_id.strip_prefix("req_")?;
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let t = u64::from_str_radix(hex.get(..14)?, 16).ok()?;
+    Some(format!("l/{t:016x}{request_id}").into_bytes())
+}
+
 pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain data types cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
@@ -160,7 +182,10 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
 pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
     let lk = key_l(rec);
     batch.insert(key_x(rec), lk.clone());
-    batch.insert(key_i(&rec.request_id), lk.clone());
+    if key_l_from_id(&rec.request_id).as_ref() != Some(&lk) {
+        // An id that does not carry its start time is found through the `i/` index.
+        batch.insert(key_i(&rec.request_id), lk.clone());
+    }
     batch.insert(lk, to_json(rec));
 }
 
@@ -252,13 +277,27 @@ impl Store {
     }
 
     pub fn record(&self, request_id: &str) -> Result<Option<LedgerRecord>, StoreError> {
-        let Some(lk) = self.db.get(key_i(request_id))? else {
-            return Ok(None);
+        let lk = match key_l_from_id(request_id) {
+            Some(lk) if self.db.contains_key(&lk)? => lk,
+            _ => match self.db.get(key_i(request_id))? {
+                Some(lk) => lk.to_vec(),
+                None => return Ok(None),
+            },
         };
         match self.db.get(&lk)? {
             Some(v) => Ok(Some(from_json(&lk, &v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Whether the ledger has a record for `request_id`.
+    pub fn has_record(&self, request_id: &str) -> Result<bool, StoreError> {
+        if let Some(lk) = key_l_from_id(request_id) {
+            if self.db.contains_key(lk)? {
+                return Ok(true);
+            }
+        }
+        Ok(self.db.contains_key(key_i(request_id))?)
     }
 
     /// Records newest first, starting after `cursor` (an `l/` key from a previous page).

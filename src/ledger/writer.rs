@@ -293,7 +293,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
         }
         StoreOp::RecordIfAbsent(rec) => {
             let present = p.ids.contains(&rec.request_id)
-                || db.contains_key(key_i(&rec.request_id)).unwrap_or(false);
+                || store.has_record(&rec.request_id).unwrap_or(false);
             if !present {
                 p.ids.insert(rec.request_id.clone());
                 put_record(&mut p.batch, &rec);
@@ -475,5 +475,55 @@ mod tests {
         // Alone, the fallback is written.
         let s = run_ops(vec![StoreOp::RecordIfAbsent(Box::new(fallback))]);
         assert_eq!(cost_of(&s, "req-a"), "0");
+    }
+
+    #[tokio::test]
+    async fn timed_ids_need_no_id_index_and_are_found_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = start(store.clone(), Duration::from_millis(10)).unwrap();
+        let started = chrono::Utc::now();
+        let timed = crate::ledger::new_request_id(started);
+        for id in [timed.clone(), "req-untimed".to_string()] {
+            let mut settled = rec("k1", Some(("m/p1", "credit", "USD")), 2, 8, "0.000018");
+            settled.request_id = id.clone();
+            settled.started_at = started;
+            let mut fallback = settled.clone();
+            fallback.cost = Decimal::ZERO;
+            // The settlement lands in one batch, the guard's fallback in a later one.
+            w.send(StoreOp::Record(Box::new(settled))).unwrap();
+            w.flush().await.unwrap();
+            w.send(StoreOp::RecordIfAbsent(Box::new(fallback))).unwrap();
+            w.flush().await.unwrap();
+            assert_eq!(cost_of(&store, &id), "0.000018", "{id}");
+            let indexed = store.db().contains_key(key_i(&id)).unwrap();
+            assert_eq!(indexed, id != timed, "{id}: i/ entry only for untimed ids");
+        }
+        assert_eq!(
+            store
+                .record("req_00000000000000000000000000000000")
+                .unwrap(),
+            None
+        );
+        thread.stop();
+    }
+
+    #[test]
+    fn request_ids_carry_their_start_and_sort_by_it() {
+        let t1 = chrono::Utc::now();
+        let t2 = t1 + chrono::Duration::microseconds(1);
+        let (a, b) = (
+            crate::ledger::new_request_id(t1),
+            crate::ledger::new_request_id(t2),
+        );
+        assert_eq!(a.len(), 36);
+        assert!(a < b);
+        assert_ne!(a, crate::ledger::new_request_id(t1));
+        let mut r = rec("k1", None, 0, 0, "0");
+        r.request_id = a.clone();
+        r.started_at = t1;
+        assert_eq!(key_l_from_id(&a), Some(key_l(&r)));
+        assert_eq!(key_l_from_id("req-a"), None);
+        assert_eq!(key_l_from_id("req_0123456789abcdefghijklmnopqrstuv"), None);
     }
 }

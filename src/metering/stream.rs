@@ -83,6 +83,8 @@ pub struct MeteredStream {
     upstream_wait: Duration,
     /// How long the last blocking wait for an upstream frame took.
     last_wait: Duration,
+    /// `tollgate_gateway_overhead_seconds`, looked up once.
+    overhead: metrics::Histogram,
     reporter: Option<crate::route::AttemptReporter>,
     limiter: Option<std::sync::Arc<crate::limits::KeyLimiter>>,
     shutdown: Option<ShutdownSignal>,
@@ -116,6 +118,7 @@ impl MeteredStream {
             delivering: false,
             upstream_wait: Duration::ZERO,
             last_wait: Duration::ZERO,
+            overhead: metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD),
             reporter: p.reporter,
             limiter: p.limiter,
             shutdown: p.shutdown.map(|mut rx| -> ShutdownSignal {
@@ -195,7 +198,7 @@ impl MeteredStream {
         let waited = self.upstream_wait;
         loop {
             if self.finished {
-                self.drain_upstream().await;
+                Box::pin(self.drain_upstream()).await;
                 return None;
             }
             let ev = match self.next_event(None).await {
@@ -205,8 +208,7 @@ impl MeteredStream {
                     let busy = t0
                         .elapsed()
                         .saturating_sub(self.upstream_wait.saturating_sub(waited));
-                    metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
-                        .record(busy.as_secs_f64());
+                    self.overhead.record(busy.as_secs_f64());
                     return Some(self.take_out());
                 }
                 Ok(Step::Eof) => {
@@ -216,13 +218,15 @@ impl MeteredStream {
                     } else {
                         End::UpstreamBroke
                     };
-                    return Some(self.end(end).await);
+                    return Some(Box::pin(self.end(end)).await);
                 }
-                Err(_) if self.shutting_down => return Some(self.end(End::Shutdown).await),
-                Err(_) => return Some(self.end(End::UpstreamBroke).await),
+                Err(_) if self.shutting_down => {
+                    return Some(Box::pin(self.end(End::Shutdown)).await)
+                }
+                Err(_) => return Some(Box::pin(self.end(End::UpstreamBroke)).await),
             };
             if let Flow::End(e) = self.on_event(ev).await {
-                return Some(self.end(e).await);
+                return Some(Box::pin(self.end(e)).await);
             }
         }
     }

@@ -21,6 +21,8 @@ struct OpenHold {
     tokens: u64,
     draft: Box<LedgerRecord>,
     dirty: bool,
+    /// An `h/` entry was queued for this hold: the settlement must remove it.
+    persisted: bool,
 }
 
 pub struct WalletActor {
@@ -87,6 +89,7 @@ impl WalletActor {
             .filter(|(_, h)| h.dirty)
             .map(|(id, h)| {
                 h.dirty = false;
+                h.persisted = true;
                 PersistedHold {
                     hold_id: *id,
                     key_id: self.key_id.to_string(),
@@ -202,6 +205,7 @@ impl Handler<Reserve> for WalletActor {
                 tokens: 0,
                 draft: m.draft,
                 dirty: true,
+                persisted: false,
             },
         );
         metrics::gauge!(crate::metrics::WALLET_HOLDS_ACTIVE).increment(1.0);
@@ -264,9 +268,11 @@ impl Handler<Settle> for WalletActor {
     fn handle(&mut self, m: Settle, _: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         let charge = m.charge.max(Decimal::ZERO);
+        let mut persisted = false;
         let (bucket, granted) = match self.holds.remove(&m.hold_id) {
             Some(h) => {
                 metrics::gauge!(crate::metrics::WALLET_HOLDS_ACTIVE).decrement(1.0);
+                persisted = h.persisted;
                 (h.bucket, h.granted)
             }
             None => match &m.record {
@@ -302,7 +308,8 @@ impl Handler<Settle> for WalletActor {
         let op = StoreOp::Settle {
             key_id: self.key_id.to_string(),
             balances: self.balances.clone(),
-            hold_id: Some(m.hold_id),
+            // A hold settled before its first flush left nothing on disk to remove.
+            hold_id: persisted.then_some(m.hold_id),
             record,
         };
         if let Err(e) = self.writer.send(op) {
