@@ -8,7 +8,7 @@
 //! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record
 //! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log
 //! - `l/{micros:016x}{request_id}` ledger record; `x/{key_id}/{micros:016x}{request_id}` key
-//!   index; `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
+//!   index (empty value: the `l/` key is its tail); `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
 //!   time (see [`new_request_id`])
 
 use std::collections::BTreeMap;
@@ -181,7 +181,8 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
 /// Adds a ledger record and its indexes to a batch.
 pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
     let lk = key_l(rec);
-    batch.insert(key_x(rec), lk.clone());
+    // The `x/` entry's value is empty: the `l/` key is its key's tail.
+    batch.insert(key_x(rec), &[][..]);
     if key_l_from_id(&rec.request_id).as_ref() != Some(&lk) {
         // An id that does not carry its start time is found through the `i/` index.
         batch.insert(key_i(&rec.request_id), lk.clone());
@@ -327,9 +328,19 @@ impl Store {
             }
         }
         let db = self.db.clone();
+        let prefix_len = prefix.len();
         self.db.range(lo..hi).rev().map(move |kv| {
             let (k, v) = kv?;
-            let lk: Vec<u8> = if indexed { v.to_vec() } else { k.to_vec() };
+            let lk: Vec<u8> = match (indexed, v.is_empty()) {
+                (false, _) => k.to_vec(),
+                // Written before `x/` values were left empty: the value is the `l/` key.
+                (true, false) => v.to_vec(),
+                (true, true) => {
+                    let mut lk = b"l/".to_vec();
+                    lk.extend_from_slice(k.get(prefix_len..).unwrap_or_default());
+                    lk
+                }
+            };
             if indexed {
                 match db.get(&lk)? {
                     Some(rec) => Ok((lk.clone(), from_json(&lk, &rec)?)),

@@ -526,4 +526,23 @@ mod tests {
         assert_eq!(key_l_from_id("req-a"), None);
         assert_eq!(key_l_from_id("req_0123456789abcdefghijklmnopqrstuv"), None);
     }
+
+    #[test]
+    fn key_index_reads_empty_and_older_pointer_values() {
+        let mut new = rec("k1", None, 1, 1, "0.1");
+        new.request_id = crate::ledger::new_request_id(new.started_at);
+        let s = run_ops(vec![StoreOp::Record(Box::new(new.clone()))]);
+        assert!(s.db().get(key_x(&new)).unwrap().unwrap().is_empty());
+        // An entry written by an earlier version points at its record.
+        let mut old = rec("k1", None, 1, 1, "0.2");
+        old.request_id = "req-old".into();
+        old.started_at = new.started_at - chrono::Duration::seconds(1);
+        s.db().insert(key_l(&old), to_json(&old)).unwrap();
+        s.db().insert(key_x(&old), key_l(&old)).unwrap();
+        let ids: Vec<String> = s
+            .scan_records(Some("k1"), None, None, None)
+            .map(|r| r.unwrap().1.request_id)
+            .collect();
+        assert_eq!(ids, vec![new.request_id.clone(), "req-old".to_string()]);
+    }
 }
