@@ -291,7 +291,12 @@ pub fn observe_request(rec: &crate::ledger::LedgerRecord, delivered: Option<u64>
             .increment(rec.shortfall.to_f64().unwrap_or(0.0));
     }
     metrics::histogram!(REQUEST_DURATION, "model" => model.clone(), "route" => route.clone())
-        .record(rec.duration_ms as f64 / 1000.0);
+        // Sub-millisecond precision: the record's `duration_ms` rounds most fast requests to 0.
+        .record(
+            (rec.finished_at - rec.started_at)
+                .to_std()
+                .map_or(rec.duration_ms as f64 / 1000.0, |d| d.as_secs_f64()),
+        );
     if let Some(t) = rec.ttft_ms {
         metrics::histogram!(TTFT, "model" => model, "route" => route).record(t as f64 / 1000.0);
     }

@@ -415,7 +415,7 @@ fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, Stor
     let mut batch = sled::Batch::default();
     for kv in db.range(b"l/".to_vec()..hi).take(PRUNE_MAX) {
         let (k, v) = kv?;
-        let rec: LedgerRecord = from_json(&k, &v)?;
+        let rec: LedgerRecord = decode_record(&k, &v)?;
         batch.remove(k);
         batch.remove(key_x(&rec));
         batch.remove(key_i(&rec.request_id));
@@ -537,6 +537,7 @@ mod tests {
         let mut old = rec("k1", None, 1, 1, "0.2");
         old.request_id = "req-old".into();
         old.started_at = new.started_at - chrono::Duration::seconds(1);
+        // Stored as JSON, as earlier versions did.
         s.db().insert(key_l(&old), to_json(&old)).unwrap();
         s.db().insert(key_x(&old), key_l(&old)).unwrap();
         let ids: Vec<String> = s
@@ -544,5 +545,21 @@ mod tests {
             .map(|r| r.unwrap().1.request_id)
             .collect();
         assert_eq!(ids, vec![new.request_id.clone(), "req-old".to_string()]);
+    }
+
+    #[test]
+    fn stored_records_round_trip_in_both_encodings() {
+        let mut full = rec("k1", Some(("m/p1", "credit", "USD")), 3, 7, "0.0000123");
+        full.end_user = Some("u-1".into());
+        full.ttft_ms = Some(12);
+        full.shortfall = Decimal::new(5, 7);
+        let bare = rec("k2", None, 0, 0, "0");
+        for r in [full, bare] {
+            let compact = encode_record(&r);
+            assert_eq!(decode_record(b"l/x", &compact).unwrap(), r);
+            assert_eq!(decode_record(b"l/x", &to_json(&r)).unwrap(), r);
+            assert!(compact.len() < to_json(&r).len());
+        }
+        assert!(decode_record(b"l/x", &[1, 0xff]).is_err());
     }
 }
