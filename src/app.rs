@@ -57,6 +57,14 @@ impl AppState {
         self.redactor.text(text)
     }
 
+    /// Before a ledger read: waits until every write queued so far is committed, so that the
+    /// read sees the records the writer is still grouping (at most its group-commit window).
+    pub async fn settle_reads(&self) {
+        if let Err(e) = self.writer.barrier().await {
+            tracing::warn!(error = %e, "ledger read without the writer's barrier");
+        }
+    }
+
     /// The redactor for upstream bytes bound for clients (cheap to clone: one `Arc`).
     pub fn redactor(&self) -> Redactor {
         self.redactor.clone()

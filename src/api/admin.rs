@@ -404,6 +404,7 @@ async fn ledger(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
+    state.settle_reads().await;
     let f = Filter::parse(&q)?;
     let limit = match &q.limit {
         None => 100,
@@ -467,6 +468,7 @@ async fn ledger_one(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
+    state.settle_reads().await;
     match state.store.record(&path) {
         Ok(Some(r)) => Ok(HttpResponse::Ok().json(r)),
         Ok(None) => Err(ApiError::not_found(format!(

@@ -91,6 +91,7 @@ pub async fn export(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
+    state.settle_reads().await;
     let filter = Arc::new(Filter::parse(&q)?);
     let name = fq.format.as_deref().unwrap_or("jsonl");
     let format = Format::parse(name).ok_or_else(|| {
@@ -157,6 +158,7 @@ async fn fold_records<T: Send + 'static>(
     mut acc: T,
     add: impl Fn(&mut T, &LedgerRecord) + Send + 'static,
 ) -> Result<T, ApiError> {
+    state.settle_reads().await;
     let store = state.store.clone();
     web::block(move || -> Result<T, StoreError> {
         for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, None) {

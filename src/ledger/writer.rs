@@ -60,6 +60,9 @@ pub enum StoreOp {
     },
     /// Durability barrier: answers once everything sent before it is on disk.
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Visibility barrier: answers once everything sent before it is committed (readable),
+    /// without waiting for the disk.
+    Barrier(oneshot::Sender<Result<(), StoreError>>),
     /// Deletes ledger records that started before the cutoff (retention).
     Prune {
         before_micros: u64,
@@ -153,6 +156,11 @@ impl LedgerWriter {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.ask(StoreOp::Flush).await
     }
+
+    /// Waits until everything queued before is readable from the store.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        self.ask(StoreOp::Barrier).await
+    }
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -180,9 +188,33 @@ impl Pending {
     }
 }
 
+/// How long the writer lets operations gather before it commits them: a tenth of the flush
+/// interval, at most 10 ms. A record is thus committed within the window and on disk within
+/// window + half the flush interval (0.6 × `flush_interval_ms`).
+fn group_window(flush_interval: Duration) -> Duration {
+    (flush_interval / 10).min(Duration::from_millis(10))
+}
+
+impl Msg {
+    /// Whether a sender waits for this operation's answer (no grouping delay then).
+    fn waits(&self) -> bool {
+        match self {
+            Msg::Stop => true,
+            Msg::Op(op) => !matches!(
+                op,
+                StoreOp::Settle { .. }
+                    | StoreOp::Record(_)
+                    | StoreOp::RecordIfAbsent(_)
+                    | StoreOp::Holds(_)
+            ),
+        }
+    }
+}
+
 fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration) {
     let db = store.db().clone();
     let half = (flush_interval / 2).max(Duration::from_millis(1));
+    let window = group_window(flush_interval);
     let mut p = Pending::new();
     let mut last_sync = Instant::now();
     let mut unsynced = false;
@@ -193,6 +225,11 @@ fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration) {
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => Some(Msg::Stop),
         };
+        // Group commit: unless someone waits for an answer, let settlements gather for a short
+        // window, so that sled writes one log buffer per window instead of one per request.
+        if first.as_ref().is_some_and(|m| !m.waits()) {
+            std::thread::sleep(window);
+        }
         let mut msgs: Vec<Msg> = first.into_iter().collect();
         while msgs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -395,6 +432,12 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                 let _ = reply.send(r);
             }));
         }
+        StoreOp::Barrier(reply) => {
+            // Answered after this round's commit (and its fsync, if one is due anyway).
+            p.after_sync.push(Box::new(move |r| {
+                let _ = reply.send(r);
+            }));
+        }
         StoreOp::Prune {
             before_micros,
             reply,
@@ -561,5 +604,29 @@ mod tests {
             assert!(compact.len() < to_json(&r).len());
         }
         assert!(decode_record(b"l/x", &[1, 0xff]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_barrier_answers_once_grouped_writes_are_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // A 1 s flush interval: writes gather for a 10 ms window before they are committed.
+        let (w, thread) = start(store.clone(), Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            group_window(Duration::from_secs(1)),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            group_window(Duration::from_millis(50)),
+            Duration::from_millis(5)
+        );
+        for i in 0..20 {
+            let mut r = rec("k1", None, 1, 1, "0.1");
+            r.request_id = format!("req-b{i}");
+            w.send(StoreOp::Record(Box::new(r))).unwrap();
+            w.barrier().await.unwrap();
+            assert!(store.record(&format!("req-b{i}")).unwrap().is_some());
+        }
+        thread.stop();
     }
 }
