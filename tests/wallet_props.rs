@@ -24,10 +24,6 @@ fn cents(c: u32) -> Decimal {
 enum Step {
     Draw(u32),
     Extend(u32),
-    /// Ask for an extension without waiting (a stream running low).
-    Prefetch(u32),
-    /// Let the actor answer, then take in an arrived grant.
-    Absorb,
 }
 
 #[derive(Debug, Clone)]
@@ -55,8 +51,6 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (1u32..400).prop_map(Step::Draw),
         1 => (0u32..800).prop_map(Step::Extend),
-        1 => (0u32..800).prop_map(Step::Prefetch),
-        1 => Just(Step::Absorb),
     ]
 }
 
@@ -150,7 +144,6 @@ async fn run_task(w: Wallets, task: usize, ops: Vec<Op>) -> Result<(Decimal, Dec
                     return Err(format!("grant {} outside [{min}, {want}]", hold.granted()));
                 }
                 check_now(&w).await?;
-                let mut asked: Option<u32> = None;
                 for s in steps {
                     match s {
                         Step::Draw(c) => {
@@ -161,29 +154,9 @@ async fn run_task(w: Wallets, task: usize, ops: Vec<Op>) -> Result<(Decimal, Dec
                             }
                         }
                         Step::Extend(c) => {
-                            // A prefetched extension is what gets awaited, if there is one.
-                            let asked = asked.take().unwrap_or(c);
                             let g = hold.extend(cents(c)).await;
-                            if g < Decimal::ZERO || g > cents(asked) {
-                                return Err(format!("extension {g} for {}", cents(asked)));
-                            }
-                        }
-                        Step::Prefetch(c) => {
-                            if !hold.extending() {
-                                asked = Some(c);
-                            }
-                            hold.prefetch(cents(c));
-                        }
-                        Step::Absorb => {
-                            tokio::task::yield_now().await;
-                            let before = hold.granted();
-                            hold.absorb();
-                            if !hold.extending() {
-                                if let Some(a) = asked.take() {
-                                    if hold.granted() - before > cents(a) {
-                                        return Err("absorbed more than was asked".into());
-                                    }
-                                }
+                            if g < Decimal::ZERO || g > cents(c) {
+                                return Err(format!("extension {g} for {}", cents(c)));
                             }
                         }
                     }

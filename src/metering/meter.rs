@@ -49,53 +49,21 @@ impl Meter {
             return true;
         }
         let price = self.per_token * Decimal::from(tokens);
-        self.hold.absorb();
-        if !self.hold.try_draw(price, tokens) {
-            // Out of hold: wait for the extension already asked for, or ask now.
-            let want = if self.hold.extending() {
-                Decimal::ZERO
-            } else {
-                self.next_extension().max(price - self.hold.remaining())
-            };
-            self.hold.extend(want).await;
-            if !self.hold.try_draw(price, tokens) {
-                if want.is_zero() {
-                    // The early extension fell short: ask once more for what this needs.
-                    let more = self.next_extension().max(price - self.hold.remaining());
-                    self.hold.extend(more).await;
-                    if self.hold.try_draw(price, tokens) {
-                        self.tokens += tokens;
-                        return true;
-                    }
-                }
-                return false;
-            }
+        if self.hold.try_draw(price, tokens) {
+            self.tokens += tokens;
+            return true;
         }
-        self.tokens += tokens;
-        self.prefetch();
-        true
-    }
-
-    /// The next extension, in money: it grows ×2 up to the maximum, within the request's bound.
-    fn next_extension(&mut self) -> Decimal {
         let left = self.limit_tokens.saturating_sub(self.tokens);
-        let want_tokens = self.next_ext.min(left);
+        let want_tokens = self.next_ext.min(left).max(tokens);
         self.next_ext = (self.next_ext.saturating_mul(2)).min(self.max_ext);
-        self.per_token * Decimal::from(want_tokens)
-    }
-
-    /// Asks for the next extension ahead of need once less than half of the last one is left,
-    /// so that a stream does not stop to wait for the wallet between two tokens.
-    fn prefetch(&mut self) {
-        if self.hold.extending() || self.tokens >= self.limit_tokens {
-            return;
-        }
-        let low = self.per_token * Decimal::from(self.next_ext / 2);
-        if self.hold.remaining() < low {
-            let want = self.next_extension();
-            if want > Decimal::ZERO {
-                self.hold.prefetch(want);
-            }
+        let want = (self.per_token * Decimal::from(want_tokens) - self.hold.remaining())
+            .max(price - self.hold.remaining());
+        self.hold.extend(want).await;
+        if self.hold.try_draw(price, tokens) {
+            self.tokens += tokens;
+            true
+        } else {
+            false
         }
     }
 

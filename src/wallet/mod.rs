@@ -118,7 +118,6 @@ impl Wallets {
             granted: granted?,
             consumed: Decimal::ZERO,
             tokens: 0,
-            pending: None,
         })
     }
 
@@ -158,12 +157,7 @@ pub struct Hold {
     granted: Decimal,
     consumed: Decimal,
     tokens: u64,
-    /// An extension asked for ahead of need ([`Hold::prefetch`]), not yet answered.
-    pending: Option<PendingGrant>,
 }
-
-/// The wallet's answer to an extension request: the amount granted.
-type PendingGrant = std::pin::Pin<Box<dyn std::future::Future<Output = Decimal> + Send>>;
 
 impl Hold {
     pub fn id(&self) -> u64 {
@@ -192,55 +186,21 @@ impl Hold {
     }
 
     /// Asks the wallet for up to `want` more; reports consumption so far. Returns the grant.
-    /// An extension already asked for ahead of need is awaited instead.
     pub async fn extend(&mut self, want: Decimal) -> Decimal {
-        if self.pending.is_none() {
-            self.prefetch(want);
-        }
-        match self.pending.take() {
-            Some(p) => {
-                let grant = p.await;
-                self.granted += grant;
-                grant
-            }
-            None => Decimal::ZERO,
-        }
-    }
-
-    /// Asks the wallet for up to `want` more without waiting: the grant is added when it has
-    /// arrived ([`Hold::absorb`]) or when the hold runs out ([`Hold::extend`]). The message is
-    /// queued now, so it reaches the actor before any later settlement of this hold.
-    pub fn prefetch(&mut self, want: Decimal) {
         let Some(addr) = &self.addr else {
-            return;
+            return Decimal::ZERO;
         };
-        if self.pending.is_some() {
-            return;
-        }
-        let answer = addr.send(Extend {
-            hold_id: self.id,
-            consumed: self.consumed,
-            consumed_tokens: self.tokens,
-            want,
-        });
-        self.pending = Some(Box::pin(
-            async move { answer.await.unwrap_or(Decimal::ZERO) },
-        ));
-    }
-
-    /// Whether an extension is on its way.
-    pub fn extending(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Adds a prefetched grant if its answer has arrived; never waits.
-    pub fn absorb(&mut self) {
-        if let Some(p) = self.pending.as_mut() {
-            if let Some(grant) = futures_util::FutureExt::now_or_never(p.as_mut()) {
-                self.granted += grant;
-                self.pending = None;
-            }
-        }
+        let grant = addr
+            .send(Extend {
+                hold_id: self.id,
+                consumed: self.consumed,
+                consumed_tokens: self.tokens,
+                want,
+            })
+            .await
+            .unwrap_or(Decimal::ZERO);
+        self.granted += grant;
+        grant
     }
 
     /// Settles the hold: debits `charge` and commits `record` (if any) in the same batch.
