@@ -2,8 +2,8 @@
 //! key prefixes, so that a wallet debit and the ledger record that explains it are committed in
 //! one atomic batch. Only the writer thread (`writer.rs`) writes; readers use snapshots of sled.
 //!
-//! Layout (values JSON, but ledger records: postcard behind a version byte, see
-//! [`encode_record`]; records written as JSON by earlier versions still read):
+//! Layout (values JSON, but ledger records and open holds: postcard behind a version byte, see
+//! [`encode_compact`]; those written as JSON by earlier versions still read):
 //! - `k/{key_id}` API key record; `m/bootstrap/{name}` → key id of a config key
 //! - `w/{key_id}` wallet balances per bucket
 //! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record
@@ -179,28 +179,28 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
     })
 }
 
-/// First byte of a ledger record stored as postcard; records stored as JSON start with `{`.
-const RECORD_POSTCARD: u8 = 1;
+/// First byte of a value stored as postcard; values stored as JSON start with `{`.
+const POSTCARD: u8 = 1;
 
-/// A ledger record as stored under its `l/` key.
-pub(crate) fn encode_record(rec: &LedgerRecord) -> Vec<u8> {
-    let out = vec![RECORD_POSTCARD];
+/// A ledger record or an open hold as stored: postcard behind a version byte.
+pub(crate) fn encode_compact<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain data into a growable buffer cannot fail.
-    match postcard::to_extend(rec, out) {
-        Ok(v) => v,
-        Err(_) => to_json(rec),
+    match postcard::to_extend(v, vec![POSTCARD]) {
+        Ok(out) => out,
+        Err(_) => to_json(v),
     }
 }
 
-/// Reads a stored ledger record, in either encoding.
-pub(crate) fn decode_record(key: &[u8], v: &[u8]) -> Result<LedgerRecord, StoreError> {
+/// Reads a value written by [`encode_compact`], or as JSON by earlier versions.
+pub(crate) fn decode_compact<T: for<'de> Deserialize<'de>>(
+    key: &[u8],
+    v: &[u8],
+) -> Result<T, StoreError> {
     match v.split_first() {
-        Some((&RECORD_POSTCARD, body)) => {
-            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt {
-                key: String::from_utf8_lossy(key).into_owned(),
-                err: e.to_string(),
-            })
-        }
+        Some((&POSTCARD, body)) => postcard::from_bytes(body).map_err(|e| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            err: e.to_string(),
+        }),
         _ => from_json(key, v),
     }
 }
@@ -214,7 +214,7 @@ pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
         // An id that does not carry its start time is found through the `i/` index.
         batch.insert(key_i(&rec.request_id), lk.clone());
     }
-    batch.insert(lk, encode_record(rec));
+    batch.insert(lk, encode_compact(rec));
 }
 
 /// Read access to the store. Cheap to clone.
@@ -299,7 +299,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(b"h/") {
             let (k, v) = kv?;
-            out.push(from_json(&k, &v)?);
+            out.push(decode_compact(&k, &v)?);
         }
         Ok(out)
     }
@@ -313,7 +313,7 @@ impl Store {
             },
         };
         match self.db.get(&lk)? {
-            Some(v) => Ok(Some(decode_record(&lk, &v)?)),
+            Some(v) => Ok(Some(decode_compact(&lk, &v)?)),
             None => Ok(None),
         }
     }
@@ -370,14 +370,14 @@ impl Store {
             };
             if indexed {
                 match db.get(&lk)? {
-                    Some(rec) => Ok((lk.clone(), decode_record(&lk, &rec)?)),
+                    Some(rec) => Ok((lk.clone(), decode_compact(&lk, &rec)?)),
                     None => Err(StoreError::Corrupt {
                         key: String::from_utf8_lossy(&k).into_owned(),
                         err: "index points to a missing record".into(),
                     }),
                 }
             } else {
-                Ok((lk, decode_record(&k, &v)?))
+                Ok((lk, decode_compact(&k, &v)?))
             }
         })
     }

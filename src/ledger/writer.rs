@@ -339,7 +339,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
         }
         StoreOp::Holds(holds) => {
             for h in holds {
-                p.batch.insert(key_h(h.hold_id), to_json(&h));
+                p.batch.insert(key_h(h.hold_id), encode_compact(&h));
             }
             p.ops += 1;
         }
@@ -458,7 +458,7 @@ fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, Stor
     let mut batch = sled::Batch::default();
     for kv in db.range(b"l/".to_vec()..hi).take(PRUNE_MAX) {
         let (k, v) = kv?;
-        let rec: LedgerRecord = decode_record(&k, &v)?;
+        let rec: LedgerRecord = decode_compact(&k, &v)?;
         batch.remove(k);
         batch.remove(key_x(&rec));
         batch.remove(key_i(&rec.request_id));
@@ -598,12 +598,15 @@ mod tests {
         full.shortfall = Decimal::new(5, 7);
         let bare = rec("k2", None, 0, 0, "0");
         for r in [full, bare] {
-            let compact = encode_record(&r);
-            assert_eq!(decode_record(b"l/x", &compact).unwrap(), r);
-            assert_eq!(decode_record(b"l/x", &to_json(&r)).unwrap(), r);
+            let compact = encode_compact(&r);
+            assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &compact).unwrap(), r);
+            assert_eq!(
+                decode_compact::<LedgerRecord>(b"l/x", &to_json(&r)).unwrap(),
+                r
+            );
             assert!(compact.len() < to_json(&r).len());
         }
-        assert!(decode_record(b"l/x", &[1, 0xff]).is_err());
+        assert!(decode_compact::<LedgerRecord>(b"l/x", &[1, 0xff]).is_err());
     }
 
     #[tokio::test]
@@ -628,5 +631,42 @@ mod tests {
             assert!(store.record(&format!("req-b{i}")).unwrap().is_some());
         }
         thread.stop();
+    }
+
+    #[test]
+    fn holds_left_by_a_crash_are_recovered_in_both_encodings() {
+        let hold = |id: u64, consumed: &str| {
+            let mut draft = rec("k1", Some(("m/p1", "credit", "USD")), 5, 0, "0");
+            draft.request_id = format!("req-h{id}");
+            PersistedHold {
+                hold_id: id,
+                key_id: "k1".into(),
+                bucket: "credit".into(),
+                granted: Decimal::new(1, 0),
+                consumed: consumed.parse().unwrap(),
+                consumed_tokens: 7,
+                updated_at: draft.started_at,
+                draft: Box::new(draft),
+            }
+        };
+        let s = run_ops(vec![StoreOp::Holds(vec![hold(1, "0.25")])]);
+        // A hold persisted as JSON by an earlier version.
+        s.db().insert(key_h(2), to_json(&hold(2, "0.5"))).unwrap();
+        let balances: Balances = [("credit".to_string(), Decimal::new(10, 0))].into();
+        s.db()
+            .insert(key_w("k1"), to_json(&WalletState::from_balances(&balances)))
+            .unwrap();
+        assert_eq!(s.holds().unwrap().len(), 2);
+        assert_eq!(s.recover_holds().unwrap(), 2);
+        assert!(s.holds().unwrap().is_empty());
+        for (id, cost) in [("req-h1", "0.25"), ("req-h2", "0.5")] {
+            let r = s.record(id).unwrap().unwrap();
+            assert_eq!(r.status, crate::ledger::Status::Interrupted);
+            assert_eq!(r.cost.to_string(), cost);
+        }
+        assert_eq!(
+            s.wallet("k1").unwrap().balances()["credit"],
+            Decimal::new(925, 2)
+        );
     }
 }
