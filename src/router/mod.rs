@@ -701,7 +701,9 @@ async fn attempt(
                 // R26: chunks hold whole events, so a key echoed upstream is caught whole.
                 let redact = state.redactor();
                 let first = redact.bytes(first);
-                let rest = futures_util::stream::unfold(ms, move |mut ms| {
+                // Boxed: `unfold` keeps both its state and the in-flight future inline, and the
+                // future owns the state while it runs, so an unboxed stream would be held twice.
+                let rest = futures_util::stream::unfold(Box::new(ms), move |mut ms| {
                     let redact = redact.clone();
                     async move {
                         ms.next_chunk()

@@ -109,7 +109,7 @@ impl Wallets {
                 bucket: bucket.to_string(),
                 min,
                 want,
-                draft: Box::new(draft.clone()),
+                draft: actor::encode_draft(draft),
             })
             .await?;
         Ok(Hold {
