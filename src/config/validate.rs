@@ -64,14 +64,7 @@ impl Checker {
         match T::deserialize(value) {
             Ok(v) => Some(v),
             Err(e) => {
-                let msg = e
-                    .message()
-                    .trim()
-                    .lines()
-                    .map(str::trim)
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                self.problem(path, msg);
+                self.problem(path, one_line(e.message()));
                 None
             }
         }
@@ -127,19 +120,22 @@ impl Checker {
     }
 }
 
+/// One line per problem (R36): toml's messages can span lines.
+fn one_line(message: &str) -> String {
+    message
+        .trim()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Parses and checks configuration text.
 pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
     let table: Table = match text.parse::<Table>() {
         Ok(t) => t,
         Err(e) => {
-            // One line per problem (R36): toml's messages can span lines.
-            let msg = e
-                .message()
-                .trim()
-                .lines()
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join("; ");
+            let msg = one_line(e.message());
             let at = e
                 .span()
                 .map(|s| {
