@@ -324,3 +324,51 @@ fn idle_wallet_actors_stop_and_restart_with_their_state() {
         thread.stop();
     });
 }
+
+/// A reservation abandoned while the actor answers (the client left mid-reserve) must not leave
+/// an open hold behind: it would lock the money and keep the actor from going idle.
+#[test]
+fn an_abandoned_reservation_releases_its_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = actix_rt::System::new();
+    sys.block_on(async move {
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
+        let wallets = Wallets::new(
+            1,
+            w.clone(),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
+        wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
+        for i in 0..20 {
+            // Polled once (the message is queued), then dropped before the answer.
+            let d = draft(i);
+            let mut r = Box::pin(wallets.reserve(KEY, BUCKET, cents(1), cents(5), &d));
+            let first = futures_util::FutureExt::now_or_never(&mut r);
+            assert!(first.is_none(), "the reservation answered at once");
+            drop(r);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let snap = wallets.snapshot(KEY).await.unwrap();
+            if snap.open_holds == 0 {
+                assert_eq!(
+                    snap.held.get(BUCKET).copied().unwrap_or_default(),
+                    Decimal::ZERO
+                );
+                assert_eq!(snap.balances[BUCKET], cents(1000));
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} holds left open",
+                snap.open_holds
+            );
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        wallets.stop_all();
+        drop(w);
+        thread.stop();
+    });
+}

@@ -305,12 +305,13 @@ impl Store {
     }
 
     pub fn record(&self, request_id: &str) -> Result<Option<LedgerRecord>, StoreError> {
-        let lk = match key_l_from_id(request_id) {
-            Some(lk) if self.db.contains_key(&lk)? => lk,
-            _ => match self.db.get(key_i(request_id))? {
-                Some(lk) => lk.to_vec(),
-                None => return Ok(None),
-            },
+        if let Some(lk) = key_l_from_id(request_id) {
+            if let Some(v) = self.db.get(&lk)? {
+                return Ok(Some(decode_compact(&lk, &v)?));
+            }
+        }
+        let Some(lk) = self.db.get(key_i(request_id))? else {
+            return Ok(None);
         };
         match self.db.get(&lk)? {
             Some(v) => Ok(Some(decode_compact(&lk, &v)?)),

@@ -66,9 +66,4 @@ impl Meter {
             false
         }
     }
-
-    /// Amount drawn so far (input cost plus paid output tokens).
-    pub fn consumed(&self) -> Decimal {
-        self.hold.consumed()
-    }
 }

@@ -149,8 +149,8 @@ impl MeteredStream {
         loop {
             match self.next_event(Some(deadline)).await {
                 Err(e) => return Err(e),
-                Ok(Step::Flush) => return Ok(self.take_out()),
-                Ok(Step::Eof) => {
+                // With a deadline, `next_event` never asks to flush: only events or the end.
+                Ok(Step::Eof | Step::Flush) => {
                     // EOF before any content and without [DONE]: a broken stream.
                     return Err(EarlyFailure::Broken(
                         "upstream closed the stream before the first token".into(),

@@ -703,14 +703,13 @@ async fn attempt(
                 let first = redact.bytes(first);
                 // Boxed: `unfold` keeps both its state and the in-flight future inline, and the
                 // future owns the state while it runs, so an unboxed stream would be held twice.
-                let rest = futures_util::stream::unfold(Box::new(ms), move |mut ms| {
-                    let redact = redact.clone();
-                    async move {
-                        ms.next_chunk()
-                            .await
-                            .map(|b| (Ok::<Bytes, std::convert::Infallible>(redact.bytes(b)), ms))
-                    }
-                });
+                let rest = futures_util::stream::unfold(
+                    (Box::new(ms), redact),
+                    |(mut ms, r)| async move {
+                        let b = ms.next_chunk().await?;
+                        Some((Ok::<Bytes, std::convert::Infallible>(r.bytes(b)), (ms, r)))
+                    },
+                );
                 let first = futures_util::stream::once(async move {
                     Ok::<Bytes, std::convert::Infallible>(first)
                 });

@@ -285,7 +285,7 @@ impl Handler<Settle> for WalletActor {
     type Result = MessageResult<Settle>;
     fn handle(&mut self, m: Settle, _: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
-        let charge = m.charge.max(Decimal::ZERO);
+        let mut charge = m.charge.max(Decimal::ZERO);
         let mut persisted = false;
         let (bucket, granted) = match self.holds.remove(&m.hold_id) {
             Some(h) => {
@@ -294,8 +294,12 @@ impl Handler<Settle> for WalletActor {
                 (h.bucket, h.granted)
             }
             None => match &m.record {
-                // Unknown hold (already settled): nothing to debit.
-                Some(r) => (r.bucket.clone().unwrap_or_default(), Decimal::ZERO),
+                // Unknown hold (already settled): nothing to debit; the record shows the
+                // charge as shortfall.
+                Some(r) => {
+                    charge = Decimal::ZERO;
+                    (r.bucket.clone().unwrap_or_default(), Decimal::ZERO)
+                }
                 None => {
                     return MessageResult(Settled {
                         debited: Decimal::ZERO,
@@ -314,7 +318,7 @@ impl Handler<Settle> for WalletActor {
             granted + (charge - granted).min(free)
         }
         .min(balance);
-        let shortfall = charge - debited;
+        let shortfall = m.charge.max(Decimal::ZERO) - debited;
         if !debited.is_zero() {
             self.balances.insert(bucket.clone(), balance - debited);
         }
@@ -323,6 +327,10 @@ impl Handler<Settle> for WalletActor {
             r.shortfall = shortfall.normalize();
             r
         });
+        if debited.is_zero() && record.is_none() && !persisted {
+            // A release (a dropped hold): nothing changed on disk.
+            return MessageResult(Settled { debited, shortfall });
+        }
         let op = StoreOp::Settle {
             key_id: self.key_id.to_string(),
             balances: self.balances.clone(),

@@ -103,6 +103,14 @@ impl Wallets {
         draft: &LedgerRecord,
     ) -> Result<Hold, WalletError> {
         let hold_id = next_hold_id();
+        // If this request is dropped while the actor answers (the client left), the hold the
+        // actor opens has no owner: release it then.
+        let mut orphan = ReleaseOnDrop {
+            wallets: self,
+            key_id,
+            hold_id,
+            armed: true,
+        };
         let (granted, addr) = self
             .send_to(key_id, || Reserve {
                 hold_id,
@@ -112,6 +120,7 @@ impl Wallets {
                 draft: actor::encode_draft(draft),
             })
             .await?;
+        orphan.armed = false;
         Ok(Hold {
             id: hold_id,
             addr: Some(addr),
@@ -146,6 +155,27 @@ impl Wallets {
 
     pub fn stop_all(&self) {
         self.registry.stop_all();
+    }
+}
+
+/// Releases a hold whose reservation was abandoned before its answer arrived.
+struct ReleaseOnDrop<'a> {
+    wallets: &'a Wallets,
+    key_id: &'a str,
+    hold_id: u64,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // An unknown hold (never opened, e.g. the reservation was refused) makes this a no-op.
+            self.wallets.registry.addr(self.key_id).do_send(Settle {
+                hold_id: self.hold_id,
+                charge: Decimal::ZERO,
+                record: None,
+            });
+        }
     }
 }
 
@@ -215,7 +245,7 @@ impl Hold {
                 shortfall: Decimal::ZERO,
             };
         }
-        let Some(addr) = self.addr.take() else {
+        let Some(addr) = self.addr.clone() else {
             return Settled {
                 debited: Decimal::ZERO,
                 shortfall: charge,
@@ -226,7 +256,11 @@ impl Hold {
             charge,
             record: record.map(Box::new),
         };
-        match addr.send(msg).await {
+        let answer = addr.send(msg).await;
+        // Only now is the hold settled: if this wait is cancelled (the client left), `Drop`
+        // still releases it (a second settlement of a settled hold is a no-op in the actor).
+        self.addr = None;
+        match answer {
             Ok(s) => s,
             Err(_) => Settled {
                 debited: Decimal::ZERO,
