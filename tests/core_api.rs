@@ -587,62 +587,39 @@ async fn malformed_requests_get_the_openai_envelope() {
 
     // Authentication.
     let body = json!({"model": "m", "messages": m});
-    let r = http().post(&chat_url).json(&body).send().await.unwrap();
-    assert_error(
-        r,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        false,
-        "no key",
-    )
-    .await;
-    let r = http()
-        .post(&chat_url)
-        .bearer_auth("tg-wrong-key-000")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        false,
-        "wrong key",
-    )
-    .await;
-    let r = http()
-        .post(&chat_url)
-        .header("authorization", format!("Basic {DEMO_KEY}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        false,
-        "not bearer",
-    )
-    .await;
-    let r = http()
-        .get(format!("{}/v1/models", g.client_url))
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        401,
-        "invalid_request_error",
-        "invalid_api_key",
-        false,
-        "models, no key",
-    )
-    .await;
+    let cases = [
+        ("no key", http().post(&chat_url).json(&body)),
+        (
+            "wrong key",
+            http()
+                .post(&chat_url)
+                .bearer_auth("tg-wrong-key-000")
+                .json(&body),
+        ),
+        (
+            "not bearer",
+            http()
+                .post(&chat_url)
+                .header("authorization", format!("Basic {DEMO_KEY}"))
+                .json(&body),
+        ),
+        (
+            "models, no key",
+            http().get(format!("{}/v1/models", g.client_url)),
+        ),
+    ];
+    for (what, req) in cases {
+        let r = req.send().await.unwrap();
+        assert_error(
+            r,
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            false,
+            what,
+        )
+        .await;
+    }
 
     // Body over the default max_body_bytes (4 MiB), with a length...
     let big = json!({"model": "m", "messages": [{"role": "user", "content": "a".repeat(4 * 1024 * 1024)}]})
@@ -710,82 +687,49 @@ async fn malformed_requests_get_the_openai_envelope() {
     .await;
 
     // Unknown paths and wrong methods.
-    let r = http()
-        .get(format!("{}/v1/nothing", g.client_url))
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        404,
-        "invalid_request_error",
-        "not_found",
-        false,
-        "unknown path",
-    )
-    .await;
-    let r = http()
-        .post(format!("{}/v2/chat/completions", g.client_url))
-        .bearer_auth(DEMO_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        404,
-        "invalid_request_error",
-        "not_found",
-        false,
-        "unknown path (POST)",
-    )
-    .await;
-    let r = http()
-        .get(format!("{}/admin/keys", g.client_url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        404,
-        "invalid_request_error",
-        "not_found",
-        false,
-        "admin on client",
-    )
-    .await;
-    let r = http()
-        .get(&chat_url)
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        405,
-        "invalid_request_error",
-        "method_not_allowed",
-        false,
-        "GET chat",
-    )
-    .await;
-    let r = http()
-        .delete(&emb_url)
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_error(
-        r,
-        405,
-        "invalid_request_error",
-        "method_not_allowed",
-        false,
-        "DELETE emb",
-    )
-    .await;
+    let cases = [
+        (
+            "unknown path",
+            http()
+                .get(format!("{}/v1/nothing", g.client_url))
+                .bearer_auth(DEMO_KEY),
+            404,
+            "not_found",
+        ),
+        (
+            "unknown path (POST)",
+            http()
+                .post(format!("{}/v2/chat/completions", g.client_url))
+                .bearer_auth(DEMO_KEY)
+                .json(&body),
+            404,
+            "not_found",
+        ),
+        (
+            "admin on client",
+            http()
+                .get(format!("{}/admin/keys", g.client_url))
+                .bearer_auth(ADMIN_TOKEN),
+            404,
+            "not_found",
+        ),
+        (
+            "GET chat",
+            http().get(&chat_url).bearer_auth(DEMO_KEY),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "DELETE emb",
+            http().delete(&emb_url).bearer_auth(DEMO_KEY),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (what, req, status, code) in cases {
+        let r = req.send().await.unwrap();
+        assert_error(r, status, "invalid_request_error", code, false, what).await;
+    }
 
     // Rejected authenticated requests (404) leave a `rejected` record; 400s leave none (R15).
     let r = chat(&g, &json!({"model": "nope", "messages": m}))

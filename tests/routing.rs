@@ -32,27 +32,7 @@ fn standard(key_extra: &str, p1_extra: &'static str, p2_extra: &'static str) -> 
 
 /// A custom body: buckets, the given `[[models]]` text, the demo key (cross-bucket allowed).
 fn body_with(extra: &str) -> String {
-    format!(
-        r#"
-[buckets.credit]
-currency = "USD"
-kind = "official"
-
-[buckets.routed]
-currency = "CNY"
-kind = "routed"
-
-{extra}
-
-[[keys]]
-name = "demo"
-secret = "{DEMO_KEY}"
-workspace = "ws"
-project = "proj"
-allow_cross_bucket_fallback = true
-topup = {{ credit = "10", routed = "10" }}
-"#
-    )
+    two_bucket_body(extra, "allow_cross_bucket_fallback = true", "10", "10")
 }
 
 async fn chat(g: &Gateway, model: &str, stream: bool) -> reqwest::Response {

@@ -56,6 +56,40 @@ pub struct Setup<'a> {
 /// Buckets, a two-route chat model (`m` primary on provider `p1` credit/USD, backup on `p2`
 /// routed/CNY), an embeddings model on `p1`, and the demo key funded in both buckets.
 pub fn standard_body(key_extra: &str, topup_credit: &str, topup_routed: &str) -> String {
+    two_bucket_body(
+        r#"
+[[models]]
+name = "m"
+tokenizer = "chunks"
+retry = { max_retries = 1, backoff_base_ms = 5, backoff_max_ms = 200 }
+routes = [
+  { provider = "p1", upstream_model = "up-m1", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" },
+  { provider = "p2", upstream_model = "up-m2", bucket = "routed", input_per_mtok = "3", output_per_mtok = "4" },
+]
+
+[[models]]
+name = "emb"
+endpoints = ["embeddings"]
+tokenizer = "chunks"
+routes = [
+  { provider = "p1", upstream_model = "up-emb", bucket = "credit", input_per_mtok = "0.5", output_per_mtok = "0" },
+]
+"#,
+        key_extra,
+        topup_credit,
+        topup_routed,
+    )
+}
+
+/// Buckets `credit` (USD, official) and `routed` (CNY, routed), then `models` verbatim (any
+/// `[[models]]` or other tables), then the demo key with `key_extra` lines, funded in both
+/// buckets.
+pub fn two_bucket_body(
+    models: &str,
+    key_extra: &str,
+    topup_credit: &str,
+    topup_routed: &str,
+) -> String {
     format!(
         r#"
 [buckets.credit]
@@ -66,22 +100,7 @@ kind = "official"
 currency = "CNY"
 kind = "routed"
 
-[[models]]
-name = "m"
-tokenizer = "chunks"
-retry = {{ max_retries = 1, backoff_base_ms = 5, backoff_max_ms = 200 }}
-routes = [
-  {{ provider = "p1", upstream_model = "up-m1", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }},
-  {{ provider = "p2", upstream_model = "up-m2", bucket = "routed", input_per_mtok = "3", output_per_mtok = "4" }},
-]
-
-[[models]]
-name = "emb"
-endpoints = ["embeddings"]
-tokenizer = "chunks"
-routes = [
-  {{ provider = "p1", upstream_model = "up-emb", bucket = "credit", input_per_mtok = "0.5", output_per_mtok = "0" }},
-]
+{models}
 
 [[keys]]
 name = "demo"
