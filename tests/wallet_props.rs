@@ -341,14 +341,22 @@ fn an_abandoned_reservation_releases_its_hold() {
             Duration::from_secs(60),
         );
         wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
+        let mut abandoned = 0;
         for i in 0..20 {
             // Polled once (the message is queued), then dropped before the answer.
             let d = draft(i);
             let mut r = Box::pin(wallets.reserve(KEY, BUCKET, cents(1), cents(5), &d));
-            let first = futures_util::FutureExt::now_or_never(&mut r);
-            assert!(first.is_none(), "the reservation answered at once");
+            // The actor runs on another thread and may answer within this one poll; a hold
+            // that did come back is released by its own drop.
+            if futures_util::FutureExt::now_or_never(&mut r).is_none() {
+                abandoned += 1;
+            }
             drop(r);
         }
+        assert!(
+            abandoned > 0,
+            "no reservation was abandoned before its answer"
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let snap = wallets.snapshot(KEY).await.unwrap();
