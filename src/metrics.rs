@@ -27,7 +27,8 @@ pub const LEDGER_FLUSH_SECONDS: &str = "tollgate_ledger_flush_seconds";
 pub const METERING_DRIFT: &str = "tollgate_metering_drift_tokens";
 pub const LEDGER_QUEUE_FULL: &str = "tollgate_ledger_queue_full_total";
 
-/// Ledger statuses (R38 `status`), for the zero series of `tollgate_requests_total`.
+/// Ledger statuses (R38 `status`), for the zero series of `tollgate_requests_total`, in the order
+/// of [`crate::ledger::Status`].
 const STATUSES: [&str; 6] = [
     "completed",
     "balance_exhausted",
@@ -272,35 +273,134 @@ fn describe() {
 /// drift. `delivered` is the gateway's own count of streamed output tokens, if any.
 pub fn observe_request(rec: &crate::ledger::LedgerRecord, delivered: Option<u64>) {
     use rust_decimal::prelude::ToPrimitive;
-    let model = rec.requested_model.clone();
-    let route = rec.route.clone().unwrap_or_else(|| "none".into());
-    let bucket = rec.bucket.clone().unwrap_or_else(|| "none".into());
-    metrics::counter!(REQUESTS, "model" => model.clone(), "route" => route.clone(), "bucket" => bucket.clone(), "status" => rec.status.as_str()).increment(1);
-    if rec.route.is_none() {
+    let model = rec.requested_model.as_str();
+    let bucket = rec.bucket.as_deref().unwrap_or("none");
+    let Some(route) = rec.route.as_deref() else {
+        metrics::counter!(REQUESTS, "model" => model.to_string(), "route" => "none", "bucket" => bucket.to_string(), "status" => rec.status.as_str()).increment(1);
         return;
-    }
-    metrics::counter!(TOKENS, "model" => model.clone(), "route" => route.clone(), "bucket" => bucket.clone(), "direction" => "input").increment(rec.input_tokens);
-    metrics::counter!(TOKENS, "model" => model.clone(), "route" => route.clone(), "bucket" => bucket.clone(), "direction" => "output").increment(rec.output_tokens);
-    let currency = rec.currency.clone().unwrap_or_default();
+    };
+    let currency = rec.currency.as_deref().unwrap_or_default();
+    let series = RouteSeries::get(model, route, bucket, currency);
+    series.requests[rec.status as usize].increment(1);
+    series.input_tokens.increment(rec.input_tokens);
+    series.output_tokens.increment(rec.output_tokens);
     if !rec.cost.is_zero() {
-        metrics::gauge!(SPEND, "bucket" => bucket.clone(), "currency" => currency.clone(), "model" => model.clone(), "route" => route.clone())
-            .increment(rec.cost.to_f64().unwrap_or(0.0));
+        series.spend.increment(rec.cost.to_f64().unwrap_or(0.0));
     }
     if !rec.shortfall.is_zero() {
-        metrics::gauge!(SHORTFALL, "bucket" => bucket, "currency" => currency)
+        metrics::gauge!(SHORTFALL, "bucket" => bucket.to_string(), "currency" => currency.to_string())
             .increment(rec.shortfall.to_f64().unwrap_or(0.0));
     }
-    metrics::histogram!(REQUEST_DURATION, "model" => model.clone(), "route" => route.clone())
+    series.duration.record(
         // Sub-millisecond precision: the record's `duration_ms` rounds most fast requests to 0.
-        .record(
-            (rec.finished_at - rec.started_at)
-                .to_std()
-                .map_or(rec.duration_ms as f64 / 1000.0, |d| d.as_secs_f64()),
-        );
+        (rec.finished_at - rec.started_at)
+            .to_std()
+            .map_or(rec.duration_ms as f64 / 1000.0, |d| d.as_secs_f64()),
+    );
     if let Some(t) = rec.ttft_ms {
-        metrics::histogram!(TTFT, "model" => model, "route" => route).record(t as f64 / 1000.0);
+        series.ttft.record(t as f64 / 1000.0);
     }
     if let (Some(d), Some(u)) = (delivered, rec.upstream_usage) {
         metrics::histogram!(METERING_DRIFT).record(d as f64 - u.completion_tokens as f64);
+    }
+}
+
+/// Handles of the unlabelled series moved on every request, made once per thread (a lookup in
+/// the registry hashes the name and takes a lock).
+pub struct Hot {
+    pub holds_active: metrics::Gauge,
+    pub streams_active: metrics::Gauge,
+    pub overhead: metrics::Histogram,
+}
+
+thread_local! {
+    static HOT: Hot = Hot {
+        holds_active: metrics::gauge!(WALLET_HOLDS_ACTIVE),
+        streams_active: metrics::gauge!(STREAMS_ACTIVE),
+        overhead: metrics::histogram!(GATEWAY_OVERHEAD),
+    };
+}
+
+/// Runs `f` with this thread's [`Hot`] handles.
+pub fn hot<T>(f: impl FnOnce(&Hot) -> T) -> T {
+    HOT.with(f)
+}
+
+/// The handles of the labelled series a settled request on one route moves. Finding a labelled
+/// series in the registry builds its label set and takes a lock, so each thread keeps the
+/// handles of the routes it has settled, keyed by route id.
+struct RouteSeries {
+    labels: [String; 3],
+    requests: [metrics::Counter; 6],
+    input_tokens: metrics::Counter,
+    output_tokens: metrics::Counter,
+    spend: metrics::Gauge,
+    duration: metrics::Histogram,
+    ttft: metrics::Histogram,
+}
+
+thread_local! {
+    static ROUTE_SERIES: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<RouteSeries>>> =
+        std::cell::RefCell::default();
+}
+
+impl RouteSeries {
+    fn get(model: &str, route: &str, bucket: &str, currency: &str) -> std::rc::Rc<RouteSeries> {
+        ROUTE_SERIES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(s) = cache.get(route) {
+                if s.labels
+                    .iter()
+                    .map(String::as_str)
+                    .eq([model, bucket, currency])
+                {
+                    return s.clone();
+                }
+            }
+            let s = std::rc::Rc::new(RouteSeries::new(model, route, bucket, currency));
+            cache.insert(route.to_string(), s.clone());
+            s
+        })
+    }
+
+    fn new(model: &str, route: &str, bucket: &str, currency: &str) -> RouteSeries {
+        let (m, r, b, c) = (
+            model.to_string(),
+            route.to_string(),
+            bucket.to_string(),
+            currency.to_string(),
+        );
+        let tokens = |direction: &'static str| metrics::counter!(TOKENS, "model" => m.clone(), "route" => r.clone(), "bucket" => b.clone(), "direction" => direction);
+        RouteSeries {
+            requests: STATUSES.map(|status| {
+                metrics::counter!(REQUESTS, "model" => m.clone(), "route" => r.clone(), "bucket" => b.clone(), "status" => status)
+            }),
+            input_tokens: tokens("input"),
+            output_tokens: tokens("output"),
+            spend: metrics::gauge!(SPEND, "bucket" => b.clone(), "currency" => c.clone(), "model" => m.clone(), "route" => r.clone()),
+            duration: metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "route" => r.clone()),
+            ttft: metrics::histogram!(TTFT, "model" => m.clone(), "route" => r),
+            labels: [m, b, c],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Status;
+
+    #[test]
+    fn cached_request_series_are_indexed_by_status() {
+        for status in [
+            Status::Completed,
+            Status::BalanceExhausted,
+            Status::ClientDisconnected,
+            Status::UpstreamError,
+            Status::Rejected,
+            Status::Interrupted,
+        ] {
+            assert_eq!(STATUSES[status as usize], status.as_str());
+        }
     }
 }

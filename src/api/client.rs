@@ -410,12 +410,12 @@ async fn handle(
     // If the client goes away before the response starts, actix drops this future: the guard
     // records the request as `client_disconnected` (nothing was delivered or charged).
     let mut guard = Abandoned {
-        writer: state.writer.clone(),
-        rec: Some(call.draft()),
+        writer: &state.writer,
+        call: Some(&call),
         started,
     };
-    let r = router::serve(&state, &ups, call).await;
-    guard.rec = None;
+    let r = router::serve(&state, &ups, &call).await;
+    guard.call = None;
     match (r, admission.permit) {
         // The stream's body holds the concurrent-stream permit until it is dropped.
         (Ok(resp), Some(permit)) if stream => {
@@ -485,15 +485,15 @@ impl actix_web::body::MessageBody for PermittedBody {
     }
 }
 
-struct Abandoned {
-    writer: crate::ledger::LedgerWriter,
-    rec: Option<crate::ledger::LedgerRecord>,
+struct Abandoned<'a> {
+    writer: &'a crate::ledger::LedgerWriter,
+    /// The request, while nothing else will write its record.
+    call: Option<&'a router::Call>,
     started: Instant,
 }
-
-impl Drop for Abandoned {
+impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
+        if let Some(mut rec) = self.call.take().map(router::Call::draft) {
             rec.status = crate::ledger::Status::ClientDisconnected;
             rec.http_status = 499;
             rec.finished_at = chrono::Utc::now();

@@ -228,6 +228,115 @@ pub fn completion_output(body: &serde_json::Value) -> (Vec<&str>, Option<Usage>)
     (texts, chat_usage(body))
 }
 
+/// A non-stream upstream body (chat completion or embeddings) that is a JSON object.
+pub enum UpstreamBody<'a> {
+    /// The usual shape, read in one pass: strings borrow from the body, unknown members are
+    /// skipped without building them.
+    View(RawBody<'a>),
+    /// Any other object (a member of an unexpected type, a duplicate member): read as a `Value`,
+    /// so the result is the one [`completion_output`] and the usage functions give.
+    Json(serde_json::Value),
+}
+
+/// What metering reads from a non-stream body.
+#[derive(Debug, Deserialize)]
+pub struct RawBody<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<RawMessageChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
+    tollgate: Seen,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawMessageChoice<'a> {
+    /// A message has the fields of a delta.
+    #[serde(borrow, default)]
+    message: Option<RawDelta<'a>>,
+}
+
+/// Whether a member was present, whatever its value (`null` included).
+#[derive(Debug, Default)]
+struct Seen(bool);
+
+impl<'de> Deserialize<'de> for Seen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Seen, D::Error> {
+        IgnoredAny::deserialize(d)?;
+        Ok(Seen(true))
+    }
+}
+
+impl<'a> UpstreamBody<'a> {
+    /// `None` when `body` is not one JSON object in UTF-8.
+    pub fn parse(body: &'a [u8]) -> Option<UpstreamBody<'a>> {
+        let text = std::str::from_utf8(body).ok()?;
+        if text.trim_start().starts_with('{') {
+            if let Ok(view) = serde_json::from_str::<RawBody>(text) {
+                return Some(UpstreamBody::View(view));
+            }
+        }
+        match serde_json::from_str(text) {
+            Ok(v @ serde_json::Value::Object(_)) => Some(UpstreamBody::Json(v)),
+            _ => None,
+        }
+    }
+
+    /// The chat output texts and usage, as [`completion_output`] reads them.
+    pub fn completion_output(&self) -> (Vec<&str>, Option<Usage>) {
+        let view = match self {
+            UpstreamBody::View(view) => view,
+            UpstreamBody::Json(v) => return completion_output(v),
+        };
+        let mut texts = Vec::new();
+        let messages = view
+            .choices
+            .iter()
+            .flatten()
+            .filter_map(|c| c.message.as_ref());
+        for m in messages {
+            let fields = [&m.content, &m.reasoning_content, &m.refusal];
+            texts.extend(fields.into_iter().flatten().map(|t| &**t));
+            let calls = m.tool_calls.iter().flatten();
+            texts.extend(calls.filter_map(|c| c.function.as_ref()?.arguments.as_deref()));
+            texts.extend(
+                m.function_call
+                    .as_ref()
+                    .and_then(|f| f.arguments.as_deref()),
+            );
+        }
+        texts.retain(|t| !t.is_empty());
+        (texts, self.usage(true))
+    }
+
+    /// The embeddings usage, as [`embeddings_usage`] reads it.
+    pub fn embeddings_usage(&self) -> Option<Usage> {
+        self.usage(false)
+    }
+
+    /// Chat usage needs both counts; embeddings usage only `prompt_tokens`.
+    fn usage(&self, chat: bool) -> Option<Usage> {
+        let view = match self {
+            UpstreamBody::View(view) => view,
+            UpstreamBody::Json(v) if chat => return chat_usage(v),
+            UpstreamBody::Json(v) => return embeddings_usage(v),
+        };
+        let u = view.usage.as_ref()?;
+        Some(Usage {
+            prompt_tokens: u.prompt_tokens?,
+            completion_tokens: if chat { u.completion_tokens? } else { 0 },
+        })
+    }
+
+    /// Does the body have a `tollgate` member of its own?
+    pub fn has_tollgate(&self) -> bool {
+        match self {
+            UpstreamBody::View(view) => view.tollgate.0,
+            UpstreamBody::Json(v) => v.get("tollgate").is_some(),
+        }
+    }
+}
+
 /// `usage` of a chat completion body, when it has both `prompt_tokens` and `completion_tokens`.
 pub fn chat_usage(body: &serde_json::Value) -> Option<Usage> {
     let usage = body.get("usage")?;
@@ -810,6 +919,60 @@ mod tests {
         let (texts, usage) = completion_output(&bogus);
         assert!(texts.is_empty());
         assert_eq!(usage, None);
+    }
+
+    #[test]
+    fn non_stream_bodies_read_in_one_pass_as_their_json_values_read() {
+        let bodies: [&[u8]; 14] = [
+            br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"Hi \"there\" \u00e9","refusal":null}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            br#"{"choices":[{"message":{"content":"","reasoning_content":"think","tool_calls":[{"function":{"name":"f","arguments":"{}"}},{"type":"x"}],"function_call":{"arguments":"[1]"}}},{"message":null},{}]}"#,
+            br#"{"choices":null,"usage":null,"tollgate":null}"#,
+            br#"{"choices":"bogus","usage":{"prompt_tokens":2}}"#,
+            br#"{"choices":[{"message":{"content":["a","b"]}}],"usage":{"prompt_tokens":2,"completion_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":2.0,"completion_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":{"prompt_tokens":5,"completion_tokens":6}}"#,
+            br#"{"data":[{"embedding":[0.1,-2e-3,3]}],"usage":{"prompt_tokens":9,"total_tokens":9},"tollgate":{"x":1}}"#,
+            br#"  {}  "#,
+            br#"[{"choices":[]}]"#,
+            br#"{"choices":[]} trailing"#,
+            b"{\"data\":\"\xff\"}",
+            br#""text""#,
+        ];
+        for body in bodies {
+            let shown = String::from_utf8_lossy(body);
+            let value = std::str::from_utf8(body)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                .filter(|v| v.is_object());
+            let parsed = UpstreamBody::parse(body);
+            assert_eq!(parsed.is_some(), value.is_some(), "{shown}");
+            let (Some(parsed), Some(value)) = (parsed, value) else {
+                continue;
+            };
+            assert_eq!(
+                parsed.completion_output(),
+                completion_output(&value),
+                "{shown}"
+            );
+            assert_eq!(
+                parsed.embeddings_usage(),
+                embeddings_usage(&value),
+                "{shown}"
+            );
+            assert_eq!(
+                parsed.has_tollgate(),
+                value.get("tollgate").is_some(),
+                "{shown}"
+            );
+        }
+        // The usual shapes take the one-pass reader.
+        for body in &bodies[..3] {
+            assert!(matches!(
+                UpstreamBody::parse(body),
+                Some(UpstreamBody::View(_))
+            ));
+        }
     }
 
     #[test]

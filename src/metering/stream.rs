@@ -96,7 +96,7 @@ pub struct MeteredStream {
 
 impl MeteredStream {
     pub fn new(p: StreamParts) -> MeteredStream {
-        metrics::gauge!(crate::metrics::STREAMS_ACTIVE).increment(1.0);
+        crate::metrics::hot(|m| m.streams_active.increment(1.0));
         MeteredStream {
             body: Some(p.body),
             parser: SseParser::with_max_event_bytes(p.max_event_bytes),
@@ -118,7 +118,7 @@ impl MeteredStream {
             delivering: false,
             upstream_wait: Duration::ZERO,
             last_wait: Duration::ZERO,
-            overhead: metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD),
+            overhead: crate::metrics::hot(|m| m.overhead.clone()),
             reporter: p.reporter,
             limiter: p.limiter,
             shutdown: p.shutdown.map(|mut rx| -> ShutdownSignal {
@@ -239,7 +239,7 @@ impl MeteredStream {
 
     fn leave_gauge(&mut self) {
         if std::mem::take(&mut self.in_gauge) {
-            metrics::gauge!(crate::metrics::STREAMS_ACTIVE).decrement(1.0);
+            crate::metrics::hot(|m| m.streams_active.decrement(1.0));
         }
     }
 
@@ -474,12 +474,21 @@ impl MeteredStream {
             self.first_token_at,
             self.started,
         );
-        let settled = meter.hold.settle(charge, Some(rec.clone())).await;
-        rec.cost = settled.debited;
-        rec.shortfall = settled.shortfall;
-        account(&rec, Some(meter.tokens), self.limiter.as_deref());
+        let delivered = meter.tokens;
+        let tail = meter
+            .hold
+            .settle_sealed(charge, rec, |rec| {
+                account(rec, Some(delivered), self.limiter.as_deref());
+                self.final_events(e, rec)
+            })
+            .await;
         self.leave_gauge();
+        tail
+    }
 
+    /// The events after the last token: the usage chunk if asked for, the error event of a cut
+    /// or a break, and `[DONE]`.
+    fn final_events(&self, e: End, rec: &LedgerRecord) -> Bytes {
         let mut out = BytesMut::new();
         if self.include_usage {
             let mut chunk = match self
@@ -510,7 +519,10 @@ impl MeteredStream {
                     "total_tokens": rec.input_tokens + rec.output_tokens,
                 }),
             );
-            chunk.insert("tollgate".into(), tollgate_object(&rec));
+            chunk.insert(
+                "tollgate".into(),
+                serde_json::to_value(tollgate_object(rec)).unwrap_or_default(),
+            );
             push_event(&mut out, &Value::Object(chunk).to_string());
         }
         match e {
@@ -647,22 +659,39 @@ pub fn account(
     }
 }
 
-/// The `tollgate` object of bodies and usage chunks (DESIGN §4.2).
-pub fn tollgate_object(rec: &LedgerRecord) -> Value {
-    json!({
-        "request_id": rec.request_id,
-        "route": rec.route,
-        "provider": rec.provider,
-        "upstream_model": rec.upstream_model,
-        "bucket": rec.bucket,
-        "currency": rec.currency,
-        "cost": rec.cost.normalize().to_string(),
-        "input_tokens": rec.input_tokens,
-        "output_tokens": rec.output_tokens,
-        "fallbacks": rec.fallbacks,
-        "retries": rec.retries,
-        "status": rec.status.as_str(),
-    })
+/// The `tollgate` object of bodies and usage chunks (DESIGN §4.2), written straight from the
+/// record.
+#[derive(serde::Serialize)]
+pub struct TollgateObject<'a> {
+    request_id: &'a str,
+    route: Option<&'a str>,
+    provider: Option<&'a str>,
+    upstream_model: Option<&'a str>,
+    bucket: Option<&'a str>,
+    currency: Option<&'a str>,
+    cost: String,
+    input_tokens: u64,
+    output_tokens: u64,
+    fallbacks: u32,
+    retries: u32,
+    status: &'static str,
+}
+
+pub fn tollgate_object(rec: &LedgerRecord) -> TollgateObject<'_> {
+    TollgateObject {
+        request_id: &rec.request_id,
+        route: rec.route.as_deref(),
+        provider: rec.provider.as_deref(),
+        upstream_model: rec.upstream_model.as_deref(),
+        bucket: rec.bucket.as_deref(),
+        currency: rec.currency.as_deref(),
+        cost: rec.cost.normalize().to_string(),
+        input_tokens: rec.input_tokens,
+        output_tokens: rec.output_tokens,
+        fallbacks: rec.fallbacks,
+        retries: rec.retries,
+        status: rec.status.as_str(),
+    }
 }
 
 impl Drop for MeteredStream {

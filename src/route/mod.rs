@@ -73,6 +73,9 @@ struct RouteShared {
     /// Milliseconds since `epoch` when the half-open trial was claimed; 0 when free.
     trial_since: AtomicU64,
     trial_ttl: Duration,
+    /// `tollgate_upstream_attempts_total` for this route with outcome `ok` / `stream_error`, the
+    /// outcomes a stream reports when it ends.
+    attempts_ended: [metrics::Counter; 2],
 }
 
 pub struct RouteTable {
@@ -118,6 +121,9 @@ impl RouteTable {
                         .max(provider.idle_timeout_ms)
                         + 5000,
                 ),
+                attempts_ended: ["ok", "stream_error"].map(|outcome| {
+                    metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => outcome)
+                }),
             });
             metrics::gauge!(crate::metrics::CIRCUIT_STATE, "route" => route.id.clone()).set(0.0);
             for to in ["closed", "half_open", "open"] {
@@ -214,9 +220,10 @@ impl RouteTable {
         trial: bool,
         started: Instant,
     ) -> Option<AttemptReporter> {
+        let shared = self.routes.get(route_id)?.clone();
         self.actors.get(route_id).map(|a| AttemptReporter {
             addr: a.clone(),
-            route: route_id.to_string(),
+            shared,
             trial,
             started,
         })
@@ -230,7 +237,7 @@ impl RouteTable {
 /// Reports one sent attempt's outcome when it is finally known; dropping it reports nothing.
 pub struct AttemptReporter {
     addr: Addr<RouteActor>,
-    route: String,
+    shared: Arc<RouteShared>,
     trial: bool,
     started: Instant,
 }
@@ -238,12 +245,7 @@ pub struct AttemptReporter {
 impl AttemptReporter {
     /// `broke`: the stream broke after it started (a breaker failure), with the reason.
     pub fn finish(self, broke: Option<String>) {
-        let outcome = if broke.is_some() {
-            "stream_error"
-        } else {
-            "ok"
-        };
-        metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => self.route.clone(), "outcome" => outcome).increment(1);
+        self.shared.attempts_ended[usize::from(broke.is_some())].increment(1);
         self.addr.do_send(Outcome {
             ok: broke.is_none(),
             breaker_failure: broke.is_some(),

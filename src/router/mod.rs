@@ -9,6 +9,7 @@ pub mod upstream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::HeaderName;
 use actix_web::HttpResponse;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -22,7 +23,7 @@ use crate::app::AppState;
 use crate::config::{Endpoint, Model, Route};
 use crate::keys::ApiKey;
 use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp};
-use crate::metering::chunk::{chat_usage, completion_output, embeddings_usage};
+use crate::metering::chunk::UpstreamBody;
 use crate::metering::meter::{cost, Meter};
 use crate::metering::stream::{
     account, fill_record, tollgate_object, EarlyFailure, MeteredStream, StreamParts,
@@ -156,7 +157,7 @@ enum Served {
 pub async fn serve(
     state: &AppState,
     ups: &Upstreams,
-    call: Call,
+    call: &Call,
 ) -> Result<HttpResponse, ApiError> {
     let key = call.key.clone();
     let model = call.model.clone();
@@ -175,7 +176,7 @@ pub async fn serve(
                 model.name
             ),
         );
-        return Err(reject(state, &call, call.draft(), err));
+        return Err(reject(state, call, call.draft(), err));
     };
     let mut rec = call.draft();
     let mut skipped: Vec<String> = Vec::new();
@@ -301,7 +302,7 @@ pub async fn serve(
                         "wallet_unavailable",
                         format!("the wallet is unavailable: {e}"),
                     );
-                    return Err(reject(state, &call, rec, err));
+                    return Err(reject(state, call, rec, err));
                 }
             };
             if let Some((from, reason)) = prev_failed_route.take() {
@@ -318,7 +319,7 @@ pub async fn serve(
             let mut reporter = state.routes.reporter(&route.id, trial, t0);
             let served = attempt(
                 state,
-                &call,
+                call,
                 route,
                 upstream,
                 hold,
@@ -366,7 +367,7 @@ pub async fn serve(
                         set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
                         rec.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
                         let err = passthrough_error(state, status, &body);
-                        return Err(record_error(state, &call, rec, err, Status::UpstreamError));
+                        return Err(record_error(state, call, rec, err, Status::UpstreamError));
                     }
                     let outcome = f.outcome.clone();
                     let retry_after = f.retry_after;
@@ -448,7 +449,7 @@ pub async fn serve(
             )
         }
     };
-    Err(reject(state, &call, rec, err))
+    Err(reject(state, call, rec, err))
 }
 
 fn describe_failures(attempts: &[Attempt]) -> String {
@@ -583,17 +584,7 @@ async fn attempt(
     let provider = &upstream.provider;
     // The input is paid for up front.
     hold.try_draw(in_cost, 0);
-    let mut body = call.body.clone();
-    body.insert("model".into(), Value::String(route.upstream_model.clone()));
-    if call.stream {
-        let so = body
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(m) = so {
-            m.insert("include_usage".into(), Value::Bool(true));
-        }
-    }
-    let bytes = Bytes::from(Value::Object(body).to_string());
+    let bytes = upstream_body(&call.body, &route.upstream_model, call.stream);
     let path = match call.endpoint {
         Endpoint::Chat => "/chat/completions",
         Endpoint::Embeddings => "/embeddings",
@@ -608,8 +599,8 @@ async fn attempt(
         });
     // First sent attempt only: a later one's elapsed time includes upstream waits and backoff.
     if !rec.attempts.iter().any(|a| is_sent(&a.outcome)) {
-        metrics::histogram!(crate::metrics::GATEWAY_OVERHEAD)
-            .record(call.started.elapsed().as_secs_f64());
+        let overhead = call.started.elapsed().as_secs_f64();
+        crate::metrics::hot(|m| m.overhead.record(overhead));
     }
     let resp = match upstream
         .send(
@@ -746,25 +737,23 @@ async fn attempt(
             Ok(b) => state.redactor().bytes(b),
             Err(e) => return Served::Failed(send_failure(e)),
         };
-        let mut json: Value = match serde_json::from_slice(&body) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                return Served::Failed(fail(
-                    "stream_error",
-                    None,
-                    "upstream body is not a JSON object".into(),
-                    true,
-                    false,
-                ))
-            }
+        let Some(parsed) = UpstreamBody::parse(&body) else {
+            return Served::Failed(fail(
+                "stream_error",
+                None,
+                "upstream body is not a JSON object".into(),
+                true,
+                false,
+            ));
         };
         let (usage, counted_out) = match call.endpoint {
             Endpoint::Chat => {
-                let (texts, usage) = completion_output(&json);
+                let (texts, usage) = parsed.completion_output();
                 (usage, tokenizer.completion_output_tokens(&texts))
             }
-            Endpoint::Embeddings => (embeddings_usage(&json).or_else(|| chat_usage(&json)), 0),
+            Endpoint::Embeddings => (parsed.embeddings_usage(), 0),
         };
+        let replace_tollgate = parsed.has_tollgate();
         ok_attempt.latency_ms = call.started.elapsed().as_millis() as u64;
         draft.attempts.push(ok_attempt);
         let charge = fill_record(
@@ -776,19 +765,122 @@ async fn attempt(
             call.started,
         );
         let headers = success_headers(&draft);
-        let settled = hold.settle(charge, Some(draft.clone())).await;
-        draft.cost = settled.debited;
-        draft.shortfall = settled.shortfall;
-        account(&draft, None, call.limiter.as_deref());
-        if let Value::Object(m) = &mut json {
-            m.insert("tollgate".into(), tollgate_object(&draft));
-        }
+        let out = hold
+            .settle_sealed(charge, draft, |rec| {
+                account(rec, None, call.limiter.as_deref());
+                with_tollgate(&body, replace_tollgate, tollgate_object(rec))
+            })
+            .await;
         let mut r = HttpResponse::Ok();
         for (k, v) in headers {
             r.insert_header((k, v));
         }
-        Served::Response(r.content_type("application/json").body(json.to_string()))
+        Served::Response(r.content_type("application/json").body(out))
     }
+}
+
+/// The upstream's JSON object `body` with the `tollgate` object added as its last member. The
+/// upstream's bytes are kept as they came and the member is appended, instead of writing the
+/// whole document again; a body with a `tollgate` member of its own (`replace`) gets it replaced.
+fn with_tollgate(body: &[u8], replace: bool, tollgate: impl serde::Serialize) -> Bytes {
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace());
+    match end {
+        Some(end) if !replace && body[end] == b'}' => {
+            // The object is empty when the byte before its closing brace is its opening one.
+            let empty = body[..end].iter().rev().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+            let mut out = Vec::with_capacity(end + 512);
+            out.extend_from_slice(&body[..end]);
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"tollgate\":");
+            // Writing a `Serialize` of strings and integers into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, &tollgate);
+            out.push(b'}');
+            Bytes::from(out)
+        }
+        _ => {
+            let mut json: Value = serde_json::from_slice(body).unwrap_or_default();
+            if let Value::Object(m) = &mut json {
+                m.insert(
+                    "tollgate".into(),
+                    serde_json::to_value(tollgate).unwrap_or_default(),
+                );
+            }
+            Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+        }
+    }
+}
+
+/// The upstream request body: the client's object with `model` set to the route's upstream
+/// model and, for a stream, `stream_options.include_usage` on (R-usage: the meter needs the
+/// upstream's count). Written straight from the parsed request, without copying the messages.
+fn upstream_body(fields: &Map<String, Value>, upstream_model: &str, stream: bool) -> Bytes {
+    use serde::ser::{Serialize, SerializeMap, Serializer};
+
+    struct Body<'a> {
+        fields: &'a Map<String, Value>,
+        model: &'a str,
+        stream: bool,
+    }
+    /// `stream_options` with `include_usage: true`; a value that is not an object stays as sent
+    /// (the input checks reject one before it gets here).
+    struct WithUsage<'a>(Option<&'a Value>);
+
+    impl Serialize for Body<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let add_model = !self.fields.contains_key("model");
+            let add_options = self.stream && !self.fields.contains_key("stream_options");
+            let len = self.fields.len() + usize::from(add_model) + usize::from(add_options);
+            let mut m = s.serialize_map(Some(len))?;
+            for (k, v) in self.fields {
+                match k.as_str() {
+                    "model" => m.serialize_entry(k, self.model)?,
+                    "stream_options" if self.stream => m.serialize_entry(k, &WithUsage(Some(v)))?,
+                    _ => m.serialize_entry(k, v)?,
+                }
+            }
+            if add_model {
+                m.serialize_entry("model", self.model)?;
+            }
+            if add_options {
+                m.serialize_entry("stream_options", &WithUsage(None))?;
+            }
+            m.end()
+        }
+    }
+
+    impl Serialize for WithUsage<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let fields = match self.0 {
+                Some(Value::Object(m)) => Some(m),
+                Some(other) => return other.serialize(s),
+                None => None,
+            };
+            let has = fields.is_some_and(|m| m.contains_key("include_usage"));
+            let len = fields.map_or(0, Map::len) + usize::from(!has);
+            let mut m = s.serialize_map(Some(len))?;
+            for (k, v) in fields.into_iter().flatten() {
+                if k == "include_usage" {
+                    m.serialize_entry(k, &true)?;
+                } else {
+                    m.serialize_entry(k, v)?;
+                }
+            }
+            if !has {
+                m.serialize_entry("include_usage", &true)?;
+            }
+            m.end()
+        }
+    }
+
+    let body = Body {
+        fields,
+        model: upstream_model,
+        stream,
+    };
+    // Serialising a map of JSON values with string keys cannot fail.
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
 /// R20: routes with a sent attempt other than `serving` (skipped routes do not count).
@@ -812,23 +904,84 @@ fn is_sent(outcome: &str) -> bool {
     )
 }
 
-fn success_headers(rec: &LedgerRecord) -> Vec<(&'static str, String)> {
-    vec![
-        ("x-tollgate-request-id", rec.request_id.clone()),
-        ("x-tollgate-route", rec.route.clone().unwrap_or_default()),
+fn success_headers(rec: &LedgerRecord) -> [(HeaderName, String); 6] {
+    // Names made from static strings: parsing a name that is not a standard one copies it.
+    let name = HeaderName::from_static;
+    [
+        (name("x-tollgate-request-id"), rec.request_id.clone()),
         (
-            "x-tollgate-upstream-model",
+            name("x-tollgate-route"),
+            rec.route.clone().unwrap_or_default(),
+        ),
+        (
+            name("x-tollgate-upstream-model"),
             rec.upstream_model.clone().unwrap_or_default(),
         ),
-        ("x-tollgate-bucket", rec.bucket.clone().unwrap_or_default()),
-        ("x-tollgate-fallbacks", rec.fallbacks.to_string()),
-        ("x-tollgate-retries", rec.retries.to_string()),
+        (
+            name("x-tollgate-bucket"),
+            rec.bucket.clone().unwrap_or_default(),
+        ),
+        (name("x-tollgate-fallbacks"), rec.fallbacks.to_string()),
+        (name("x-tollgate-retries"), rec.retries.to_string()),
     ]
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tollgate_object_is_appended_to_the_upstream_document() {
+        let tg = serde_json::json!({"cost": "0.25", "route": "m/up"});
+        for body in [
+            &b"{\"id\":\"x\",\"choices\":[{\"index\":0}],\"usage\":null}\n"[..],
+            b"  {}  ",
+            b"{\"id\":\"x\",\"tollgate\":{\"from\":\"upstream\"}}",
+        ] {
+            let parsed = UpstreamBody::parse(body).expect("test body parses");
+            let mut want: Value = serde_json::from_slice(body).expect("test body parses");
+            want["tollgate"] = tg.clone();
+            let out = with_tollgate(body, parsed.has_tollgate(), tg.clone());
+            let got: Value = serde_json::from_slice(&out).expect("output is JSON");
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(body));
+        }
+        // The upstream's member order and spelling are kept.
+        let out = with_tollgate(b"{\"z\": 1, \"a\": 2}", false, Value::Null);
+        assert_eq!(&out[..], &b"{\"z\": 1, \"a\": 2,\"tollgate\":null}"[..]);
+    }
+
+    #[test]
+    fn upstream_body_sets_the_model_and_asks_for_usage_on_streams() {
+        let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).expect("valid JSON");
+        let client = serde_json::json!({
+            "model": "public-name",
+            "messages": [{"role": "user", "content": "h\u{e9}llo \"q\""}],
+            "temperature": 0.5,
+            "stream": true,
+            "stream_options": {"include_usage": false, "other": 1},
+        });
+        let Value::Object(fields) = client.clone() else {
+            unreachable!()
+        };
+        let mut want = client.clone();
+        want["model"] = "up-model".into();
+        want["stream_options"]["include_usage"] = true.into();
+        assert_eq!(parse(upstream_body(&fields, "up-model", true)), want);
+
+        // Without stream_options, a stream gets one; a non-stream is left as sent.
+        let mut plain = fields.clone();
+        plain.remove("stream_options");
+        let mut want = Value::Object(plain.clone());
+        want["model"] = "up-model".into();
+        assert_eq!(parse(upstream_body(&plain, "up-model", false)), want);
+        want["stream_options"] = serde_json::json!({"include_usage": true});
+        assert_eq!(parse(upstream_body(&plain, "up-model", true)), want);
+        assert_eq!(
+            parse(upstream_body(&fields, "up-model", false))["stream_options"],
+            serde_json::json!({"include_usage": false, "other": 1})
+        );
+    }
 
     #[test]
     fn backoff_has_full_jitter_within_the_exponential_cap() {

@@ -226,7 +226,7 @@ impl Handler<Reserve> for WalletActor {
                 persisted: false,
             },
         );
-        metrics::gauge!(crate::metrics::WALLET_HOLDS_ACTIVE).increment(1.0);
+        crate::metrics::hot(|m| m.holds_active.increment(1.0));
         Ok(grant)
     }
 }
@@ -289,7 +289,7 @@ impl Handler<Settle> for WalletActor {
         let mut persisted = false;
         let (bucket, granted) = match self.holds.remove(&m.hold_id) {
             Some(h) => {
-                metrics::gauge!(crate::metrics::WALLET_HOLDS_ACTIVE).decrement(1.0);
+                crate::metrics::hot(|m| m.holds_active.decrement(1.0));
                 persisted = h.persisted;
                 (h.bucket, h.granted)
             }

@@ -235,7 +235,7 @@ impl Hold {
 
     /// Settles the hold: debits `charge` and commits `record` (if any) in the same batch.
     pub async fn settle(mut self, charge: Decimal, record: Option<LedgerRecord>) -> Settled {
-        if charge >= Decimal::ZERO && charge <= self.granted {
+        if self.covers(charge) {
             // The hold covers the charge, so the wallet will debit exactly `charge` (its balance
             // covers every grant): no need to wait for the actor's answer on the request path.
             // The actor still applies it, and commits the record, in mailbox order.
@@ -267,6 +267,34 @@ impl Hold {
                 shortfall: charge,
             },
         }
+    }
+
+    /// Does the hold pay all of `charge`? Then the wallet debits exactly `charge`.
+    fn covers(&self, charge: Decimal) -> bool {
+        charge >= Decimal::ZERO && charge <= self.granted
+    }
+
+    /// [`Hold::settle`] for a caller that still needs the settled record: `seal` sees it with its
+    /// final cost and shortfall before it is written. When the hold covers the charge (the usual
+    /// case) that cost is known here, so `seal` runs first and the record then moves to the wallet
+    /// without a copy; otherwise `seal` runs on a copy, after the wallet's answer.
+    pub async fn settle_sealed<T>(
+        self,
+        charge: Decimal,
+        mut record: LedgerRecord,
+        seal: impl FnOnce(&LedgerRecord) -> T,
+    ) -> T {
+        if self.covers(charge) {
+            record.cost = charge.normalize();
+            record.shortfall = Decimal::ZERO;
+            let sealed = seal(&record);
+            self.settle_detached(charge, Some(record));
+            return sealed;
+        }
+        let settled = self.settle(charge, Some(record.clone())).await;
+        record.cost = settled.debited.normalize();
+        record.shortfall = settled.shortfall.normalize();
+        seal(&record)
     }
 
     /// Settles without waiting for the answer (used from `Drop` paths).
