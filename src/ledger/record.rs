@@ -64,6 +64,7 @@ pub struct Attempt {
     pub outcome: String,
     pub http_status: Option<u16>,
     pub error: Option<String>,
+    #[serde(with = "time")]
     pub started_at: DateTime<Utc>,
     pub latency_ms: u64,
 }
@@ -71,7 +72,9 @@ pub struct Attempt {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LedgerRecord {
     pub request_id: String,
+    #[serde(with = "time")]
     pub started_at: DateTime<Utc>,
+    #[serde(with = "time")]
     pub finished_at: DateTime<Utc>,
     pub workspace: String,
     pub key_id: String,
@@ -107,6 +110,53 @@ pub struct LedgerRecord {
     pub shortfall: Decimal,
     pub ttft_ms: Option<u64>,
     pub duration_ms: u64,
+}
+
+/// Record times as RFC 3339 strings. JSON gets chrono's own form. The compact storage encoding
+/// (not human-readable) gets the same kind of string, always with nine fraction digits, written
+/// without the formatting machinery (a record's times were most of its encoding cost); any
+/// RFC 3339 string reads back the same way.
+mod time {
+    use chrono::{DateTime, Datelike, Timelike, Utc};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return t.serialize(s);
+        }
+        match compact(t) {
+            Some(buf) => s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default()),
+            None => s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, for years 0–9999 outside a leap second.
+    pub(super) fn compact(t: &DateTime<Utc>) -> Option<[u8; 30]> {
+        let nanos = t.nanosecond();
+        let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+        if nanos >= 1_000_000_000 {
+            return None;
+        }
+        let mut buf = *b"0000-00-00T00:00:00.000000000Z";
+        let mut put = |at: usize, width: usize, mut v: u32| {
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second());
+        put(20, 9, nanos);
+        Some(buf)
+    }
 }
 
 impl LedgerRecord {
@@ -187,3 +237,57 @@ pub const FIELDS: &[&str] = &[
     "ttft_ms",
     "duration_ms",
 ];
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn compact_times_read_back_exactly() {
+        let times = [
+            Utc.timestamp_opt(0, 0).unwrap(),
+            Utc.timestamp_opt(1_795_000_000, 1).unwrap(),
+            Utc.timestamp_opt(1_795_000_000, 999_999_999).unwrap(),
+            Utc.timestamp_opt(253_402_300_799, 123_000_000).unwrap(), // 9999-12-31T23:59:59.123
+            Utc::now(),
+        ];
+        for t in times {
+            let buf = time::compact(&t).expect("in range");
+            let text = std::str::from_utf8(&buf).unwrap();
+            assert_eq!(DateTime::parse_from_rfc3339(text).unwrap(), t, "{text}");
+        }
+        let far = Utc.timestamp_opt(253_402_300_800, 0).unwrap(); // year 10000
+        assert!(time::compact(&far).is_none());
+        let before_zero = Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap();
+        assert!(time::compact(&before_zero).is_none());
+    }
+
+    #[test]
+    fn records_keep_their_times_in_both_encodings() {
+        let mut rec = LedgerRecord::empty("req_1".into(), Utc::now());
+        rec.finished_at = Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap();
+        rec.attempts.push(Attempt {
+            route: "m/up".into(),
+            upstream_model: "u".into(),
+            bucket: "credit".into(),
+            retry: 0,
+            outcome: "ok".into(),
+            http_status: Some(200),
+            error: None,
+            started_at: Utc.timestamp_opt(1_795_000_000, 5).unwrap(),
+            latency_ms: 3,
+        });
+        let binary: LedgerRecord =
+            postcard::from_bytes(&postcard::to_allocvec(&rec).unwrap()).unwrap();
+        assert_eq!(binary, rec);
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(
+            json["started_at"],
+            serde_json::to_value(rec.started_at).unwrap(),
+            "JSON keeps chrono's own form"
+        );
+        assert_eq!(serde_json::from_value::<LedgerRecord>(json).unwrap(), rec);
+    }
+}

@@ -128,16 +128,33 @@ pub(crate) fn micros(t: DateTime<Utc>) -> u64 {
     u64::try_from(t.timestamp_micros()).unwrap_or(0)
 }
 pub(crate) fn key_l(rec: &LedgerRecord) -> Vec<u8> {
-    format!("l/{:016x}{}", micros(rec.started_at), rec.request_id).into_bytes()
+    time_key(&[b"l/"], micros(rec.started_at), &rec.request_id)
 }
 pub(crate) fn key_x(rec: &LedgerRecord) -> Vec<u8> {
-    format!(
-        "x/{}/{:016x}{}",
-        rec.key_id,
+    let key_id = rec.key_id.as_bytes();
+    time_key(
+        &[b"x/", key_id, b"/"],
         micros(rec.started_at),
-        rec.request_id
+        &rec.request_id,
     )
-    .into_bytes()
+}
+/// `prefix` parts, 16 hex digits of `micros`, then the request id (the keys are written for every
+/// record, so without the formatting machinery).
+fn time_key(prefix: &[&[u8]], micros: u64, request_id: &str) -> Vec<u8> {
+    let len = prefix.iter().map(|p| p.len()).sum::<usize>() + 16 + request_id.len();
+    let mut k = Vec::with_capacity(len);
+    prefix.iter().for_each(|p| k.extend_from_slice(p));
+    push_hex(&mut k, u128::from(micros), 16);
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+/// Appends the low `digits` hex digits of `v`, lowercase, zero-padded.
+fn push_hex(out: &mut Vec<u8>, v: u128, digits: u32) {
+    out.extend(
+        (0..digits)
+            .rev()
+            .map(|i| b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize]),
+    );
 }
 pub(crate) fn key_i(request_id: &str) -> Vec<u8> {
     format!("i/{request_id}").into_bytes()
@@ -147,11 +164,11 @@ pub(crate) fn key_i(request_id: &str) -> Vec<u8> {
 /// 18 random hex digits. Ids sort by start time, and the record's `l/` key follows from the
 /// id alone, so such records need no `i/` index entry.
 pub fn new_request_id(started_at: DateTime<Utc>) -> String {
-    format!(
-        "req_{:014x}{:018x}",
-        micros(started_at),
-        rand::random::<u128>() & ((1u128 << 72) - 1)
-    )
+    let mut id = Vec::with_capacity(36);
+    id.extend_from_slice(b"req_");
+    push_hex(&mut id, u128::from(micros(started_at)), 14);
+    push_hex(&mut id, rand::random::<u128>(), 18);
+    String::from_utf8(id).unwrap_or_default()
 }
 
 /// The `l/` key a request id implies, if it carries its start time.
@@ -161,7 +178,7 @@ pub(crate) fn key_l_from_id(request_id: &str) -> Option<Vec<u8>> {
         return None;
     }
     let t = u64::from_str_radix(hex.get(..14)?, 16).ok()?;
-    Some(format!("l/{t:016x}{request_id}").into_bytes())
+    Some(time_key(&[b"l/"], t, request_id))
 }
 
 pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -185,7 +202,9 @@ const POSTCARD: u8 = 1;
 /// A ledger record or an open hold as stored: postcard behind a version byte.
 pub(crate) fn encode_compact<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain data into a growable buffer cannot fail.
-    match postcard::to_extend(v, vec![POSTCARD]) {
+    let mut out = Vec::with_capacity(512);
+    out.push(POSTCARD);
+    match postcard::to_extend(v, out) {
         Ok(out) => out,
         Err(_) => to_json(v),
     }

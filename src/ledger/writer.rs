@@ -566,6 +566,10 @@ mod tests {
         r.request_id = a.clone();
         r.started_at = t1;
         assert_eq!(key_l_from_id(&a), Some(key_l(&r)));
+        let t = crate::ledger::store::micros(t1);
+        assert!(a.starts_with(&format!("req_{t:014x}")), "{a}");
+        assert_eq!(key_l(&r), format!("l/{t:016x}{a}").into_bytes());
+        assert_eq!(key_x(&r), format!("x/k1/{t:016x}{a}").into_bytes());
         assert_eq!(key_l_from_id("req-a"), None);
         assert_eq!(key_l_from_id("req_0123456789abcdefghijklmnopqrstuv"), None);
     }
