@@ -358,12 +358,14 @@ pub async fn serve(config: Config) -> Result<(), String> {
     retention.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!("listeners stopped; settling open holds and flushing the ledger");
-    // Give detached settlements from dropped streams a moment to reach the wallets.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The streams the listeners dropped have queued their settlements with the wallets. Each
+    // wallet answers once it has handled them and handed its open holds to the writer; then the
+    // writer commits all of it before it stops.
+    if !state.wallets.flush_all(Duration::from_secs(10)).await {
+        tracing::error!("wallets did not answer within 10 s; recovery settles what they held");
+    }
     let _ = state.writer.flush().await;
     state.wallets.stop_all();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let _ = state.writer.flush().await;
     if let Some(w) = running.writer_thread.take() {
         w.stop();
     }

@@ -380,3 +380,45 @@ fn an_abandoned_reservation_releases_its_hold() {
         thread.stop();
     });
 }
+
+/// Shutdown: once `flush_all` answers, every settlement sent before it is applied and every hold
+/// still open is in the store for recovery, without waiting for a flush interval.
+#[test]
+fn flush_all_answers_after_queued_settlements_with_open_holds_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = actix_rt::System::new();
+    sys.block_on(async move {
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
+        // Holds are flushed only every hour: anything stored below came from `flush_all`.
+        let wallets = Wallets::new(
+            1,
+            w.clone(),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
+        let mut open = Vec::new();
+        for i in 0..10 {
+            let mut hold = wallets
+                .reserve(KEY, BUCKET, cents(1), cents(5), &draft(i))
+                .await
+                .unwrap();
+            assert!(hold.try_draw(cents(2), 2));
+            if i % 2 == 0 {
+                // Queued, not awaited: the way a dropped stream settles.
+                hold.settle_detached(cents(2), Some(draft(i)));
+            } else {
+                open.push(hold);
+            }
+        }
+        assert!(wallets.flush_all(Duration::from_secs(5)).await);
+        w.flush().await.unwrap();
+        assert_eq!(store.wallet(KEY).unwrap().balances()[BUCKET], cents(990));
+        assert_eq!(store.holds().unwrap().len(), open.len());
+        drop(open);
+        wallets.stop_all();
+        drop(w);
+        thread.stop();
+    });
+}

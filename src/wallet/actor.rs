@@ -119,6 +119,15 @@ impl WalletActor {
         }
     }
 
+    /// Hands every open hold the store does not have as it is to the writer, so that recovery
+    /// settles what it consumed.
+    fn persist_open_holds(&mut self) {
+        for h in self.holds.values_mut() {
+            h.dirty |= !h.persisted;
+        }
+        self.flush_holds();
+    }
+
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         if self.holds.is_empty() && self.last_activity.elapsed() >= self.idle_timeout {
             // Leave the registry first, so new requests start a fresh actor, which loads the
@@ -165,13 +174,8 @@ impl Actor for WalletActor {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         metrics::gauge!(crate::metrics::WALLET_ACTORS).decrement(1.0);
-        if !self.holds.is_empty() {
-            // Only reachable at process shutdown: persist the consumption so recovery settles it.
-            for h in self.holds.values_mut() {
-                h.dirty = true;
-            }
-            self.flush_holds();
-        }
+        // Only reachable at process shutdown: persist the consumption so recovery settles it.
+        self.persist_open_holds();
     }
 }
 
@@ -415,5 +419,20 @@ impl Handler<Snapshot> for WalletActor {
             held: self.held.clone(),
             open_holds: self.holds.len(),
         })
+    }
+}
+
+/// At shutdown, after the listeners stopped: answered once every message sent before it has been
+/// handled (the mailbox keeps order), with the open holds' consumption handed to the writer.
+pub struct FlushHolds;
+
+impl Message for FlushHolds {
+    type Result = ();
+}
+
+impl Handler<FlushHolds> for WalletActor {
+    type Result = ();
+    fn handle(&mut self, _: FlushHolds, _: &mut Context<Self>) {
+        self.persist_open_holds();
     }
 }

@@ -156,6 +156,11 @@ impl Wallets {
     pub fn stop_all(&self) {
         self.registry.stop_all();
     }
+
+    /// See [`registry::Registry::flush_all`].
+    pub async fn flush_all(&self, limit: Duration) -> bool {
+        self.registry.flush_all(limit).await
+    }
 }
 
 /// Releases a hold whose reservation was abandoned before its answer arrived.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use parking_lot::Mutex;
 
-use super::actor::WalletActor;
+use super::actor::{FlushHolds, WalletActor};
 use crate::ledger::LedgerWriter;
 
 pub struct Shard {
@@ -89,6 +89,18 @@ impl Registry {
         });
         m.insert(key, addr.clone());
         addr
+    }
+
+    /// Waits until every live wallet actor has handled what was sent to it so far and handed its
+    /// open holds to the writer, or `limit` passes.
+    pub async fn flush_all(&self, limit: Duration) -> bool {
+        let addrs: Vec<Addr<WalletActor>> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.actors.lock().values().cloned().collect::<Vec<_>>())
+            .collect();
+        let all = futures_util::future::join_all(addrs.iter().map(|a| a.send(FlushHolds)));
+        tokio::time::timeout(limit, all).await.is_ok()
     }
 
     /// Stops every wallet actor (they persist open holds as they stop).
