@@ -150,8 +150,15 @@ impl MeteredStream {
             match self.next_event(Some(deadline)).await {
                 Err(e) => return Err(e),
                 // With a deadline, `next_event` never asks to flush: only events or the end.
+                Ok(Step::Eof | Step::Flush) if self.usage.is_some() => {
+                    // EOF without [DONE] but with the upstream's usage: a complete answer
+                    // without content, as after the first token.
+                    let tail = self.settle(End::Completed).await;
+                    self.out.extend_from_slice(&tail);
+                    return Ok(self.take_out());
+                }
                 Ok(Step::Eof | Step::Flush) => {
-                    // EOF before any content and without [DONE]: a broken stream.
+                    // EOF before any content, without [DONE] or usage: a broken stream.
                     return Err(EarlyFailure::Broken(
                         "upstream closed the stream before the first token".into(),
                     ));

@@ -758,6 +758,14 @@ pub mod fake_upstream {
                 let _ = s.write_all(out.as_bytes()).await;
                 let _ = s.shutdown().await;
             }
+            // An answer without content that reports its usage, then ends without [DONE].
+            "empty-no-done" if req.stream => {
+                let mut out = format!("{SSE_HEAD}{}", role());
+                out.push_str(ending(0).trim_end_matches("data: [DONE]\n\n"));
+                let _ = s.write_all(out.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+            "empty-no-done" => normal(&mut s, false, "", "").await,
             "hang" => hold_open(s).await,
             "hang-mid" => {
                 let out = format!("{SSE_HEAD}{}{}", role(), chunk("a"));
