@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-use tollgate::ledger::{writer, LedgerRecord, Status, Store};
+use tollgate::ledger::{writer, LedgerRecord, LedgerWriter, Status, Store};
 use tollgate::wallet::{WalletError, Wallets};
 
 const KEY: &str = "key-props";
@@ -195,18 +195,8 @@ async fn run_task(w: Wallets, task: usize, ops: Vec<Op>) -> Result<(Decimal, Dec
 }
 
 fn run_case(initial: u32, tasks: Vec<Vec<Op>>) -> Result<(), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let sys = actix_rt::System::new();
-    sys.block_on(async move {
-        let store = Store::open(dir.path()).map_err(|e| e.to_string())?;
-        let (writer, thread) =
-            writer::start(store.clone(), Duration::from_millis(10)).map_err(|e| e.to_string())?;
-        let wallets = Wallets::new(
-            2,
-            writer.clone(),
-            Duration::from_millis(10),
-            Duration::from_secs(60),
-        );
+    let (flush, idle) = (Duration::from_millis(10), Duration::from_secs(60));
+    with_wallets(2, flush, idle, |store, writer, wallets| async move {
         let initial = cents(initial);
         wallets
             .topup(KEY, BUCKET, initial, Some("initial".into()))
@@ -255,11 +245,30 @@ fn run_case(initial: u32, tasks: Vec<Vec<Op>>) -> Result<(), String> {
                 left.len()
             ));
         }
+        Ok(())
+    })
+}
+
+/// Runs `test` in a fresh actix System with a store in a temp dir, its writer (10 ms group
+/// commit) and wallets on `shards` arbiters flushing holds every `flush` and stopping after
+/// `idle`; stops them all afterwards.
+fn with_wallets<T, F: std::future::Future<Output = T>>(
+    shards: usize,
+    flush: Duration,
+    idle: Duration,
+    test: impl FnOnce(Store, LedgerWriter, Wallets) -> F,
+) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = actix_rt::System::new();
+    sys.block_on(async move {
+        let store = Store::open(dir.path()).unwrap();
+        let (writer, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
+        let wallets = Wallets::new(shards, writer.clone(), flush, idle);
+        let out = test(store, writer, wallets.clone()).await;
         wallets.stop_all();
         drop(wallets);
-        drop(writer);
         thread.stop();
-        Ok(())
+        out
     })
 }
 
@@ -280,17 +289,8 @@ proptest! {
 /// predecessor queued (the load goes through the writer queue), so no money is lost or doubled.
 #[test]
 fn idle_wallet_actors_stop_and_restart_with_their_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = actix_rt::System::new();
-    sys.block_on(async move {
-        let store = Store::open(dir.path()).unwrap();
-        let (w, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
-        let wallets = Wallets::new(
-            2,
-            w.clone(),
-            Duration::from_millis(10),
-            Duration::from_millis(200),
-        );
+    let (flush, idle) = (Duration::from_millis(10), Duration::from_millis(200));
+    with_wallets(2, flush, idle, |store, w, wallets| async move {
         wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
         for round in 0..3u32 {
             // Spend one cent, settled with a record, then let the actor go idle and stop.
@@ -319,9 +319,6 @@ fn idle_wallet_actors_stop_and_restart_with_their_state() {
         }
         w.flush().await.unwrap();
         assert_eq!(store.wallet(KEY).unwrap().balances()[BUCKET], cents(997));
-        wallets.stop_all();
-        drop(w);
-        thread.stop();
     });
 }
 
@@ -329,17 +326,8 @@ fn idle_wallet_actors_stop_and_restart_with_their_state() {
 /// an open hold behind: it would lock the money and keep the actor from going idle.
 #[test]
 fn an_abandoned_reservation_releases_its_hold() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = actix_rt::System::new();
-    sys.block_on(async move {
-        let store = Store::open(dir.path()).unwrap();
-        let (w, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
-        let wallets = Wallets::new(
-            1,
-            w.clone(),
-            Duration::from_millis(10),
-            Duration::from_secs(60),
-        );
+    let (flush, idle) = (Duration::from_millis(10), Duration::from_secs(60));
+    with_wallets(1, flush, idle, |_, _, wallets| async move {
         wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
         let mut abandoned = 0;
         for i in 0..20 {
@@ -375,9 +363,6 @@ fn an_abandoned_reservation_releases_its_hold() {
             );
             actix_rt::time::sleep(Duration::from_millis(20)).await;
         }
-        wallets.stop_all();
-        drop(w);
-        thread.stop();
     });
 }
 
@@ -385,18 +370,9 @@ fn an_abandoned_reservation_releases_its_hold() {
 /// still open is in the store for recovery, without waiting for a flush interval.
 #[test]
 fn flush_all_answers_after_queued_settlements_with_open_holds_stored() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = actix_rt::System::new();
-    sys.block_on(async move {
-        let store = Store::open(dir.path()).unwrap();
-        let (w, thread) = writer::start(store.clone(), Duration::from_millis(10)).unwrap();
-        // Holds are flushed only every hour: anything stored below came from `flush_all`.
-        let wallets = Wallets::new(
-            1,
-            w.clone(),
-            Duration::from_secs(3600),
-            Duration::from_secs(3600),
-        );
+    // Holds are flushed only every hour: anything stored below came from `flush_all`.
+    let hour = Duration::from_secs(3600);
+    with_wallets(1, hour, hour, |store, w, wallets| async move {
         wallets.topup(KEY, BUCKET, cents(1000), None).await.unwrap();
         let mut open = Vec::new();
         for i in 0..10 {
@@ -417,8 +393,5 @@ fn flush_all_answers_after_queued_settlements_with_open_holds_stored() {
         assert_eq!(store.wallet(KEY).unwrap().balances()[BUCKET], cents(990));
         assert_eq!(store.holds().unwrap().len(), open.len());
         drop(open);
-        wallets.stop_all();
-        drop(w);
-        thread.stop();
     });
 }
