@@ -31,6 +31,20 @@ struct AdminArgs {
     config: PathBuf,
 }
 
+impl AdminArgs {
+    /// One admin API call, printed; the exit code says how it went.
+    fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> ExitCode {
+        tollgate::api::cli::run(
+            &self.admin_url,
+            &self.admin_token,
+            &self.config,
+            method,
+            path,
+            body,
+        )
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -228,14 +242,7 @@ fn main() -> ExitCode {
                 KeysAction::List => ("GET", "/admin/keys".to_string(), None),
                 KeysAction::Revoke { id } => ("DELETE", format!("/admin/keys/{id}"), None),
             };
-            tollgate::api::cli::run(
-                &admin.admin_url,
-                &admin.admin_token,
-                &admin.config,
-                method,
-                &path,
-                body,
-            )
+            admin.call(method, &path, body)
         }
         Command::Wallet { action, admin } => {
             let (method, path, body) = match action {
@@ -255,14 +262,7 @@ fn main() -> ExitCode {
                     ("GET", format!("/admin/keys/{key_id}/wallet"), None)
                 }
             };
-            tollgate::api::cli::run(
-                &admin.admin_url,
-                &admin.admin_token,
-                &admin.config,
-                method,
-                &path,
-                body,
-            )
+            admin.call(method, &path, body)
         }
         Command::Ledger { action, admin } => {
             let LedgerAction::Export {
@@ -293,14 +293,7 @@ fn main() -> ExitCode {
                 }
             }
             let path = format!("/admin/ledger/export?{}", q.join("&"));
-            tollgate::api::cli::run(
-                &admin.admin_url,
-                &admin.admin_token,
-                &admin.config,
-                "GET",
-                &path,
-                None,
-            )
+            admin.call("GET", &path, None)
         }
     }
 }

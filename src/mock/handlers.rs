@@ -221,19 +221,31 @@ fn status_fault(code: u16) -> Response<MockBody> {
     )
 }
 
-async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
-    bump(&shared.stats.chat_requests);
+/// What both POST endpoints start with: the body read and recorded for `/_mock/last`, the knobs
+/// from the headers and options, and the body as a JSON object; or the answer refusing them.
+async fn begin(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Result<(Knobs, Value), Response<MockBody>>, MockAbort> {
     let effective = shared.options();
     let (parts, body) = req.into_parts();
     let body = read_body(body).await?;
-    record_last(&shared, parts.uri.path(), &parts.headers, &body);
+    record_last(shared, parts.uri.path(), &parts.headers, &body);
     let knobs = match knobs(&parts.headers, &effective) {
         Ok(knobs) => knobs,
-        Err(response) => return Ok(*response),
+        Err(response) => return Ok(Err(*response)),
     };
-    let request = match serde_json::from_slice::<Value>(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return Ok(invalid_json()),
+    Ok(match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => Ok((knobs, v)),
+        _ => Err(invalid_json()),
+    })
+}
+
+async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
+    bump(&shared.stats.chat_requests);
+    let (knobs, request) = match begin(&shared, req).await? {
+        Ok(begun) => begun,
+        Err(response) => return Ok(response),
     };
     let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
     if stream {
@@ -392,17 +404,9 @@ fn text_tokens(bytes: usize) -> u64 {
 
 async fn embeddings(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
     bump(&shared.stats.embeddings_requests);
-    let effective = shared.options();
-    let (parts, body) = req.into_parts();
-    let body = read_body(body).await?;
-    record_last(&shared, parts.uri.path(), &parts.headers, &body);
-    let knobs = match knobs(&parts.headers, &effective) {
-        Ok(knobs) => knobs,
-        Err(response) => return Ok(*response),
-    };
-    let request = match serde_json::from_slice::<Value>(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return Ok(invalid_json()),
+    let (knobs, request) = match begin(&shared, req).await? {
+        Ok(begun) => begun,
+        Err(response) => return Ok(response),
     };
     if let FaultOutcome::Respond(response) = apply_fault(&shared, &knobs, false).await? {
         return Ok(response);
