@@ -313,17 +313,24 @@ pub struct Hot {
     pub overhead: metrics::Histogram,
 }
 
-thread_local! {
-    static HOT: Hot = Hot {
-        holds_active: metrics::gauge!(WALLET_HOLDS_ACTIVE),
-        streams_active: metrics::gauge!(STREAMS_ACTIVE),
-        overhead: metrics::histogram!(GATEWAY_OVERHEAD),
-    };
+impl Hot {
+    fn new() -> Hot {
+        Hot {
+            holds_active: metrics::gauge!(WALLET_HOLDS_ACTIVE),
+            streams_active: metrics::gauge!(STREAMS_ACTIVE),
+            overhead: metrics::histogram!(GATEWAY_OVERHEAD),
+        }
+    }
 }
 
-/// Runs `f` with this thread's [`Hot`] handles.
-pub fn hot<T>(f: impl FnOnce(&Hot) -> T) -> T {
-    HOT.with(f)
+thread_local! {
+    static HOT: Hot = Hot::new();
+}
+
+/// Runs `f` with this thread's [`Hot`] handles (fresh ones for a value dropped while the
+/// thread's locals are torn down).
+pub fn hot<T>(f: impl Fn(&Hot) -> T) -> T {
+    HOT.try_with(&f).unwrap_or_else(|_| f(&Hot::new()))
 }
 
 /// The handles of the labelled series a settled request on one route moves. Finding a labelled
@@ -346,7 +353,8 @@ thread_local! {
 
 impl RouteSeries {
     fn get(model: &str, route: &str, bucket: &str, currency: &str) -> std::rc::Rc<RouteSeries> {
-        ROUTE_SERIES.with(|cache| {
+        let fresh = || std::rc::Rc::new(RouteSeries::new(model, route, bucket, currency));
+        let cached = ROUTE_SERIES.try_with(|cache| {
             let mut cache = cache.borrow_mut();
             if let Some(s) = cache.get(route) {
                 if s.labels
@@ -357,10 +365,12 @@ impl RouteSeries {
                     return s.clone();
                 }
             }
-            let s = std::rc::Rc::new(RouteSeries::new(model, route, bucket, currency));
+            let s = fresh();
             cache.insert(route.to_string(), s.clone());
             s
-        })
+        });
+        // A record settled while the thread's locals are torn down still counts.
+        cached.unwrap_or_else(|_| fresh())
     }
 
     fn new(model: &str, route: &str, bucket: &str, currency: &str) -> RouteSeries {
