@@ -317,12 +317,17 @@ async fn topup(
             ))
         }
         Err(e) => {
+            // The store may have taken it all the same (a failed fsync).
+            let advice = match t.reference {
+                Some(_) => "retry with the same reference, which applies it at most once",
+                None => "check the wallet before retrying (a reference makes retries safe)",
+            };
             return Err(ApiError::new(
                 503,
                 "service_unavailable",
                 "wallet_unavailable",
-                e.to_string(),
-            ))
+                format!("{e}; the top-up may have been applied: {advice}"),
+            ));
         }
     }
     Ok(HttpResponse::Ok().json(wallet_view(&state, key.id()).await?))

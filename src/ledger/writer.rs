@@ -112,10 +112,41 @@ pub fn start(
     store: Store,
     flush_interval: Duration,
 ) -> Result<(LedgerWriter, WriterThread), StoreError> {
+    spawn(store, flush_interval, SyncFault::default())
+}
+
+/// Test seam for a disk that refuses an fsync: while set, the next fsync fails after its batch
+/// was applied (the store's contents then are as after the batch; only durability is unknown).
+/// Running as root, the tests cannot make a real one fail.
+#[derive(Clone, Default)]
+struct SyncFault(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+#[cfg(test)]
+pub(crate) fn start_with_sync_fault(
+    store: Store,
+    flush_interval: Duration,
+) -> Result<
+    (
+        LedgerWriter,
+        WriterThread,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ),
+    StoreError,
+> {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (w, t) = spawn(store, flush_interval, SyncFault(Some(fail.clone())))?;
+    Ok((w, t, fail))
+}
+
+fn spawn(
+    store: Store,
+    flush_interval: Duration,
+    fault: SyncFault,
+) -> Result<(LedgerWriter, WriterThread), StoreError> {
     let (tx, rx) = sync_channel(QUEUE);
     let handle = std::thread::Builder::new()
         .name("tollgate-ledger-writer".into())
-        .spawn(move || run(store, rx, flush_interval))
+        .spawn(move || run(store, rx, flush_interval, fault))
         .map_err(|e| StoreError::DataDir {
             path: "writer thread".into(),
             err: e.to_string(),
@@ -211,7 +242,7 @@ impl Msg {
     }
 }
 
-fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration) {
+fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration, fault: SyncFault) {
     let db = store.db().clone();
     let half = (flush_interval / 2).max(Duration::from_millis(1));
     let window = group_window(flush_interval);
@@ -255,7 +286,17 @@ fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration) {
         let due = unsynced && last_sync.elapsed() >= half;
         let res = match res {
             Ok(()) if p.sync_now || due => {
-                let r = db.flush().map(|_| ()).map_err(StoreError::from);
+                let refused = fault
+                    .0
+                    .as_ref()
+                    .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::SeqCst));
+                let r = match refused {
+                    true => Err(StoreError::Corrupt {
+                        key: "fsync".into(),
+                        err: "refused (injected fault)".into(),
+                    }),
+                    false => db.flush().map(|_| ()).map_err(StoreError::from),
+                };
                 last_sync = Instant::now();
                 unsynced = false;
                 r

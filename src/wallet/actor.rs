@@ -372,17 +372,32 @@ impl Handler<TopUp> for WalletActor {
         let amount = m.amount;
         AtomicResponse::new(Box::pin(
             async move {
-                writer
+                let asked = writer
                     .ask(|reply| StoreOp::TopUp {
-                        key_id,
+                        key_id: key_id.clone(),
                         bucket,
                         amount,
                         reference: m.reference,
                         balances_after: after.clone(),
                         reply,
                     })
-                    .await
-                    .map(|o| (o, after))
+                    .await;
+                match asked {
+                    Ok(o) => Ok((o, after)),
+                    // The top-up may be in the store although the answer is an error (its fsync
+                    // failed after the batch was applied). Only this actor writes this key's
+                    // balances, and it handles nothing else meanwhile, so the store says which
+                    // balances hold now; keeping the old ones would write the top-up away at
+                    // the next settlement while its reference stays recorded.
+                    Err(e) => Err((
+                        e,
+                        writer
+                            .ask(|reply| StoreOp::LoadWallet { key_id, reply })
+                            .await
+                            .ok()
+                            .map(|s| s.balances()),
+                    )),
+                }
             }
             .into_actor(self)
             .map(|res, act, _| match res {
@@ -391,7 +406,12 @@ impl Handler<TopUp> for WalletActor {
                     Ok(TopupOutcome::Applied)
                 }
                 Ok((other, _)) => Ok(other),
-                Err(e) => Err(WalletError::Unavailable(e.to_string())),
+                Err((e, stored)) => {
+                    if let Some(balances) = stored {
+                        act.balances = balances;
+                    }
+                    Err(WalletError::Unavailable(e.to_string()))
+                }
             }),
         ))
     }

@@ -325,3 +325,62 @@ impl Drop for Hold {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::ledger::{writer, Store};
+    use std::sync::atomic::Ordering::SeqCst;
+
+    /// A top-up whose fsync fails after its batch was applied answers an error, yet it is in
+    /// the store: the wallet must take it over, or its next settlement writes it away while
+    /// the reference stays recorded (a retry then finds it "already applied").
+    #[test]
+    fn a_top_up_whose_fsync_failed_is_not_written_away() {
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let store = Store::open(dir.path()).unwrap();
+            let (w, thread, fail) =
+                writer::start_with_sync_fault(store.clone(), Duration::from_millis(10)).unwrap();
+            let wallets = Wallets::new(
+                1,
+                w.clone(),
+                Duration::from_millis(10),
+                Duration::from_secs(60),
+            );
+            let d = Decimal::from;
+            wallets
+                .topup("k", "credit", d(10), Some("a".into()))
+                .await
+                .unwrap();
+            fail.store(true, SeqCst);
+            assert!(wallets
+                .topup("k", "credit", d(5), Some("b".into()))
+                .await
+                .is_err());
+            assert!(!fail.load(SeqCst), "the injected fault was used");
+            assert_eq!(
+                wallets.snapshot("k").await.unwrap().balances["credit"],
+                d(15)
+            );
+            let draft = LedgerRecord::empty("req-1".into(), chrono::Utc::now());
+            let hold = wallets
+                .reserve("k", "credit", d(1), d(1), &draft)
+                .await
+                .unwrap();
+            assert_eq!(hold.settle(d(1), Some(draft)).await.debited, d(1));
+            w.flush().await.unwrap();
+            assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(14));
+            // The client's retry with the same reference finds it applied.
+            let again = wallets
+                .topup("k", "credit", d(5), Some("b".into()))
+                .await
+                .unwrap();
+            assert_eq!(again, TopupOutcome::Duplicate);
+            wallets.stop_all();
+            drop((wallets, w));
+            thread.stop();
+        });
+    }
+}
