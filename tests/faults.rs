@@ -5,10 +5,11 @@
 //! case: no panic in the gateway log, no 5xx for client-caused faults, upstream faults end as
 //! 502/504 or a stream error event, invariant 1 holds afterwards and the gateway keeps serving.
 //!
-//! Not covered: a failed flush to storage. Making the data dir read-only after start does not
-//! simulate it: sled writes through file descriptors it opened at start, which a later chmod
-//! does not affect, and the tests run as root, which ignores permissions anyway. Simulating it
-//! would need a full disk (a size-limited tmpfs mount) or fault injection inside the store.
+//! Not covered here: a failed flush to storage. Making the data dir read-only after start does
+//! not simulate it: sled writes through file descriptors it opened at start, which a later chmod
+//! does not affect, and the tests run as root, which ignores permissions anyway. A failed fsync
+//! is injected inside the writer instead, in the wallet's unit tests (a top-up whose fsync
+//! failed); a failed write of a whole batch is still not simulated.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
