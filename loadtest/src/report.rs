@@ -11,6 +11,9 @@ use crate::scenario::{Mode, Scenario};
 use crate::stats::{timeline_points, Point, Summary};
 use crate::verify::VerifyReport;
 
+/// Below this many open requests the Markdown report gives no RSS figure per open request.
+const MIN_OPEN_FOR_RSS_PER_OPEN: u64 = 100;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub tool: &'static str,
@@ -178,9 +181,15 @@ pub fn markdown(r: &Report) -> String {
             );
         }
         if let Some(c) = &p.gateway_cost {
+            // With few requests open, RSS growth is caches and buffers, not a cost per request.
+            let per_open = if c.peak_open >= MIN_OPEN_FOR_RSS_PER_OPEN {
+                format!("{:.1} KiB per open request", c.rss_kib_per_open)
+            } else {
+                format!("no per-request figure below {MIN_OPEN_FOR_RSS_PER_OPEN} open")
+            };
             let _ = writeln!(
                 md,
-                "\nGateway process: {:.2} CPU-s for {} requests and {} tokens → {:.1} µs/request ({:.4} CPU-s per 1,000 requests), {:.2} µs/token ({:.4} CPU-s per 1,000 tokens); RSS idle {} KiB, peak {} KiB with {} open → {:.1} KiB per open request (VmHWM {} KiB).",
+                "\nGateway process: {:.2} CPU-s for {} requests and {} tokens → {:.1} µs/request ({:.4} CPU-s per 1,000 requests), {:.2} µs/token ({:.4} CPU-s per 1,000 tokens); RSS idle {} KiB, peak {} KiB with {} open → {per_open} (VmHWM {} KiB).",
                 c.cpu_s,
                 c.requests,
                 c.tokens,
@@ -191,7 +200,6 @@ pub fn markdown(r: &Report) -> String {
                 c.idle_rss_kib,
                 c.peak_rss_kib,
                 c.peak_open,
-                c.rss_kib_per_open,
                 c.hwm_kib
             );
         }
@@ -518,5 +526,29 @@ duration_s = 1
         assert!(svg.contains("t &lt;x&gt;"));
         // Seconds 0-1 and 5 are separate runs: 2 polylines per percentile and for throughput.
         assert_eq!(svg.matches("<polyline").count(), 2 * (3 * 2 + 2));
+    }
+
+    #[test]
+    fn rss_per_open_request_only_with_enough_open() {
+        let mut r = sample_report();
+        let cost = |peak_open| Cost {
+            idle_rss_kib: 20_000,
+            peak_rss_kib: 25_000,
+            peak_open,
+            rss_kib_per_open: 5_000.0 / peak_open as f64,
+            ..Cost::default()
+        };
+        r.phases[0].gateway_cost = Some(cost(1));
+        let md = markdown(&r);
+        assert!(
+            md.contains("with 1 open → no per-request figure below 100 open"),
+            "{md}"
+        );
+        r.phases[0].gateway_cost = Some(cost(500));
+        let md = markdown(&r);
+        assert!(
+            md.contains("with 500 open → 10.0 KiB per open request"),
+            "{md}"
+        );
     }
 }
