@@ -370,6 +370,12 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(hold.settle(d(1), Some(draft)).await.debited, d(1));
+            // Answered after the settlement (mailbox order), which the actor has then queued
+            // with the writer; the flush comes after it.
+            assert_eq!(
+                wallets.snapshot("k").await.unwrap().balances["credit"],
+                d(14)
+            );
             w.flush().await.unwrap();
             assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(14));
             // The client's retry with the same reference finds it applied.
