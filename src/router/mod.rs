@@ -783,33 +783,37 @@ async fn attempt(
 /// upstream's bytes are kept as they came and the member is appended, instead of writing the
 /// whole document again; a body with a `tollgate` member of its own (`replace`) gets it replaced.
 fn with_tollgate(body: &[u8], replace: bool, tollgate: impl serde::Serialize) -> Bytes {
-    let end = body.iter().rposition(|b| !b.is_ascii_whitespace());
-    match end {
-        Some(end) if !replace && body[end] == b'}' => {
-            // The object is empty when the byte before its closing brace is its opening one.
-            let empty = body[..end].iter().rev().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-            let mut out = Vec::with_capacity(end + 512);
-            out.extend_from_slice(&body[..end]);
-            if !empty {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"\"tollgate\":");
-            // Writing a `Serialize` of strings and integers into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut out, &tollgate);
-            out.push(b'}');
-            Bytes::from(out)
-        }
-        _ => {
-            let mut json: Value = serde_json::from_slice(body).unwrap_or_default();
-            if let Value::Object(m) = &mut json {
-                m.insert(
-                    "tollgate".into(),
-                    serde_json::to_value(tollgate).unwrap_or_default(),
-                );
-            }
-            Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+    if replace {
+        // Rare: written again. (A body the one-pass reader took but `Value` refuses, e.g. a
+        // number beyond f64, keeps both members below rather than losing its content.)
+        if let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) {
+            m.insert(
+                "tollgate".into(),
+                serde_json::to_value(&tollgate).unwrap_or_default(),
+            );
+            return Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
         }
     }
+    let Some(end) = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .filter(|&end| body[end] == b'}')
+    else {
+        // Not an object (the caller parsed one, so this does not happen): left as it came.
+        return Bytes::copy_from_slice(body);
+    };
+    // The object is empty when the byte before its closing brace is its opening one.
+    let empty = body[..end].iter().rev().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let mut out = Vec::with_capacity(end + 512);
+    out.extend_from_slice(&body[..end]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"tollgate\":");
+    // Writing a `Serialize` of strings and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &tollgate);
+    out.push(b'}');
+    Bytes::from(out)
 }
 
 /// The upstream request body: the client's object with `model` set to the route's upstream
@@ -949,6 +953,15 @@ mod tests {
         // The upstream's member order and spelling are kept.
         let out = with_tollgate(b"{\"z\": 1, \"a\": 2}", false, Value::Null);
         assert_eq!(&out[..], &b"{\"z\": 1, \"a\": 2,\"tollgate\":null}"[..]);
+        // A body the one-pass reader takes but `Value` refuses keeps its bytes.
+        let odd = br#"{"n":1e400,"tollgate":1}"#;
+        let parsed = UpstreamBody::parse(odd).expect("read in one pass");
+        assert!(parsed.has_tollgate());
+        let out = with_tollgate(odd, true, Value::Null);
+        assert_eq!(
+            &out[..],
+            &br#"{"n":1e400,"tollgate":1,"tollgate":null}"#[..]
+        );
     }
 
     #[test]
