@@ -20,9 +20,11 @@ pub async fn healthz() -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.ready.load(Ordering::Acquire) {
-        HttpResponse::Ok().json(json!({"status": "ready"}))
-    } else {
+    if !state.ready.load(Ordering::Acquire) {
         HttpResponse::ServiceUnavailable().json(json!({"status": "starting or draining"}))
+    } else if state.writer.failing() {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "ledger store refusing writes"}))
+    } else {
+        HttpResponse::Ok().json(json!({"status": "ready"}))
     }
 }

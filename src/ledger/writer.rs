@@ -74,6 +74,9 @@ pub enum StoreOp {
 #[derive(Clone)]
 pub struct LedgerWriter {
     tx: SyncSender<Msg>,
+    /// Set while the store refuses writes: from a failed commit or fsync until an fsync
+    /// succeeds again.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Msg {
@@ -144,15 +147,20 @@ fn spawn(
     fault: SyncFault,
 ) -> Result<(LedgerWriter, WriterThread), StoreError> {
     let (tx, rx) = sync_channel(QUEUE);
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = failing.clone();
     let handle = std::thread::Builder::new()
         .name("tollgate-ledger-writer".into())
-        .spawn(move || run(store, rx, flush_interval, fault))
+        .spawn(move || run(store, rx, flush_interval, fault, &health))
         .map_err(|e| StoreError::DataDir {
             path: "writer thread".into(),
             err: e.to_string(),
         })?;
     Ok((
-        LedgerWriter { tx: tx.clone() },
+        LedgerWriter {
+            tx: tx.clone(),
+            failing,
+        },
         WriterThread {
             handle: Some(handle),
             tx,
@@ -161,6 +169,13 @@ fn spawn(
 }
 
 impl LedgerWriter {
+    /// Whether the store is refusing writes (a commit or fsync failed, and no fsync has
+    /// succeeded since). New billable work is refused meanwhile, so that nothing is charged or
+    /// served that the ledger cannot keep.
+    pub fn failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Queues an operation. Blocks only when the writer is `QUEUE` operations behind
     /// (backpressure from storage), which never happens in normal operation.
     pub fn send(&self, op: StoreOp) -> Result<(), StoreError> {
@@ -242,7 +257,13 @@ impl Msg {
     }
 }
 
-fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration, fault: SyncFault) {
+fn run(
+    store: Store,
+    rx: Receiver<Msg>,
+    flush_interval: Duration,
+    fault: SyncFault,
+    failing: &std::sync::atomic::AtomicBool,
+) {
     let db = store.db().clone();
     let half = (flush_interval / 2).max(Duration::from_millis(1));
     let window = group_window(flush_interval);
@@ -298,8 +319,14 @@ fn run(store: Store, rx: Receiver<Msg>, flush_interval: Duration, fault: SyncFau
                     false => db.flush().map(|_| ()).map_err(StoreError::from),
                 };
                 last_sync = Instant::now();
-                unsynced = false;
+                // A failed fsync is tried again after half an interval, new writes or not.
+                unsynced = r.is_err();
+                failing.store(r.is_err(), std::sync::atomic::Ordering::Release);
                 r
+            }
+            Err(e) => {
+                failing.store(true, std::sync::atomic::Ordering::Release);
+                Err(e)
             }
             other => other,
         };

@@ -102,6 +102,13 @@ impl Wallets {
         want: Decimal,
         draft: &LedgerRecord,
     ) -> Result<Hold, WalletError> {
+        if self.registry.store_failing() {
+            // Nothing may be charged or served that the ledger cannot keep.
+            return Err(WalletError::Unavailable(
+                "the ledger store is refusing writes; requests are refused until it writes again"
+                    .into(),
+            ));
+        }
         let hold_id = next_hold_id();
         // If this request is dropped while the actor answers (the client left), the hold the
         // actor opens has no owner: release it then.
@@ -364,6 +371,12 @@ mod tests {
                 wallets.snapshot("k").await.unwrap().balances["credit"],
                 d(15)
             );
+            // Reservations wait for the retried fsync (see the next test).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while w.failing() {
+                assert!(std::time::Instant::now() < deadline, "fsync not retried");
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
             let draft = LedgerRecord::empty("req-1".into(), chrono::Utc::now());
             let hold = wallets
                 .reserve("k", "credit", d(1), d(1), &draft)
@@ -384,6 +397,53 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(again, TopupOutcome::Duplicate);
+            wallets.stop_all();
+            drop((wallets, w));
+            thread.stop();
+        });
+    }
+
+    /// While the store refuses writes nothing new is reserved (so nothing is served that the
+    /// ledger cannot keep); the writer tries the fsync again and requests pass once it works.
+    #[test]
+    fn reservations_wait_for_a_store_that_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let store = Store::open(dir.path()).unwrap();
+            // A 2 s interval: the failed fsync is tried again 1 s later.
+            let (w, thread, fail) =
+                writer::start_with_sync_fault(store.clone(), Duration::from_secs(2)).unwrap();
+            let wallets = Wallets::new(
+                1,
+                w.clone(),
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            );
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            assert!(!w.failing());
+            fail.store(true, SeqCst);
+            assert!(wallets.topup("k", "credit", d(1), None).await.is_err());
+            assert!(w.failing());
+            let draft = LedgerRecord::empty("req-1".into(), chrono::Utc::now());
+            match wallets.reserve("k", "credit", d(1), d(1), &draft).await {
+                Err(WalletError::Unavailable(m)) => assert!(m.contains("refusing writes"), "{m}"),
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("reserved while the store refuses writes"),
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while w.failing() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the fsync was not retried"
+                );
+                actix_rt::time::sleep(Duration::from_millis(20)).await;
+            }
+            let hold = wallets
+                .reserve("k", "credit", d(1), d(1), &draft)
+                .await
+                .unwrap();
+            assert_eq!(hold.settle(d(1), Some(draft)).await.debited, d(1));
             wallets.stop_all();
             drop((wallets, w));
             thread.stop();

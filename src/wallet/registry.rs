@@ -103,6 +103,11 @@ impl Registry {
         tokio::time::timeout(limit, all).await.is_ok()
     }
 
+    /// Whether the store behind the wallets refuses writes (see [`LedgerWriter::failing`]).
+    pub fn store_failing(&self) -> bool {
+        self.writer.failing()
+    }
+
     /// Stops every wallet actor (they persist open holds as they stop).
     pub fn stop_all(&self) {
         for a in &self.arbiters {
