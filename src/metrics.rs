@@ -140,15 +140,13 @@ pub fn init_route_series(config: &crate::config::Config) {
     for (model, route) in config.routes() {
         let m = model.name.clone();
         let r = route.id.clone();
-        let b = route.bucket.clone();
-        for status in STATUSES {
-            metrics::counter!(REQUESTS, "model" => m.clone(), "route" => r.clone(), "bucket" => b.clone(), "status" => status).increment(0);
-        }
-        for direction in ["input", "output"] {
-            metrics::counter!(TOKENS, "model" => m.clone(), "route" => r.clone(), "bucket" => b.clone(), "direction" => direction).increment(0);
-        }
         if let Some(bucket) = config.buckets.get(&route.bucket) {
-            metrics::gauge!(SPEND, "bucket" => b.clone(), "currency" => bucket.currency.clone(), "model" => m.clone(), "route" => r.clone()).increment(0.0);
+            // The series a settled request moves; histograms render (empty) once registered.
+            let s = RouteSeries::new(&m, &r, &route.bucket, &bucket.currency);
+            for c in s.requests.iter().chain([&s.input_tokens, &s.output_tokens]) {
+                c.increment(0);
+            }
+            s.spend.increment(0.0);
         }
         for outcome in OTHER_OUTCOMES.iter().chain(RETRIABLE_OUTCOMES.iter()) {
             metrics::counter!(UPSTREAM_ATTEMPTS, "route" => r.clone(), "outcome" => *outcome)
@@ -162,9 +160,6 @@ pub fn init_route_series(config: &crate::config::Config) {
                 metrics::counter!(FALLBACKS, "model" => m.clone(), "from_route" => r.clone(), "to_route" => to.id.clone(), "reason" => reason).increment(0);
             }
         }
-        // Histograms render (empty) once registered.
-        let _ = metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "route" => r.clone());
-        let _ = metrics::histogram!(TTFT, "model" => m, "route" => r);
     }
     for model in &config.models {
         for status in ["rejected", "upstream_error"] {

@@ -171,14 +171,18 @@ pub fn new_request_id(started_at: DateTime<Utc>) -> String {
     String::from_utf8(id).unwrap_or_default()
 }
 
-/// The `l/` key a request id implies, if it carries its start time.
-pub(crate) fn key_l_from_id(request_id: &str) -> Option<Vec<u8>> {
+/// The start time (Unix microseconds) a request id carries, if it is one of [`new_request_id`]'s.
+fn id_micros(request_id: &str) -> Option<u64> {
     let hex = request_id.strip_prefix("req_")?;
     if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let t = u64::from_str_radix(hex.get(..14)?, 16).ok()?;
-    Some(time_key(&[b"l/"], t, request_id))
+    u64::from_str_radix(hex.get(..14)?, 16).ok()
+}
+
+/// The `l/` key a request id implies, if it carries its start time.
+pub(crate) fn key_l_from_id(request_id: &str) -> Option<Vec<u8>> {
+    Some(time_key(&[b"l/"], id_micros(request_id)?, request_id))
 }
 
 pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -229,7 +233,7 @@ pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
     let lk = key_l(rec);
     // The `x/` entry's value is empty: the `l/` key is its key's tail.
     batch.insert(key_x(rec), &[][..]);
-    if key_l_from_id(&rec.request_id).as_ref() != Some(&lk) {
+    if id_micros(&rec.request_id) != Some(micros(rec.started_at)) {
         // An id that does not carry its start time is found through the `i/` index.
         batch.insert(key_i(&rec.request_id), lk.clone());
     }

@@ -79,6 +79,16 @@ struct RawUsage {
     completion_tokens: Option<u64>,
 }
 
+impl RawUsage {
+    /// Chat usage needs both counts; embeddings usage only `prompt_tokens` (completion 0).
+    fn counts(&self, chat: bool) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: self.prompt_tokens?,
+            completion_tokens: if chat { self.completion_tokens? } else { 0 },
+        })
+    }
+}
+
 /// A JSON string borrowed from the input unless it has escapes. (serde borrows a bare
 /// `Cow<str>` field marked `borrow`, but not one inside an `Option`; this newtype keeps it bare.)
 #[derive(Debug, Deserialize)]
@@ -117,11 +127,7 @@ impl ChunkView<'_> {
 
     /// The upstream's usage, when the chunk carries both token counts (the final usage chunk).
     pub fn usage(&self) -> Option<Usage> {
-        let usage = self.usage.as_ref()?;
-        Some(Usage {
-            prompt_tokens: usage.prompt_tokens?,
-            completion_tokens: usage.completion_tokens?,
-        })
+        self.usage.as_ref()?.counts(true)
     }
 
     /// True when some choice's delta carries output text (see [`ChoiceDelta::has_text`]).
@@ -154,13 +160,21 @@ pub struct ChoiceDelta<'a> {
 
 impl<'a> ChoiceDelta<'a> {
     fn from_raw(raw: &'a RawChoice<'a>) -> Self {
-        let delta = raw.delta.as_ref();
         ChoiceDelta {
             index: raw.index,
+            finish_reason: raw.finish_reason.as_deref(),
+            ..ChoiceDelta::of(raw.delta.as_ref())
+        }
+    }
+
+    /// A delta's texts without a choice around it (a non-stream message has a delta's fields).
+    fn of(delta: Option<&'a RawDelta<'a>>) -> Self {
+        ChoiceDelta {
+            index: 0,
+            finish_reason: None,
             content: delta.and_then(|d| d.content.as_deref()),
             reasoning_content: delta.and_then(|d| d.reasoning_content.as_deref()),
             refusal: delta.and_then(|d| d.refusal.as_deref()),
-            finish_reason: raw.finish_reason.as_deref(),
             tool_calls: delta
                 .and_then(|d| d.tool_calls.as_deref())
                 .unwrap_or_default(),
@@ -288,24 +302,8 @@ impl<'a> UpstreamBody<'a> {
             UpstreamBody::View(view) => view,
             UpstreamBody::Json(v) => return completion_output(v),
         };
-        let mut texts = Vec::new();
-        let messages = view
-            .choices
-            .iter()
-            .flatten()
-            .filter_map(|c| c.message.as_ref());
-        for m in messages {
-            let fields = [&m.content, &m.reasoning_content, &m.refusal];
-            texts.extend(fields.into_iter().flatten().map(|t| &**t));
-            let calls = m.tool_calls.iter().flatten();
-            texts.extend(calls.filter_map(|c| c.function.as_ref()?.arguments.as_deref()));
-            texts.extend(
-                m.function_call
-                    .as_ref()
-                    .and_then(|f| f.arguments.as_deref()),
-            );
-        }
-        texts.retain(|t| !t.is_empty());
+        let messages = view.choices.iter().flatten().map(|c| c.message.as_ref());
+        let texts = messages.flat_map(|m| ChoiceDelta::of(m).texts()).collect();
         (texts, self.usage(true))
     }
 
@@ -321,11 +319,7 @@ impl<'a> UpstreamBody<'a> {
             UpstreamBody::Json(v) if chat => return chat_usage(v),
             UpstreamBody::Json(v) => return embeddings_usage(v),
         };
-        let u = view.usage.as_ref()?;
-        Some(Usage {
-            prompt_tokens: u.prompt_tokens?,
-            completion_tokens: if chat { u.completion_tokens? } else { 0 },
-        })
+        view.usage.as_ref()?.counts(chat)
     }
 
     /// Does the body have a `tollgate` member of its own?

@@ -817,8 +817,8 @@ fn with_tollgate(body: &[u8], replace: bool, tollgate: impl serde::Serialize) ->
 }
 
 /// The upstream request body: the client's object with `model` set to the route's upstream
-/// model and, for a stream, `stream_options.include_usage` on (R-usage: the meter needs the
-/// upstream's count). Written straight from the parsed request, without copying the messages.
+/// model and, for a stream, `stream_options.include_usage` on (billing prefers the upstream's
+/// usage, R6). Written straight from the parsed request, without copying the messages.
 fn upstream_body(fields: &Map<String, Value>, upstream_model: &str, stream: bool) -> Bytes {
     use serde::ser::{Serialize, SerializeMap, Serializer};
 

@@ -338,24 +338,33 @@ impl Drop for Hold {
 mod tests {
     use super::*;
     use crate::ledger::{writer, Store};
-    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    /// Runs `test` in a fresh actix System on a store whose writer (flush interval `flush`, also
+    /// the wallets' hold flush) fails its next fsync when the flag is set; stops it all after.
+    fn with_sync_fault<F: std::future::Future<Output = ()>>(
+        flush: Duration,
+        test: impl FnOnce(Store, LedgerWriter, Arc<AtomicBool>, Wallets) -> F,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let store = Store::open(dir.path()).unwrap();
+            let (w, thread, fail) = writer::start_with_sync_fault(store.clone(), flush).unwrap();
+            let wallets = Wallets::new(1, w.clone(), flush, Duration::from_secs(60));
+            test(store, w, fail, wallets.clone()).await;
+            wallets.stop_all();
+            drop(wallets);
+            thread.stop();
+        });
+    }
 
     /// A top-up whose fsync fails after its batch was applied answers an error, yet it is in
     /// the store: the wallet must take it over, or its next settlement writes it away while
     /// the reference stays recorded (a retry then finds it "already applied").
     #[test]
     fn a_top_up_whose_fsync_failed_is_not_written_away() {
-        let dir = tempfile::tempdir().unwrap();
-        actix_rt::System::new().block_on(async move {
-            let store = Store::open(dir.path()).unwrap();
-            let (w, thread, fail) =
-                writer::start_with_sync_fault(store.clone(), Duration::from_millis(10)).unwrap();
-            let wallets = Wallets::new(
-                1,
-                w.clone(),
-                Duration::from_millis(10),
-                Duration::from_secs(60),
-            );
+        let flush = Duration::from_millis(10);
+        with_sync_fault(flush, |store, w, fail, wallets| async move {
             let d = Decimal::from;
             wallets
                 .topup("k", "credit", d(10), Some("a".into()))
@@ -397,9 +406,6 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(again, TopupOutcome::Duplicate);
-            wallets.stop_all();
-            drop((wallets, w));
-            thread.stop();
         });
     }
 
@@ -407,18 +413,9 @@ mod tests {
     /// ledger cannot keep); the writer tries the fsync again and requests pass once it works.
     #[test]
     fn reservations_wait_for_a_store_that_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        actix_rt::System::new().block_on(async move {
-            let store = Store::open(dir.path()).unwrap();
-            // A 2 s interval: the failed fsync is tried again 1 s later.
-            let (w, thread, fail) =
-                writer::start_with_sync_fault(store.clone(), Duration::from_secs(2)).unwrap();
-            let wallets = Wallets::new(
-                1,
-                w.clone(),
-                Duration::from_secs(2),
-                Duration::from_secs(60),
-            );
+        // A 2 s interval: the failed fsync is tried again 1 s later.
+        let flush = Duration::from_secs(2);
+        with_sync_fault(flush, |_, w, fail, wallets| async move {
             let d = Decimal::from;
             wallets.topup("k", "credit", d(10), None).await.unwrap();
             assert!(!w.failing());
@@ -444,9 +441,6 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(hold.settle(d(1), Some(draft)).await.debited, d(1));
-            wallets.stop_all();
-            drop((wallets, w));
-            thread.stop();
         });
     }
 }
