@@ -189,6 +189,21 @@ impl LedgerWriter {
         }
     }
 
+    /// Queues an operation without ever blocking the caller: when the writer is `QUEUE`
+    /// operations behind, the operation is dropped, counted, and `false` returned. Only for
+    /// records that carry no money (refused requests), so that a flood of refusals cannot
+    /// stall the worker threads behind a slow disk.
+    pub fn try_send(&self, op: StoreOp) -> bool {
+        match self.tx.try_send(Msg::Op(op)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!(crate::metrics::LEDGER_QUEUE_FULL).increment(1);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
     /// Queues an operation that answers, and waits for the answer.
     pub async fn ask<T>(
         &self,
