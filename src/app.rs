@@ -358,6 +358,15 @@ pub async fn serve(config: Config) -> Result<(), String> {
     retention.abort();
     state.ready.store(false, Ordering::Release);
     tracing::info!("listeners stopped; settling open holds and flushing the ledger");
+    // Connections, and the streams in them, may be dropped after the listeners report stopped:
+    // wait for their settlements to reach the wallets (what does not arrive in time is persisted
+    // as an open hold and settled as `interrupted` at the next start).
+    if !state.wallets.wait_settled(Duration::from_secs(10)).await {
+        tracing::error!(
+            holds = state.wallets.live_holds(),
+            "requests still hold money 10 s after the listeners stopped; recovery settles them"
+        );
+    }
     // The streams the listeners dropped have queued their settlements with the wallets. Each
     // wallet answers once it has handled them and handed its open holds to the writer; then the
     // writer commits all of it before it stops.

@@ -2,8 +2,6 @@
 //! routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
 //! `/healthz` and `/readyz` do not.
 
-use std::str::FromStr;
-
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -16,6 +14,7 @@ use crate::app::AppState;
 use crate::keys::NewKey;
 use crate::ledger::store::ApiKeyRecord;
 use crate::ledger::{LedgerRecord, Status, TopupOutcome};
+use crate::wallet::WalletError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/metrics").route(web::get().to(metrics)))
@@ -209,23 +208,46 @@ struct TopupBody {
     reference: Option<String>,
 }
 
-fn parse_amount(v: &Value) -> Result<Decimal, ApiError> {
+/// Integer digits a top-up amount may have (R40): far below what a balance can hold, so that
+/// no number of top-ups a person could send overflows one.
+const AMOUNT_MAX_INT_DIGITS: u32 = 18;
+
+/// A top-up amount: a positive decimal with at most 18 integer digits and at most `scale`
+/// (the bucket's `display_scale`) decimal places (R40).
+fn parse_amount(v: &Value, scale: u32) -> Result<Decimal, ApiError> {
     let d = match v {
-        Value::String(s) => Decimal::from_str(s.trim()).ok(),
-        Value::Number(n) => Decimal::from_str(&n.to_string()).ok(),
+        Value::String(s) => Decimal::from_str_exact(s.trim()).ok(),
+        Value::Number(n) => Decimal::from_str_exact(&n.to_string()).ok(),
         _ => None,
     };
-    match d {
-        Some(d) if d > Decimal::ZERO => Ok(d.normalize()),
-        Some(_) => Err(ApiError::invalid_value(
-            "amount",
-            "'amount' must be greater than 0",
-        )),
-        None => Err(ApiError::invalid_value(
+    let Some(d) = d.map(|d| d.normalize()) else {
+        return Err(ApiError::invalid_value(
             "amount",
             "'amount' must be a decimal string such as \"10.50\"",
-        )),
+        ));
+    };
+    if d <= Decimal::ZERO {
+        return Err(ApiError::invalid_value(
+            "amount",
+            "'amount' must be greater than 0",
+        ));
     }
+    let limit = Decimal::from(10u64.pow(AMOUNT_MAX_INT_DIGITS));
+    if d >= limit {
+        return Err(ApiError::invalid_value(
+            "amount",
+            format!(
+                "'amount' may have at most {AMOUNT_MAX_INT_DIGITS} digits before the decimal point"
+            ),
+        ));
+    }
+    if d.scale() > scale {
+        return Err(ApiError::invalid_value(
+            "amount",
+            format!("'amount' may have at most {scale} decimal places in this bucket"),
+        ));
+    }
+    Ok(d)
 }
 
 async fn wallet_view(state: &AppState, key_id: &str) -> Result<Value, ApiError> {
@@ -288,7 +310,12 @@ async fn topup(
             ),
         ));
     }
-    let amount = parse_amount(&t.amount)?;
+    let scale = state
+        .config
+        .buckets
+        .get(&t.bucket)
+        .map_or(0, |b| b.display_scale);
+    let amount = parse_amount(&t.amount, scale)?;
     if let Some(r) = &t.reference {
         if r.is_empty() || r.len() > 256 {
             return Err(ApiError::invalid_value(
@@ -316,6 +343,7 @@ async fn topup(
                 ),
             ))
         }
+        Err(WalletError::Invalid(m)) => return Err(ApiError::invalid_value("amount", m)),
         Err(e) => {
             // The store may have taken it all the same (a failed fsync).
             let advice = match t.reference {

@@ -6,7 +6,8 @@
 //! [`encode_compact`]; those written as JSON by earlier versions still read):
 //! - `k/{key_id}` API key record; `m/bootstrap/{name}` → key id of a config key
 //! - `w/{key_id}` wallet balances per bucket
-//! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record
+//! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record, written
+//!   once; `c/{hold_id:016x}` its latest consumption, rewritten every flush while it draws (R9)
 //! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log
 //! - `l/{micros:016x}{request_id}` ledger record; `x/{key_id}/{micros:016x}{request_id}` key
 //!   index (empty value: the `l/` key is its tail); `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
@@ -29,6 +30,9 @@ pub enum StoreError {
     Corrupt { key: String, err: String },
     #[error("storage writer stopped")]
     WriterGone,
+    /// The write was applied but its fsync failed: readable now, durability unknown.
+    #[error("written but not made durable: {0}")]
+    NotDurable(String),
     #[error("cannot prepare data directory {path}: {err}")]
     DataDir { path: String, err: String },
 }
@@ -78,6 +82,17 @@ pub struct PersistedHold {
     pub draft: Box<LedgerRecord>,
 }
 
+/// An open hold's latest consumption, persisted every flush interval while it draws (R9),
+/// apart from the hold itself so that the draft record is written only once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldDrawn {
+    pub hold_id: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub consumed: Decimal,
+    pub consumed_tokens: u64,
+    pub updated_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopupRef {
     pub bucket: String,
@@ -120,6 +135,9 @@ pub(crate) fn key_w(id: &str) -> Vec<u8> {
 }
 pub(crate) fn key_h(hold: u64) -> Vec<u8> {
     format!("h/{hold:016x}").into_bytes()
+}
+pub(crate) fn key_c(hold: u64) -> Vec<u8> {
+    format!("c/{hold:016x}").into_bytes()
 }
 pub(crate) fn key_t(key_id: &str, reference: &str) -> Vec<u8> {
     format!("t/{key_id}/{reference}").into_bytes()
@@ -318,11 +336,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Every open hold persisted, with its latest persisted consumption.
     pub fn holds(&self) -> Result<Vec<PersistedHold>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(b"h/") {
             let (k, v) = kv?;
-            out.push(decode_compact(&k, &v)?);
+            let mut h: PersistedHold = decode_compact(&k, &v)?;
+            let c = key_c(h.hold_id);
+            if let Some(v) = self.db.get(&c)? {
+                let d: HoldDrawn = decode_compact(&c, &v)?;
+                h.consumed = d.consumed;
+                h.consumed_tokens = d.consumed_tokens;
+                h.updated_at = d.updated_at;
+            }
+            out.push(h);
         }
         Ok(out)
     }
@@ -432,9 +459,16 @@ impl Store {
                 to_json(&WalletState::from_balances(&wallet)),
             );
             batch.remove(key_h(h.hold_id));
+            batch.remove(key_c(h.hold_id));
             put_record(&mut batch, &rec);
             self.db.apply_batch(batch)?;
         }
+        // Consumption entries whose hold is gone (settled in the same batch that wrote them).
+        let mut stray = sled::Batch::default();
+        for k in self.db.scan_prefix(b"c/").keys() {
+            stray.remove(k?);
+        }
+        self.db.apply_batch(stray)?;
         if !holds.is_empty() {
             self.db.flush()?;
         }

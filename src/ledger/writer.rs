@@ -39,8 +39,11 @@ pub enum StoreOp {
     /// A fallback record, written only if the request has no record yet: a settlement's
     /// record for the same request always wins, whichever arrives first.
     RecordIfAbsent(Box<LedgerRecord>),
-    /// Open holds' latest consumption (crash recovery, R9).
-    Holds(Vec<PersistedHold>),
+    /// Open holds for crash recovery (R9): new ones whole, known ones by their consumption.
+    Holds {
+        new: Vec<PersistedHold>,
+        drawn: Vec<HoldDrawn>,
+    },
     TopUp {
         key_id: String,
         bucket: String,
@@ -115,14 +118,46 @@ pub fn start(
     store: Store,
     flush_interval: Duration,
 ) -> Result<(LedgerWriter, WriterThread), StoreError> {
-    spawn(store, flush_interval, SyncFault::default())
+    spawn(store, flush_interval, Faults::default())
 }
 
-/// Test seam for a disk that refuses an fsync: while set, the next fsync fails after its batch
-/// was applied (the store's contents then are as after the batch; only durability is unknown).
-/// Running as root, the tests cannot make a real one fail.
+/// Test seams for a disk that refuses writes (running as root, the tests cannot make a real one
+/// fail): `sync`, while set, makes the next fsync fail after its batch was applied (the store's
+/// contents then are as after the batch; only durability is unknown); `commits` is the number
+/// of coming batch commits that fail before anything of them is applied.
 #[derive(Clone, Default)]
-struct SyncFault(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+pub(crate) struct Faults {
+    pub sync: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    pub commits: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
+}
+
+impl Faults {
+    fn refuse_sync(&self) -> bool {
+        self.sync
+            .as_ref()
+            .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::SeqCst))
+    }
+    fn refuse_commit(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.commits
+            .as_ref()
+            .is_some_and(|n| n.fetch_update(SeqCst, SeqCst, |v| v.checked_sub(1)).is_ok())
+    }
+}
+
+/// A writer with both fault seams armed off; the caller sets them.
+#[cfg(test)]
+pub(crate) fn start_with_faults(
+    store: Store,
+    flush_interval: Duration,
+) -> Result<(LedgerWriter, WriterThread, Faults), StoreError> {
+    let faults = Faults {
+        sync: Some(Default::default()),
+        commits: Some(Default::default()),
+    };
+    let (w, t) = spawn(store, flush_interval, faults.clone())?;
+    Ok((w, t, faults))
+}
 
 #[cfg(test)]
 pub(crate) fn start_with_sync_fault(
@@ -136,15 +171,14 @@ pub(crate) fn start_with_sync_fault(
     ),
     StoreError,
 > {
-    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (w, t) = spawn(store, flush_interval, SyncFault(Some(fail.clone())))?;
-    Ok((w, t, fail))
+    let (w, t, faults) = start_with_faults(store, flush_interval)?;
+    Ok((w, t, faults.sync.unwrap_or_default()))
 }
 
 fn spawn(
     store: Store,
     flush_interval: Duration,
-    fault: SyncFault,
+    fault: Faults,
 ) -> Result<(LedgerWriter, WriterThread), StoreError> {
     let (tx, rx) = sync_channel(QUEUE);
     let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -226,8 +260,13 @@ impl LedgerWriter {
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// What the writer has taken from the queue and not yet committed. A batch whose commit fails
+/// stays here, later operations merge into it (a later write of a key wins, as in the queue's
+/// order), and the whole of it is committed again until it succeeds: nothing a wallet debited
+/// is dropped.
 struct Pending {
     batch: sled::Batch,
+    faults: Faults,
     /// Request ids whose records are in `batch`.
     ids: std::collections::HashSet<String>,
     ops: usize,
@@ -237,9 +276,10 @@ struct Pending {
 }
 
 impl Pending {
-    fn new() -> Self {
+    fn new(faults: Faults) -> Self {
         Pending {
             batch: sled::Batch::default(),
+            faults,
             ids: Default::default(),
             ops: 0,
             dirty: false,
@@ -266,7 +306,7 @@ impl Msg {
                 StoreOp::Settle { .. }
                     | StoreOp::Record(_)
                     | StoreOp::RecordIfAbsent(_)
-                    | StoreOp::Holds(_)
+                    | StoreOp::Holds { .. }
             ),
         }
     }
@@ -276,13 +316,13 @@ fn run(
     store: Store,
     rx: Receiver<Msg>,
     flush_interval: Duration,
-    fault: SyncFault,
+    fault: Faults,
     failing: &std::sync::atomic::AtomicBool,
 ) {
     let db = store.db().clone();
     let half = (flush_interval / 2).max(Duration::from_millis(1));
     let window = group_window(flush_interval);
-    let mut p = Pending::new();
+    let mut p = Pending::new(fault.clone());
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     let mut stopping = false;
@@ -314,7 +354,22 @@ fn run(
             }
         }
         let started = Instant::now();
-        let res = commit(&db, &mut p);
+        let had_ops = p.ops > 0;
+        let mut res = commit(&db, &mut p);
+        if stopping && res.is_err() {
+            // The last chance for what is pending: keep trying for a few seconds.
+            let until = Instant::now() + STOP_RETRY;
+            while res.is_err() && Instant::now() < until {
+                std::thread::sleep(half.min(Duration::from_millis(100)));
+                res = commit(&db, &mut p);
+            }
+            if res.is_err() {
+                tracing::error!(
+                    operations = p.ops,
+                    "ledger writes still failing at stop: the pending batch is lost; open holds are recovered at the next start"
+                );
+            }
+        }
         if p.dirty || res.is_err() {
             unsynced = true;
         }
@@ -322,11 +377,7 @@ fn run(
         let due = unsynced && last_sync.elapsed() >= half;
         let res = match res {
             Ok(()) if p.sync_now || due => {
-                let refused = fault
-                    .0
-                    .as_ref()
-                    .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::SeqCst));
-                let r = match refused {
+                let r = match fault.refuse_sync() {
                     true => Err(StoreError::Corrupt {
                         key: "fsync".into(),
                         err: "refused (injected fault)".into(),
@@ -345,7 +396,7 @@ fn run(
             }
             other => other,
         };
-        if p.ops > 0 {
+        if had_ops {
             metrics::histogram!(crate::metrics::LEDGER_FLUSH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
         }
@@ -363,26 +414,37 @@ fn run(
             });
         }
         p.sync_now = false;
-        p.ops = 0;
     }
 }
 
+/// How long a stopping writer keeps retrying a batch whose commit fails.
+const STOP_RETRY: Duration = Duration::from_secs(3);
+
+/// Commits what is pending. On failure everything stays pending, to be committed again.
 fn commit(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
     if p.ops == 0 {
         return Ok(());
     }
-    let batch = std::mem::take(&mut p.batch);
+    if p.faults.refuse_commit() {
+        return Err(StoreError::Corrupt {
+            key: "batch".into(),
+            err: "commit refused (injected fault)".into(),
+        });
+    }
+    // A copy goes to sled, so that a failed commit leaves the batch here (the values are
+    // reference-counted: the copy is a tree of pointers).
+    db.apply_batch(p.batch.clone())?;
+    p.batch = sled::Batch::default();
     p.ids.clear();
-    db.apply_batch(batch)?;
+    p.ops = 0;
     p.dirty = true;
     Ok(())
 }
 
-/// Applies what is pending, so that reads below see every earlier operation.
+/// Applies what is pending, so that reads below see every earlier operation. Fails while the
+/// pending batch cannot be committed: reads would then miss writes already acknowledged.
 fn barrier(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
-    let r = commit(db, p);
-    p.ops = 0;
-    r
+    commit(db, p)
 }
 
 fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
@@ -399,6 +461,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
             );
             if let Some(h) = hold_id {
                 p.batch.remove(key_h(h));
+                p.batch.remove(key_c(h));
             }
             if let Some(rec) = record {
                 p.ids.insert(rec.request_id.clone());
@@ -420,9 +483,12 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                 p.ops += 1;
             }
         }
-        StoreOp::Holds(holds) => {
-            for h in holds {
+        StoreOp::Holds { new, drawn } => {
+            for h in new {
                 p.batch.insert(key_h(h.hold_id), encode_compact(&h));
+            }
+            for d in drawn {
+                p.batch.insert(key_c(d.hold_id), encode_compact(&d));
             }
             p.ops += 1;
         }
@@ -479,7 +545,11 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                 Ok(TopupOutcome::Applied) => {
                     p.sync_now = true;
                     p.after_sync.push(Box::new(move |r| {
-                        let _ = reply.send(r.map(|()| TopupOutcome::Applied));
+                        // Applied above: only its durability can have failed.
+                        let r = r
+                            .map(|()| TopupOutcome::Applied)
+                            .map_err(|e| StoreError::NotDurable(e.to_string()));
+                        let _ = reply.send(r);
                     }));
                 }
                 other => {
@@ -736,7 +806,22 @@ mod tests {
                 draft: Box::new(draft),
             }
         };
-        let s = run_ops(vec![StoreOp::Holds(vec![hold(1, "0.25")])]);
+        // Hold 1 is written whole once, then its consumption moves on (R9).
+        let s = run_ops(vec![
+            StoreOp::Holds {
+                new: vec![hold(1, "0.25")],
+                drawn: vec![],
+            },
+            StoreOp::Holds {
+                new: vec![],
+                drawn: vec![HoldDrawn {
+                    hold_id: 1,
+                    consumed: "0.3".parse().unwrap(),
+                    consumed_tokens: 9,
+                    updated_at: chrono::Utc::now(),
+                }],
+            },
+        ]);
         // A hold persisted as JSON by an earlier version.
         s.db().insert(key_h(2), to_json(&hold(2, "0.5"))).unwrap();
         let balances: Balances = [("credit".to_string(), Decimal::new(10, 0))].into();
@@ -746,14 +831,16 @@ mod tests {
         assert_eq!(s.holds().unwrap().len(), 2);
         assert_eq!(s.recover_holds().unwrap(), 2);
         assert!(s.holds().unwrap().is_empty());
-        for (id, cost) in [("req-h1", "0.25"), ("req-h2", "0.5")] {
+        for (id, cost, tokens) in [("req-h1", "0.3", 9), ("req-h2", "0.5", 7)] {
             let r = s.record(id).unwrap().unwrap();
             assert_eq!(r.status, crate::ledger::Status::Interrupted);
             assert_eq!(r.cost.to_string(), cost);
+            assert_eq!(r.output_tokens, tokens);
         }
         assert_eq!(
             s.wallet("k1").unwrap().balances()["credit"],
-            Decimal::new(925, 2)
+            Decimal::new(92, 1)
         );
+        assert_eq!(s.db().scan_prefix(b"c/").count(), 0);
     }
 }

@@ -7,7 +7,10 @@
 //! [`completion_output`] does the same for a non-stream `chat.completion` body.
 //!
 //! The texts that count as output (DESIGN R5): `content`, `reasoning_content`, `refusal`, and
-//! every tool call's `function.arguments` (also the legacy `function_call.arguments`).
+//! every tool call's `function.arguments` (also the legacy `function_call.arguments`). A delta
+//! that carries anything else (any other member but `role` with a value that is not null,
+//! false or empty, e.g. `audio`) is output too, so that it is paid for before it is forwarded:
+//! it counts as at least one token.
 
 use std::borrow::Cow;
 
@@ -56,6 +59,55 @@ struct RawDelta<'a> {
     tool_calls: Option<Vec<RawToolCall<'a>>>,
     #[serde(borrow, default)]
     function_call: Option<RawFunction<'a>>,
+    /// Some other member carries output (see the module doc); set after parsing.
+    #[serde(skip)]
+    other: bool,
+}
+
+/// Members of a delta that are not output themselves (the known text fields are read apart).
+const NOT_OUTPUT: [&str; 6] = [
+    "role",
+    "content",
+    "reasoning_content",
+    "refusal",
+    "tool_calls",
+    "function_call",
+];
+
+/// A JSON value that carries nothing: null, false, an empty string, array or object.
+fn is_empty_json(value: &str) -> bool {
+    match value
+        .trim_matches(|c: char| c.is_ascii_whitespace())
+        .as_bytes()
+    {
+        b"null" | b"false" | b"\"\"" => true,
+        [b'[', inner @ .., b']'] | [b'{', inner @ .., b'}'] => {
+            inner.iter().all(u8::is_ascii_whitespace)
+        }
+        _ => false,
+    }
+}
+
+/// For a chunk read by serde_json (the slow path): marks the deltas whose other members carry
+/// output, as the one-pass reader does.
+fn mark_other_output(view: &mut ChunkView<'_>, data: &str) {
+    let Ok(serde_json::Value::Object(doc)) = serde_json::from_str::<serde_json::Value>(data) else {
+        return;
+    };
+    let Some(serde_json::Value::Array(choices)) = doc.get("choices") else {
+        return;
+    };
+    let parsed = view.choices.as_deref_mut().unwrap_or_default();
+    for (raw, choice) in parsed.iter_mut().zip(choices) {
+        let (Some(delta), Some(serde_json::Value::Object(members))) =
+            (raw.delta.as_mut(), choice.get("delta"))
+        else {
+            continue;
+        };
+        delta.other = members
+            .iter()
+            .any(|(k, v)| !NOT_OUTPUT.contains(&k.as_str()) && !is_empty_json(&v.to_string()));
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,7 +163,11 @@ impl std::ops::Deref for Text<'_> {
 pub fn parse_chunk(data: &str) -> Result<ChunkView<'_>, serde_json::Error> {
     match scan::chunk(data) {
         Some(view) => Ok(view),
-        None => serde_json::from_str(data),
+        None => {
+            let mut view: ChunkView<'_> = serde_json::from_str(data)?;
+            mark_other_output(&mut view, data);
+            Ok(view)
+        }
     }
 }
 
@@ -130,9 +186,9 @@ impl ChunkView<'_> {
         self.usage.as_ref()?.counts(true)
     }
 
-    /// True when some choice's delta carries output text (see [`ChoiceDelta::has_text`]).
+    /// True when some choice's delta carries output (see [`ChoiceDelta::has_output`]).
     pub fn has_content(&self) -> bool {
-        self.choices().any(|c| c.has_text())
+        self.choices().any(|c| c.has_output())
     }
 
     /// The upstream's `model` field, if present.
@@ -156,6 +212,8 @@ pub struct ChoiceDelta<'a> {
     pub finish_reason: Option<&'a str>,
     tool_calls: &'a [RawToolCall<'a>],
     function_call: Option<&'a str>,
+    /// Output in another member than the texts (e.g. `audio`).
+    pub other: bool,
 }
 
 impl<'a> ChoiceDelta<'a> {
@@ -181,6 +239,7 @@ impl<'a> ChoiceDelta<'a> {
             function_call: delta
                 .and_then(|d| d.function_call.as_ref())
                 .and_then(|f| f.arguments.as_deref()),
+            other: delta.is_some_and(|d| d.other),
         }
     }
 
@@ -207,6 +266,12 @@ impl<'a> ChoiceDelta<'a> {
     /// do not.
     pub fn has_text(&self) -> bool {
         self.texts().next().is_some()
+    }
+
+    /// True when the delta carries output of any kind: text, or another member that is not
+    /// empty (which metering counts as at least one token).
+    pub fn has_output(&self) -> bool {
+        self.other || self.has_text()
     }
 }
 
@@ -643,7 +708,13 @@ mod scan {
                         once(&mut seen[4])?;
                         delta.function_call = s.nullable(|s| s.function(5))?;
                     }
-                    _ => s.skip_value(4)?,
+                    _ => {
+                        let start = s.pos;
+                        s.skip_value(4)?;
+                        if key != "role" && !is_empty_json(s.text.get(start..s.pos)?) {
+                            delta.other = true;
+                        }
+                    }
                 }
                 Some(())
             })
@@ -996,8 +1067,11 @@ mod tests {
 
     // ---- the fast scanner agrees with serde_json ----
 
+    /// The slow path: serde_json, then the other-output marks from the document.
     fn serde_view(data: &str) -> Result<ChunkView<'_>, serde_json::Error> {
-        serde_json::from_str(data)
+        let mut view = serde_json::from_str(data)?;
+        mark_other_output(&mut view, data);
+        Ok(view)
     }
 
     #[test]

@@ -8,9 +8,18 @@ use crate::wallet::Hold;
 
 const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
-/// Price of `tokens` at `per_mtok` (per million tokens), exact.
+/// Price of `tokens` at `per_mtok` (per million tokens), exact. A product beyond what a
+/// `Decimal` holds (absurd token counts, R40) saturates at `Decimal::MAX`: it can never be paid,
+/// so it debits at most the available balance and records the rest as shortfall.
 pub fn cost(tokens: u64, per_mtok: Decimal) -> Decimal {
-    Decimal::from(tokens) * per_mtok / MILLION
+    Decimal::from(tokens)
+        .checked_mul(per_mtok)
+        .map_or(Decimal::MAX, |c| c / MILLION)
+}
+
+/// `a + b` for amounts, saturating at `Decimal::MAX` (see [`cost`]).
+pub fn add_cost(a: Decimal, b: Decimal) -> Decimal {
+    a.checked_add(b).unwrap_or(Decimal::MAX)
 }
 
 pub struct Meter {
@@ -48,7 +57,9 @@ impl Meter {
         if tokens == 0 {
             return true;
         }
-        let price = self.per_token * Decimal::from(tokens);
+        let Some(price) = self.per_token.checked_mul(Decimal::from(tokens)) else {
+            return false;
+        };
         if self.hold.try_draw(price, tokens) {
             self.tokens += tokens;
             return true;
@@ -56,8 +67,12 @@ impl Meter {
         let left = self.limit_tokens.saturating_sub(self.tokens);
         let want_tokens = self.next_ext.min(left).max(tokens);
         self.next_ext = (self.next_ext.saturating_mul(2)).min(self.max_ext);
-        let want = (self.per_token * Decimal::from(want_tokens) - self.hold.remaining())
-            .max(price - self.hold.remaining());
+        let want = self
+            .per_token
+            .checked_mul(Decimal::from(want_tokens))
+            .unwrap_or(price)
+            .max(price)
+            - self.hold.remaining();
         self.hold.extend(want).await;
         if self.hold.try_draw(price, tokens) {
             self.tokens += tokens;

@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
 use super::chunk::{parse_chunk, Usage};
-use super::meter::{cost, Meter};
+use super::meter::{add_cost, cost, Meter};
 use super::sse::{SseEvent, SseParser};
 use super::tokenizer::Tokenizer;
 use crate::ledger::{LedgerRecord, Status, UpstreamUsage, UsageSource};
@@ -67,6 +67,9 @@ pub struct MeteredStream {
     started: Instant,
     first_token_at: Option<Instant>,
     usage: Option<Usage>,
+    /// Output tokens paid when the upstream's usage last arrived: tokens after it mean the usage
+    /// was not the final count.
+    tokens_at_usage: u64,
     usage_data: Option<String>,
     /// `id`, `created` and `model` of the first chunk, for a synthesized usage chunk.
     meta: Option<(Value, Value, Value)>,
@@ -108,6 +111,7 @@ impl MeteredStream {
             started: p.started,
             first_token_at: None,
             usage: None,
+            tokens_at_usage: 0,
             usage_data: None,
             meta: None,
             out: BytesMut::new(),
@@ -285,7 +289,13 @@ impl MeteredStream {
             }
             if self.eof {
                 return match self.parser.finish() {
-                    Ok(Some(ev)) => Ok(Step::Event(ev)),
+                    // The upstream's last event may lack its blank line: forwarded as it came,
+                    // the gateway's own events after it would join it and the client could not
+                    // read the tokens it paid for.
+                    Ok(Some(mut ev)) => {
+                        ev.raw = terminated(ev.raw);
+                        Ok(Step::Event(ev))
+                    }
                     Ok(None) => Ok(Step::Eof),
                     Err(e) => Err(EarlyFailure::Malformed(e.to_string())),
                 };
@@ -437,6 +447,9 @@ impl MeteredStream {
             }
             self.out_tokens += tokens;
         }
+        if usage.is_some() {
+            self.tokens_at_usage = self.meter.as_ref().map_or(0, |m| m.tokens);
+        }
         self.out.extend_from_slice(&ev.raw);
         Flow::Continue
     }
@@ -477,7 +490,7 @@ impl MeteredStream {
             &mut rec,
             meter.tokens,
             status,
-            self.usage.filter(|_| e == End::Completed),
+            self.final_usage(e, meter.tokens),
             self.first_token_at,
             self.started,
         );
@@ -491,6 +504,17 @@ impl MeteredStream {
             .await;
         self.leave_gauge();
         tail
+    }
+
+    /// The upstream's usage to bill for an ending, if it is authoritative (R6): only for a
+    /// completed stream, and only as a final count. When content the client received came after
+    /// the usage (sent mid-stream), at least the delivered tokens are billed.
+    fn final_usage(&self, e: End, delivered: u64) -> Option<Usage> {
+        let mut u = self.usage.filter(|_| e == End::Completed)?;
+        if delivered > self.tokens_at_usage {
+            u.completion_tokens = u.completion_tokens.max(delivered);
+        }
+        Some(u)
     }
 
     /// The events after the last token: the usage chunk if asked for, the error event of a cut
@@ -523,7 +547,7 @@ impl MeteredStream {
                 json!({
                     "prompt_tokens": rec.input_tokens,
                     "completion_tokens": rec.output_tokens,
-                    "total_tokens": rec.input_tokens + rec.output_tokens,
+                    "total_tokens": rec.input_tokens.saturating_add(rec.output_tokens),
                 }),
             );
             chunk.insert(
@@ -607,6 +631,25 @@ const COALESCE_BYTES: usize = 32 * 1024;
 /// Output is coalesced only while upstream frames follow each other faster than this.
 const COALESCE_WAIT: Duration = Duration::from_millis(1);
 
+/// `raw` ending with the blank line that ends an SSE event (added when it lacks one).
+fn terminated(raw: Bytes) -> Bytes {
+    let ended = [&b"\n\n"[..], b"\r\r", b"\r\n\r\n"]
+        .iter()
+        .any(|end| raw.ends_with(end));
+    if ended {
+        return raw;
+    }
+    let mut out = BytesMut::with_capacity(raw.len() + 2);
+    out.extend_from_slice(&raw);
+    match raw.last() {
+        // The last line is ended: one more line ending makes the blank line.
+        Some(b'\n') => out.extend_from_slice(b"\n"),
+        Some(b'\r') => out.extend_from_slice(b"\r"),
+        _ => out.extend_from_slice(b"\n\n"),
+    }
+    out.freeze()
+}
+
 fn push_event(out: &mut BytesMut, data: &str) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(data.as_bytes());
@@ -643,12 +686,15 @@ pub fn fill_record(
             });
             rec.input_tokens = u.prompt_tokens;
             rec.output_tokens = u.completion_tokens;
-            cost(u.prompt_tokens, in_price) + cost(u.completion_tokens, out_price)
+            add_cost(
+                cost(u.prompt_tokens, in_price),
+                cost(u.completion_tokens, out_price),
+            )
         }
         None => {
             rec.usage_source = UsageSource::Counted;
             rec.output_tokens = delivered;
-            cost(rec.input_tokens, in_price) + cost(delivered, out_price)
+            add_cost(cost(rec.input_tokens, in_price), cost(delivered, out_price))
         }
     }
 }

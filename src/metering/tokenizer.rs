@@ -173,16 +173,19 @@ impl Tokenizer {
     }
 
     /// Output tokens in one stream chunk, summed over its choices. `chunks`: one per choice delta
-    /// with non-empty output text (role-only and finish-only deltas count 0). BPE: the tokens of
-    /// those texts.
+    /// with output (role-only and finish-only deltas count 0). BPE: the tokens of its texts, at
+    /// least one for a delta with output that is not text.
     pub fn chunk_output_tokens(&self, chunk: &ChunkView<'_>) -> u64 {
         match &self.bpe {
-            None => chunk.choices().filter(|c| c.has_text()).count() as u64,
+            None => chunk.choices().filter(|c| c.has_output()).count() as u64,
+            // A delta whose output is not text (e.g. `audio`) counts one token.
             Some(bpe) => chunk
                 .choices()
-                .flat_map(|c| c.texts())
-                .map(|text| bpe_count(bpe, text))
-                .sum(),
+                .map(|c| {
+                    let tokens: u64 = c.texts().map(|text| bpe_count(bpe, text)).sum();
+                    tokens.max(u64::from(c.other))
+                })
+                .fold(0u64, u64::saturating_add),
         }
     }
 

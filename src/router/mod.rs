@@ -24,7 +24,7 @@ use crate::config::{Endpoint, Model, Route};
 use crate::keys::ApiKey;
 use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp};
 use crate::metering::chunk::UpstreamBody;
-use crate::metering::meter::{cost, Meter};
+use crate::metering::meter::{add_cost, cost, Meter};
 use crate::metering::stream::{
     account, fill_record, tollgate_object, EarlyFailure, MeteredStream, StreamParts,
 };
@@ -237,11 +237,14 @@ pub async fn serve(
             call.max_tokens
                 .unwrap_or(state.config.settlement.default_max_tokens)
         };
-        let want = in_cost + cost(call.n.saturating_mul(bound), route.output_per_mtok);
+        let want = add_cost(
+            in_cost,
+            cost(call.n.saturating_mul(bound), route.output_per_mtok),
+        );
         let min = if call.endpoint == Endpoint::Embeddings {
             in_cost
         } else {
-            in_cost + one_token
+            add_cost(in_cost, one_token)
         };
         let upstream = ups.get(&route.provider);
         let Some(upstream) = upstream else {
@@ -294,7 +297,7 @@ pub async fn serve(
                     skip(&mut rec, &mut skipped, "insufficient_balance", why);
                     continue 'routes;
                 }
-                Err(WalletError::Unavailable(e)) => {
+                Err(WalletError::Unavailable(e) | WalletError::Invalid(e)) => {
                     state.routes.release_trial(&route.id, trial);
                     let err = ApiError::new(
                         503,

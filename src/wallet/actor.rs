@@ -9,20 +9,23 @@ use actix::prelude::*;
 use rust_decimal::Decimal;
 
 use super::registry::Shard;
-use super::WalletError;
-use crate::ledger::store::{decode_compact, encode_compact, Balances, PersistedHold};
+use super::{Drawn, WalletError};
+use crate::ledger::store::{
+    decode_compact, encode_compact, Balances, HoldDrawn, PersistedHold, StoreError,
+};
 use crate::ledger::writer::{StoreOp, TopupOutcome};
 use crate::ledger::{LedgerRecord, LedgerWriter};
 
 struct OpenHold {
     bucket: String,
     granted: Decimal,
-    consumed: Decimal,
-    tokens: u64,
+    /// What the request has drawn so far; it writes, the flush reads (R9).
+    drawn: Arc<Drawn>,
+    /// The consumption last handed to the writer.
+    saved: (Decimal, u64),
     /// The request's draft record, encoded compactly (see [`encode_draft`]).
     draft: Box<[u8]>,
-    dirty: bool,
-    /// An `h/` entry was queued for this hold: the settlement must remove it.
+    /// An `h/` entry was queued for this hold: the settlement must remove it (and its `c/`).
     persisted: bool,
 }
 
@@ -74,58 +77,91 @@ impl WalletActor {
         (self.balance(bucket) - self.held(bucket)).max(Decimal::ZERO)
     }
 
+    /// Changes the amount held in `bucket` by `delta`. Holds are granted from the balance, so
+    /// the sum stays within it; an impossible overflow leaves the sum as it was.
     fn add_held(&mut self, bucket: &str, delta: Decimal) {
         let h = self.held.entry(bucket.to_string()).or_default();
-        *h += delta;
+        match h.checked_add(delta) {
+            Some(v) => *h = v,
+            None => tracing::error!(key_id = %self.key_id, bucket, "held amount overflow"),
+        }
         if h.is_zero() {
             self.held.remove(bucket);
         }
     }
 
+    /// Persists what the store does not have yet: each new hold once (with its draft record),
+    /// and the consumption of every hold that drew since the last flush (R9). Runs every flush
+    /// interval; a crash thus loses at most one interval of consumption per open hold.
     fn flush_holds(&mut self) {
         let now = chrono::Utc::now();
         let key_id = &self.key_id;
-        let dirty: Vec<PersistedHold> = self
-            .holds
-            .iter_mut()
-            .filter(|(_, h)| h.dirty)
-            .filter_map(|(id, h)| {
+        let mut new = Vec::new();
+        let mut drawn = Vec::new();
+        for (id, h) in self.holds.iter_mut() {
+            let (consumed, tokens) = h.drawn.get();
+            if !h.persisted {
                 let draft = match decode_compact::<LedgerRecord>(b"hold draft", &h.draft) {
                     Ok(d) => d,
                     Err(e) => {
-                        // Cannot happen (the actor encoded it); the hold stays dirty.
+                        // Cannot happen (the actor encoded it); tried again at the next flush.
                         tracing::error!(error = %e, %key_id, "cannot persist a hold");
-                        return None;
+                        continue;
                     }
                 };
-                h.dirty = false;
                 h.persisted = true;
-                Some(PersistedHold {
+                h.saved = (consumed, tokens);
+                new.push(PersistedHold {
                     hold_id: *id,
                     key_id: key_id.to_string(),
                     bucket: h.bucket.clone(),
                     granted: h.granted,
-                    consumed: h.consumed,
-                    consumed_tokens: h.tokens,
+                    consumed,
+                    consumed_tokens: tokens,
                     updated_at: now,
                     draft: Box::new(draft),
-                })
-            })
-            .collect();
-        if !dirty.is_empty() {
-            if let Err(e) = self.writer.send(StoreOp::Holds(dirty)) {
+                });
+            } else if h.saved != (consumed, tokens) {
+                h.saved = (consumed, tokens);
+                drawn.push(HoldDrawn {
+                    hold_id: *id,
+                    consumed,
+                    consumed_tokens: tokens,
+                    updated_at: now,
+                });
+            }
+        }
+        if !new.is_empty() || !drawn.is_empty() {
+            if let Err(e) = self.writer.send(StoreOp::Holds { new, drawn }) {
                 tracing::error!(error = %e, key_id = %self.key_id, "cannot persist holds");
             }
         }
     }
 
-    /// Hands every open hold the store does not have as it is to the writer, so that recovery
-    /// settles what it consumed.
+    /// Hands every open hold's latest consumption to the writer, so that recovery settles what
+    /// it consumed.
     fn persist_open_holds(&mut self) {
-        for h in self.holds.values_mut() {
-            h.dirty |= !h.persisted;
-        }
         self.flush_holds();
+    }
+
+    /// Runs a handler's body; a panic in it (a bug: arithmetic is checked) is caught, so that the
+    /// actor and every hold it keeps live on (R40). Bodies change the state only once nothing
+    /// can fail any more, so a caught panic leaves it as it was. The open holds are persisted
+    /// at once, so that even a later crash settles them.
+    fn guarded<R>(
+        &mut self,
+        what: &'static str,
+        failed: R,
+        body: impl FnOnce(&mut Self) -> R,
+    ) -> R {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(self))) {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(key_id = %self.key_id, what, "wallet handler failed; state and holds kept");
+                self.persist_open_holds();
+                failed
+            }
+        }
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
@@ -190,6 +226,8 @@ pub struct Reserve {
     /// recovery. Kept encoded, it is one allocation of a few hundred bytes per open hold
     /// instead of a record with a score of strings (about 1.5 KiB).
     pub draft: Box<[u8]>,
+    /// Shared with the request's [`super::Hold`], which records its draws in it.
+    pub drawn: Arc<Drawn>,
 }
 
 /// Encodes a draft record for [`Reserve`].
@@ -204,6 +242,15 @@ impl Message for Reserve {
 impl Handler<Reserve> for WalletActor {
     type Result = Result<Decimal, WalletError>;
     fn handle(&mut self, m: Reserve, _: &mut Context<Self>) -> Self::Result {
+        let failed = Err(WalletError::Unavailable(
+            "the wallet failed to reserve".into(),
+        ));
+        self.guarded("reserve", failed, |act| act.reserve(m))
+    }
+}
+
+impl WalletActor {
+    fn reserve(&mut self, m: Reserve) -> Result<Decimal, WalletError> {
         self.last_activity = Instant::now();
         if !self.loaded {
             return Err(WalletError::Unavailable("wallet not loaded".into()));
@@ -223,10 +270,9 @@ impl Handler<Reserve> for WalletActor {
             OpenHold {
                 bucket: m.bucket,
                 granted: grant,
-                consumed: Decimal::ZERO,
-                tokens: 0,
+                drawn: m.drawn,
+                saved: (Decimal::ZERO, 0),
                 draft: m.draft,
-                dirty: true,
                 persisted: false,
             },
         );
@@ -235,12 +281,9 @@ impl Handler<Reserve> for WalletActor {
     }
 }
 
-/// Grow a hold by up to `want`; reports the consumption so far (persisted for recovery).
-/// Answers what was granted, possibly zero.
+/// Grow a hold by up to `want`. Answers what was granted, possibly zero.
 pub struct Extend {
     pub hold_id: u64,
-    pub consumed: Decimal,
-    pub consumed_tokens: u64,
     pub want: Decimal,
 }
 
@@ -251,19 +294,26 @@ impl Message for Extend {
 impl Handler<Extend> for WalletActor {
     type Result = MessageResult<Extend>;
     fn handle(&mut self, m: Extend, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.guarded("extend", Decimal::ZERO, |act| act.extend(m)))
+    }
+}
+
+impl WalletActor {
+    fn extend(&mut self, m: Extend) -> Decimal {
         self.last_activity = Instant::now();
-        let Some(bucket) = self.holds.get(&m.hold_id).map(|h| h.bucket.clone()) else {
-            return MessageResult(Decimal::ZERO);
+        let Some(h) = self.holds.get(&m.hold_id) else {
+            return Decimal::ZERO;
         };
-        let grant = m.want.max(Decimal::ZERO).min(self.available(&bucket));
+        let grant = m.want.max(Decimal::ZERO).min(self.available(&h.bucket));
+        let Some(granted) = h.granted.checked_add(grant) else {
+            return Decimal::ZERO;
+        };
+        let bucket = h.bucket.clone();
         self.add_held(&bucket, grant);
         if let Some(h) = self.holds.get_mut(&m.hold_id) {
-            h.granted += grant;
-            h.consumed = m.consumed;
-            h.tokens = m.consumed_tokens;
-            h.dirty = true;
+            h.granted = granted;
         }
-        MessageResult(grant)
+        grant
     }
 }
 
@@ -273,6 +323,10 @@ pub struct Settle {
     pub hold_id: u64,
     pub charge: Decimal,
     pub record: Option<Box<LedgerRecord>>,
+    /// Where to send the answer, for a sender that waits for it. Settlements are queued with
+    /// `do_send` (never refused by a full mailbox) and answered here, so that a settlement does
+    /// not depend on its sender staying alive.
+    pub reply: Option<tokio::sync::oneshot::Sender<Settled>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +341,22 @@ impl Message for Settle {
 
 impl Handler<Settle> for WalletActor {
     type Result = MessageResult<Settle>;
-    fn handle(&mut self, m: Settle, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, mut m: Settle, _: &mut Context<Self>) -> Self::Result {
+        let reply = m.reply.take();
+        let failed = Settled {
+            debited: Decimal::ZERO,
+            shortfall: m.charge.max(Decimal::ZERO),
+        };
+        let settled = self.guarded("settle", failed, |act| act.settle(m));
+        if let Some(r) = reply {
+            let _ = r.send(settled);
+        }
+        MessageResult(settled)
+    }
+}
+
+impl WalletActor {
+    fn settle(&mut self, m: Settle) -> Settled {
         self.last_activity = Instant::now();
         let mut charge = m.charge.max(Decimal::ZERO);
         let mut persisted = false;
@@ -305,10 +374,10 @@ impl Handler<Settle> for WalletActor {
                     (r.bucket.clone().unwrap_or_default(), Decimal::ZERO)
                 }
                 None => {
-                    return MessageResult(Settled {
+                    return Settled {
                         debited: Decimal::ZERO,
                         shortfall: Decimal::ZERO,
-                    })
+                    }
                 }
             },
         };
@@ -333,7 +402,7 @@ impl Handler<Settle> for WalletActor {
         });
         if debited.is_zero() && record.is_none() && !persisted {
             // A release (a dropped hold): nothing changed on disk.
-            return MessageResult(Settled { debited, shortfall });
+            return Settled { debited, shortfall };
         }
         let op = StoreOp::Settle {
             key_id: self.key_id.to_string(),
@@ -345,7 +414,7 @@ impl Handler<Settle> for WalletActor {
         if let Err(e) = self.writer.send(op) {
             tracing::error!(error = %e, key_id = %self.key_id, "cannot queue settlement");
         }
-        MessageResult(Settled { debited, shortfall })
+        Settled { debited, shortfall }
     }
 }
 
@@ -365,7 +434,17 @@ impl Handler<TopUp> for WalletActor {
     fn handle(&mut self, m: TopUp, _: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         let mut after = self.balances.clone();
-        *after.entry(m.bucket.clone()).or_default() += m.amount;
+        let balance = after.entry(m.bucket.clone()).or_default();
+        match balance.checked_add(m.amount) {
+            Some(sum) if !m.amount.is_sign_negative() => *balance = sum,
+            _ => {
+                let err = WalletError::Invalid(format!(
+                    "a top-up of {} would take the {} balance beyond what it can hold",
+                    m.amount, m.bucket
+                ));
+                return AtomicResponse::new(Box::pin(fut::ready(Err(err))));
+            }
+        }
         let writer = self.writer.clone();
         let key_id = self.key_id.to_string();
         let bucket = m.bucket.clone();
@@ -374,7 +453,7 @@ impl Handler<TopUp> for WalletActor {
             async move {
                 let asked = writer
                     .ask(|reply| StoreOp::TopUp {
-                        key_id: key_id.clone(),
+                        key_id,
                         bucket,
                         amount,
                         reference: m.reference,
@@ -382,36 +461,28 @@ impl Handler<TopUp> for WalletActor {
                         reply,
                     })
                     .await;
-                match asked {
-                    Ok(o) => Ok((o, after)),
-                    // The top-up may be in the store although the answer is an error (its fsync
-                    // failed after the batch was applied). Only this actor writes this key's
-                    // balances, and it handles nothing else meanwhile, so the store says which
-                    // balances hold now; keeping the old ones would write the top-up away at
-                    // the next settlement while its reference stays recorded.
-                    Err(e) => Err((
-                        e,
-                        writer
-                            .ask(|reply| StoreOp::LoadWallet { key_id, reply })
-                            .await
-                            .ok()
-                            .map(|s| s.balances()),
-                    )),
-                }
+                (asked, after)
             }
             .into_actor(self)
-            .map(|res, act, _| match res {
-                Ok((TopupOutcome::Applied, after)) => {
+            .map(|(asked, after), act, _| match asked {
+                Ok(TopupOutcome::Applied) => {
                     act.balances = after;
                     Ok(TopupOutcome::Applied)
                 }
-                Ok((other, _)) => Ok(other),
-                Err((e, stored)) => {
-                    if let Some(balances) = stored {
-                        act.balances = balances;
-                    }
-                    Err(WalletError::Unavailable(e.to_string()))
+                Ok(other) => Ok(other),
+                // Applied, but its fsync failed: the store has the new balances (and the
+                // reference), so the wallet takes them, or its next settlement would write the
+                // top-up away. Only this actor writes this key's balances, and it handles
+                // nothing else meanwhile. (Reloading from the store instead would undo debits
+                // the writer still holds unwritten.)
+                Err(StoreError::NotDurable(e)) => {
+                    act.balances = after;
+                    Err(WalletError::Unavailable(format!(
+                        "the top-up was applied but could not be made durable ({e}); retry with the same reference to confirm it"
+                    )))
                 }
+                // Not applied: the balances stay as they are.
+                Err(e) => Err(WalletError::Unavailable(e.to_string())),
             }),
         ))
     }

@@ -7,7 +7,7 @@
 pub mod actor;
 pub mod registry;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ pub enum WalletError {
     },
     #[error("wallet unavailable: {0}")]
     Unavailable(String),
+    /// The request itself cannot be applied (e.g. a top-up beyond what a balance can hold).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Process-unique hold ids, increasing across restarts (seeded from the clock).
@@ -118,6 +121,7 @@ impl Wallets {
             hold_id,
             armed: true,
         };
+        let drawn = Arc::new(Drawn::default());
         let (granted, addr) = self
             .send_to(key_id, || Reserve {
                 hold_id,
@@ -125,15 +129,19 @@ impl Wallets {
                 min,
                 want,
                 draft: actor::encode_draft(draft),
+                drawn: drawn.clone(),
             })
             .await?;
         orphan.armed = false;
+        let granted = granted?;
         Ok(Hold {
             id: hold_id,
             addr: Some(addr),
-            granted: granted?,
+            granted,
             consumed: Decimal::ZERO,
             tokens: 0,
+            drawn,
+            _live: LiveHold::new(&self.registry.live),
         })
     }
 
@@ -164,6 +172,26 @@ impl Wallets {
         self.registry.stop_all();
     }
 
+    /// Waits until every hold handed out has sent its settlement (or release) to its wallet, or
+    /// `limit` passes; answers whether they all did. At shutdown, connections (and the streams
+    /// in them) may be dropped after the listeners report stopped: their settlements must reach
+    /// the wallets before the wallets flush and the writer stops.
+    pub async fn wait_settled(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.registry.live.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Holds handed out whose settlement has not been sent yet.
+    pub fn live_holds(&self) -> usize {
+        self.registry.live.load(Ordering::Acquire)
+    }
+
     /// See [`registry::Registry::flush_all`].
     pub async fn flush_all(&self, limit: Duration) -> bool {
         self.registry.flush_all(limit).await
@@ -186,8 +214,24 @@ impl Drop for ReleaseOnDrop<'_> {
                 hold_id: self.hold_id,
                 charge: Decimal::ZERO,
                 record: None,
+                reply: None,
             });
         }
+    }
+}
+
+/// What a hold has drawn so far: written by the request as it draws, read by the wallet actor at
+/// every flush to persist the consumption of open holds (R9) without a message per token.
+#[derive(Debug, Default)]
+pub struct Drawn(parking_lot::Mutex<(Decimal, u64)>);
+
+impl Drawn {
+    /// (amount, output tokens) drawn so far.
+    pub fn get(&self) -> (Decimal, u64) {
+        *self.0.lock()
+    }
+    fn set(&self, amount: Decimal, tokens: u64) {
+        *self.0.lock() = (amount, tokens);
     }
 }
 
@@ -199,6 +243,26 @@ pub struct Hold {
     granted: Decimal,
     consumed: Decimal,
     tokens: u64,
+    drawn: Arc<Drawn>,
+    /// Counts this hold as live until it is dropped, which is after its final message was sent
+    /// (fields drop after `Drop::drop`).
+    _live: LiveHold,
+}
+
+/// One live hold in the registry's count (see [`Wallets::wait_settled`]).
+struct LiveHold(Arc<AtomicUsize>);
+
+impl LiveHold {
+    fn new(count: &Arc<AtomicUsize>) -> LiveHold {
+        count.fetch_add(1, Ordering::AcqRel);
+        LiveHold(count.clone())
+    }
+}
+
+impl Drop for LiveHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Hold {
@@ -218,16 +282,22 @@ impl Hold {
     /// Takes `amount` from the hold if it covers it.
     #[inline]
     pub fn try_draw(&mut self, amount: Decimal, tokens: u64) -> bool {
-        if self.consumed + amount <= self.granted {
-            self.consumed += amount;
-            self.tokens += tokens;
-            true
-        } else {
-            false
+        let (Some(consumed), Some(total)) = (
+            self.consumed.checked_add(amount),
+            self.tokens.checked_add(tokens),
+        ) else {
+            return false;
+        };
+        if amount.is_sign_negative() || consumed > self.granted {
+            return false;
         }
+        self.consumed = consumed;
+        self.tokens = total;
+        self.drawn.set(consumed, total);
+        true
     }
 
-    /// Asks the wallet for up to `want` more; reports consumption so far. Returns the grant.
+    /// Asks the wallet for up to `want` more. Returns the grant.
     pub async fn extend(&mut self, want: Decimal) -> Decimal {
         let Some(addr) = &self.addr else {
             return Decimal::ZERO;
@@ -235,14 +305,18 @@ impl Hold {
         let grant = addr
             .send(Extend {
                 hold_id: self.id,
-                consumed: self.consumed,
-                consumed_tokens: self.tokens,
                 want,
             })
             .await
             .unwrap_or(Decimal::ZERO);
-        self.granted += grant;
-        grant
+        match self.granted.checked_add(grant) {
+            Some(g) => {
+                self.granted = g;
+                grant
+            }
+            // Cannot happen (the actor grants from a balance that fits); keep what we had.
+            None => Decimal::ZERO,
+        }
     }
 
     /// Settles the hold: debits `charge` and commits `record` (if any) in the same batch.
@@ -257,22 +331,22 @@ impl Hold {
                 shortfall: Decimal::ZERO,
             };
         }
-        let Some(addr) = self.addr.clone() else {
+        let Some(addr) = self.addr.take() else {
             return Settled {
                 debited: Decimal::ZERO,
                 shortfall: charge,
             };
         };
-        let msg = Settle {
+        // Queued unconditionally (a full mailbox does not refuse it) before we wait: once this
+        // line has run, the settlement no longer depends on this request staying alive.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        addr.do_send(Settle {
             hold_id: self.id,
             charge,
             record: record.map(Box::new),
-        };
-        let answer = addr.send(msg).await;
-        // Only now is the hold settled: if this wait is cancelled (the client left), `Drop`
-        // still releases it (a second settlement of a settled hold is a no-op in the actor).
-        self.addr = None;
-        match answer {
+            reply: Some(tx),
+        });
+        match rx.await {
             Ok(s) => s,
             Err(_) => Settled {
                 debited: Decimal::ZERO,
@@ -309,13 +383,15 @@ impl Hold {
         seal(&record)
     }
 
-    /// Settles without waiting for the answer (used from `Drop` paths).
+    /// Settles without waiting for the answer (used from `Drop` paths). The message is queued
+    /// even when the mailbox is full.
     pub fn settle_detached(mut self, charge: Decimal, record: Option<LedgerRecord>) {
         if let Some(addr) = self.addr.take() {
             addr.do_send(Settle {
                 hold_id: self.id,
                 charge,
                 record: record.map(Box::new),
+                reply: None,
             });
         }
     }
@@ -328,6 +404,7 @@ impl Drop for Hold {
                 hold_id: self.id,
                 charge: Decimal::ZERO,
                 record: None,
+                reply: None,
             });
         }
     }

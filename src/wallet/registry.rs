@@ -35,6 +35,8 @@ pub struct Registry {
     writer: LedgerWriter,
     flush_interval: Duration,
     idle_timeout: Duration,
+    /// Holds handed out and not yet settled or released (see `Wallets::wait_settled`).
+    pub(super) live: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Registry {
@@ -62,6 +64,7 @@ impl Registry {
             writer,
             flush_interval,
             idle_timeout,
+            live: Default::default(),
         }
     }
 
