@@ -527,3 +527,39 @@ impl Handler<FlushHolds> for WalletActor {
         self.persist_open_holds();
     }
 }
+
+/// Test seams: a handler that panics (as a bug would), and one that keeps the actor busy so
+/// that its mailbox fills up.
+#[cfg(test)]
+pub(crate) mod seams {
+    use super::*;
+
+    pub struct Explode;
+
+    impl Message for Explode {
+        type Result = bool;
+    }
+
+    impl Handler<Explode> for WalletActor {
+        type Result = bool;
+        #[allow(clippy::panic)]
+        fn handle(&mut self, _: Explode, _: &mut Context<Self>) -> bool {
+            self.guarded("explode", false, |_| {
+                panic!("injected wallet handler failure")
+            })
+        }
+    }
+
+    pub struct Block(pub Duration);
+
+    impl Message for Block {
+        type Result = ();
+    }
+
+    impl Handler<Block> for WalletActor {
+        type Result = ();
+        fn handle(&mut self, m: Block, _: &mut Context<Self>) {
+            std::thread::sleep(m.0);
+        }
+    }
+}

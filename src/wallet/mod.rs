@@ -520,4 +520,247 @@ mod tests {
             assert_eq!(hold.settle(d(1), Some(draft)).await.debited, d(1));
         });
     }
+
+    /// Runs `test` with wallets on a fresh store (10 ms flush); stops it all after.
+    fn with_wallets<F: std::future::Future<Output = ()>>(
+        test: impl FnOnce(Store, LedgerWriter, Wallets) -> F,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let store = Store::open(dir.path()).unwrap();
+            let flush = Duration::from_millis(10);
+            let (w, thread) = writer::start(store.clone(), flush).unwrap();
+            let wallets = Wallets::new(1, w.clone(), flush, Duration::from_secs(60));
+            test(store, w, wallets.clone()).await;
+            wallets.stop_all();
+            drop(wallets);
+            thread.stop();
+        });
+    }
+
+    fn draft(id: &str) -> LedgerRecord {
+        let mut r = LedgerRecord::empty(id.into(), chrono::Utc::now());
+        r.bucket = Some("credit".into());
+        r
+    }
+
+    /// R40: a top-up beyond what a balance can hold is refused as invalid; the actor (and the
+    /// hold a stream keeps on it) lives on, and the hold settles exactly. (It overflowed
+    /// `Decimal` in the actor, which panicked: the hold's settlement went to the dead actor
+    /// and its successor could reserve the held money again.)
+    #[test]
+    fn an_overflowing_top_up_is_refused_and_the_open_hold_still_settles() {
+        with_wallets(|store, w, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            let mut hold = wallets
+                .reserve("k", "credit", d(1), d(4), &draft("req-1"))
+                .await
+                .unwrap();
+            assert!(hold.try_draw(d(2), 2));
+            match wallets.topup("k", "credit", Decimal::MAX, None).await {
+                Err(WalletError::Invalid(m)) => assert!(m.contains("beyond"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+            let snap = wallets.snapshot("k").await.unwrap();
+            assert_eq!(snap.balances["credit"], d(10));
+            assert_eq!(snap.held["credit"], d(4), "the open hold is still held");
+            assert_eq!(hold.settle(d(3), Some(draft("req-1"))).await.debited, d(3));
+            let snap = wallets.snapshot("k").await.unwrap();
+            assert_eq!(snap.balances["credit"], d(7));
+            assert_eq!(snap.open_holds, 0);
+            w.flush().await.unwrap();
+            assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(7));
+            assert_eq!(store.record("req-1").unwrap().unwrap().cost, d(3));
+        });
+    }
+
+    /// R40: a handler that fails (a bug) does not take the actor down with its holds: they are
+    /// kept, persisted at once with what they drew, and settle as usual afterwards.
+    #[test]
+    fn a_failing_handler_keeps_and_persists_the_open_holds() {
+        with_wallets(|store, w, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            let mut hold = wallets
+                .reserve("k", "credit", d(1), d(5), &draft("req-2"))
+                .await
+                .unwrap();
+            assert!(hold.try_draw(d(3), 3));
+            let addr = wallets.registry.addr("k");
+            assert!(!addr.send(actor::seams::Explode).await.unwrap());
+            w.barrier().await.unwrap();
+            let persisted = store.holds().unwrap();
+            assert_eq!(persisted.len(), 1);
+            assert_eq!(persisted[0].consumed, d(3));
+            assert_eq!(persisted[0].consumed_tokens, 3);
+            // The same actor answers, with the hold still open.
+            assert_eq!(wallets.snapshot("k").await.unwrap().held["credit"], d(5));
+            assert!(wallets.registry.addr("k") == addr);
+            assert_eq!(hold.settle(d(3), Some(draft("req-2"))).await.debited, d(3));
+            // Answered after the settlement (mailbox order); the flush comes after it.
+            assert_eq!(wallets.snapshot("k").await.unwrap().open_holds, 0);
+            w.flush().await.unwrap();
+            assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(7));
+            assert!(store.holds().unwrap().is_empty());
+        });
+    }
+
+    /// R9: an open hold's consumption reaches the store at every flush, without a message:
+    /// the draws a request makes locally are what a crash recovery bills.
+    #[test]
+    fn open_holds_persist_what_they_drew_at_every_flush() {
+        with_wallets(|store, _w, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(100), None).await.unwrap();
+            let mut hold = wallets
+                .reserve("k", "credit", d(1), d(50), &draft("req-3"))
+                .await
+                .unwrap();
+            let persisted = |amount: Decimal, tokens: u64| {
+                let store = store.clone();
+                async move {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    loop {
+                        let h = store.holds().unwrap();
+                        if h.len() == 1 && (h[0].consumed, h[0].consumed_tokens) == (amount, tokens)
+                        {
+                            return;
+                        }
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "not persisted: {h:?}, want {amount} / {tokens}"
+                        );
+                        actix_rt::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            assert!(hold.try_draw(d(2), 0)); // the input
+            persisted(d(2), 0).await;
+            for _ in 0..7 {
+                assert!(hold.try_draw(d(1), 1));
+            }
+            persisted(d(9), 7).await;
+            assert!(hold.try_draw(d(1), 1));
+            persisted(d(10), 8).await;
+            drop(hold);
+        });
+    }
+
+    /// A settlement sent while the wallet's mailbox is full, whose sender then leaves (the
+    /// client disconnected), is still applied: it is queued before the sender waits.
+    #[test]
+    fn a_settlement_whose_sender_leaves_while_the_mailbox_is_full_is_applied() {
+        with_wallets(|store, w, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            let mut hold = wallets
+                .reserve("k", "credit", d(1), d(1), &draft("req-4"))
+                .await
+                .unwrap();
+            let addr = wallets.registry.addr("k");
+            addr.do_send(actor::seams::Block(Duration::from_millis(300)));
+            for _ in 0..5000 {
+                addr.do_send(Snapshot);
+            }
+            // An extension queued while the mailbox is over capacity leaves the hold's address
+            // parked; its answer is not awaited (the wait is cancelled).
+            let _ = actix_rt::time::timeout(Duration::from_millis(1), hold.extend(d(1))).await;
+            // The charge is above the hold, so the settlement waits for the wallet's answer;
+            // that wait is cancelled too.
+            let settle = hold.settle(d(3), Some(draft("req-4")));
+            assert!(actix_rt::time::timeout(Duration::from_millis(20), settle)
+                .await
+                .is_err());
+            let snap = wallets.snapshot("k").await.unwrap();
+            assert_eq!(snap.balances["credit"], d(7), "the settlement was lost");
+            assert_eq!(snap.open_holds, 0);
+            w.flush().await.unwrap();
+            assert_eq!(store.record("req-4").unwrap().unwrap().cost, d(3));
+        });
+    }
+
+    /// Shutdown waits for this: a hold counts as live until its settlement was sent.
+    #[test]
+    fn holds_count_as_live_until_their_settlement_is_sent() {
+        with_wallets(|_, _, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            let a = wallets
+                .reserve("k", "credit", d(1), d(1), &draft("req-5"))
+                .await
+                .unwrap();
+            let b = wallets
+                .reserve("k", "credit", d(1), d(1), &draft("req-6"))
+                .await
+                .unwrap();
+            assert_eq!(wallets.live_holds(), 2);
+            assert!(!wallets.wait_settled(Duration::from_millis(20)).await);
+            a.settle_detached(d(1), Some(draft("req-5")));
+            assert_eq!(wallets.live_holds(), 1);
+            drop(b);
+            assert!(wallets.wait_settled(Duration::from_millis(20)).await);
+        });
+    }
+
+    /// A batch whose commit fails is kept and committed once the store writes again, while
+    /// new reservations are refused; a top-up tried meanwhile is not applied and does not take
+    /// the store's stale balances over the debit it has not written yet.
+    #[test]
+    fn a_batch_that_fails_to_commit_is_kept_until_it_is_written() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let d = Decimal::from;
+            let store = Store::open(dir.path()).unwrap();
+            let flush = Duration::from_millis(10);
+            let (w, thread, faults) = writer::start_with_faults(store.clone(), flush).unwrap();
+            let wallets = Wallets::new(1, w.clone(), flush, Duration::from_secs(60));
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            let commits = faults.commits.clone().unwrap();
+            commits.store(u32::MAX, SeqCst);
+            let hold = wallets
+                .reserve("k", "credit", d(1), d(2), &draft("req-7"))
+                .await
+                .unwrap();
+            assert_eq!(hold.settle(d(2), Some(draft("req-7"))).await.debited, d(2));
+            assert_eq!(
+                wallets.snapshot("k").await.unwrap().balances["credit"],
+                d(8)
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !w.failing() {
+                assert!(std::time::Instant::now() < deadline, "commit never failed");
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
+            match wallets
+                .reserve("k", "credit", d(1), d(1), &draft("req-8"))
+                .await
+            {
+                Err(WalletError::Unavailable(_)) => {}
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("reserved while the store refuses writes"),
+            }
+            assert!(wallets.topup("k", "credit", d(5), None).await.is_err());
+            assert_eq!(
+                wallets.snapshot("k").await.unwrap().balances["credit"],
+                d(8),
+                "the wallet took the store's balances over its unwritten debit"
+            );
+            assert_eq!(store.record("req-7").unwrap(), None);
+            commits.store(0, SeqCst);
+            while w.failing() {
+                assert!(std::time::Instant::now() < deadline, "never recovered");
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
+            w.flush().await.unwrap();
+            assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(8));
+            assert_eq!(store.record("req-7").unwrap().unwrap().cost, d(2));
+            wallets.topup("k", "credit", d(5), None).await.unwrap();
+            assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(13));
+            wallets.stop_all();
+            drop(wallets);
+            thread.stop();
+        });
+    }
 }
