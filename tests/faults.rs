@@ -7,9 +7,9 @@
 //!
 //! Not covered here: a failed flush to storage. Making the data dir read-only after start does
 //! not simulate it: sled writes through file descriptors it opened at start, which a later chmod
-//! does not affect, and the tests run as root, which ignores permissions anyway. A failed fsync
-//! is injected inside the writer instead, in the wallet's unit tests (a top-up whose fsync
-//! failed); a failed write of a whole batch is still not simulated.
+//! does not affect, and the tests run as root, which ignores permissions anyway. Failed fsyncs
+//! and failed batch commits are injected inside the writer instead, in the wallet's unit tests
+//! (a top-up whose fsync failed; a batch that fails to commit is kept until it is written).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -42,6 +42,9 @@ const RAW_CASES: &[&str] = &[
     "hang",
     "hang-mid",
     "empty-no-done",
+    "usage-mid",
+    "unterminated",
+    "audio",
 ];
 
 fn model(name: &str, provider: &str, upstream_model: &str) -> String {
@@ -197,7 +200,9 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
     const BROKE: &[&str] = &["stream_error"];
     match case {
         // Without [DONE] but with usage, a stream is complete, even before any content.
-        "ok" | "huge-delta" | "empty-no-done" => (OK, OK),
+        "ok" | "huge-delta" | "empty-no-done" | "usage-mid" | "audio" => (OK, OK),
+        // Broken after two tokens, the last of them without its blank line.
+        "unterminated" => (BROKE, OK),
         "reset-before" | "reset-headers" | "garbage" => (E502, E502),
         "reset-mid" | "reset-usage" | "garbage-sse" => (BROKE, E502),
         // The line never ends: no event, no token; the body ends without one.
@@ -291,6 +296,105 @@ async fn raw_upstream_faults_end_cleanly_and_conserve_money() {
     {
         assert_eq!(r["output_tokens"], r["output_tokens_delivered"], "{r}");
     }
+    g.assert_no_panic();
+}
+
+/// Streams the meter could misread: a usage chunk followed by more content (billed at least
+/// what was delivered), a last event without its blank line (kept apart from the gateway's own
+/// events, so the client can read the tokens it paid for), output that is not text (audio
+/// deltas count, so they are paid before they are forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_bill_and_forward_what_was_delivered() {
+    let (gateway, _fake) = start("").await;
+    let g = &gateway;
+    let key_id = g.demo_key_id().await;
+    let stream = |model: &str| {
+        let r = http()
+            .post(g.chat_url())
+            .bearer_auth(DEMO_KEY)
+            .json(&chat(model, true))
+            .send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.status(), 200);
+            let id = r.headers()["x-tollgate-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (id, sse_events(r).await)
+        }
+    };
+    let record = move |id: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, v) = g.admin_get(&format!("/admin/ledger/{id}")).await;
+            if s == 200 {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no record for {id}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let parsed = |events: &[String]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e.as_str() != "[DONE]")
+            .map(|e| {
+                serde_json::from_str(e)
+                    .unwrap_or_else(|err| panic!("the client cannot read {e:?}: {err}"))
+            })
+            .collect()
+    };
+    let contents = |evs: &[Value]| {
+        evs.iter()
+            .filter(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
+            .count() as u64
+    };
+
+    let (id, events) = stream("f-usage-mid").await;
+    let evs = parsed(&events);
+    assert_eq!(contents(&evs), 3, "{events:?}");
+    let r = record(id).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["output_tokens_delivered"], 3, "{r}");
+    assert_eq!(
+        r["output_tokens"], 3,
+        "the mid-stream usage (1) was billed: {r}"
+    );
+
+    let (id, events) = stream("f-unterminated").await;
+    let evs = parsed(&events);
+    assert_eq!(contents(&evs), 2, "{events:?}");
+    assert!(
+        evs.iter()
+            .any(|v| v["error"]["code"] == "upstream_stream_error"),
+        "{events:?}"
+    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let r = record(id).await;
+    assert_eq!(r["status"], "upstream_error", "{r}");
+    assert_eq!(r["output_tokens_delivered"], 2, "{r}");
+
+    let (id, events) = stream("f-audio").await;
+    let evs = parsed(&events);
+    let audio = evs
+        .iter()
+        .filter(|v| v["choices"][0]["delta"]["audio"].is_object())
+        .count();
+    assert_eq!(audio, 5, "{events:?}");
+    let r = record(id).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(
+        r["output_tokens_delivered"], 5,
+        "audio deltas were not metered: {r}"
+    );
+    assert!(r["ttft_ms"].is_u64(), "{r}");
+
+    g.assert_invariant1(&key_id, &[("credit", TOPUP)]).await;
     g.assert_no_panic();
 }
 

@@ -706,6 +706,36 @@ pub mod fake_upstream {
             return;
         }
         match req.model.as_str() {
+            // A usage chunk mid-stream, then more content: the usage is not the final count.
+            "usage-mid" if req.stream => {
+                let usage = "data: {\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n";
+                let finish = ending(0).replace(
+                    ",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":0,\"total_tokens\":3}",
+                    "",
+                );
+                let out = format!(
+                    "{SSE_HEAD}{}{}{usage}{}{}{finish}",
+                    role(),
+                    chunk("a"),
+                    chunk("b"),
+                    chunk("c")
+                );
+                let _ = s.write_all(out.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+            // The last event lacks its blank line, and the stream ends (broken, no usage).
+            "unterminated" if req.stream => {
+                let out = format!("{SSE_HEAD}{}{}{}", role(), chunk("a"), chunk("b"));
+                let _ = s.write_all(out.trim_end().as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+            // Output that is not text (audio deltas): metered like any content.
+            "audio" if req.stream => {
+                let audio = "data: {\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[{\"index\":0,\"delta\":{\"audio\":{\"data\":\"UklGRg==\"}},\"finish_reason\":null}]}\n\n";
+                let out = format!("{SSE_HEAD}{}{}{}", role(), audio.repeat(5), ending(5));
+                let _ = s.write_all(out.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
             "reset-before" => reset(s).await,
             "reset-headers" => {
                 let _ = s.write_all(SSE_HEAD.as_bytes()).await;
