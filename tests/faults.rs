@@ -47,6 +47,10 @@ const RAW_CASES: &[&str] = &[
     "audio",
 ];
 
+/// Raw cases served as `f-<name>` but left out of the concurrent sweep: `huge-usage` drains the
+/// wallet (its usage is billed as reported).
+const RAW_ALONE: &[&str] = &["huge-usage"];
+
 fn model(name: &str, provider: &str, upstream_model: &str) -> String {
     format!(
         r#"
@@ -90,7 +94,7 @@ connect_timeout_ms = 500
 "#
     );
     b.push_str(&model("m", "p1", "up-m1"));
-    for case in RAW_CASES {
+    for case in RAW_CASES.iter().chain(RAW_ALONE) {
         b.push_str(&model(&format!("f-{case}"), "raw", case));
     }
     b.push_str(&model("refused", "refused", "up-x"));
@@ -393,6 +397,16 @@ async fn streams_bill_and_forward_what_was_delivered() {
         "audio deltas were not metered: {r}"
     );
     assert!(r["ttft_ms"].is_u64(), "{r}");
+
+    // Usage beyond what any sum or price holds: no overflow. The upstream's usage is billed as
+    // reported (R6): the charge saturates, the wallet pays what it has, the rest is shortfall.
+    let (id, events) = stream("f-huge-usage").await;
+    let evs = parsed(&events);
+    let usage = evs.iter().find(|v| v["usage"].is_object()).unwrap();
+    assert_eq!(usage["usage"]["total_tokens"], u64::MAX, "{usage}");
+    let r = record(id).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(dec(&r["shortfall"]) > rust_decimal::Decimal::ZERO, "{r}");
 
     g.assert_invariant1(&key_id, &[("credit", TOPUP)]).await;
     g.assert_no_panic();

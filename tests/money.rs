@@ -1083,3 +1083,120 @@ async fn refused_requests_are_recorded_at_zero_cost() {
     assert_eq!(rec["cost"], "0", "{rec}");
     assert_eq!(wallet(&g, &emb_only).await, before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Shutdown settles every open stream itself, also on a second signal
+
+/// SIGTERM, then a second SIGTERM at once (cut now). Streams whose clients read end with the
+/// shutdown event; streams whose clients stopped reading are dropped when the connections are
+/// closed. Every one of them is settled before the process exits: the next start finds no open
+/// hold to recover, every request has its record from its own settlement (HTTP status 200), and
+/// money is conserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_signal_still_settles_every_open_stream_before_exit() {
+    let data = tempfile::tempdir().unwrap();
+    let mut g = Gateway::start_extra(
+        Setup {
+            mocks: vec![("p1", "")],
+            body: one_bucket_body("[settlement]\nflush_interval_ms = 50\n", "1", "2", "1000"),
+            data_dir: Some(data.path()),
+        },
+        Extra {
+            server: "shutdown_drain_s = 30".into(),
+            ..Extra::default()
+        },
+    );
+    let key = g.demo_key_id().await;
+    let topups: BTreeMap<String, Decimal> = [("credit".into(), d("1000"))].into();
+    let mut readers = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let r = post_chat(
+            &g,
+            DEMO_KEY,
+            &chat_body(&format!("reader {i}"), true, true),
+            &[("x-mock-tokens", "5000"), ("x-mock-interval-ms", "5")],
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        readers.spawn(async move { read_events(r).await.unwrap_or_else(|e| e) });
+    }
+    // Clients that send a request and never read: their streams stall on a full socket.
+    let addr = g.client_url.trim_start_matches("http://").to_string();
+    let mut stalled = Vec::new();
+    for i in 0..10 {
+        let body = chat_body(&format!("stalled {i}"), true, true).to_string();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {DEMO_KEY}\r\ncontent-type: application/json\r\nx-mock-tokens: 100000\r\nx-mock-interval-ms: 0\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Every stream has started (20 open holds) before the signals.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http()
+            .get(format!("{}/metrics", g.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let holds = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_wallet_holds_active "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if holds >= 20.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams did not start: {holds} holds"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let child = g.child.take().unwrap();
+    let pid = child.id().to_string();
+    let t0 = Instant::now();
+    for _ in 0..2 {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    drop(stalled);
+    while readers.join_next().await.is_some() {}
+    let first_run = g.log();
+
+    g.spawn();
+    let log = g.log();
+    let restart = &log[first_run.len().min(log.len())..];
+    assert!(
+        !restart.contains("settled holds left by a crash"),
+        "open holds were left for recovery:\n{restart}"
+    );
+    let recs = quiesce(&g, &key).await;
+    assert_eq!(recs.len(), 20, "every stream has its record");
+    for r in &recs {
+        assert_eq!(r["http_status"], 200, "not settled by its stream: {r}");
+        assert!(
+            ["interrupted", "client_disconnected"].contains(&r["status"].as_str().unwrap()),
+            "{r}"
+        );
+        assert!(r["output_tokens"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_conservation(&topups, &recs, &wallet(&g, &key).await);
+    g.assert_no_panic();
+}

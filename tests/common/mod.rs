@@ -736,6 +736,17 @@ pub mod fake_upstream {
                 let _ = s.write_all(out.as_bytes()).await;
                 let _ = s.shutdown().await;
             }
+            // Usage counts no u64 sum or price can hold.
+            "huge-usage" if req.stream => {
+                let max = u64::MAX;
+                let out = format!(
+                    "{SSE_HEAD}{}{}data: {{\"id\":\"fake-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"fake\",\"choices\":[],\"usage\":{{\"prompt_tokens\":{max},\"completion_tokens\":{max}}}}}\n\ndata: [DONE]\n\n",
+                    role(),
+                    chunk("a"),
+                );
+                let _ = s.write_all(out.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
             "reset-before" => reset(s).await,
             "reset-headers" => {
                 let _ = s.write_all(SSE_HEAD.as_bytes()).await;
