@@ -1190,6 +1190,12 @@ async fn a_second_signal_still_settles_every_open_stream_before_exit() {
     let recs = quiesce(&g, &key).await;
     assert_eq!(recs.len(), 20, "every stream has its record");
     for r in &recs {
+        if r["http_status"] == 499 {
+            // Still waiting for its first token at the cut: nothing delivered, nothing charged.
+            assert_eq!(r["status"], "client_disconnected", "{r}");
+            assert_eq!(dec(&r["cost"]), Decimal::ZERO, "{r}");
+            continue;
+        }
         assert_eq!(r["http_status"], 200, "not settled by its stream: {r}");
         assert!(
             ["interrupted", "client_disconnected"].contains(&r["status"].as_str().unwrap()),
