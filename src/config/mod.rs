@@ -29,6 +29,8 @@ pub struct Config {
     pub keys: Vec<BootstrapKey>,
     /// Unix seconds when the configuration was loaded (`created` in `/v1/models`).
     pub loaded_at: i64,
+    /// The file it was read from (`None` when parsed from a string).
+    pub path: Option<PathBuf>,
 }
 
 impl Config {
@@ -43,6 +45,43 @@ impl Config {
             .iter()
             .flat_map(|m| m.routes.iter().map(move |r| (m, r)))
     }
+
+    /// What is allowed but probably a mistake, one line each with its key path: a provider key
+    /// (`api_key_env`) sent over plain `http://` to a host that is not loopback travels in clear.
+    /// `serve` logs these at start and `check-config` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.api_key_env.is_some() && cleartext_remote(&p.base_url))
+            .map(|(i, p)| {
+                format!(
+                    "providers[{i}].base_url: provider \"{}\" sends its key (api_key_env) over plain http:// to {}, which is not loopback: anyone on the path can read it (use https://)",
+                    p.id, p.base_url
+                )
+            })
+            .collect()
+    }
+}
+
+/// An `http://` URL whose host is not a loopback address (or `localhost`).
+fn cleartext_remote(url: &str) -> bool {
+    if !url.starts_with("http://") {
+        return false;
+    }
+    let Some(host) = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_owned))
+    else {
+        return true;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 #[derive(Debug, Clone)]
