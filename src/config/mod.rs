@@ -100,10 +100,20 @@ pub struct Server {
     pub max_messages: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum AdminToken {
     Inline(String),
     Env(String),
+}
+
+/// Never the inline token itself (R42), should a config ever be debug-printed.
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminToken::Inline(_) => f.write_str("Inline([redacted])"),
+            AdminToken::Env(var) => f.debug_tuple("Env").field(var).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -257,7 +267,7 @@ impl Model {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BootstrapKey {
     pub name: String,
     pub secret: String,
@@ -270,4 +280,94 @@ pub struct BootstrapKey {
     pub tpm: Option<u64>,
     pub max_concurrent_streams: Option<u32>,
     pub topup: BTreeMap<String, Decimal>,
+}
+
+/// Never the secret itself (R42), should a config ever be debug-printed.
+impl std::fmt::Debug for BootstrapKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapKey")
+            .field("name", &self.name)
+            .field("secret", &"[redacted]")
+            .field("workspace", &self.workspace)
+            .field("project", &self.project)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    #[test]
+    fn debug_output_carries_no_secret() {
+        let config = super::parse_str(
+            r#"
+[server]
+admin_token = "admin-0123456789"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "demo"
+kind = "mock"
+
+[[models]]
+name = "m"
+routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }]
+
+[[keys]]
+name = "demo"
+secret = "tg-secret-0123456789"
+"#,
+        )
+        .unwrap();
+        let text = format!("{config:?}");
+        assert!(text.contains("\"demo\""), "{text}");
+        assert!(!text.contains("admin-0123456789"), "{text}");
+        assert!(!text.contains("tg-secret-0123456789"), "{text}");
+    }
+
+    #[test]
+    fn cleartext_warnings_name_remote_http_providers_with_a_key() {
+        let config = super::parse_str(
+            r#"
+[server]
+admin_token = "admin-0123456789"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "plain"
+base_url = "http://10.0.0.7:8000/v1"
+api_key_env = "K"
+
+[[providers]]
+id = "keyless"
+base_url = "http://10.0.0.7:8000/v1"
+
+[[providers]]
+id = "local"
+base_url = "http://[::1]:8000/v1"
+api_key_env = "K"
+
+[[providers]]
+id = "tls"
+base_url = "https://10.0.0.7/v1"
+api_key_env = "K"
+
+[[models]]
+name = "m"
+routes = [{ provider = "plain", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }]
+"#,
+        )
+        .unwrap();
+        let w = config.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("providers[0].base_url: provider \"plain\""),
+            "{w:?}"
+        );
+    }
 }
