@@ -134,12 +134,17 @@ pub struct Running {
     _mocks: Vec<MockServer>,
 }
 
+/// The admin token, trimmed: a presented token is trimmed too, so surrounding whitespace (a
+/// trailing newline from a secrets file) could never match. An empty one is refused.
 fn resolve_admin_token(config: &Config) -> Result<String, String> {
     match &config.server.admin_token {
-        AdminToken::Inline(t) => Ok(t.clone()),
+        AdminToken::Inline(t) => Ok(t.trim().to_string()),
         AdminToken::Env(var) => match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Ok(v),
-            _ => Err(format!(
+            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            Ok(_) => Err(format!(
+                "server.admin_token_env: environment variable {var} is empty (or only whitespace); set it to the admin token"
+            )),
+            Err(_) => Err(format!(
                 "server.admin_token_env: environment variable {var} is not set (set it, or put admin_token in [server] for a demo)"
             )),
         },
@@ -445,9 +450,14 @@ fn announce(state: &AppState, client: std::net::SocketAddr, admin: std::net::Soc
     let key = state.config.keys.first();
     let model = state.config.models.first();
     if let (Some(k), Some(m)) = (key, model) {
+        // Never the secret itself (R42): the line says where it is configured.
+        let file = state.config.path.as_ref().map_or_else(
+            || "the configuration".to_string(),
+            |p| p.display().to_string(),
+        );
         println!(
-            "ready: curl -N {scheme}://{client}/v1/chat/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"stream\":true,\"stream_options\":{{\"include_usage\":true}},\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'",
-            k.secret, m.name
+            "ready: curl -N {scheme}://{client}/v1/chat/completions -H \"Authorization: Bearer $TOLLGATE_KEY\" -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"stream\":true,\"stream_options\":{{\"include_usage\":true}},\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'  # TOLLGATE_KEY: the secret of key '{}' in {file} (keys[0].secret)",
+            m.name, k.name
         );
     } else {
         println!("ready: client API on {scheme}://{client}, admin API on http://{admin}");

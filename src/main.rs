@@ -153,6 +153,9 @@ fn main() -> ExitCode {
     match command {
         Command::CheckConfig { file } => match config::load_file(&file) {
             Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: ok ({} buckets, {} providers, {} models, {} routes, {} keys)",
                     file.display(),
@@ -183,6 +186,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            for w in cfg.warnings() {
+                tracing::warn!("{w}");
+            }
             let sys = actix_web::rt::System::new();
             match sys.block_on(tollgate::app::serve(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -205,6 +211,15 @@ fn main() -> ExitCode {
                 }
             };
             let r = rt.block_on(async move {
+                // Loopback only (R44): refused before anything is bound.
+                for addr in tokio::net::lookup_host(&listen).await? {
+                    if !addr.ip().is_loopback() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("--listen {listen}: {addr} is not a loopback address (the mock listens on 127.0.0.1 or ::1 only)"),
+                        ));
+                    }
+                }
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 println!(
                     "mock upstream listening on http://{}",

@@ -1,6 +1,9 @@
 //! Every metric tollgate exports, named and described in one place (DESIGN §8). Labels are
 //! bounded: model, route, bucket, currency, status, outcome and reason values come from the
-//! configuration or from fixed enums, never from a key, user or request.
+//! configuration or from fixed enums, never from a key, user or request (a model the
+//! configuration does not name counts as `unknown`, R41).
+
+use std::collections::BTreeSet;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -62,9 +65,22 @@ const OTHER_OUTCOMES: [&str; 6] = [
 /// counters are integers) but only ever grow, so `/metrics` declares them as counters.
 const MONEY_COUNTERS: [&str; 2] = [SPEND, SHORTFALL];
 
-/// Installs the global recorder with explicit histogram buckets and describes every metric.
-/// Returns the handle that renders `/metrics`. Safe to call more than once per process (tests):
-/// later calls build a recorder that is not installed, whose renders are empty.
+/// How often the histograms' pending samples are folded into their buckets when nobody scrapes
+/// `/metrics` (a scrape does the same). Until then every sample is kept, 8+ bytes each.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The label value under which requests for a model the configuration does not name are
+/// counted (R41): a client's model string never becomes a label.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+/// The configured model names, the only `model` label values besides [`UNKNOWN_MODEL`].
+static KNOWN_MODELS: parking_lot::RwLock<BTreeSet<String>> =
+    parking_lot::RwLock::new(BTreeSet::new());
+
+/// Installs the global recorder with explicit histogram buckets, describes every metric and
+/// starts the recorder's upkeep. Returns the handle that renders `/metrics`. Safe to call more
+/// than once per process (tests): later calls build a recorder that is not installed, whose
+/// renders are empty.
 pub fn install() -> PrometheusHandle {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -116,8 +132,35 @@ pub fn install() -> PrometheusHandle {
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_ok() {
         describe();
+        start_upkeep(handle.clone());
     }
     handle
+}
+
+/// Runs the recorder's upkeep every [`UPKEEP_INTERVAL`] for the rest of the process, on a thread
+/// of its own. `build_recorder` (unlike the exporter's own install) starts none, and without it
+/// a histogram keeps every sample until `/metrics` is read. The recorder lives as long as the
+/// process and holds nothing to flush, so the thread is not stopped.
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms grow until scraped");
+    }
+}
+
+/// The `model` label for a requested model name: the name when the configuration has it,
+/// else [`UNKNOWN_MODEL`] (R41).
+fn model_label(requested: &str) -> String {
+    if KNOWN_MODELS.read().contains(requested) {
+        requested.to_string()
+    } else {
+        UNKNOWN_MODEL.to_string()
+    }
 }
 
 /// Renders `/metrics`: the recorder's text with the money metrics typed as counters (R38: the
@@ -137,6 +180,9 @@ pub fn render(handle: &PrometheusHandle) -> String {
 /// rates and alerts see 0 rather than nothing before the first request. Route actors do the same
 /// for the circuit and probe series. Call once, after [`install`].
 pub fn init_route_series(config: &crate::config::Config) {
+    KNOWN_MODELS
+        .write()
+        .extend(config.models.iter().map(|m| m.name.clone()));
     for (model, route) in config.routes() {
         let m = model.name.clone();
         let r = route.id.clone();
@@ -166,6 +212,7 @@ pub fn init_route_series(config: &crate::config::Config) {
             metrics::counter!(REQUESTS, "model" => model.name.clone(), "route" => "none", "bucket" => "none", "status" => status).increment(0);
         }
     }
+    metrics::counter!(REQUESTS, "model" => UNKNOWN_MODEL, "route" => "none", "bucket" => "none", "status" => "rejected").increment(0);
     for (name, bucket) in &config.buckets {
         metrics::gauge!(SHORTFALL, "bucket" => name.clone(), "currency" => bucket.currency.clone())
             .increment(0.0);
@@ -271,7 +318,8 @@ pub fn observe_request(rec: &crate::ledger::LedgerRecord, delivered: Option<u64>
     let model = rec.requested_model.as_str();
     let bucket = rec.bucket.as_deref().unwrap_or("none");
     let Some(route) = rec.route.as_deref() else {
-        metrics::counter!(REQUESTS, "model" => model.to_string(), "route" => "none", "bucket" => bucket.to_string(), "status" => rec.status.as_str()).increment(1);
+        // No route served it: the model may be anything a client sent (R41).
+        metrics::counter!(REQUESTS, "model" => model_label(model), "route" => "none", "bucket" => bucket.to_string(), "status" => rec.status.as_str()).increment(1);
         return;
     };
     let currency = rec.currency.as_deref().unwrap_or_default();

@@ -194,3 +194,87 @@ async fn a_restricted_key_sees_only_its_models_and_an_empty_wallet_is_explained(
     let emb = list.iter().find(|m| m["id"] == "emb").unwrap();
     assert_eq!(emb["tollgate"]["reason"], "bucket_not_allowed");
 }
+
+/// R19: a probe that does not find the route's upstream model reports exactly `upstream model
+/// <id> not listed`, in `/admin/routes` and the catalogs alike; `source` says a probe found it.
+/// A failed request's reason says `request`.
+#[tokio::test]
+async fn probe_failure_reason_is_the_contract_text() {
+    let g = Gateway::start(Setup {
+        mocks: vec![
+            (
+                "p1",
+                "probe = { interval_ms = 100, kind = \"models\" }\ncircuit = { failure_threshold = 1000, min_requests = 1000 }",
+            ),
+            ("p2", ""),
+        ],
+        body: solo_body(),
+        data_dir: None,
+    });
+    g.mock_options("p1", json!({"models": ["something-else"]}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let (s, v) = g.admin_get("/admin/routes").await;
+        assert_eq!(s, 200);
+        let r = v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "solo/p1")
+            .unwrap()
+            .clone();
+        if r["last_probe"]["ok"] == false && r["last_failure"].is_object() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no failed probe: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let want = json!("upstream model up-solo not listed");
+    assert_eq!(view["last_failure"]["reason"], want, "{view}");
+    assert_eq!(view["last_failure"]["source"], "probe", "{view}");
+    assert_eq!(view["last_probe"]["reason"], want, "{view}");
+
+    let all = models(&g, DEMO_KEY, true).await;
+    let solo = all.iter().find(|m| m["id"] == "solo").unwrap();
+    let failure = &solo["tollgate"]["routes"][0]["last_failure"];
+    assert_eq!(failure["reason"], want, "{solo}");
+    assert_eq!(failure["source"], "probe", "{solo}");
+    let (_, cat) = g.admin_get("/admin/catalog").await;
+    let solo = cat["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "solo")
+        .unwrap();
+    assert_eq!(solo["routes"][0]["last_failure"]["reason"], want, "{solo}");
+
+    // A request that fails on p2 records a failure whose source is the request.
+    g.mock_options("p2", json!({"fault": "500"})).await;
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = g.admin_get("/admin/routes").await;
+        let r = v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "other/p2")
+            .unwrap()
+            .clone();
+        if r["last_failure"].is_object() {
+            assert_eq!(r["last_failure"]["source"], "request", "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failure recorded: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

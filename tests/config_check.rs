@@ -342,3 +342,138 @@ routes = [
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains(VAR), "{stderr}");
 }
+
+#[test]
+fn durations_are_bounded_and_mock_listeners_are_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        &dir,
+        "bounds.toml",
+        r#"
+[server]
+admin_token = "an-admin-token"
+client_request_timeout_ms = 0
+client_idle_timeout_s = 9223372036854775807
+shutdown_drain_s = 86401
+
+[settlement]
+flush_interval_ms = 86400001
+wallet_idle_s = 9223372036854775807
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "remote"
+base_url = "https://api.example.com/v1"
+connect_timeout_ms = 9223372036854775807
+first_token_timeout_ms = 86400000
+idle_timeout_ms = 86400001
+circuit = { window_s = 86401, open_ms = 86400001, max_open_ms = 86400002 }
+probe = { interval_ms = 86400001 }
+
+[[providers]]
+id = "wide"
+kind = "mock"
+listen = "0.0.0.0:8090"
+mock = { ttft_ms = 86400001, interval_ms = 86400001, tokens = 100001 }
+
+[[models]]
+name = "m"
+retry = { backoff_base_ms = 86400001, backoff_max_ms = 86400002 }
+routes = [
+  { provider = "remote", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" },
+  { provider = "wide", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" },
+]
+"#,
+    );
+    let (code, lines, stderr) = check(&p);
+    assert_eq!(code, Some(1), "{lines:?} {stderr}");
+    assert_eq!(
+        lines,
+        [
+            "server.client_idle_timeout_s: must be at most 86400 (24 h)",
+            "server.client_request_timeout_ms: must be >= 1",
+            "server.shutdown_drain_s: must be at most 86400 (24 h)",
+            "settlement.flush_interval_ms: must be at most 86400000 (24 h)",
+            "settlement.wallet_idle_s: must be at most 86400 (24 h)",
+            "providers[0].connect_timeout_ms: must be at most 86400000 (24 h)",
+            "providers[0].idle_timeout_ms: must be at most 86400000 (24 h)",
+            "providers[0].circuit.window_s: must be at most 86400 (24 h)",
+            "providers[0].circuit.open_ms: must be at most 86400000 (24 h)",
+            "providers[0].circuit.max_open_ms: must be at most 86400000 (24 h)",
+            "providers[0].probe.interval_ms: must be at most 86400000 (24 h)",
+            "providers[1].listen: \"0.0.0.0:8090\" is not a loopback address (a built-in mock listens on 127.0.0.1 or ::1 only)",
+            "providers[1].mock.ttft_ms: must be at most 86400000 (24 h)",
+            "providers[1].mock.interval_ms: must be at most 86400000 (24 h)",
+            "providers[1].mock.tokens: must be at most 100000",
+            "models[0].retry.backoff_base_ms: must be at most 86400000 (24 h)",
+            "models[0].retry.backoff_max_ms: must be at most 86400000 (24 h)",
+        ]
+    );
+}
+
+#[test]
+fn the_standalone_mock_refuses_a_non_loopback_address() {
+    let out = run(&["mock-upstream", "--listen", "0.0.0.0:0"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("loopback"), "{stderr}");
+    let out = run(
+        &[
+            "mock-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            "100001",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("100000"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_an_empty_admin_token_variable() {
+    const VAR: &str = "TOLLGATE_TEST_BLANK_ADMIN_TOKEN_5C1D";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{}"
+admin_listen = "127.0.0.1:{}"
+admin_token_env = "{VAR}"
+data_dir = "{}"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "demo"
+kind = "mock"
+
+[[models]]
+name = "m"
+routes = [
+  {{ provider = "demo", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }},
+]
+"#,
+        free_port(),
+        free_port(),
+        dir.path().join("data").display()
+    );
+    let p = write(&dir, "serve.toml", &cfg);
+    for blank in [" ", " \t\n"] {
+        let out = run(
+            &["serve", "--config", p.to_str().unwrap()],
+            &[(VAR, Some(blank))],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "started with a blank token: {stderr}"
+        );
+        assert!(stderr.contains(VAR) && stderr.contains("empty"), "{stderr}");
+    }
+}

@@ -614,9 +614,13 @@ async fn client_faults_get_4xx_and_leave_the_gateway_serving() {
 
     // A client that asks for a long fast stream and never reads: the gateway keeps serving
     // others meanwhile, and settles the stream once the client goes away.
+    // A million tokens: ten choices of the mock's most (100,000 each, R44).
+    let mut long = chat("m", true);
+    long["n"] = json!(10);
+    let long = long.to_string();
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nx-mock-tokens: 1000000\r\nx-mock-interval-ms: 0\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nx-mock-tokens: 100000\r\nx-mock-interval-ms: 0\r\nContent-Length: {}\r\n\r\n{long}",
+        long.len()
     );
     let mut stuck = TcpStream::connect(&addr).await.unwrap();
     let _ = socket2::SockRef::from(&stuck).set_recv_buffer_size(4096);

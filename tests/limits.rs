@@ -314,9 +314,14 @@ async fn a_slow_reader_backpressures_the_upstream() {
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&addr.into()).unwrap();
     let mut s: TcpStream = sock.into();
-    let payload = body(true).to_string();
+    // Four choices of 100,000 tokens, the mock's most per choice (R44); every choice's delta is
+    // an event and a token.
+    let mut payload = body(true);
+    payload["n"] = json!(4);
+    let payload = payload.to_string();
+    let per_choice = tokens / 4;
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: application/json\r\nx-mock-tokens: {tokens}\r\nx-mock-interval-ms: 0\r\nx-mock-ttft-ms: 1\r\nContent-Length: {}\r\n\r\n{payload}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Type: application/json\r\nx-mock-tokens: {per_choice}\r\nx-mock-interval-ms: 0\r\nx-mock-ttft-ms: 1\r\nContent-Length: {}\r\n\r\n{payload}",
         payload.len()
     );
     s.write_all(head.as_bytes()).unwrap();

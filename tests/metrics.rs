@@ -556,3 +556,46 @@ async fn metrics_count_what_happened_and_leak_nothing() {
         );
     }
 }
+
+/// R41: a model name a client sends never becomes a label: unknown models count under
+/// `model="unknown"`, however many and however long they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_models_count_under_one_label() {
+    let g = Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body("", "5", "5"),
+        data_dir: None,
+    });
+    let long = "x".repeat(3000);
+    let names = ["nope-1", "nope-2", long.as_str()];
+    for name in names {
+        let r = g
+            .client()
+            .post(g.chat_url())
+            .bearer_auth(DEMO_KEY)
+            .json(&json!({"model": name, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    let unknown = [
+        ("model", "unknown"),
+        ("route", "none"),
+        ("bucket", "none"),
+        ("status", "rejected"),
+    ];
+    let s = scrape_until(&g, "three unknown-model requests counted", |s| {
+        s.sum("tollgate_requests_total", &unknown) == 3.0
+    })
+    .await;
+    let models: BTreeSet<String> = s
+        .samples
+        .iter()
+        .filter_map(|x| x.labels.get("model").cloned())
+        .collect();
+    let want: BTreeSet<String> = ["m", "emb", "unknown"].map(String::from).into();
+    assert_eq!(models, want, "{}", s.text);
+    assert!(!s.text.contains("nope-"), "{}", s.text);
+    assert!(s.text.len() < 100_000, "{} bytes", s.text.len());
+}

@@ -427,3 +427,210 @@ async fn tls_serves_http2_and_http1_by_alpn() {
         .await;
     g.assert_no_panic();
 }
+
+/// R42: the ready line names the demo key and where its secret is configured, and no log line
+/// (at debug level) carries a key secret, the admin token or a provider key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_is_printed_or_logged() {
+    let provider_key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+    let setup = Setup {
+        mocks: vec![
+            ("p1", "api_key_env = \"TG_TEST_MOCK_PROVIDER_KEY\""),
+            ("p2", ""),
+        ],
+        body: standard_body("", "1", "1"),
+        data_dir: None,
+    };
+    let extra = Extra {
+        env: vec![
+            ("TG_TEST_MOCK_PROVIDER_KEY".into(), provider_key.clone()),
+            ("RUST_LOG".into(), "debug".into()),
+        ],
+        ..Extra::default()
+    };
+    let g = Gateway::start_extra(setup, extra);
+    // Traffic, a key created at run time, a top-up and an admin call, so that every path logs.
+    let r = http()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(
+            &json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await.unwrap();
+    let (s, created) = g.admin_post("/admin/keys", json!({"name": "bob"})).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["secret"].as_str().unwrap().to_string();
+    let key_id = g.demo_key_id().await;
+    let (s, v) = g
+        .admin_post(
+            &format!("/admin/keys/{key_id}/topup"),
+            json!({"bucket": "credit", "amount": "1", "reference": "r-log"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let log = g.log();
+    let ready = log
+        .lines()
+        .find(|l| l.starts_with("ready: "))
+        .unwrap_or_else(|| panic!("no ready line:\n{log}"));
+    assert!(ready.contains("key 'demo'"), "{ready}");
+    assert!(
+        ready.contains(&g.config_path.display().to_string()),
+        "{ready}"
+    );
+    for s in [
+        DEMO_KEY,
+        ADMIN_TOKEN,
+        provider_key.as_str(),
+        secret.as_str(),
+    ] {
+        assert!(!log.contains(s), "{s} printed:\n{log}");
+    }
+    g.assert_no_panic();
+}
+
+/// The admin token is checked before any request body is read: a request without it is refused
+/// at once, even when it announces a body it never sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_is_checked_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let g = Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body("", "1", "1"),
+        data_dir: None,
+    });
+    let key_id = g.demo_key_id().await;
+    let addr = g.admin_url.trim_start_matches("http://").to_string();
+    for path in [
+        "/admin/keys".to_string(),
+        format!("/admin/keys/{key_id}/topup"),
+    ] {
+        for auth in ["", "Authorization: Bearer wrong-token\r\n"] {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 200000\r\n\r\n{{\"name\":"
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{path} {auth:?}: no answer before the body"))
+                .unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(text.starts_with("HTTP/1.1 401"), "{path}: {text}");
+            assert!(text.contains("invalid_api_key"), "{path}: {text}");
+        }
+    }
+    // With the token, the body is read as before.
+    let (s, v) = g.admin_post("/admin/keys", json!({"name": "carol"})).await;
+    assert_eq!(s, 201, "{v}");
+    g.assert_no_panic();
+}
+
+/// An admin token taken from the environment is trimmed: a trailing newline (as `$(cat file)`
+/// or a secrets mount leaves it) does not make it unmatchable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_from_the_environment_is_trimmed() {
+    let mut g = Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body("", "1", "1"),
+        data_dir: None,
+    });
+    g.kill9();
+    let cfg = std::fs::read_to_string(&g.config_path).unwrap();
+    let cfg = cfg.replace(
+        &format!("admin_token = \"{ADMIN_TOKEN}\""),
+        "admin_token_env = \"TG_TEST_ADMIN_TOKEN_WS\"",
+    );
+    std::fs::write(&g.config_path, cfg).unwrap();
+    g.spawn_env(&[(
+        "TG_TEST_ADMIN_TOKEN_WS".into(),
+        format!("  {ADMIN_TOKEN}\n"),
+    )]);
+    let (s, v) = g.admin_get("/admin/keys").await;
+    assert_eq!(s, 200, "{v}");
+    let r = http()
+        .get(format!("{}/admin/keys", g.admin_url))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// A provider key sent over plain http to a host that is not loopback is warned about at start,
+/// naming the provider (and by check-config).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_with_a_provider_key_is_warned_about() {
+    let body = format!(
+        r#"
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "cleartext"
+base_url = "http://192.0.2.10:8080/v1"
+api_key_env = "TG_TEST_CLEARTEXT_KEY"
+
+[[providers]]
+id = "local"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "TG_TEST_CLEARTEXT_KEY"
+
+[[models]]
+name = "m"
+routes = [
+  {{ provider = "cleartext", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }},
+  {{ provider = "local", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }},
+]
+
+[[keys]]
+name = "demo"
+secret = "{DEMO_KEY}"
+topup = {{ credit = "1" }}
+"#
+    );
+    let g = Gateway::start_extra(
+        Setup {
+            mocks: vec![],
+            body,
+            data_dir: None,
+        },
+        Extra {
+            env: vec![("TG_TEST_CLEARTEXT_KEY".into(), "sk-cleartext-1".into())],
+            ..Extra::default()
+        },
+    );
+    let log = g.log();
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("cleartext") && l.contains("http://")),
+        "{log}"
+    );
+    assert!(
+        !warned
+            .iter()
+            .any(|l| l.contains("\"local\"") || l.contains("provider=local")),
+        "{log}"
+    );
+    assert!(!log.contains("sk-cleartext-1"), "{log}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("check-config")
+        .arg(&g.config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: providers[0].base_url") && !stderr.contains("providers[1]"),
+        "{stderr}"
+    );
+}

@@ -22,6 +22,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/readyz").route(web::get().to(super::readyz)))
         .service(
             web::scope("/admin")
+                .wrap(actix_web::middleware::from_fn(require_admin_token))
                 .service(
                     web::resource("/keys")
                         .route(web::post().to(create_key))
@@ -61,6 +62,19 @@ async fn admin_not_found(
         req.method(),
         req.path()
     )))
+}
+
+/// Checks the admin token before any handler runs, so before its body extractor reads up to
+/// the body limit: a caller without the token cannot make the listener read or buffer a body.
+async fn require_admin_token(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    match req.app_data::<web::Data<AppState>>() {
+        Some(state) => authorize(req.request(), state)?,
+        None => return Err(ApiError::internal("admin state missing").into()),
+    }
+    next.call(req).await
 }
 
 pub(crate) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {

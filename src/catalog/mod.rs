@@ -54,7 +54,7 @@ pub fn route_views(state: &AppState, model: &Model) -> Vec<Value> {
                 "weight": r.weight,
                 "state": st.as_str(),
                 "last_probe": snap.as_ref().and_then(|s| s.last_probe.as_ref()).map(|p| json!({"at": p.at, "ok": p.ok, "latency_ms": p.latency_ms})),
-                "last_failure": snap.as_ref().and_then(|s| s.last_failure.as_ref()).map(|f| json!({"at": f.at, "reason": f.reason})),
+                "last_failure": snap.as_ref().and_then(|s| s.last_failure.as_ref()).map(|f| json!({"at": f.at, "reason": f.reason, "source": f.source})),
             })
         })
         .collect()

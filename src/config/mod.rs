@@ -29,6 +29,8 @@ pub struct Config {
     pub keys: Vec<BootstrapKey>,
     /// Unix seconds when the configuration was loaded (`created` in `/v1/models`).
     pub loaded_at: i64,
+    /// The file it was read from (`None` when parsed from a string).
+    pub path: Option<PathBuf>,
 }
 
 impl Config {
@@ -43,6 +45,43 @@ impl Config {
             .iter()
             .flat_map(|m| m.routes.iter().map(move |r| (m, r)))
     }
+
+    /// What is allowed but probably a mistake, one line each with its key path: a provider key
+    /// (`api_key_env`) sent over plain `http://` to a host that is not loopback travels in clear.
+    /// `serve` logs these at start and `check-config` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.api_key_env.is_some() && cleartext_remote(&p.base_url))
+            .map(|(i, p)| {
+                format!(
+                    "providers[{i}].base_url: provider \"{}\" sends its key (api_key_env) over plain http:// to {}, which is not loopback: anyone on the path can read it (use https://)",
+                    p.id, p.base_url
+                )
+            })
+            .collect()
+    }
+}
+
+/// An `http://` URL whose host is not a loopback address (or `localhost`).
+fn cleartext_remote(url: &str) -> bool {
+    if !url.starts_with("http://") {
+        return false;
+    }
+    let Some(host) = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_owned))
+    else {
+        return true;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 #[derive(Debug, Clone)]
@@ -61,10 +100,20 @@ pub struct Server {
     pub max_messages: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum AdminToken {
     Inline(String),
     Env(String),
+}
+
+/// Never the inline token itself (R42), should a config ever be debug-printed.
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminToken::Inline(_) => f.write_str("Inline([redacted])"),
+            AdminToken::Env(var) => f.debug_tuple("Env").field(var).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -218,7 +267,7 @@ impl Model {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BootstrapKey {
     pub name: String,
     pub secret: String,
@@ -231,4 +280,94 @@ pub struct BootstrapKey {
     pub tpm: Option<u64>,
     pub max_concurrent_streams: Option<u32>,
     pub topup: BTreeMap<String, Decimal>,
+}
+
+/// Never the secret itself (R42), should a config ever be debug-printed.
+impl std::fmt::Debug for BootstrapKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapKey")
+            .field("name", &self.name)
+            .field("secret", &"[redacted]")
+            .field("workspace", &self.workspace)
+            .field("project", &self.project)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    #[test]
+    fn debug_output_carries_no_secret() {
+        let config = super::parse_str(
+            r#"
+[server]
+admin_token = "admin-0123456789"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "demo"
+kind = "mock"
+
+[[models]]
+name = "m"
+routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }]
+
+[[keys]]
+name = "demo"
+secret = "tg-secret-0123456789"
+"#,
+        )
+        .unwrap();
+        let text = format!("{config:?}");
+        assert!(text.contains("\"demo\""), "{text}");
+        assert!(!text.contains("admin-0123456789"), "{text}");
+        assert!(!text.contains("tg-secret-0123456789"), "{text}");
+    }
+
+    #[test]
+    fn cleartext_warnings_name_remote_http_providers_with_a_key() {
+        let config = super::parse_str(
+            r#"
+[server]
+admin_token = "admin-0123456789"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "plain"
+base_url = "http://10.0.0.7:8000/v1"
+api_key_env = "K"
+
+[[providers]]
+id = "keyless"
+base_url = "http://10.0.0.7:8000/v1"
+
+[[providers]]
+id = "local"
+base_url = "http://[::1]:8000/v1"
+api_key_env = "K"
+
+[[providers]]
+id = "tls"
+base_url = "https://10.0.0.7/v1"
+api_key_env = "K"
+
+[[models]]
+name = "m"
+routes = [{ provider = "plain", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }]
+"#,
+        )
+        .unwrap();
+        let w = config.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("providers[0].base_url: provider \"plain\""),
+            "{w:?}"
+        );
+    }
 }

@@ -36,8 +36,15 @@ impl std::error::Error for ConfigProblems {}
 pub fn load_file(path: &Path) -> Result<Config, ConfigProblems> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigProblems(vec![format!("{}: cannot read: {e}", path.display())]))?;
-    parse_str(&text)
+    let mut config = parse_str(&text)?;
+    config.path = Some(path.to_path_buf());
+    Ok(config)
 }
+
+/// The longest duration any `*_ms` key may set: 24 h.
+pub const MAX_DURATION_MS: u64 = 86_400_000;
+/// The longest duration any `*_s` key may set: 24 h.
+pub const MAX_DURATION_S: u64 = 86_400;
 
 const TOP_LEVEL: &[&str] = &[
     "server",
@@ -110,6 +117,21 @@ impl Checker {
             self.problem(path, "missing (required)");
         }
         v.as_ref()
+    }
+
+    /// A duration in milliseconds: at most [`MAX_DURATION_MS`] (a larger one would overflow the
+    /// deadlines built from it).
+    fn duration_ms(&mut self, path: impl fmt::Display, v: u64) {
+        if v > MAX_DURATION_MS {
+            self.problem(path, format!("must be at most {MAX_DURATION_MS} (24 h)"));
+        }
+    }
+
+    /// A duration in seconds: at most [`MAX_DURATION_S`].
+    fn duration_s(&mut self, path: impl fmt::Display, v: u64) {
+        if v > MAX_DURATION_S {
+            self.problem(path, format!("must be at most {MAX_DURATION_S} (24 h)"));
+        }
     }
 
     fn non_negative(&mut self, path: &str, v: Decimal) -> Decimal {
@@ -211,6 +233,7 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
         models,
         keys,
         loaded_at: chrono::Utc::now().timestamp(),
+        path: None,
     })
 }
 
@@ -251,6 +274,15 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
     if s.data_dir.trim().is_empty() {
         c.problem("server.data_dir", "must not be empty");
     }
+    c.duration_s("server.client_idle_timeout_s", s.client_idle_timeout_s);
+    if s.client_request_timeout_ms == 0 {
+        c.problem("server.client_request_timeout_ms", "must be >= 1");
+    }
+    c.duration_ms(
+        "server.client_request_timeout_ms",
+        s.client_request_timeout_ms,
+    );
+    c.duration_s("server.shutdown_drain_s", s.shutdown_drain_s);
     let workers = match s.workers {
         Some(0) => {
             c.problem("server.workers", "must be >= 1");
@@ -283,6 +315,8 @@ fn check_settlement(c: &mut Checker, s: RawSettlement) -> Option<Settlement> {
     if s.flush_interval_ms == 0 {
         c.problem("settlement.flush_interval_ms", "must be >= 1");
     }
+    c.duration_ms("settlement.flush_interval_ms", s.flush_interval_ms);
+    c.duration_s("settlement.wallet_idle_s", s.wallet_idle_s);
     if s.initial_output_hold_tokens == 0 {
         c.problem("settlement.initial_output_hold_tokens", "must be >= 1");
     }
@@ -395,7 +429,22 @@ fn check_providers(c: &mut Checker, raw: Vec<Option<RawProvider>>) -> Vec<Arc<Pr
                     Some(l) => c.addr(&format!("{path}.listen"), l),
                     None => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
                 };
+                // R44: the built-in mock has no authentication and runs in this process.
+                if let Some(a) = listen.filter(|a| !a.ip().is_loopback()) {
+                    c.problem(
+                        format!("{path}.listen"),
+                        format!("\"{a}\" is not a loopback address (a built-in mock listens on 127.0.0.1 or ::1 only)"),
+                    );
+                }
                 let m = p.mock.clone().unwrap_or_default();
+                c.duration_ms(format!("{path}.mock.ttft_ms"), m.ttft_ms);
+                c.duration_ms(format!("{path}.mock.interval_ms"), m.interval_ms);
+                if u64::from(m.tokens) > crate::mock::MAX_TOKENS {
+                    c.problem(
+                        format!("{path}.mock.tokens"),
+                        format!("must be at most {}", crate::mock::MAX_TOKENS),
+                    );
+                }
                 match listen {
                     Some(listen) => ProviderKind::Mock {
                         listen,
@@ -465,6 +514,7 @@ fn check_providers(c: &mut Checker, raw: Vec<Option<RawProvider>>) -> Vec<Arc<Pr
             if v == 0 {
                 c.problem(format!("{path}.{field}"), "must be >= 1");
             }
+            c.duration_ms(format!("{path}.{field}"), v);
         }
         let cc = &p.circuit;
         if cc.failure_threshold == 0 {
@@ -476,6 +526,9 @@ fn check_providers(c: &mut Checker, raw: Vec<Option<RawProvider>>) -> Vec<Arc<Pr
         if cc.window_s == 0 {
             c.problem(format!("{path}.circuit.window_s"), "must be >= 1");
         }
+        c.duration_s(format!("{path}.circuit.window_s"), cc.window_s);
+        c.duration_ms(format!("{path}.circuit.open_ms"), cc.open_ms);
+        c.duration_ms(format!("{path}.circuit.max_open_ms"), cc.max_open_ms);
         if cc.open_ms == 0 || cc.max_open_ms < cc.open_ms {
             c.problem(
                 format!("{path}.circuit.max_open_ms"),
@@ -499,6 +552,7 @@ fn check_providers(c: &mut Checker, raw: Vec<Option<RawProvider>>) -> Vec<Arc<Pr
                 if pr.interval_ms < 100 {
                     c.problem(format!("{path}.probe.interval_ms"), "must be >= 100");
                 }
+                c.duration_ms(format!("{path}.probe.interval_ms"), pr.interval_ms);
                 Some(Probe {
                     interval_ms: pr.interval_ms.max(100),
                     kind,
@@ -588,6 +642,14 @@ fn check_models(
                 TokenizerKind::Chunks
             }
         };
+        c.duration_ms(
+            format!("{path}.retry.backoff_base_ms"),
+            m.retry.backoff_base_ms,
+        );
+        c.duration_ms(
+            format!("{path}.retry.backoff_max_ms"),
+            m.retry.backoff_max_ms,
+        );
         if m.retry.backoff_max_ms < m.retry.backoff_base_ms {
             c.problem(
                 format!("{path}.retry.backoff_max_ms"),

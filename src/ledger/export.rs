@@ -1,7 +1,8 @@
 //! Ledger export formats (`GET /admin/ledger/export`, R31): JSON Lines (one record per line) and
 //! CSV (RFC 4180: a header row of the §5.1 fields in order, CRLF line ends, fields quoted when they
 //! hold a comma, quote or line break; `attempts` and `upstream_usage` as JSON strings, null as an
-//! empty field).
+//! empty field). A text field that a spreadsheet would read as a formula gets a leading `'`
+//! (R43); JSON Lines carry every value as it is.
 
 use serde_json::Value;
 
@@ -68,12 +69,27 @@ fn write_csv_row(out: &mut Vec<u8>, rec: &LedgerRecord) {
             // Serialized from the fields themselves, so their keys keep the §5.1 order.
             ("attempts", _) => serde_json::to_string(&rec.attempts).unwrap_or_default(),
             ("upstream_usage", _) => serde_json::to_string(&rec.upstream_usage).unwrap_or_default(),
-            (_, Some(Value::String(s))) => s.clone(),
+            (name, Some(Value::String(s))) if DECIMAL_FIELDS.contains(&name) => s.clone(),
+            (_, Some(Value::String(s))) => neutralise_formula(s),
             (_, Some(v)) => v.to_string(),
         };
         out.extend_from_slice(csv_quote(&cell).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Fields holding a decimal amount as a string: computed by the gateway, never negative, so they
+/// cannot start a formula and stay numbers for a spreadsheet.
+const DECIMAL_FIELDS: [&str; 4] = ["input_per_mtok", "output_per_mtok", "cost", "shortfall"];
+
+/// A text field starting with `=`, `+`, `-`, `@`, tab or carriage return is read as a formula
+/// by spreadsheets (CSV injection): it gets a leading `'`, which they show as text (R43).
+fn neutralise_formula(field: &str) -> String {
+    if field.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{field}")
+    } else {
+        field.to_string()
+    }
 }
 
 /// Quotes a CSV field when it needs it (RFC 4180), doubling the quotes inside.
@@ -134,6 +150,41 @@ mod tests {
         assert!(row.contains(",\"[{\"\"route\"\":\"\"m/p1\"\""), "{row}");
         assert!(row.ends_with(",0.000018,0,,1"), "{row}");
         assert_eq!(lines[2], "");
+    }
+
+    #[test]
+    fn csv_neutralises_formulas_in_text_fields_only() {
+        let mut r = rec("k1", Some(("m/p1", "credit", "USD")), 2, 8, "0.000018");
+        r.project = "=HYPERLINK(\"http://x\",\"y\")".into();
+        r.end_user = Some("+1+cmd|' /C calc'!A0".into());
+        r.key_name = "-2+3".into();
+        r.workspace = "@SUM(A1)".into();
+        r.requested_model = "\tm".into();
+        r.upstream_model = Some("\rup".into());
+        let mut out = Vec::new();
+        Format::Csv.write(&mut out, &r);
+        let text = String::from_utf8(out).unwrap();
+        let row = text.trim_end_matches("\r\n");
+        assert!(row.contains(",'@SUM(A1),"), "{row}");
+        assert!(row.contains(",'-2+3,"), "{row}");
+        assert!(
+            row.contains(",\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\","),
+            "{row}"
+        );
+        assert!(row.contains(",'+1+cmd|' /C calc'!A0,"), "{row}");
+        assert!(row.contains(",'\tm,"), "{row}");
+        assert!(row.contains(",\"'\rup\","), "{row}");
+        // Numbers stay numbers; prices and costs are never negative and keep their form.
+        assert!(row.ends_with(",1,2,0.000018,0,,1"), "{row}");
+        // A cell starting with another character is unchanged.
+        assert!(row.starts_with("r-k1-2-8,2025-01-01T00:00:00Z,"), "{row}");
+
+        // JSON Lines carry the values as they are.
+        let mut out = Vec::new();
+        Format::Jsonl.write(&mut out, &r);
+        let back: LedgerRecord = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back.project, r.project);
+        assert_eq!(back.key_name, "-2+3");
     }
 
     #[test]

@@ -16,8 +16,15 @@ use super::body::{ChatStream, MockAbort, MockBody, StreamPlan, WORDS};
 use super::fault::{parse_fault, Fault};
 use super::state::{bump, Effective, LastRequest, Shared};
 
-/// Request bodies above this are refused by dropping the exchange; the mock is not a size test.
-const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Request bodies above this are refused with 413 (R44): the built-in mock runs inside the
+/// gateway's process.
+pub(super) const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// The most content tokens a request may ask for: per choice (`x-mock-tokens`, the `tokens`
+/// option), and over all the choices of a whole (non-stream) answer, which is built in memory
+/// (R44). A stream is paced from a small state machine, so its choices may add up to more.
+pub(super) const MAX_TOKENS: u64 = 100_000;
+/// The longest `x-mock-ttft-ms` / `x-mock-interval-ms` a request may ask for (24 h).
+const MAX_DELAY_MS: u64 = 86_400_000;
 /// The most choices one request may ask for.
 const MAX_N: u64 = 128;
 const DEFAULT_MODEL: &str = "mock-model";
@@ -79,9 +86,9 @@ struct Knobs {
 
 fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection> {
     let opts = &effective.opts;
-    let ttft_header = header_number(headers, "x-mock-ttft-ms")?;
-    let tokens = header_number(headers, "x-mock-tokens")?;
-    let interval = header_number(headers, "x-mock-interval-ms")?;
+    let ttft_header = header_number(headers, "x-mock-ttft-ms", MAX_DELAY_MS)?;
+    let tokens = header_number(headers, "x-mock-tokens", MAX_TOKENS)?;
+    let interval = header_number(headers, "x-mock-interval-ms", MAX_DELAY_MS)?;
     let fault = match headers.get("x-mock-fault") {
         Some(value) => parse_fault(&String::from_utf8_lossy(value.as_bytes())),
         None => effective.fault.clone(),
@@ -97,6 +104,7 @@ fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection>
     })?;
     Ok(Knobs {
         ttft: Duration::from_millis(ttft_header.unwrap_or(opts.ttft_ms)),
+        // Bounded by MAX_TOKENS above, which fits a u32.
         tokens: match tokens {
             Some(t) => u32::try_from(t).unwrap_or(u32::MAX),
             None => opts.tokens,
@@ -107,13 +115,24 @@ fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection>
     })
 }
 
-fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, Rejection> {
+/// A header holding an integer in `0..=max`; anything else is a 400 naming the header.
+fn header_number(headers: &HeaderMap, name: &str, max: u64) -> Result<Option<u64>, Rejection> {
     let Some(value) = headers.get(name) else {
         return Ok(None);
     };
-    match value.to_str().ok().and_then(|v| v.trim().parse().ok()) {
-        Some(n) => Ok(Some(n)),
-        None => Err(reject(
+    let text = value.to_str().unwrap_or_default().trim();
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    match text.parse::<u64>() {
+        Ok(n) if n <= max => Ok(Some(n)),
+        // Digits beyond u64 are a number over the cap too.
+        _ if digits => Err(reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            Some(name),
+            format!("header {name} must be at most {max}"),
+        )),
+        _ => Err(reject(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "invalid_value",
@@ -229,8 +248,11 @@ async fn begin(
 ) -> Result<Result<(Knobs, Value), Response<MockBody>>, MockAbort> {
     let effective = shared.options();
     let (parts, body) = req.into_parts();
-    let body = read_body(body).await?;
-    record_last(shared, parts.uri.path(), &parts.headers, &body);
+    let body = match read_body(&parts.headers, body).await? {
+        Ok(body) => body,
+        Err(too_large) => return Ok(Err(too_large)),
+    };
+    record_last(shared, &parts, &body);
     let knobs = match knobs(&parts.headers, &effective) {
         Ok(knobs) => knobs,
         Err(response) => return Ok(Err(*response)),
@@ -260,6 +282,14 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
         Ok(params) => params,
         Err(response) => return Ok(*response),
     };
+    if !stream && u64::from(n) * u64::from(tokens) > MAX_TOKENS {
+        return Ok(invalid_value(
+            "n",
+            format!(
+                "a whole answer carries at most {MAX_TOKENS} tokens: n = {n} choices of {tokens} tokens is more"
+            ),
+        ));
+    }
     let model = request
         .get("model")
         .and_then(Value::as_str)
@@ -520,41 +550,44 @@ fn models(shared: &Shared) -> Response<MockBody> {
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
-fn record_last(shared: &Shared, path: &str, headers: &HeaderMap, body: &Bytes) {
+fn record_last(shared: &Shared, parts: &http::request::Parts, body: &Bytes) {
     let last = LastRequest {
-        path: path.to_owned(),
-        headers: headers.clone(),
+        path: parts.uri.path().to_owned(),
+        http_version: format!("{:?}", parts.version),
+        content_type: parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         body: body.clone(),
     };
     *shared.last.lock() = Some(last);
 }
 
+/// `GET /_mock/last`: the path, HTTP version, content type and body of the last chat or
+/// embeddings request. Never its headers (R44): they carry the gateway's provider key.
 fn last_request(shared: &Shared) -> Response<MockBody> {
     let guard = shared.last.lock();
     let Some(last) = guard.as_ref() else {
         return json_response(StatusCode::OK, &Value::Null);
     };
-    let mut headers = Map::new();
-    for (name, value) in &last.headers {
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        match headers.get_mut(name.as_str()) {
-            Some(Value::String(existing)) => {
-                existing.push_str(", ");
-                existing.push_str(&value);
-            }
-            _ => {
-                headers.insert(name.as_str().to_owned(), Value::String(value));
-            }
-        }
-    }
     let body = serde_json::from_slice::<Value>(&last.body).unwrap_or(Value::Null);
-    let rendered = json!({"path": last.path, "headers": headers, "body": body});
+    let rendered = json!({
+        "path": last.path,
+        "http_version": last.http_version,
+        "content_type": last.content_type,
+        "body": body,
+    });
     drop(guard);
     json_response(StatusCode::OK, &rendered)
 }
 
 async fn update_options(shared: &Shared, req: Request<Incoming>) -> Reply {
-    let body = read_body(req.into_body()).await?;
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&parts.headers, body).await? {
+        Ok(body) => body,
+        Err(too_large) => return Ok(too_large),
+    };
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
         return Ok(invalid_json());
     };
@@ -578,8 +611,14 @@ fn apply_option_fields(
             "tokens" => {
                 opts.tokens = value
                     .as_u64()
+                    .filter(|t| *t <= MAX_TOKENS)
                     .and_then(|t| u32::try_from(t).ok())
-                    .ok_or_else(bad)?;
+                    .ok_or_else(|| {
+                        Box::new(invalid_value(
+                            key,
+                            format!("`tokens` must be an integer from 0 to {MAX_TOKENS}"),
+                        ))
+                    })?;
             }
             "fault" => match value {
                 Value::Null => opts.fault = None,
@@ -611,9 +650,31 @@ fn apply_option_fields(
     Ok(())
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, MockAbort> {
+/// Reads a request body of at most [`MAX_BODY_BYTES`]; a larger one is answered 413 (at once
+/// when its `Content-Length` says so). `Err` drops the exchange (the client went away).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<Result<Bytes, Response<MockBody>>, MockAbort> {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            None,
+            format!("the mock reads request bodies of at most {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let announced = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Ok(Err(too_large()));
+    }
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(collected) => Ok(Ok(collected.to_bytes())),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Ok(Err(too_large())),
         Err(err) => {
             tracing::debug!(error = %err, "mock upstream: could not read a request body");
             Err(MockAbort)

@@ -5,8 +5,10 @@
 //! `POST /v1/chat/completions` (streamed or not), `POST /v1/embeddings` and `GET /v1/models`
 //! deterministically, paced by `ttft_ms`/`interval_ms`, and lets tests steer it through
 //! `x-mock-*` request headers, `POST /_mock/options` and [`MockServer::set_options`]. `GET /stats`
-//! counts what it did, `GET /_mock/last` shows the last request it received. HTTP/1.1 and h2c
-//! share one port. It is built to hold ten thousand slow streams on one core.
+//! counts what it did, `GET /_mock/last` shows the last request it received (path, version,
+//! content type and body; never its headers). HTTP/1.1 and h2c share one port. It is built to
+//! hold ten thousand slow streams on one core. It listens on loopback only and caps what a
+//! request may ask of it (R44): it runs inside the gateway's process.
 
 mod body;
 mod fault;
@@ -71,8 +73,14 @@ impl Default for MockOptions {
 }
 
 impl MockOptions {
-    /// Rejects a `fault` that matches none of the fault syntaxes.
+    /// Rejects a `fault` that matches none of the fault syntaxes, and `tokens` above the cap.
     fn check(&self) -> io::Result<()> {
+        if u64::from(self.tokens) > MAX_TOKENS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("tokens must be at most {MAX_TOKENS} (got {})", self.tokens),
+            ));
+        }
         match self.fault.as_deref().map(fault::parse_fault) {
             Some(Err(invalid)) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -80,6 +88,22 @@ impl MockOptions {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// The most content tokens per choice a mock answers with (R44); see [`handlers::MAX_TOKENS`].
+pub const MAX_TOKENS: u64 = handlers::MAX_TOKENS;
+
+/// The mock serves loopback only (R44): it has no authentication, and its control endpoints
+/// change what every caller gets.
+fn check_loopback(addr: SocketAddr) -> io::Result<()> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} is not a loopback address: the mock upstream listens on 127.0.0.1 or ::1 only"),
+        ))
     }
 }
 
@@ -116,6 +140,7 @@ pub struct MockServer {
 impl MockServer {
     /// Binds `listen` (port 0 allowed) and starts serving; returns once the socket is bound.
     pub fn start(listen: SocketAddr, opts: MockOptions) -> io::Result<MockServer> {
+        check_loopback(listen)?;
         opts.check()?;
         let std_listener = bind(listen)?;
         let addr = std_listener.local_addr()?;
@@ -194,12 +219,14 @@ impl std::fmt::Debug for MockServer {
 }
 
 /// Runs the mock inside the caller's tokio runtime until `shutdown` resolves (used by
-/// `tollgate mock-upstream`). Fails at once if `opts.fault` is not a valid fault.
+/// `tollgate mock-upstream`). Fails at once if `opts` are invalid or the listener is not on a
+/// loopback address.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     opts: MockOptions,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    check_loopback(listener.local_addr()?)?;
     opts.check()?;
     let shared = Arc::new(Shared::new(opts));
     server::run(listener, shared, shutdown, SERVE_STOP_GRACE).await;

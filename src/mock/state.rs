@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderMap;
 use parking_lot::{Mutex, RwLock};
 
 use super::fault::{parse_fault, FaultSetting};
@@ -83,11 +82,13 @@ impl Stats {
     }
 }
 
-/// The last chat or embeddings request, kept raw; `GET /_mock/last` renders it.
+/// The last chat or embeddings request; `GET /_mock/last` renders it. Its headers are not
+/// kept: they carry the gateway's provider key (R44).
 #[derive(Debug)]
 pub(super) struct LastRequest {
     pub(super) path: String,
-    pub(super) headers: HeaderMap,
+    pub(super) http_version: String,
+    pub(super) content_type: Option<String>,
     pub(super) body: Bytes,
 }
 

@@ -593,7 +593,7 @@ async fn dropping_a_stream_counts_as_cancelled() {
 }
 
 #[tokio::test]
-async fn last_request_shows_model_and_authorization() {
+async fn last_request_shows_path_and_body_but_no_header() {
     let server = start(fast());
     let http = client();
     let v: Value = http
@@ -607,23 +607,139 @@ async fn last_request_shows_model_and_authorization() {
     assert_eq!(v, Value::Null);
     http.post(url(&server, "/v1/chat/completions"))
         .bearer_auth("sk-upstream-1")
-        .header("X-Custom", "A")
+        .header("X-Custom", "secret-A")
         .json(&chat_body(false))
         .send()
         .await
         .unwrap();
-    let v: Value = http
+    let text = http
         .get(url(&server, "/_mock/last"))
         .send()
         .await
         .unwrap()
-        .json()
+        .text()
         .await
         .unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["path"], "/v1/chat/completions");
-    assert_eq!(v["headers"]["authorization"], "Bearer sk-upstream-1");
-    assert_eq!(v["headers"]["x-custom"], "A");
     assert_eq!(v["body"]["model"], "gpt-test");
+    assert_eq!(v["http_version"], "HTTP/1.1");
+    assert_eq!(v["content_type"], "application/json");
+    // R44: no header (name or value) is revealed, credentials least of all.
+    assert!(v.get("headers").is_none(), "{text}");
+    for leak in ["sk-upstream-1", "secret-A", "x-custom", "authorization"] {
+        assert!(
+            !text
+                .to_ascii_lowercase()
+                .contains(&leak.to_ascii_lowercase()),
+            "{leak} in {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn requests_cannot_ask_for_more_than_the_caps() {
+    let server = start(fast());
+    let http = client();
+    // x-mock-tokens above 100,000 is refused, u32::MAX and beyond included.
+    for tokens in ["100001", "4294967295", "18446744073709551615"] {
+        for stream in [false, true] {
+            let resp = http
+                .post(url(&server, "/v1/chat/completions"))
+                .header("x-mock-tokens", tokens)
+                .json(&chat_body(stream))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 400, "{tokens} stream={stream}");
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "invalid_value", "{v}");
+            assert_eq!(v["error"]["param"], "x-mock-tokens", "{v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("100000"),
+                "{v}"
+            );
+        }
+    }
+    // At the cap a stream is served (read only its start: it is long).
+    let mut resp = http
+        .post(url(&server, "/v1/chat/completions"))
+        .header("x-mock-tokens", "100000")
+        .header("x-mock-interval-ms", "0")
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.unwrap().is_some());
+    drop(resp);
+    // A whole (non-stream) answer carries at most 100,000 tokens over all its choices.
+    let mut body = chat_body(false);
+    body["n"] = json!(2);
+    let resp = http
+        .post(url(&server, "/v1/chat/completions"))
+        .header("x-mock-tokens", "60000")
+        .header("x-mock-interval-ms", "0")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // The run-time option and the start options have the same cap.
+    let resp = http
+        .post(url(&server, "/_mock/options"))
+        .json(&json!({"tokens": 100_001}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err = MockServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        MockOptions {
+            tokens: 100_001,
+            ..fast()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("100000"), "{err}");
+
+    // A request body above 16 MiB gets 413 in the envelope, before it is read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
+        16 * 1024 * 1024 + 1
+    );
+    raw.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut answer))
+        .await
+        .expect("413 without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("request_too_large"), "{answer}");
+    // One just below the cap is read.
+    let mut body = chat_body(false);
+    body["messages"][0]["content"] = json!("x".repeat(15 * 1024 * 1024));
+    let resp = http
+        .post(url(&server, "/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn the_mock_listens_on_loopback_only() {
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let err = MockServer::start(addr.parse().unwrap(), fast()).unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{addr}: {err}");
+    }
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = serve(listener, fast(), async {}).await.unwrap_err();
+    assert!(err.to_string().contains("loopback"), "{err}");
 }
 
 #[tokio::test]

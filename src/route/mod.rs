@@ -35,7 +35,17 @@ pub struct ProbeResult {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FailureInfo {
     pub at: DateTime<Utc>,
+    /// What failed, in the contract's words (R19: `upstream model <id> not listed`).
     pub reason: String,
+    /// What found the failure: a probe or a client's request.
+    pub source: FailureSource,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureSource {
+    Probe,
+    Request,
 }
 
 /// What the router and the admin API read.
@@ -357,7 +367,8 @@ impl Actor for RouteActor {
                             }
                             let failure = (!res.ok).then(|| FailureInfo {
                                 at: res.at,
-                                reason: format!("probe: {}", res.reason.clone().unwrap_or_default()),
+                                reason: res.reason.clone().unwrap_or_else(|| "probe failed".into()),
+                                source: FailureSource::Probe,
                             });
                             act.publish(|s| {
                                 s.last_probe = Some(res);
@@ -384,6 +395,7 @@ impl Handler<Outcome> for RouteActor {
                 s.last_failure = Some(FailureInfo {
                     at: Utc::now(),
                     reason: m.reason.unwrap_or_else(|| "failed".into()),
+                    source: FailureSource::Request,
                 });
             }
             s.latency_ewma_ms = if s.requests == 1 {
