@@ -49,8 +49,8 @@ pub struct Call {
     pub mock_headers: HeaderMap,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
-    /// The key's rate limiter when it has a tokens-per-minute limit: billed output tokens are
-    /// counted in it at settlement.
+    /// The request's share of its key's tokens-per-minute window when the key has a `tpm`: the
+    /// input estimate, replaced by the billed tokens at settlement (R39).
     pub limiter: Option<Arc<crate::limits::KeyLimiter>>,
 }
 
@@ -98,7 +98,11 @@ pub fn record_error(
     rec.http_status = err.status.as_u16();
     rec.status = status;
     crate::metrics::observe_request(&rec, None);
-    if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
+    if status == Status::Rejected {
+        // A refusal carries no money: when the writer is behind it is dropped (and counted)
+        // rather than blocking this worker, so a flood of refusals cannot stall the gateway.
+        state.writer.try_send(StoreOp::Record(Box::new(rec)));
+    } else if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
         tracing::error!(error = %e, "cannot queue ledger record");
     }
     err.with_request_id(&call.request_id)

