@@ -113,6 +113,70 @@ fn raw_answer(addr: &str, head: &str, body_part: &[u8], limit: Duration) -> (Str
     )
 }
 
+// R8: a non-stream request forwards the tokens its hold pays for as its max tokens when the
+// grant is partial or the client set none, in the field the client used.
+#[tokio::test]
+async fn non_stream_requests_forward_the_held_bound_as_max_tokens() {
+    // Input 2 tokens at 1/M, output 2/M per token: 12e-6 pays the input and 5 output tokens.
+    let g = start("", "0.000012");
+    let key = g.demo_key_id().await;
+
+    // No max tokens, partial grant: max_tokens 5 forwarded; the mock would have sent 8.
+    let r = post(&g, &hello("m"), &[]).await;
+    assert_eq!(r.status(), 200);
+    let rid = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let sent = last_body(&g, "p1").await;
+    assert_eq!(sent["max_tokens"], 5, "{sent}");
+    assert!(sent.get("max_completion_tokens").is_none(), "{sent}");
+    let rec = record(&g, &rid).await;
+    assert_eq!(rec["output_tokens"], 5, "{rec}");
+    assert_eq!(dec(&rec["cost"]), Decimal::new(12, 6), "{rec}");
+    assert_eq!(dec(&rec["shortfall"]), Decimal::ZERO, "{rec}");
+
+    // The client's max_completion_tokens (500) on a partial grant: lowered to what is held, in
+    // that field.
+    topup(&g, &key, "0.000012").await;
+    let mut b = hello("m");
+    b["max_completion_tokens"] = json!(500);
+    let r = post(&g, &b, &[]).await;
+    assert_eq!(r.status(), 200);
+    let sent = last_body(&g, "p1").await;
+    assert_eq!(sent["max_completion_tokens"], 5, "{sent}");
+    assert!(sent.get("max_tokens").is_none(), "{sent}");
+
+    // n = 2: per choice, floor(10e-6 / (2 × 2e-6)) = 2.
+    topup(&g, &key, "0.000012").await;
+    let mut b = hello("m");
+    b["n"] = json!(2);
+    let r = post(&g, &b, &[]).await;
+    assert_eq!(r.status(), 200);
+    let rid = request_id(&r);
+    assert_eq!(last_body(&g, "p1").await["max_tokens"], 2);
+    let rec = record(&g, &rid).await;
+    assert_eq!(rec["output_tokens"], 4, "{rec}");
+    assert_eq!(dec(&rec["shortfall"]), Decimal::ZERO, "{rec}");
+
+    // Funded: the client's own bound is forwarded as sent...
+    topup(&g, &key, "1").await;
+    let mut b = hello("m");
+    b["max_tokens"] = json!(3);
+    assert_eq!(post(&g, &b, &[]).await.status(), 200);
+    let sent = last_body(&g, "p1").await;
+    assert_eq!(sent["max_tokens"], 3, "{sent}");
+    // ...and without one, the default bound the hold was sized from.
+    assert_eq!(post(&g, &hello("m"), &[]).await.status(), 200);
+    assert_eq!(last_body(&g, "p1").await["max_tokens"], 4096);
+    // Streams are cut token by token: forwarded as sent.
+    let mut b = hello("m");
+    b["stream"] = json!(true);
+    let r = post(&g, &b, &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sse_events(r).await.last().unwrap(), "[DONE]");
+    assert!(last_body(&g, "p1").await.get("max_tokens").is_none());
+}
+
 // R39: tpm counts billed input + output; the admission estimate is replaced at settlement.
 #[tokio::test]
 async fn tokens_per_minute_counts_billed_tokens_not_the_estimate() {
@@ -279,4 +343,70 @@ async fn concurrency_refuses_streams_only() {
     );
     assert_eq!(post(&g, &hello("m"), &[]).await.status(), 200);
     drop(open);
+}
+
+// R17: a provider 401/403 is a route failure: no retry on the route, fallback, a breaker
+// failure, never passed through; when every route refuses, 502 naming the routes.
+#[tokio::test]
+async fn provider_auth_errors_fall_back_and_count_against_the_breaker() {
+    let g = start("allow_cross_bucket_fallback = true", "1");
+    g.mock_options("p1", json!({"fault": "401"})).await;
+    let r = post(&g, &hello("m"), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-route"], "m/p2");
+    assert_eq!(r.headers()["x-tollgate-fallbacks"], "1");
+    let rid = request_id(&r);
+    let rec = record(&g, &rid).await;
+    let outcomes: Vec<(String, String)> = rec["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["route"].as_str().unwrap().to_string(),
+                a["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("m/p1".to_string(), "http_401".to_string()),
+            ("m/p2".to_string(), "ok".to_string())
+        ],
+        "{rec}"
+    );
+    // One attempt on p1 (no retry), counted by its breaker.
+    assert_eq!(g.mock_stats("p1").await["chat_requests"], 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = g.admin_get("/admin/routes").await;
+        let p1 = v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "m/p1")
+            .unwrap()
+            .clone();
+        if p1["consecutive_failures"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no breaker failure: {p1}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every route refuses the gateway's credentials: 502 naming both routes.
+    g.mock_options("p2", json!({"fault": "403"})).await;
+    let r = post(&g, &hello("m"), &[]).await;
+    assert_eq!(r.status(), 502);
+    let rid = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_error", "{v}");
+    assert_eq!(v["error"]["code"], "upstream_error", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("m/p1") && msg.contains("m/p2"), "{msg}");
+    assert!(msg.contains("credentials"), "{msg}");
+    let rec = record(&g, &rid).await;
+    assert_eq!(rec["status"], "upstream_error", "{rec}");
+    assert_eq!(rec["http_status"], 502, "{rec}");
 }
