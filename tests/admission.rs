@@ -410,3 +410,171 @@ async fn provider_auth_errors_fall_back_and_count_against_the_breaker() {
     assert_eq!(rec["status"], "upstream_error", "{rec}");
     assert_eq!(rec["http_status"], 502, "{rec}");
 }
+
+// A body dripped one byte at a time is cut by the whole-body deadline with 408.
+#[tokio::test]
+async fn a_dripped_body_is_cut_at_the_request_deadline() {
+    let g = Gateway::start_with_server(
+        Setup {
+            mocks: vec![("p1", ""), ("p2", "")],
+            body: standard_body("", "1", "1"),
+            data_dir: None,
+        },
+        "client_request_timeout_ms = 1000",
+    );
+    let addr = g.client_url.trim_start_matches("http://").to_string();
+    let (text, elapsed) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let t0 = Instant::now();
+        s.write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\nContent-Length: 1000\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One byte every 200 ms (each well within the deadline), for at most 5 s.
+        while t0.elapsed() < Duration::from_secs(5) {
+            if s.write_all(b" ").is_err() {
+                break;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if out.ends_with(b"}") {
+                        break;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        (String::from_utf8_lossy(&out).into_owned(), t0.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 408"), "{elapsed:?}: {text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(elapsed < Duration::from_millis(2000), "{elapsed:?}");
+}
+
+// A non-stream request whose client leaves while the upstream works: the upstream call is
+// dropped and the hold released at once, and the record says `client_disconnected`.
+#[tokio::test]
+async fn a_non_stream_client_that_leaves_releases_its_hold() {
+    let g = start("", "1");
+    let key = g.demo_key_id().await;
+    let client = bounded_client(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let r = client
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .header("x-mock-ttft-ms", "8000")
+        .json(&hello("m"))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client should have timed out");
+    let deadline = t0 + Duration::from_secs(3);
+    loop {
+        let w = g.wallet_view(&key).await;
+        if w["credit"].1.is_zero() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hold kept: {w:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rec = loop {
+        let recs = g.all_records("").await;
+        if let Some(r) = recs
+            .into_iter()
+            .find(|r| r["status"] == "client_disconnected")
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no client_disconnected record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert_eq!(dec(&rec["cost"]), Decimal::ZERO, "{rec}");
+    assert!(rec["duration_ms"].as_u64().unwrap() < 3000, "{rec}");
+    // The upstream request was dropped: the mock's only open connection is the one asking for
+    // its stats, long before it would have answered.
+    loop {
+        let s = g.mock_stats("p1").await;
+        if s["open_connections"] == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "upstream still open: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing is left for a shutdown to wait for (its drain is 30 s; the mock answers at 8 s).
+    g.assert_no_panic();
+    let mut g = g;
+    let t1 = Instant::now();
+    let code = tokio::task::spawn_blocking(move || g.terminate())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    assert!(t1.elapsed() < Duration::from_secs(3), "{:?}", t1.elapsed());
+}
+
+// A client that half-closes its connection before the first token (shuts its sending side and
+// waits) is treated as gone: the client listener keeps no half-closed connection, so the stream
+// is dropped, its hold released and its record written as `client_disconnected`.
+#[tokio::test]
+async fn a_client_that_half_closes_before_the_first_token_is_gone() {
+    let g = start("", "1");
+    let key = g.demo_key_id().await;
+    let addr = g.client_url.trim_start_matches("http://").to_string();
+    let body = json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "12345678"}]})
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {DEMO_KEY}\r\nx-mock-ttft-ms: 8000\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let t0 = Instant::now();
+    let (text, closed) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        // Let the request reach the upstream, then close the sending side.
+        std::thread::sleep(Duration::from_millis(300));
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        (String::from_utf8_lossy(&out).into_owned(), Instant::now())
+    })
+    .await
+    .unwrap();
+    assert!(text.is_empty(), "{text}");
+    assert!(closed - t0 < Duration::from_secs(2), "{:?}", closed - t0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let w = g.wallet_view(&key).await;
+        if w["credit"].1.is_zero() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hold kept: {w:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let recs = g.all_records("").await;
+        if let Some(r) = recs.iter().find(|r| r["status"] == "client_disconnected") {
+            assert_eq!(r["stream"], true, "{r}");
+            assert_eq!(dec(&r["cost"]), Decimal::ZERO, "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no client_disconnected record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

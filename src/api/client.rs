@@ -84,11 +84,13 @@ pub fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<ApiKey>, 
         .ok_or_else(|| ApiError::unauthorized("invalid API key: unknown or revoked"))
 }
 
+/// Reads the body, at most `limit` bytes, all of it within `deadline` (a client dripping its
+/// body a byte at a time is cut like one that stops): 408 `request_timeout` after it.
 async fn read_limited(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-    chunk_timeout: std::time::Duration,
+    deadline: std::time::Duration,
 ) -> Result<web::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -108,11 +110,10 @@ async fn read_limited(
             return Err(too_large());
         }
     }
+    let until = tokio::time::Instant::now() + deadline;
     let mut buf = web::BytesMut::new();
-    // A client that stops sending its body mid-way (slow body) is cut after the same time a
-    // request head gets, per chunk.
     loop {
-        let next = match tokio::time::timeout(chunk_timeout, payload.next()).await {
+        let next = match tokio::time::timeout_at(until, payload.next()).await {
             Ok(next) => next,
             Err(_) => {
                 return Err(ApiError::new(
@@ -120,8 +121,8 @@ async fn read_limited(
                     "invalid_request_error",
                     "request_timeout",
                     format!(
-                        "the request body stalled: no data for {} ms",
-                        chunk_timeout.as_millis()
+                        "the request body was not received within {} ms",
+                        deadline.as_millis()
                     ),
                 ))
             }
