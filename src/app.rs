@@ -306,6 +306,10 @@ pub async fn serve(config: Config) -> Result<(), String> {
     .max_connections(100_000)
     .keep_alive(Duration::from_secs(cfg.server.client_idle_timeout_s.max(1)))
     .client_request_timeout(Duration::from_millis(cfg.server.client_request_timeout_ms))
+    // A client that closes its side while its request is being served is gone: actix then
+    // drops the handler, which closes the upstream request and releases the hold. (Kept open,
+    // the request would run to its upstream deadline holding both.)
+    .h1_allow_half_closed(false)
     .disable_signals()
     .shutdown_timeout(cfg.server.shutdown_drain_s);
     let client = match &cfg.server.tls {

@@ -1,17 +1,23 @@
-//! Per-key rate limits (DESIGN §4.4, §5): requests per minute, tokens per minute and concurrent
-//! streams, checked in the client API after the model and permission checks, before routing.
+//! Per-key rate limits (DESIGN §4.4, §5, R39, R41): requests per minute, tokens per minute and
+//! concurrent streams, checked in the client API in three steps, each as soon as it can be:
 //!
-//! Each limited key has one [`KeyLimiter`] (an `Arc` in a sharded map, so two keys never contend
+//! 1. [`Limits::admit_request`], before the body is read: `rpm`. Every authenticated request
+//!    counts, refused ones included (R41), so a refused flood keeps its key refused.
+//! 2. [`Gate::stream_permit`], once the body says whether it is a stream: `max_concurrent_streams`
+//!    (only a stream needs a slot; whether a request is one is known only from its body).
+//! 3. [`Gate::admit_tokens`], once the input is tokenised: `tpm`. The input estimate stands in
+//!    until settlement replaces it with the billed input + output (R39).
+//!
+//! Each limited key has one [`KeyWindows`] (an `Arc` in a sharded map, so two keys never contend
 //! on one lock). Its minute is a ring of sixty one-second bins, for requests and for tokens: the
 //! window slides by the second, memory stays constant whatever the limit, and `Retry-After` is
-//! the number of seconds until enough bins fall out of the window. Tokens count the input
-//! estimate at admission and the billed output tokens at settlement. A stream holds a
+//! the number of seconds until enough bins fall out of the window. A stream holds a
 //! [`StreamPermit`] until its body is dropped, whatever the ending. Keys without limits never
 //! touch the map.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,11 +49,11 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self.limit {
             Limit::Requests => format!(
-                "rate limit reached: this key allows {} requests per minute; retry after {} s",
+                "rate limit reached: this key allows {} requests per minute (refused requests count too); retry after {} s",
                 self.value, self.retry_after_s
             ),
             Limit::Tokens => format!(
-                "rate limit reached: this key allows {} tokens per minute (input estimate and billed output); retry after {} s",
+                "rate limit reached: this key allows {} tokens per minute (billed input and output); retry after {} s",
                 self.value, self.retry_after_s
             ),
             Limit::Streams => format!(
@@ -95,6 +101,16 @@ impl Window {
         *bin = bin.saturating_add(n);
     }
 
+    /// Takes back up to `n` counted in second `at`, if that second is still in the window
+    /// (`now` is the current second).
+    fn take_back(&mut self, now: u64, at: u64, n: u64) {
+        self.advance(now);
+        if at <= self.newest && self.newest - at < WINDOW_S {
+            let bin = &mut self.bins[(at % WINDOW_S) as usize];
+            *bin = bin.saturating_sub(n);
+        }
+    }
+
     /// Seconds from `now` until the window's total is below `ceiling` (the window must have
     /// been advanced to `now`).
     fn seconds_until_below(&self, now: u64, ceiling: u64) -> u64 {
@@ -117,18 +133,17 @@ struct Windows {
     tokens: Window,
 }
 
-/// The rate state of one key. Limits are read from the key at each check, so a changed key
-/// applies at once; only the counts live here.
+/// The rate state of one key: its request and token windows and its open streams.
 #[derive(Debug)]
-pub struct KeyLimiter {
+pub struct KeyWindows {
     origin: Instant,
     windows: Mutex<Windows>,
     streams: AtomicU32,
 }
 
-impl KeyLimiter {
-    fn new() -> KeyLimiter {
-        KeyLimiter {
+impl KeyWindows {
+    fn new() -> KeyWindows {
+        KeyWindows {
             origin: Instant::now(),
             windows: Mutex::new(Windows {
                 requests: Window::new(),
@@ -142,70 +157,96 @@ impl KeyLimiter {
         self.origin.elapsed().as_secs()
     }
 
-    /// Counts billed output tokens (at settlement) in the tokens-per-minute window.
-    pub fn add_tokens(&self, tokens: u64) {
-        if tokens > 0 {
-            let now = self.now_s();
-            self.windows.lock().tokens.add(now, tokens);
-        }
-    }
-
     /// Streams holding a permit now.
     pub fn open_streams(&self) -> u32 {
         self.streams.load(Ordering::Acquire)
     }
 
-    fn admit_at(
-        self: &Arc<Self>,
-        now: u64,
-        limits: KeyLimits,
-        input_tokens: u64,
-        stream: bool,
-    ) -> Result<Option<StreamPermit>, Refusal> {
+    /// Counts one request and refuses it if the window already held `rpm` (R41: the refused
+    /// request counts too).
+    fn count_request(&self, now: u64, rpm: Option<u64>) -> Result<(), Refusal> {
         let mut w = self.windows.lock();
         w.requests.advance(now);
-        w.tokens.advance(now);
-        if let Some(rpm) = limits.rpm {
-            if w.requests.total() >= rpm {
-                return Err(Refusal {
-                    limit: Limit::Requests,
-                    value: rpm,
-                    retry_after_s: w.requests.seconds_until_below(now, rpm),
-                });
-            }
-        }
-        if let Some(tpm) = limits.tpm {
-            if w.tokens.total() >= tpm {
-                return Err(Refusal {
-                    limit: Limit::Tokens,
-                    value: tpm,
-                    retry_after_s: w.tokens.seconds_until_below(now, tpm),
-                });
-            }
-        }
-        let permit = match (stream, limits.max_streams) {
-            (true, Some(max)) => {
-                let taken = self
-                    .streams
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < max).then_some(n + 1)
-                    });
-                if taken.is_err() {
-                    return Err(Refusal {
-                        limit: Limit::Streams,
-                        value: u64::from(max),
-                        retry_after_s: 1,
-                    });
-                }
-                Some(StreamPermit {
-                    limiter: self.clone(),
-                })
-            }
-            _ => None,
-        };
+        let before = w.requests.total();
         w.requests.add(now, 1);
-        w.tokens.add(now, input_tokens);
-        Ok(permit)
+        match rpm {
+            Some(rpm) if before >= rpm => Err(Refusal {
+                limit: Limit::Requests,
+                value: rpm,
+                retry_after_s: w.requests.seconds_until_below(now, rpm),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn take_stream(self: &Arc<Self>, max: u32) -> Result<StreamPermit, Refusal> {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| StreamPermit {
+                windows: self.clone(),
+            })
+            .map_err(|_| Refusal {
+                limit: Limit::Streams,
+                value: u64::from(max),
+                retry_after_s: 1,
+            })
+    }
+
+    /// Counts `estimate` tokens, or refuses once the window holds `tpm`.
+    fn count_tokens(&self, now: u64, tpm: u64, estimate: u64) -> Result<(), Refusal> {
+        let mut w = self.windows.lock();
+        w.tokens.advance(now);
+        if w.tokens.total() >= tpm {
+            return Err(Refusal {
+                limit: Limit::Tokens,
+                value: tpm,
+                retry_after_s: w.tokens.seconds_until_below(now, tpm),
+            });
+        }
+        w.tokens.add(now, estimate);
+        Ok(())
+    }
+
+    /// Replaces `estimate` counted in second `at` by `billed` counted now.
+    fn replace_tokens(&self, now: u64, at: u64, estimate: u64, billed: u64) {
+        let mut w = self.windows.lock();
+        w.tokens.take_back(now, at, estimate);
+        if billed > 0 {
+            w.tokens.add(now, billed);
+        }
+    }
+}
+
+/// An admitted request's share of its key's tokens-per-minute window: the input estimate it
+/// counted at admission, replaced by the billed tokens at settlement ([`KeyLimiter::settle`]).
+/// Dropped unsettled (nothing billed: every attempt failed, or the client left before an
+/// answer), it takes the estimate back.
+#[derive(Debug)]
+pub struct KeyLimiter {
+    windows: Arc<KeyWindows>,
+    /// The second the estimate was counted in.
+    at: u64,
+    estimate: u64,
+    settled: AtomicBool,
+}
+
+impl KeyLimiter {
+    /// Counts the billed tokens (input + output as settled, R39) in place of the estimate. Only
+    /// the first call counts.
+    pub fn settle(&self, billed: u64) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            let now = self.windows.now_s();
+            self.windows
+                .replace_tokens(now, self.at, self.estimate, billed);
+        }
+    }
+}
+
+impl Drop for KeyLimiter {
+    fn drop(&mut self) {
+        self.settle(0);
     }
 }
 
@@ -213,12 +254,12 @@ impl KeyLimiter {
 /// ending: done, cut, upstream break, client gone, shutdown).
 #[derive(Debug)]
 pub struct StreamPermit {
-    limiter: Arc<KeyLimiter>,
+    windows: Arc<KeyWindows>,
 }
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
-        self.limiter.streams.fetch_sub(1, Ordering::AcqRel);
+        self.windows.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -243,17 +284,43 @@ impl KeyLimits {
     }
 }
 
-/// What an admitted request carries: the key's limiter (to count output tokens at settlement)
-/// and, for a stream, its permit.
-#[derive(Debug, Default)]
-pub struct Admission {
-    pub limiter: Option<Arc<KeyLimiter>>,
-    pub permit: Option<StreamPermit>,
+/// A request that passed `rpm`: the later steps' limits and the key's windows (none when the
+/// key has no limits).
+#[derive(Debug)]
+pub struct Gate {
+    limits: KeyLimits,
+    windows: Option<Arc<KeyWindows>>,
 }
 
-/// Every key's limiter, in shards by key id.
+impl Gate {
+    /// A stream's concurrent-stream slot; `None` for a non-stream or an unlimited key.
+    pub fn stream_permit(&self, stream: bool) -> Result<Option<StreamPermit>, Refusal> {
+        match (stream, self.limits.max_streams, &self.windows) {
+            (true, Some(max), Some(w)) => w.take_stream(max).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Counts the input estimate against `tpm`; the returned share is settled with the billed
+    /// tokens. `None` when the key has no `tpm`.
+    pub fn admit_tokens(&self, estimate: u64) -> Result<Option<Arc<KeyLimiter>>, Refusal> {
+        let (Some(tpm), Some(w)) = (self.limits.tpm, &self.windows) else {
+            return Ok(None);
+        };
+        let now = w.now_s();
+        w.count_tokens(now, tpm, estimate)?;
+        Ok(Some(Arc::new(KeyLimiter {
+            windows: w.clone(),
+            at: now,
+            estimate,
+            settled: AtomicBool::new(false),
+        })))
+    }
+}
+
+/// Every key's windows, in shards by key id.
 pub struct Limits {
-    shards: Vec<Mutex<HashMap<String, Arc<KeyLimiter>>>>,
+    shards: Vec<Mutex<HashMap<String, Arc<KeyWindows>>>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -271,39 +338,36 @@ impl Limits {
         }
     }
 
-    fn shard(&self, key_id: &str) -> &Mutex<HashMap<String, Arc<KeyLimiter>>> {
+    fn shard(&self, key_id: &str) -> &Mutex<HashMap<String, Arc<KeyWindows>>> {
         let h = self.hasher.hash_one(key_id);
         &self.shards[(h as usize) % self.shards.len()]
     }
 
-    fn limiter(&self, key_id: &str) -> Arc<KeyLimiter> {
+    fn windows(&self, key_id: &str) -> Arc<KeyWindows> {
         let mut shard = self.shard(key_id).lock();
         if let Some(l) = shard.get(key_id) {
             return l.clone();
         }
-        let l = Arc::new(KeyLimiter::new());
+        let l = Arc::new(KeyWindows::new());
         shard.insert(key_id.to_string(), l.clone());
         l
     }
 
-    /// Admits one request of `key` (counting the request and its input estimate) or says which
-    /// limit refuses it. A refused request counts nowhere.
-    pub fn admit(
-        &self,
-        key: &ApiKey,
-        input_tokens: u64,
-        stream: bool,
-    ) -> Result<Admission, Refusal> {
+    /// The first step, before the body is read: counts the request against the key's `rpm`
+    /// (refused or not) and says whether it may go on.
+    pub fn admit_request(&self, key: &ApiKey) -> Result<Gate, Refusal> {
         let limits = KeyLimits::of(key);
         if limits.unlimited() {
-            return Ok(Admission::default());
+            return Ok(Gate {
+                limits,
+                windows: None,
+            });
         }
-        let limiter = self.limiter(key.id());
-        let now = limiter.now_s();
-        let permit = limiter.admit_at(now, limits, input_tokens, stream)?;
-        Ok(Admission {
-            limiter: limits.tpm.is_some().then_some(limiter),
-            permit,
+        let windows = self.windows(key.id());
+        windows.count_request(windows.now_s(), limits.rpm)?;
+        Ok(Gate {
+            limits,
+            windows: Some(windows),
         })
     }
 }
@@ -313,65 +377,94 @@ impl Limits {
 mod tests {
     use super::*;
 
-    fn lim(rpm: Option<u64>, tpm: Option<u64>, streams: Option<u32>) -> KeyLimits {
-        KeyLimits {
-            rpm,
-            tpm,
-            max_streams: streams,
+    fn gate(w: &Arc<KeyWindows>, rpm: Option<u64>, tpm: Option<u64>, streams: Option<u32>) -> Gate {
+        Gate {
+            limits: KeyLimits {
+                rpm,
+                tpm,
+                max_streams: streams,
+            },
+            windows: Some(w.clone()),
         }
     }
 
     #[test]
-    fn requests_per_minute_slide_by_the_second() {
-        let l = Arc::new(KeyLimiter::new());
-        let k = lim(Some(3), None, None);
-        assert!(l.admit_at(0, k, 0, false).is_ok());
-        assert!(l.admit_at(10, k, 0, false).is_ok());
-        assert!(l.admit_at(20, k, 0, false).is_ok());
-        let r = l.admit_at(30, k, 0, false).unwrap_err();
+    fn requests_per_minute_slide_by_the_second_and_refusals_count() {
+        let w = KeyWindows::new();
+        assert!(w.count_request(0, Some(3)).is_ok());
+        assert!(w.count_request(10, Some(3)).is_ok());
+        assert!(w.count_request(20, Some(3)).is_ok());
+        let r = w.count_request(30, Some(3)).unwrap_err();
         assert_eq!(r.limit, Limit::Requests);
-        // The request of second 0 leaves the window at second 60.
-        assert_eq!(r.retry_after_s, 30);
-        assert!(l.admit_at(59, k, 0, false).is_err());
-        assert!(l.admit_at(60, k, 0, false).is_ok());
-        assert!(l.admit_at(61, k, 0, false).is_err());
+        // Four counted (the refusal too): below 3 once seconds 0 and 10 have left, at 70.
+        assert_eq!(r.retry_after_s, 40);
+        assert!(w.count_request(59, Some(3)).is_err());
+        // At 60 the window holds 10, 20, 30, 59: still refused, and counted.
+        assert!(w.count_request(60, Some(3)).is_err());
         // Long idle clears everything.
         for i in 0..3 {
-            assert!(l.admit_at(1000 + i, k, 0, false).is_ok());
+            assert!(w.count_request(1000 + i, Some(3)).is_ok());
         }
+        assert!(w.count_request(1003, Some(3)).is_err());
     }
 
     #[test]
-    fn tokens_count_input_at_admission_and_output_at_settlement() {
-        let l = Arc::new(KeyLimiter::new());
-        let k = lim(None, Some(100), None);
-        assert!(l.admit_at(0, k, 40, false).is_ok());
-        l.windows.lock().tokens.add(1, 50);
-        assert!(l.admit_at(2, k, 5, false).is_ok());
-        // 95 < 100: admitted, and now at 105.
-        assert!(l.admit_at(3, k, 10, false).is_ok());
-        let r = l.admit_at(4, k, 1, false).unwrap_err();
+    fn tokens_count_the_estimate_until_settlement_replaces_it() {
+        let w = Arc::new(KeyWindows::new());
+        let g = gate(&w, None, Some(100), None);
+        let a = g.admit_tokens(40).unwrap().unwrap();
+        let b = g.admit_tokens(50).unwrap().unwrap();
+        assert_eq!(w.windows.lock().tokens.total(), 90);
+        // Billed below the estimate: the window goes down; above: up.
+        a.settle(10);
+        assert_eq!(w.windows.lock().tokens.total(), 60);
+        b.settle(80);
+        assert_eq!(w.windows.lock().tokens.total(), 90);
+        // Settling again changes nothing; dropping a settled share neither.
+        b.settle(1000);
+        drop(b);
+        assert_eq!(w.windows.lock().tokens.total(), 90);
+        // Dropped unsettled (nothing billed): the estimate is taken back.
+        let c = g.admit_tokens(9).unwrap().unwrap();
+        assert_eq!(w.windows.lock().tokens.total(), 99);
+        drop(c);
+        assert_eq!(w.windows.lock().tokens.total(), 90);
+        // Reaching tpm refuses; one admitted request may overshoot it.
+        let d = g.admit_tokens(20).unwrap().unwrap();
+        let r = g.admit_tokens(1).unwrap_err();
         assert_eq!(r.limit, Limit::Tokens);
-        // Dropping second 0 (40) leaves 65 < 100: at second 60.
-        assert_eq!(r.retry_after_s, 56);
+        d.settle(20);
     }
 
     #[test]
-    fn stream_permits_are_released_on_drop_and_refusals_count_nowhere() {
-        let l = Arc::new(KeyLimiter::new());
-        let k = lim(Some(10), None, Some(2));
-        let a = l.admit_at(0, k, 0, true).unwrap();
-        let b = l.admit_at(0, k, 0, true).unwrap();
+    fn an_estimate_that_left_the_window_is_not_taken_back_twice() {
+        let mut win = Window::new();
+        win.add(5, 30);
+        win.add(70, 7);
+        // Second 5 left the window at 65: nothing to take back from it.
+        win.take_back(70, 5, 30);
+        assert_eq!(win.total(), 7);
+        win.take_back(70, 70, 3);
+        assert_eq!(win.total(), 4);
+    }
+
+    #[test]
+    fn stream_permits_are_released_on_drop() {
+        let w = Arc::new(KeyWindows::new());
+        let g = gate(&w, Some(10), None, Some(2));
+        let a = g.stream_permit(true).unwrap();
+        let b = g.stream_permit(true).unwrap();
         assert!(a.is_some() && b.is_some());
-        let r = l.admit_at(0, k, 0, true).unwrap_err();
+        let r = g.stream_permit(true).unwrap_err();
         assert_eq!(r.limit, Limit::Streams);
-        // Non-stream requests need no permit.
-        assert!(l.admit_at(0, k, 0, false).unwrap().is_none());
+        // Non-stream requests need no permit, even at the limit.
+        assert!(g.stream_permit(false).unwrap().is_none());
         drop(a);
-        assert_eq!(l.open_streams(), 1);
-        assert!(l.admit_at(0, k, 0, true).unwrap().is_some());
-        // 2 + 1 + 1 admitted; the refusal was not counted.
-        assert_eq!(l.windows.lock().requests.total(), 4);
+        assert_eq!(w.open_streams(), 1);
+        assert!(g.stream_permit(true).unwrap().is_some());
+        assert_eq!(w.open_streams(), 1);
+        drop(b);
+        assert_eq!(w.open_streams(), 0);
     }
 
     #[test]

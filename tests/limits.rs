@@ -80,27 +80,27 @@ async fn requests_per_minute_limit_refuses_the_fourth_request() {
     let r = post(&g, &body(false), &[]).await;
     let msg = assert_rate_limited(&g, r, "3 requests per minute").await;
     assert!(msg.contains("retry after"), "{msg}");
-    // Refusals do not count: still refused, and still 3 served upstream.
+    // The refusal counted too (R41): still refused, and still 3 served upstream.
     let r = post(&g, &body(true), &[]).await;
     assert_eq!(r.status(), 429);
     assert_eq!(g.mock_stats("p1").await["chat_requests"], 3);
 }
 
 #[tokio::test]
-async fn tokens_per_minute_counts_input_and_billed_output() {
+async fn tokens_per_minute_counts_billed_input_and_output() {
     let g = Gateway::start(Setup {
         mocks: vec![("p1", ""), ("p2", "")],
         body: standard_body("tpm = 20", "1", "1"),
         data_dir: None,
     });
-    // Each request: 2 input tokens (estimate) + 8 billed output tokens = 10.
+    // Each request is billed 2 input tokens + 8 output tokens = 10 (R39).
     let r = post(&g, &body(false), &[]).await;
     assert_eq!(r.status(), 200);
     let r = post(&g, &body(true), &[]).await;
     assert_eq!(r.status(), 200);
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    // 20 tokens in the last minute reach tpm = 20: only counting the output gets there.
+    // 20 billed tokens in the last minute reach tpm = 20.
     let r = post(&g, &body(false), &[]).await;
     assert_rate_limited(&g, r, "20 tokens per minute").await;
 }

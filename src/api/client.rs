@@ -1,6 +1,8 @@
-//! Client endpoints (DESIGN §4): authenticate → read the body within the limit → check the
-//! fields the gateway reads (R25) → resolve the model and the key's permission → hand over to
-//! the router. Authentication comes before the body size check (R28).
+//! Client endpoints (DESIGN §4): authenticate → the key's request rate → read the body within
+//! the size limit and deadline → check the fields the gateway reads (R25) → a stream's slot →
+//! resolve the model and the key's permission → tokenise → the key's token rate → hand over to
+//! the router. Checks that need no body come before it is read (R28, R41); every refusal after
+//! authentication leaves a `rejected` record (R15).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -82,11 +84,13 @@ pub fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<ApiKey>, 
         .ok_or_else(|| ApiError::unauthorized("invalid API key: unknown or revoked"))
 }
 
+/// Reads the body, at most `limit` bytes, all of it within `deadline` (a client dripping its
+/// body a byte at a time is cut like one that stops): 408 `request_timeout` after it.
 async fn read_limited(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-    chunk_timeout: std::time::Duration,
+    deadline: std::time::Duration,
 ) -> Result<web::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -106,11 +110,10 @@ async fn read_limited(
             return Err(too_large());
         }
     }
+    let until = tokio::time::Instant::now() + deadline;
     let mut buf = web::BytesMut::new();
-    // A client that stops sending its body mid-way (slow body) is cut after the same time a
-    // request head gets, per chunk.
     loop {
-        let next = match tokio::time::timeout(chunk_timeout, payload.next()).await {
+        let next = match tokio::time::timeout_at(until, payload.next()).await {
             Ok(next) => next,
             Err(_) => {
                 return Err(ApiError::new(
@@ -118,8 +121,8 @@ async fn read_limited(
                     "invalid_request_error",
                     "request_timeout",
                     format!(
-                        "the request body stalled: no data for {} ms",
-                        chunk_timeout.as_millis()
+                        "the request body was not received within {} ms",
+                        deadline.as_millis()
                     ),
                 ))
             }
@@ -273,8 +276,9 @@ fn header_str(req: &HttpRequest, name: &str) -> Option<String> {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().chars().take(256).collect::<String>())
+        .map(|s| bounded(s.trim()))
         .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
 async fn handle(
@@ -289,9 +293,25 @@ async fn handle(
     if state.draining.load(std::sync::atomic::Ordering::Acquire) {
         return Ok(shutting_down());
     }
+    // Checks that need no body first (R41): authentication, then the key's rate.
     let key = authenticate(&state, &req)?;
-    let request_id = crate::ledger::new_request_id(started_at);
-    let rid = |e: ApiError| e.with_request_id(&request_id);
+    let project =
+        header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
+    let pending = Pending {
+        request_id: crate::ledger::new_request_id(started_at),
+        key,
+        project,
+        end_user: header_str(&req, "x-tollgate-user"),
+        endpoint,
+        started_at,
+        started,
+    };
+    let rid = |e: ApiError| e.with_request_id(&pending.request_id);
+    let gate = match state.limits.admit_request(&pending.key) {
+        Ok(g) => g,
+        // The model is not known yet: the record's `requested_model` is empty.
+        Err(refusal) => return Err(pending.refuse(&state, "", false, rate_limited(&refusal))),
+    };
     let bytes = read_limited(
         &req,
         payload,
@@ -304,10 +324,65 @@ async fn handle(
     let (model_name, stream, include_usage, n, max_tokens) =
         check_fields(&body, endpoint).map_err(rid)?;
     check_message_count(&body, endpoint, state.config.server.max_messages).map_err(rid)?;
-    let model = state.config.model(&model_name).cloned();
-    let project =
-        header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
-    let end_user = header_str(&req, "x-tollgate-user");
+    // Only a stream needs a slot, and only the body says whether a request is one: the slot is
+    // taken here, before the model, the permission and the tokeniser.
+    let permit = match gate.stream_permit(stream) {
+        Ok(p) => p,
+        Err(refusal) => {
+            return Err(pending.refuse(&state, &model_name, stream, rate_limited(&refusal)))
+        }
+    };
+    let Some(model) = state
+        .config
+        .model(&model_name)
+        .filter(|m| m.serves(endpoint))
+        .cloned()
+    else {
+        // Unknown model (or not served on this endpoint): rejected, with a record (R15).
+        let what = match endpoint {
+            Endpoint::Chat => "chat completions",
+            Endpoint::Embeddings => "embeddings",
+        };
+        let shown = bounded(&model_name);
+        let err = ApiError::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "the model '{shown}{}' does not exist or is not served for {what}",
+                if shown.len() < model_name.len() {
+                    "…"
+                } else {
+                    ""
+                }
+            ),
+        );
+        return Err(pending.refuse(&state, shown, stream, err));
+    };
+    if !pending.key.may_use_model(&model.name) {
+        let err = ApiError::new(
+            403,
+            "permission_error",
+            "model_not_allowed",
+            format!("this key may not use the model '{}'", model.name),
+        );
+        return Err(pending.refuse(&state, &model.name, stream, err));
+    }
+    let input = {
+        let t = state.tokenizer(&model.name);
+        match endpoint {
+            Endpoint::Chat => t.chat_input_tokens(body.get("messages").unwrap_or(&Value::Null)),
+            Endpoint::Embeddings => {
+                t.embeddings_input_tokens(body.get("input").unwrap_or(&Value::Null))
+            }
+        }
+    };
+    let limiter = match gate.admit_tokens(input) {
+        Ok(l) => l,
+        Err(refusal) => {
+            return Err(pending.refuse(&state, &model.name, stream, rate_limited(&refusal)))
+        }
+    };
     let mut mock_headers = HeaderMap::new();
     for (k, v) in req.headers() {
         if k.as_str().starts_with("x-mock-") {
@@ -319,20 +394,79 @@ async fn handle(
             }
         }
     }
-    let input_tokens = |m: &crate::config::Model| {
-        let t = state.tokenizer(&m.name);
-        match endpoint {
-            Endpoint::Chat => t.chat_input_tokens(body.get("messages").unwrap_or(&Value::Null)),
-            Endpoint::Embeddings => {
-                t.embeddings_input_tokens(body.get("input").unwrap_or(&Value::Null))
-            }
-        }
+    let call = Call {
+        limiter,
+        request_id: pending.request_id,
+        key: pending.key,
+        project: pending.project,
+        end_user: pending.end_user,
+        endpoint,
+        model,
+        stream,
+        include_usage,
+        n,
+        max_tokens,
+        input_tokens: input,
+        body,
+        mock_headers,
+        started_at,
+        started,
     };
-    let Some(model) = model.filter(|m| m.serves(endpoint)) else {
-        // Unknown model (or not served on this endpoint): rejected, with a record (R15).
-        let placeholder = Arc::new(crate::config::Model {
-            name: model_name.clone(),
-            endpoints: vec![endpoint],
+    // If the client goes away before the response starts, actix drops this future (the client
+    // listener does not keep half-closed connections, see `app::serve`): the guard records the
+    // request as `client_disconnected`, and the dropped attempt closes its upstream request and
+    // releases its hold.
+    let mut guard = Abandoned {
+        writer: &state.writer,
+        call: Some(&call),
+        started,
+    };
+    let r = router::serve(&state, &ups, &call).await;
+    guard.call = None;
+    match (r, permit) {
+        // The stream's body holds the concurrent-stream permit until it is dropped.
+        (Ok(resp), Some(permit)) => {
+            Ok(resp.map_body(|_, body| PermittedBody { body, permit }.boxed()))
+        }
+        (r, _) => r,
+    }
+}
+
+/// The longest client string a record or message keeps (as `header_str` does for headers).
+const MAX_CLIENT_CHARS: usize = 256;
+
+/// `s` cut to [`MAX_CLIENT_CHARS`] characters.
+fn bounded(s: &str) -> &str {
+    match s.char_indices().nth(MAX_CLIENT_CHARS) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn rate_limited(refusal: &crate::limits::Refusal) -> ApiError {
+    let mut err = ApiError::new(429, "rate_limit_error", "rate_limited", refusal.message());
+    err.retry_after_s = Some(refusal.retry_after_s);
+    err
+}
+
+/// An authenticated request before routing: what its record needs if it is refused.
+struct Pending {
+    request_id: String,
+    key: Arc<ApiKey>,
+    project: String,
+    end_user: Option<String>,
+    endpoint: Endpoint,
+    started_at: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+}
+
+impl Pending {
+    /// Records the refusal (`rejected`, R15) of a request that asked for `model` (as far as it
+    /// was read) and returns the error with the request id.
+    fn refuse(&self, state: &AppState, model: &str, stream: bool, err: ApiError) -> ApiError {
+        let model = Arc::new(crate::config::Model {
+            name: bounded(model).to_string(),
+            endpoints: vec![self.endpoint],
             tokenizer: crate::metering::tokenizer::TokenizerKind::Chunks,
             retry: crate::config::Retry {
                 max_retries: 0,
@@ -341,87 +475,25 @@ async fn handle(
             },
             routes: Vec::new(),
         });
-        let call = make_call(
-            request_id.clone(),
-            key,
-            project,
-            end_user,
-            endpoint,
-            placeholder,
+        let call = Call {
+            limiter: None,
+            request_id: self.request_id.clone(),
+            key: self.key.clone(),
+            project: self.project.clone(),
+            end_user: self.end_user.clone(),
+            endpoint: self.endpoint,
+            model,
             stream,
-            include_usage,
-            n,
-            max_tokens,
-            0,
-            body,
-            mock_headers,
-            started_at,
-            started,
-        );
-        let what = match endpoint {
-            Endpoint::Chat => "chat completions",
-            Endpoint::Embeddings => "embeddings",
+            include_usage: false,
+            n: 1,
+            max_tokens: None,
+            input_tokens: 0,
+            body: Map::new(),
+            mock_headers: HeaderMap::new(),
+            started_at: self.started_at,
+            started: self.started,
         };
-        let err = ApiError::new(
-            404,
-            "invalid_request_error",
-            "model_not_found",
-            format!("the model '{model_name}' does not exist or is not served for {what}"),
-        );
-        return Err(router::reject(&state, &call, call.draft(), err));
-    };
-    let input = input_tokens(&model);
-    let call = make_call(
-        request_id,
-        key.clone(),
-        project,
-        end_user,
-        endpoint,
-        model.clone(),
-        stream,
-        include_usage,
-        n,
-        max_tokens,
-        input,
-        body,
-        mock_headers,
-        started_at,
-        started,
-    );
-    if !key.may_use_model(&model.name) {
-        let err = ApiError::new(
-            403,
-            "permission_error",
-            "model_not_allowed",
-            format!("this key may not use the model '{}'", model.name),
-        );
-        return Err(router::reject(&state, &call, call.draft(), err));
-    }
-    let admission = match state.limits.admit(&key, input, stream) {
-        Ok(a) => a,
-        Err(refusal) => {
-            let mut err = ApiError::new(429, "rate_limit_error", "rate_limited", refusal.message());
-            err.retry_after_s = Some(refusal.retry_after_s);
-            return Err(router::reject(&state, &call, call.draft(), err));
-        }
-    };
-    let mut call = call;
-    call.limiter = admission.limiter;
-    // If the client goes away before the response starts, actix drops this future: the guard
-    // records the request as `client_disconnected` (nothing was delivered or charged).
-    let mut guard = Abandoned {
-        writer: &state.writer,
-        call: Some(&call),
-        started,
-    };
-    let r = router::serve(&state, &ups, &call).await;
-    guard.call = None;
-    match (r, admission.permit) {
-        // The stream's body holds the concurrent-stream permit until it is dropped.
-        (Ok(resp), Some(permit)) if stream => {
-            Ok(resp.map_body(|_, body| PermittedBody { body, permit }.boxed()))
-        }
-        (r, _) => r,
+        router::reject(state, &call, call.draft(), err)
     }
 }
 
@@ -504,44 +576,6 @@ impl Drop for Abandoned<'_> {
                 .writer
                 .send(crate::ledger::StoreOp::RecordIfAbsent(Box::new(rec)));
         }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn make_call(
-    request_id: String,
-    key: Arc<ApiKey>,
-    project: String,
-    end_user: Option<String>,
-    endpoint: Endpoint,
-    model: Arc<crate::config::Model>,
-    stream: bool,
-    include_usage: bool,
-    n: u64,
-    max_tokens: Option<u64>,
-    input_tokens: u64,
-    body: Map<String, Value>,
-    mock_headers: HeaderMap,
-    started_at: chrono::DateTime<chrono::Utc>,
-    started: Instant,
-) -> Call {
-    Call {
-        limiter: None,
-        request_id,
-        key,
-        project,
-        end_user,
-        endpoint,
-        model,
-        stream,
-        include_usage,
-        n,
-        max_tokens,
-        input_tokens,
-        body,
-        mock_headers,
-        started_at,
-        started,
     }
 }
 

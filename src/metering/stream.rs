@@ -699,8 +699,8 @@ pub fn fill_record(
     }
 }
 
-/// After a settlement: count the request's metrics and its billed output against the key's
-/// tokens-per-minute limit.
+/// After a settlement: count the request's metrics, and its billed input and output in place of
+/// the admission's input estimate against the key's tokens-per-minute limit (R39).
 pub fn account(
     rec: &LedgerRecord,
     delivered: Option<u64>,
@@ -708,7 +708,7 @@ pub fn account(
 ) {
     crate::metrics::observe_request(rec, delivered);
     if let Some(l) = limiter {
-        l.add_tokens(rec.output_tokens);
+        l.settle(rec.input_tokens.saturating_add(rec.output_tokens));
     }
 }
 

@@ -49,8 +49,8 @@ pub struct Call {
     pub mock_headers: HeaderMap,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
-    /// The key's rate limiter when it has a tokens-per-minute limit: billed output tokens are
-    /// counted in it at settlement.
+    /// The request's share of its key's tokens-per-minute window when the key has a `tpm`: the
+    /// input estimate, replaced by the billed tokens at settlement (R39).
     pub limiter: Option<Arc<crate::limits::KeyLimiter>>,
 }
 
@@ -98,7 +98,11 @@ pub fn record_error(
     rec.http_status = err.status.as_u16();
     rec.status = status;
     crate::metrics::observe_request(&rec, None);
-    if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
+    if status == Status::Rejected {
+        // A refusal carries no money: when the writer is behind it is dropped (and counted)
+        // rather than blocking this worker, so a flood of refusals cannot stall the gateway.
+        state.writer.try_send(StoreOp::Record(Box::new(rec)));
+    } else if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
         tracing::error!(error = %e, "cannot queue ledger record");
     }
     err.with_request_id(&call.request_id)
@@ -587,7 +591,24 @@ async fn attempt(
     let provider = &upstream.provider;
     // The input is paid for up front.
     hold.try_draw(in_cost, 0);
-    let bytes = upstream_body(&call.body, &route.upstream_model, call.stream);
+    // R8: a non-stream answer cannot be cut part-way, so the upstream is told to stop at what
+    // the hold pays for when that is less than the client's own bound (or it set none).
+    let max_tokens = if call.stream || call.endpoint != Endpoint::Chat {
+        None
+    } else {
+        let bound = call
+            .max_tokens
+            .unwrap_or(state.config.settlement.default_max_tokens);
+        let paid = paid_output_tokens(
+            hold.granted(),
+            in_cost,
+            call.n,
+            route.output_per_mtok,
+            bound,
+        );
+        (call.max_tokens.is_none() || paid < bound).then_some(paid)
+    };
+    let bytes = upstream_body(&call.body, &route.upstream_model, call.stream, max_tokens);
     let path = match call.endpoint {
         Endpoint::Chat => "/chat/completions",
         Endpoint::Embeddings => "/embeddings",
@@ -626,6 +647,20 @@ async fn attempt(
             .await
             .unwrap_or_default();
         let code = status.as_u16();
+        if code == 401 || code == 403 {
+            // The provider refusing our credentials (R17): a route failure for the breaker, not
+            // retried here (the key will not change), fallen back from, and never passed
+            // through (the client's own key was fine; the body may quote ours).
+            let mut f = fail(
+                &format!("http_{code}"),
+                Some(code),
+                format!("the provider refused the gateway's credentials (HTTP {code})"),
+                false,
+                false,
+            );
+            f.breaker = true;
+            return Served::Failed(f);
+        }
         let mut f = fail(
             &format!("http_{code}"),
             Some(code),
@@ -819,16 +854,57 @@ fn with_tollgate(body: &[u8], replace: bool, tollgate: impl serde::Serialize) ->
     Bytes::from(out)
 }
 
+/// The output tokens per choice that a hold of `granted` pays for once the input (`in_cost`) is
+/// paid, with `n` choices at `per_mtok` (R8): at least 1 (a grant always covers the input and
+/// one token), at most `bound`; `bound` itself when output is free.
+fn paid_output_tokens(
+    granted: Decimal,
+    in_cost: Decimal,
+    n: u64,
+    per_mtok: Decimal,
+    bound: u64,
+) -> u64 {
+    use rust_decimal::prelude::ToPrimitive;
+    let million = Decimal::from(1_000_000u32);
+    let price = |tokens: u64| {
+        Decimal::from(tokens)
+            .checked_mul(per_mtok)
+            .and_then(|c| c.checked_div(million))
+    };
+    let Some(step) = price(n).filter(|p| *p > Decimal::ZERO) else {
+        return bound;
+    };
+    let budget = granted - in_cost;
+    let mut tokens = budget
+        .checked_div(step)
+        .and_then(|q| q.floor().to_u64())
+        .unwrap_or(bound)
+        .clamp(1, bound.max(1));
+    // The quotient is rounded to 28 digits: never name a token the hold cannot pay for.
+    while tokens > 1 && price(tokens.saturating_mul(n)).is_none_or(|c| c > budget) {
+        tokens -= 1;
+    }
+    tokens
+}
+
 /// The upstream request body: the client's object with `model` set to the route's upstream
-/// model and, for a stream, `stream_options.include_usage` on (billing prefers the upstream's
-/// usage, R6). Written straight from the parsed request, without copying the messages.
-fn upstream_body(fields: &Map<String, Value>, upstream_model: &str, stream: bool) -> Bytes {
+/// model, for a stream `stream_options.include_usage` on (billing prefers the upstream's usage,
+/// R6), and, when `max_tokens` is given, that bound in the max-tokens fields the client sent
+/// (kept if lower) or else in `max_tokens` (R8). Written straight from the parsed request,
+/// without copying the messages.
+fn upstream_body(
+    fields: &Map<String, Value>,
+    upstream_model: &str,
+    stream: bool,
+    max_tokens: Option<u64>,
+) -> Bytes {
     use serde::ser::{Serialize, SerializeMap, Serializer};
 
     struct Body<'a> {
         fields: &'a Map<String, Value>,
         model: &'a str,
         stream: bool,
+        max_tokens: Option<u64>,
     }
     /// `stream_options` with `include_usage: true`; a value that is not an object stays as sent
     /// (the input checks reject one before it gets here).
@@ -838,12 +914,23 @@ fn upstream_body(fields: &Map<String, Value>, upstream_model: &str, stream: bool
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let add_model = !self.fields.contains_key("model");
             let add_options = self.stream && !self.fields.contains_key("stream_options");
-            let len = self.fields.len() + usize::from(add_model) + usize::from(add_options);
+            let add_max = self.max_tokens.is_some()
+                && !self.fields.contains_key("max_tokens")
+                && !self.fields.contains_key("max_completion_tokens");
+            let len = self.fields.len()
+                + usize::from(add_model)
+                + usize::from(add_options)
+                + usize::from(add_max);
             let mut m = s.serialize_map(Some(len))?;
             for (k, v) in self.fields {
-                match k.as_str() {
-                    "model" => m.serialize_entry(k, self.model)?,
-                    "stream_options" if self.stream => m.serialize_entry(k, &WithUsage(Some(v)))?,
+                match (k.as_str(), self.max_tokens) {
+                    ("model", _) => m.serialize_entry(k, self.model)?,
+                    ("stream_options", _) if self.stream => {
+                        m.serialize_entry(k, &WithUsage(Some(v)))?
+                    }
+                    ("max_tokens" | "max_completion_tokens", Some(max)) => {
+                        m.serialize_entry(k, &v.as_u64().map_or(max, |own| own.min(max)))?
+                    }
                     _ => m.serialize_entry(k, v)?,
                 }
             }
@@ -852,6 +939,9 @@ fn upstream_body(fields: &Map<String, Value>, upstream_model: &str, stream: bool
             }
             if add_options {
                 m.serialize_entry("stream_options", &WithUsage(None))?;
+            }
+            if let (true, Some(max)) = (add_max, self.max_tokens) {
+                m.serialize_entry("max_tokens", &max)?;
             }
             m.end()
         }
@@ -885,6 +975,7 @@ fn upstream_body(fields: &Map<String, Value>, upstream_model: &str, stream: bool
         fields,
         model: upstream_model,
         stream,
+        max_tokens,
     };
     // Serialising a map of JSON values with string keys cannot fail.
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -983,20 +1074,73 @@ mod tests {
         let mut want = client.clone();
         want["model"] = "up-model".into();
         want["stream_options"]["include_usage"] = true.into();
-        assert_eq!(parse(upstream_body(&fields, "up-model", true)), want);
+        assert_eq!(parse(upstream_body(&fields, "up-model", true, None)), want);
 
         // Without stream_options, a stream gets one; a non-stream is left as sent.
         let mut plain = fields.clone();
         plain.remove("stream_options");
         let mut want = Value::Object(plain.clone());
         want["model"] = "up-model".into();
-        assert_eq!(parse(upstream_body(&plain, "up-model", false)), want);
+        assert_eq!(parse(upstream_body(&plain, "up-model", false, None)), want);
         want["stream_options"] = serde_json::json!({"include_usage": true});
-        assert_eq!(parse(upstream_body(&plain, "up-model", true)), want);
+        assert_eq!(parse(upstream_body(&plain, "up-model", true, None)), want);
         assert_eq!(
-            parse(upstream_body(&fields, "up-model", false))["stream_options"],
+            parse(upstream_body(&fields, "up-model", false, None))["stream_options"],
             serde_json::json!({"include_usage": false, "other": 1})
         );
+    }
+
+    #[test]
+    fn upstream_body_carries_the_held_bound_in_the_clients_field() {
+        let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).expect("valid JSON");
+        let fields = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let plain = fields(serde_json::json!({"model": "m", "messages": []}));
+        assert_eq!(
+            parse(upstream_body(&plain, "u", false, Some(7)))["max_tokens"],
+            7
+        );
+        let own = fields(serde_json::json!({"model": "m", "max_completion_tokens": 500}));
+        let out = parse(upstream_body(&own, "u", false, Some(7)));
+        assert_eq!(out["max_completion_tokens"], 7);
+        assert!(out.get("max_tokens").is_none(), "{out}");
+        // Both sent: each is lowered to the bound, never raised.
+        let both = fields(serde_json::json!({"max_completion_tokens": 500, "max_tokens": 3}));
+        let out = parse(upstream_body(&both, "u", false, Some(7)));
+        assert_eq!(
+            (&out["max_completion_tokens"], &out["max_tokens"]),
+            (&7.into(), &3.into())
+        );
+    }
+
+    #[test]
+    fn paid_output_tokens_floor_what_the_hold_pays_per_choice() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        // 10e-6 left after the input at 2/M: 5 tokens for one choice, 2 each for two.
+        assert_eq!(
+            paid_output_tokens(d("0.000012"), d("0.000002"), 1, d("2"), 4096),
+            5
+        );
+        assert_eq!(
+            paid_output_tokens(d("0.000012"), d("0.000002"), 2, d("2"), 4096),
+            2
+        );
+        // At least one, at most the bound; free output: the bound.
+        assert_eq!(
+            paid_output_tokens(d("0.000003"), d("0.000002"), 1, d("2"), 4096),
+            1
+        );
+        assert_eq!(paid_output_tokens(d("1"), d("0"), 1, d("2"), 300), 300);
+        assert_eq!(
+            paid_output_tokens(d("0.000002"), d("0.000002"), 1, d("0"), 300),
+            300
+        );
+        // A price whose quotient does not terminate: the named tokens stay within the hold.
+        let t = paid_output_tokens(d("1"), d("0"), 3, d("0.7"), u64::MAX);
+        assert!(cost(t * 3, d("0.7")) <= d("1"), "{t}");
+        assert!(cost((t + 1) * 3, d("0.7")) > d("1"), "{t}");
     }
 
     #[test]
