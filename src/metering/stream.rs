@@ -428,6 +428,7 @@ impl MeteredStream {
         }
         if let Some(u) = usage {
             self.usage = Some(u);
+            self.tokens_at_usage = self.meter.as_ref().map_or(0, |m| m.tokens);
             if !content {
                 // Held back: settled and rewritten (or dropped) at the end.
                 self.usage_data = Some(data.to_string());
