@@ -572,9 +572,9 @@ impl Drop for Abandoned<'_> {
             rec.duration_ms = self.started.elapsed().as_millis() as u64;
             crate::metrics::observe_request(&rec, None);
             // Weak: if a settlement already wrote (or will write) this request's record, it wins.
-            let _ = self
-                .writer
-                .send(crate::ledger::StoreOp::RecordIfAbsent(Box::new(rec)));
+            // It carries no money, so a writer far behind drops it rather than block this worker.
+            self.writer
+                .try_send(crate::ledger::StoreOp::RecordIfAbsent(Box::new(rec)));
         }
     }
 }

@@ -649,6 +649,21 @@ mod tests {
         store.record(id).unwrap().unwrap().cost.to_string()
     }
 
+    /// Records without money never block their sender: on a full queue they are dropped.
+    #[test]
+    fn try_send_returns_at_once_on_a_full_queue() {
+        let (tx, rx) = sync_channel(1);
+        let w = LedgerWriter {
+            tx,
+            failing: Default::default(),
+        };
+        let record = || StoreOp::Record(Box::new(rec("k1", None, 1, 1, "0")));
+        assert!(w.try_send(record()));
+        assert!(!w.try_send(record()), "the queue is full");
+        drop(rx);
+        assert!(!w.try_send(record()), "the writer is gone");
+    }
+
     #[test]
     fn a_fallback_record_never_replaces_a_settlement_record() {
         let mut settled = rec("k1", Some(("m/p1", "credit", "USD")), 2, 8, "0.000018");

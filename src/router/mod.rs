@@ -98,13 +98,10 @@ pub fn record_error(
     rec.http_status = err.status.as_u16();
     rec.status = status;
     crate::metrics::observe_request(&rec, None);
-    if status == Status::Rejected {
-        // A refusal carries no money: when the writer is behind it is dropped (and counted)
-        // rather than blocking this worker, so a flood of refusals cannot stall the gateway.
-        state.writer.try_send(StoreOp::Record(Box::new(rec)));
-    } else if let Err(e) = state.writer.send(StoreOp::Record(Box::new(rec))) {
-        tracing::error!(error = %e, "cannot queue ledger record");
-    }
+    // No hold served this request, so its record carries no money (cost 0): when the writer is
+    // far behind it is dropped (and counted) rather than blocking this worker, so a flood of
+    // refusals or upstream failures cannot stall the gateway.
+    state.writer.try_send(StoreOp::Record(Box::new(rec)));
     err.with_request_id(&call.request_id)
 }
 
