@@ -1,36 +1,53 @@
-//! The request pipeline after authentication and input checks: plan the routes, and for each
-//! one reserve → attempt → retry or fall back, until a route serves the request (DESIGN §3).
-//! Every way out — served, passed-through 4xx, all failed, all skipped — writes exactly one
-//! ledger record: through the hold's settlement when a hold served, directly otherwise.
+//! The request path after the client API's checks, in named phases; read it top-down:
+//!
+//! 1. **plan** — order the model's routes by priority and weight, find the home bucket
+//!    ([`Run::plan`]);
+//! 2. **for each route** ([`Run::try_route`]):
+//!    - **check** — may the key spend the route's bucket, or cross into it ([`Run::check`]);
+//!    - **admit** — the breaker lets an attempt through; an attempt after the first spends from
+//!      the retry budget ([`Run::admit`]);
+//!    - **reserve** — the wallet holds input + initial output in the route's bucket
+//!      ([`Run::reserve`]);
+//!    - **attempt** — prepare, send, respond (`attempt.rs`): a stream is metered to the client
+//!      from its first paid token, a complete answer is settled and returned;
+//!    - **retry or fall back** — after a failure, the same route again after a backoff, or the
+//!      next route ([`Run::after_failure`]);
+//! 3. **nothing served** — the error that says why, with the request's one record
+//!    ([`Run::nothing_served`]).
+//!
+//! Settlement happens in one place per ending: a served request's hold settles in the metered
+//! stream (`metering/stream.rs`) or in [`attempt`]'s complete answer, together with its ledger
+//! record; every other way out writes its record here ([`reject`], [`record_error`]). See
+//! docs/rules.md for the R-numbered rules cited below.
 
 pub mod budget;
 pub mod upstream;
 
+mod attempt;
+mod body;
+mod failure;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::HeaderName;
 use actix_web::HttpResponse;
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http::{HeaderMap, Method, StatusCode};
+use http::HeaderMap;
 use rand::Rng;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 use crate::api::error::ApiError;
 use crate::app::AppState;
-use crate::config::{Endpoint, Model, Route};
+use crate::config::{Bucket, Endpoint, Model, Route};
 use crate::keys::ApiKey;
 use crate::ledger::{Attempt, LedgerRecord, Status, StoreOp};
-use crate::metering::chunk::UpstreamBody;
-use crate::metering::meter::{add_cost, cost, Meter};
-use crate::metering::stream::{
-    account, fill_record, tollgate_object, EarlyFailure, MeteredStream, StreamParts,
-};
+use crate::metering::meter::{add_cost, cost};
 use crate::route::Admission;
-use crate::wallet::WalletError;
-use upstream::{is_retriable_status, read_body, retry_after, SendError, Upstreams};
+use crate::wallet::{Hold, WalletError};
+use attempt::{Attempting, Served};
+use failure::{describe_failures, passthrough_error, Failure};
+use upstream::Upstreams;
 
 /// One client request, validated and authenticated.
 pub struct Call {
@@ -136,107 +153,216 @@ pub fn plan(routes: &[Arc<Route>]) -> Vec<Arc<Route>> {
     out
 }
 
-/// How one sent attempt failed.
-struct Failure {
-    outcome: String,
-    http_status: Option<u16>,
-    error: String,
-    retriable: bool,
-    /// Counts against the breaker (R17).
-    breaker: bool,
-    timeout: bool,
-    retry_after: Option<Duration>,
-    /// A non-retriable upstream 4xx to pass through (status, body).
-    passthrough: Option<(StatusCode, Bytes)>,
-}
-
-enum Served {
-    Response(HttpResponse),
-    Failed(Failure),
-}
-
+/// Serves one request: the phases above, until a route serves it or none can.
 pub async fn serve(
     state: &AppState,
     ups: &Upstreams,
     call: &Call,
 ) -> Result<HttpResponse, ApiError> {
-    let key = call.key.clone();
-    let model = call.model.clone();
-    let routes = plan(&model.routes);
-    let Some(home) = routes
-        .iter()
-        .find(|r| key.may_spend(&r.bucket))
-        .map(|r| r.bucket.clone())
-    else {
-        let err = ApiError::new(
-            403,
-            "permission_error",
-            "model_not_allowed",
-            format!(
-                "this key may not spend any bucket that model '{}' is served from",
-                model.name
-            ),
-        );
-        return Err(reject(state, call, call.draft(), err));
-    };
-    let mut rec = call.draft();
-    let mut skipped: Vec<String> = Vec::new();
-    let mut insufficient: Vec<String> = Vec::new();
-    let mut sent_attempts = 0u32;
-    let mut all_timeouts = true;
-    let mut prev_failed_route: Option<(String, String)> = None;
-    let mut budget_denied = false;
-    state.budget.first_attempt();
+    let (mut run, routes) = Run::plan(state, ups, call)?;
+    for route in &routes {
+        match run.try_route(route).await {
+            Step::Served(resp) => return Ok(resp),
+            Step::Stop(err) => return Err(err),
+            Step::Next => {}
+            Step::BudgetSpent => break,
+        }
+    }
+    Err(run.nothing_served())
+}
 
-    'routes: for route in &routes {
-        let Some(bucket) = state.config.buckets.get(&route.bucket) else {
-            continue;
+/// How a route ended for the request.
+enum Step {
+    /// It served: the response goes to the client.
+    Served(HttpResponse),
+    /// The request ends here with this error, its record written (a passed-through upstream
+    /// 4xx, or a wallet that cannot answer).
+    Stop(ApiError),
+    /// On to the next route.
+    Next,
+    /// The retry budget refused another attempt: no more routes.
+    BudgetSpent,
+}
+
+/// A hold's bounds on one route (R4, R8): the least that pays for the input and one output
+/// token per choice, and what the request would like held.
+struct HoldBounds {
+    in_cost: Decimal,
+    min: Decimal,
+    want: Decimal,
+}
+
+/// One request on its way through its routes: the working ledger record (every attempt and skip
+/// so far) and what the final error needs to say if no route serves.
+struct Run<'a> {
+    state: &'a AppState,
+    ups: &'a Upstreams,
+    call: &'a Call,
+    rec: LedgerRecord,
+    /// The bucket of the first route the key may spend (R13).
+    home: String,
+    /// "route (outcome: why)" of each skipped route.
+    skipped: Vec<String>,
+    /// Why each bucket that was asked could not pay (a 402 says it).
+    insufficient: Vec<String>,
+    sent_attempts: u32,
+    all_timeouts: bool,
+    /// The last route that failed and its outcome, for the fallback metric.
+    prev_failed: Option<(String, String)>,
+    budget_denied: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Plan: the routes in the order they are tried, and the home bucket. A key that may spend
+    /// none of the model's buckets is refused here (403, R14).
+    fn plan(
+        state: &'a AppState,
+        ups: &'a Upstreams,
+        call: &'a Call,
+    ) -> Result<(Run<'a>, Vec<Arc<Route>>), ApiError> {
+        let routes = plan(&call.model.routes);
+        let Some(home) = routes
+            .iter()
+            .find(|r| call.key.may_spend(&r.bucket))
+            .map(|r| r.bucket.clone())
+        else {
+            let err = ApiError::new(
+                403,
+                "permission_error",
+                "model_not_allowed",
+                format!(
+                    "this key may not spend any bucket that model '{}' is served from",
+                    call.model.name
+                ),
+            );
+            return Err(reject(state, call, call.draft(), err));
         };
-        let skip = |rec: &mut LedgerRecord,
-                    skipped: &mut Vec<String>,
-                    outcome: &str,
-                    why: String| {
-            metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => outcome.to_string()).increment(1);
-            rec.attempts.push(Attempt {
-                route: route.id.clone(),
-                upstream_model: route.upstream_model.clone(),
-                bucket: route.bucket.clone(),
-                retry: 0,
-                outcome: outcome.to_string(),
-                http_status: None,
-                error: Some(why.clone()),
-                started_at: Utc::now(),
-                latency_ms: 0,
-            });
-            skipped.push(format!("{} ({outcome}: {why})", route.id));
+        state.budget.first_attempt();
+        let run = Run {
+            state,
+            ups,
+            call,
+            rec: call.draft(),
+            home,
+            skipped: Vec::new(),
+            insufficient: Vec::new(),
+            sent_attempts: 0,
+            all_timeouts: true,
+            prev_failed: None,
+            budget_denied: false,
         };
+        Ok((run, routes))
+    }
+
+    /// One route: check, then attempts (admit → reserve → attempt) until it serves, the request
+    /// must end, or routing moves on.
+    async fn try_route(&mut self, route: &Route) -> Step {
+        let Some(bucket) = self.state.config.buckets.get(&route.bucket) else {
+            return Step::Next;
+        };
+        if let Err((outcome, why)) = self.check(route) {
+            self.skip(route, outcome, why);
+            return Step::Next;
+        }
+        let bounds = self.hold_bounds(route);
+        let Some(upstream) = self.ups.get(&route.provider) else {
+            return Step::Next;
+        };
+        let mut retry = 0u32;
+        loop {
+            let trial = match self.admit(route) {
+                Ok(trial) => trial,
+                Err(step) => return step,
+            };
+            let mut draft = self.rec.clone();
+            set_route(&mut draft, route, &bucket.currency, bucket.kind.as_str());
+            let hold = match self.reserve(route, bucket, &bounds, &draft, trial).await {
+                Ok(hold) => hold,
+                Err(step) => return step,
+            };
+            self.count_sent(route, retry);
+            let started_at = Utc::now();
+            let t0 = Instant::now();
+            let mut reporter = self.state.routes.reporter(&route.id, trial, t0);
+            let on = Attempting {
+                state: self.state,
+                call: self.call,
+                route,
+                upstream,
+                in_cost: bounds.in_cost,
+                retry,
+            };
+            let served = attempt::attempt(on, hold, draft, &self.rec, &mut reporter).await;
+            let latency = t0.elapsed();
+            let f = match served {
+                Served::Response(resp) => {
+                    // A stream took the reporter: it reports when it ends.
+                    if let Some(r) = reporter.take() {
+                        r.finish(None);
+                    }
+                    return Step::Served(resp);
+                }
+                Served::Failed(f) => f,
+            };
+            self.record_failure(route, trial, retry, &f, started_at, latency);
+            if let Some((status, body)) = &f.passthrough {
+                // A non-retriable upstream 4xx goes back to the client (R14, R26).
+                let mut rec = self.rec.clone();
+                set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
+                rec.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
+                let err = passthrough_error(self.state, *status, body);
+                return Step::Stop(record_error(
+                    self.state,
+                    self.call,
+                    rec,
+                    err,
+                    Status::UpstreamError,
+                ));
+            }
+            match self.after_failure(route, &f, retry) {
+                Some(delay) => {
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                None => return Step::Next,
+            }
+        }
+    }
+
+    /// Check: may this key use this route at all (its bucket, and crossing from the home
+    /// bucket, R13)? Otherwise the skip's outcome and reason.
+    fn check(&self, route: &Route) -> Result<(), (&'static str, String)> {
+        let key = &self.call.key;
         if !key.may_spend(&route.bucket) {
-            skip(
-                &mut rec,
-                &mut skipped,
+            return Err((
                 "bucket_not_allowed",
                 format!("key may not spend bucket {}", route.bucket),
-            );
-            continue;
+            ));
         }
-        if route.bucket != home && !key.record.allow_cross_bucket_fallback {
-            skip(
-                &mut rec,
-                &mut skipped,
+        if route.bucket != self.home && !key.record.allow_cross_bucket_fallback {
+            return Err((
                 "cross_bucket_denied",
-                format!("bucket {} differs from home bucket {home} and the key does not allow cross-bucket fallback", route.bucket),
-            );
-            continue;
+                format!(
+                    "bucket {} differs from home bucket {} and the key does not allow cross-bucket fallback",
+                    route.bucket, self.home
+                ),
+            ));
         }
+        Ok(())
+    }
+
+    /// The hold's bounds on this route: a stream holds its first output tokens (it extends as
+    /// it goes, R4), a complete answer its whole bound (R8); embeddings have no output.
+    fn hold_bounds(&self, route: &Route) -> HoldBounds {
+        let (call, settlement) = (self.call, &self.state.config.settlement);
         let in_cost = cost(call.input_tokens, route.input_per_mtok);
         let one_token = cost(call.n, route.output_per_mtok);
         let bound = if call.stream {
             call.max_tokens
                 .unwrap_or(u64::MAX)
-                .min(state.config.settlement.initial_output_hold_tokens)
+                .min(settlement.initial_output_hold_tokens)
         } else {
-            call.max_tokens
-                .unwrap_or(state.config.settlement.default_max_tokens)
+            call.max_tokens.unwrap_or(settlement.default_max_tokens)
         };
         let want = add_cost(
             in_cost,
@@ -247,232 +373,228 @@ pub async fn serve(
         } else {
             add_cost(in_cost, one_token)
         };
-        let upstream = ups.get(&route.provider);
-        let Some(upstream) = upstream else {
-            continue;
+        HoldBounds { in_cost, min, want }
+    }
+
+    /// Admit: the route's breaker lets an attempt through (a half-open breaker one trial), and
+    /// any attempt after the request's first spends from the retry budget (R18).
+    fn admit(&mut self, route: &Route) -> Result<bool, Step> {
+        let trial = match self.state.routes.admit(&route.id) {
+            Admission::Open => {
+                self.skip(route, "circuit_open", "circuit breaker open".into());
+                return Err(Step::Next);
+            }
+            Admission::Go { trial } => trial,
         };
-        let mut retry = 0u32;
-        loop {
-            let trial = match state.routes.admit(&route.id) {
-                Admission::Open => {
-                    skip(
-                        &mut rec,
-                        &mut skipped,
-                        "circuit_open",
-                        "circuit breaker open".into(),
-                    );
-                    continue 'routes;
-                }
-                Admission::Go { trial } => trial,
-            };
-            if sent_attempts > 0 && !state.budget.try_extra() {
-                state.routes.release_trial(&route.id, trial);
-                metrics::counter!(crate::metrics::RETRY_BUDGET_EXHAUSTED).increment(1);
-                skip(
-                    &mut rec,
-                    &mut skipped,
-                    "retry_budget_exhausted",
-                    "gateway retry budget exhausted".into(),
-                );
-                budget_denied = true;
-                break 'routes;
-            }
-            let mut draft = rec.clone();
-            set_route(&mut draft, route, &bucket.currency, bucket.kind.as_str());
-            let hold = match state
-                .wallets
-                .reserve(&key.record.id, &route.bucket, min, want, &draft)
-                .await
-            {
-                Ok(h) => h,
-                Err(WalletError::InsufficientBalance { available, .. }) => {
-                    state.routes.release_trial(&route.id, trial);
-                    let why = format!(
-                        "bucket {} has {} {} available, {} needed",
-                        route.bucket,
-                        available.normalize(),
-                        bucket.currency,
-                        min.normalize()
-                    );
-                    insufficient.push(why.clone());
-                    skip(&mut rec, &mut skipped, "insufficient_balance", why);
-                    continue 'routes;
-                }
-                Err(WalletError::Unavailable(e) | WalletError::Invalid(e)) => {
-                    state.routes.release_trial(&route.id, trial);
-                    let err = ApiError::new(
-                        503,
-                        "service_unavailable",
-                        "wallet_unavailable",
-                        format!("the wallet is unavailable: {e}"),
-                    );
-                    return Err(reject(state, call, rec, err));
-                }
-            };
-            if let Some((from, reason)) = prev_failed_route.take() {
-                if from != route.id {
-                    metrics::counter!(crate::metrics::FALLBACKS, "model" => model.name.clone(), "from_route" => from, "to_route" => route.id.clone(), "reason" => reason).increment(1);
-                }
-            }
-            if retry > 0 {
-                rec.retries += 1;
-            }
-            sent_attempts += 1;
-            let started_at = Utc::now();
-            let t0 = Instant::now();
-            let mut reporter = state.routes.reporter(&route.id, trial, t0);
-            let served = attempt(
-                state,
-                call,
+        if self.sent_attempts > 0 && !self.state.budget.try_extra() {
+            self.state.routes.release_trial(&route.id, trial);
+            metrics::counter!(crate::metrics::RETRY_BUDGET_EXHAUSTED).increment(1);
+            self.skip(
                 route,
-                upstream,
-                hold,
-                in_cost,
-                draft,
-                &rec,
-                retry,
-                &mut reporter,
-            )
+                "retry_budget_exhausted",
+                "gateway retry budget exhausted".into(),
+            );
+            self.budget_denied = true;
+            return Err(Step::BudgetSpent);
+        }
+        Ok(trial)
+    }
+
+    /// Reserve: a hold in the route's bucket between the bounds (R4). A bucket that cannot pay
+    /// skips the route; a wallet that cannot answer ends the request (503).
+    async fn reserve(
+        &mut self,
+        route: &Route,
+        bucket: &Bucket,
+        bounds: &HoldBounds,
+        draft: &LedgerRecord,
+        trial: bool,
+    ) -> Result<Hold, Step> {
+        let key_id = &self.call.key.record.id;
+        let reserved = self
+            .state
+            .wallets
+            .reserve(key_id, &route.bucket, bounds.min, bounds.want, draft)
             .await;
-            let latency = t0.elapsed();
-            match served {
-                Served::Response(resp) => {
-                    // A stream took the reporter: it reports when it ends.
-                    if let Some(r) = reporter.take() {
-                        r.finish(None);
-                    }
-                    return Ok(resp);
-                }
-                Served::Failed(f) => {
-                    state.routes.report(
-                        &route.id,
-                        false,
-                        f.breaker,
-                        latency,
-                        Some(f.error.clone()),
-                        trial,
-                    );
-                    metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => f.outcome.clone()).increment(1);
-                    rec.attempts.push(Attempt {
-                        route: route.id.clone(),
-                        upstream_model: route.upstream_model.clone(),
-                        bucket: route.bucket.clone(),
-                        retry,
-                        outcome: f.outcome.clone(),
-                        http_status: f.http_status,
-                        error: Some(f.error.clone()),
-                        started_at,
-                        latency_ms: latency.as_millis() as u64,
-                    });
-                    if !f.timeout {
-                        all_timeouts = false;
-                    }
-                    if let Some((status, body)) = f.passthrough.clone() {
-                        set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
-                        rec.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
-                        let err = passthrough_error(state, status, &body);
-                        return Err(record_error(state, call, rec, err, Status::UpstreamError));
-                    }
-                    let outcome = f.outcome.clone();
-                    let retry_after = f.retry_after;
-                    let retriable = f.retriable;
-                    if retriable && retry < model.retry.max_retries {
-                        let max = Duration::from_millis(model.retry.backoff_max_ms);
-                        let delay = match retry_after {
-                            Some(d) if d > max => {
-                                // Told to wait longer than we may: fall back instead (R16).
-                                prev_failed_route = Some((route.id.clone(), outcome));
-                                continue 'routes;
-                            }
-                            Some(d) => d,
-                            None => backoff(
-                                model.retry.backoff_base_ms,
-                                model.retry.backoff_max_ms,
-                                retry,
-                            ),
-                        };
-                        metrics::counter!(crate::metrics::RETRIES, "model" => model.name.clone(), "route" => route.id.clone(), "reason" => outcome).increment(1);
-                        tokio::time::sleep(delay).await;
-                        retry += 1;
-                        continue;
-                    }
-                    prev_failed_route = Some((route.id.clone(), outcome));
-                    continue 'routes;
-                }
+        match reserved {
+            Ok(h) => Ok(h),
+            Err(WalletError::InsufficientBalance { available, .. }) => {
+                self.state.routes.release_trial(&route.id, trial);
+                let why = format!(
+                    "bucket {} has {} {} available, {} needed",
+                    route.bucket,
+                    available.normalize(),
+                    bucket.currency,
+                    bounds.min.normalize()
+                );
+                self.insufficient.push(why.clone());
+                self.skip(route, "insufficient_balance", why);
+                Err(Step::Next)
+            }
+            Err(WalletError::Unavailable(e) | WalletError::Invalid(e)) => {
+                self.state.routes.release_trial(&route.id, trial);
+                let err = ApiError::new(
+                    503,
+                    "service_unavailable",
+                    "wallet_unavailable",
+                    format!("the wallet is unavailable: {e}"),
+                );
+                Err(Step::Stop(reject(
+                    self.state,
+                    self.call,
+                    self.rec.clone(),
+                    err,
+                )))
             }
         }
     }
 
-    // Nothing served.
-    // No serving route: every route that was tried but the last one was fallen back from.
-    rec.fallbacks = fallbacks(&rec.attempts, None).saturating_sub(1);
-    let err = if sent_attempts == 0 {
-        if !insufficient.is_empty() {
-            ApiError::new(
-                402,
-                "insufficient_quota",
-                "insufficient_balance",
-                format!(
-                    "no route of model '{}' can be paid for: {}",
-                    model.name,
-                    insufficient.join("; ")
-                ),
-            )
-        } else {
-            ApiError::new(
-                503,
-                "service_unavailable",
-                "no_available_route",
-                format!(
-                    "no route of model '{}' is available: {}",
-                    model.name,
-                    skipped.join("; ")
-                ),
-            )
+    /// An attempt is about to be sent: count the fallback that led here and the retry.
+    fn count_sent(&mut self, route: &Route, retry: u32) {
+        if let Some((from, reason)) = self.prev_failed.take() {
+            if from != route.id {
+                metrics::counter!(crate::metrics::FALLBACKS, "model" => self.call.model.name.clone(), "from_route" => from, "to_route" => route.id.clone(), "reason" => reason).increment(1);
+            }
         }
-    } else {
-        let detail = describe_failures(&rec.attempts);
-        let budget = if budget_denied {
-            "; the gateway retry budget is exhausted"
-        } else {
-            ""
-        };
-        if all_timeouts {
-            ApiError::new(
-                504,
-                "upstream_error",
-                "upstream_timeout",
-                format!("every attempt timed out: {detail}{budget}"),
-            )
-        } else {
-            ApiError::new(
-                502,
-                "upstream_error",
-                "upstream_error",
-                format!("every attempt failed: {detail}{budget}"),
-            )
+        if retry > 0 {
+            self.rec.retries += 1;
         }
-    };
-    Err(reject(state, call, rec, err))
-}
+        self.sent_attempts += 1;
+    }
 
-fn describe_failures(attempts: &[Attempt]) -> String {
-    attempts
-        .iter()
-        .map(|a| {
-            format!(
-                "{} retry {}: {}{}",
-                a.route,
-                a.retry,
-                a.outcome,
-                a.error
-                    .as_deref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
+    /// A sent attempt failed: the route's health learns of it (R17), and the record gets it.
+    fn record_failure(
+        &mut self,
+        route: &Route,
+        trial: bool,
+        retry: u32,
+        f: &Failure,
+        started_at: DateTime<Utc>,
+        latency: Duration,
+    ) {
+        self.state.routes.report(
+            &route.id,
+            false,
+            f.breaker,
+            latency,
+            Some(f.error.clone()),
+            trial,
+        );
+        metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => f.outcome.clone()).increment(1);
+        self.rec.attempts.push(Attempt {
+            route: route.id.clone(),
+            upstream_model: route.upstream_model.clone(),
+            bucket: route.bucket.clone(),
+            retry,
+            outcome: f.outcome.clone(),
+            http_status: f.http_status,
+            error: Some(f.error.clone()),
+            started_at,
+            latency_ms: latency.as_millis() as u64,
+        });
+        if !f.timeout {
+            self.all_timeouts = false;
+        }
+    }
+
+    /// Retry or fall back: how long to wait before retrying the same route, or `None` to move
+    /// on. Retriable failures retry up to `max_retries` with exponential backoff and full
+    /// jitter; a `Retry-After` is honoured up to `backoff_max_ms`, and a longer one moves on at
+    /// once (R16).
+    fn after_failure(&mut self, route: &Route, f: &Failure, retry: u32) -> Option<Duration> {
+        let policy = &self.call.model.retry;
+        if f.retriable && retry < policy.max_retries {
+            let max = Duration::from_millis(policy.backoff_max_ms);
+            let delay = match f.retry_after {
+                Some(d) if d > max => None,
+                Some(d) => Some(d),
+                None => Some(backoff(
+                    policy.backoff_base_ms,
+                    policy.backoff_max_ms,
+                    retry,
+                )),
+            };
+            if let Some(delay) = delay {
+                metrics::counter!(crate::metrics::RETRIES, "model" => self.call.model.name.clone(), "route" => route.id.clone(), "reason" => f.outcome.clone()).increment(1);
+                return Some(delay);
+            }
+        }
+        self.prev_failed = Some((route.id.clone(), f.outcome.clone()));
+        None
+    }
+
+    /// Skips a route without sending: counted, and recorded as an attempt with its reason.
+    fn skip(&mut self, route: &Route, outcome: &str, why: String) {
+        metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => outcome.to_string()).increment(1);
+        self.rec.attempts.push(Attempt {
+            route: route.id.clone(),
+            upstream_model: route.upstream_model.clone(),
+            bucket: route.bucket.clone(),
+            retry: 0,
+            outcome: outcome.to_string(),
+            http_status: None,
+            error: Some(why.clone()),
+            started_at: Utc::now(),
+            latency_ms: 0,
+        });
+        self.skipped
+            .push(format!("{} ({outcome}: {why})", route.id));
+    }
+
+    /// Nothing served: 402 when a bucket could not pay and nothing was sent, 503 when every
+    /// route was skipped, else 504 when every sent attempt timed out, else 502 (R14); with the
+    /// request's record.
+    fn nothing_served(mut self) -> ApiError {
+        let model = &self.call.model.name;
+        // Every route that was tried but the last one was fallen back from.
+        self.rec.fallbacks = fallbacks(&self.rec.attempts, None).saturating_sub(1);
+        let err = if self.sent_attempts == 0 {
+            if !self.insufficient.is_empty() {
+                ApiError::new(
+                    402,
+                    "insufficient_quota",
+                    "insufficient_balance",
+                    format!(
+                        "no route of model '{model}' can be paid for: {}",
+                        self.insufficient.join("; ")
+                    ),
+                )
+            } else {
+                ApiError::new(
+                    503,
+                    "service_unavailable",
+                    "no_available_route",
+                    format!(
+                        "no route of model '{model}' is available: {}",
+                        self.skipped.join("; ")
+                    ),
+                )
+            }
+        } else {
+            let detail = describe_failures(&self.rec.attempts);
+            let budget = if self.budget_denied {
+                "; the gateway retry budget is exhausted"
+            } else {
+                ""
+            };
+            if self.all_timeouts {
+                ApiError::new(
+                    504,
+                    "upstream_error",
+                    "upstream_timeout",
+                    format!("every attempt timed out: {detail}{budget}"),
+                )
+            } else {
+                ApiError::new(
+                    502,
+                    "upstream_error",
+                    "upstream_error",
+                    format!("every attempt failed: {detail}{budget}"),
+                )
+            }
+        };
+        reject(self.state, self.call, self.rec, err)
+    }
 }
 
 fn set_route(rec: &mut LedgerRecord, route: &Route, currency: &str, kind: &str) {
@@ -490,492 +612,6 @@ fn set_route(rec: &mut LedgerRecord, route: &Route, currency: &str, kind: &str) 
 fn backoff(base_ms: u64, max_ms: u64, retry: u32) -> Duration {
     let cap = base_ms.saturating_mul(1u64 << retry.min(20)).min(max_ms);
     Duration::from_millis(rand::thread_rng().gen_range(0..=cap))
-}
-
-fn passthrough_error(state: &AppState, status: StatusCode, body: &Bytes) -> ApiError {
-    let text = state.redact(&String::from_utf8_lossy(body));
-    let parsed: Option<Value> = serde_json::from_str(&text).ok();
-    let mut err = ApiError::new(
-        status.as_u16(),
-        "invalid_request_error",
-        "upstream_error",
-        String::new(),
-    );
-    match parsed.as_ref().and_then(|v| v.get("error")) {
-        Some(Value::Object(e)) => {
-            err.message = e
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("upstream error")
-                .to_string();
-            if let Some(t) = e.get("type").and_then(Value::as_str) {
-                err.kind = leak_kind(t);
-            }
-            if let Some(c) = e.get("code").and_then(Value::as_str) {
-                err.code = c.to_string();
-            }
-            err.param = e.get("param").and_then(Value::as_str).map(str::to_string);
-        }
-        _ => {
-            err.message = format!(
-                "upstream answered {}: {}",
-                status.as_u16(),
-                text.chars().take(500).collect::<String>()
-            );
-        }
-    }
-    err
-}
-
-/// Error types are a small fixed set; keep known ones, map the rest.
-fn leak_kind(t: &str) -> &'static str {
-    match t {
-        "invalid_request_error" => "invalid_request_error",
-        "authentication_error" => "authentication_error",
-        "permission_error" => "permission_error",
-        "not_found_error" => "not_found_error",
-        "rate_limit_error" => "rate_limit_error",
-        _ => "upstream_error",
-    }
-}
-
-fn fail(
-    outcome: &str,
-    status: Option<u16>,
-    error: String,
-    retriable: bool,
-    timeout: bool,
-) -> Failure {
-    Failure {
-        outcome: outcome.to_string(),
-        http_status: status,
-        error,
-        retriable,
-        breaker: retriable,
-        timeout,
-        retry_after: None,
-        passthrough: None,
-    }
-}
-
-fn send_failure(e: SendError) -> Failure {
-    match e {
-        SendError::Connect(m) => fail("connect_error", None, m, true, false),
-        SendError::Timeout(ms) => fail(
-            "timeout",
-            None,
-            format!("no response within {ms} ms"),
-            true,
-            true,
-        ),
-        SendError::Request(m) => fail("stream_error", None, m, true, false),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn attempt(
-    state: &AppState,
-    call: &Call,
-    route: &Route,
-    upstream: &upstream::UpstreamProvider,
-    mut hold: crate::wallet::Hold,
-    in_cost: Decimal,
-    mut draft: LedgerRecord,
-    rec: &LedgerRecord,
-    retry: u32,
-    reporter: &mut Option<crate::route::AttemptReporter>,
-) -> Served {
-    let provider = &upstream.provider;
-    // The input is paid for up front.
-    hold.try_draw(in_cost, 0);
-    // R8: a non-stream answer cannot be cut part-way, so the upstream is told to stop at what
-    // the hold pays for when that is less than the client's own bound (or it set none).
-    let max_tokens = if call.stream || call.endpoint != Endpoint::Chat {
-        None
-    } else {
-        let bound = call
-            .max_tokens
-            .unwrap_or(state.config.settlement.default_max_tokens);
-        let paid = paid_output_tokens(
-            hold.granted(),
-            in_cost,
-            call.n,
-            route.output_per_mtok,
-            bound,
-        );
-        (call.max_tokens.is_none() || paid < bound).then_some(paid)
-    };
-    let bytes = upstream_body(&call.body, &route.upstream_model, call.stream, max_tokens);
-    let path = match call.endpoint {
-        Endpoint::Chat => "/chat/completions",
-        Endpoint::Embeddings => "/embeddings",
-    };
-    let first_deadline = tokio::time::Instant::now()
-        + Duration::from_millis(if call.stream {
-            provider.first_token_timeout_ms
-        } else {
-            provider
-                .first_token_timeout_ms
-                .max(provider.idle_timeout_ms)
-        });
-    // First sent attempt only: a later one's elapsed time includes upstream waits and backoff.
-    if !rec.attempts.iter().any(|a| is_sent(&a.outcome)) {
-        let overhead = call.started.elapsed().as_secs_f64();
-        crate::metrics::hot(|m| m.overhead.record(overhead));
-    }
-    let resp = match upstream
-        .send(
-            Method::POST,
-            path,
-            bytes,
-            &call.mock_headers,
-            first_deadline,
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return Served::Failed(send_failure(e)),
-    };
-    let status = resp.status();
-    let idle = Duration::from_millis(provider.idle_timeout_ms);
-    if !status.is_success() {
-        let ra = retry_after(resp.headers());
-        let body = read_body(resp.into_body(), 1 << 20, idle)
-            .await
-            .unwrap_or_default();
-        let code = status.as_u16();
-        if code == 401 || code == 403 {
-            // The provider refusing our credentials (R17): a route failure for the breaker, not
-            // retried here (the key will not change), fallen back from, and never passed
-            // through (the client's own key was fine; the body may quote ours).
-            let mut f = fail(
-                &format!("http_{code}"),
-                Some(code),
-                format!("the provider refused the gateway's credentials (HTTP {code})"),
-                false,
-                false,
-            );
-            f.breaker = true;
-            return Served::Failed(f);
-        }
-        let mut f = fail(
-            &format!("http_{code}"),
-            Some(code),
-            format!("upstream answered {code}"),
-            is_retriable_status(status),
-            false,
-        );
-        f.retry_after = ra;
-        f.breaker = code >= 500 || code == 408 || code == 429;
-        if status.is_client_error() && !is_retriable_status(status) {
-            f.passthrough = Some((status, body));
-        }
-        return Served::Failed(f);
-    }
-    draft.attempts = rec.attempts.clone();
-    draft.retries = rec.retries;
-    draft.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
-    let mut ok_attempt = Attempt {
-        route: route.id.clone(),
-        upstream_model: route.upstream_model.clone(),
-        bucket: route.bucket.clone(),
-        retry,
-        outcome: "ok".into(),
-        http_status: Some(status.as_u16()),
-        error: None,
-        started_at: Utc::now(),
-        latency_ms: 0,
-    };
-    let tokenizer = state.tokenizer(&call.model.name);
-    let settlement = &state.config.settlement;
-    if call.stream {
-        let limit = call
-            .n
-            .saturating_mul(call.max_tokens.unwrap_or(u64::MAX / 4));
-        let meter = Meter::new(
-            hold,
-            route.output_per_mtok,
-            settlement.initial_output_hold_tokens,
-            settlement.max_output_hold_tokens,
-            limit,
-        );
-        ok_attempt.latency_ms = call.started.elapsed().as_millis() as u64;
-        draft.attempts.push(ok_attempt);
-        let headers = success_headers(&draft);
-        let mut ms = MeteredStream::new(StreamParts {
-            body: resp.into_body(),
-            meter,
-            tokenizer,
-            idle,
-            include_usage: call.include_usage,
-            record: draft,
-            started: call.started,
-            max_event_bytes: 16 << 20,
-            reporter: reporter.take(),
-            limiter: call.limiter.clone(),
-            shutdown: Some(state.shutdown.subscribe()),
-        });
-        match ms.first_token(first_deadline).await {
-            Ok(first) => {
-                ms.start_delivery();
-                let mut r = HttpResponse::Ok();
-                r.content_type("text/event-stream")
-                    .insert_header(("cache-control", "no-cache"));
-                for (k, v) in headers {
-                    r.insert_header((k, v));
-                }
-                // R26: chunks hold whole events, so a key echoed upstream is caught whole.
-                let redact = state.redactor();
-                let first = redact.bytes(first);
-                // Boxed: `unfold` keeps both its state and the in-flight future inline, and the
-                // future owns the state while it runs, so an unboxed stream would be held twice.
-                let rest = futures_util::stream::unfold(
-                    (Box::new(ms), redact),
-                    |(mut ms, r)| async move {
-                        let b = ms.next_chunk().await?;
-                        Some((Ok::<Bytes, std::convert::Infallible>(r.bytes(b)), (ms, r)))
-                    },
-                );
-                let first = futures_util::stream::once(async move {
-                    Ok::<Bytes, std::convert::Infallible>(first)
-                });
-                use futures_util::StreamExt;
-                Served::Response(r.streaming(first.chain(rest)))
-            }
-            Err(e) => {
-                ms.abandon();
-                Served::Failed(match e {
-                    EarlyFailure::Timeout => fail(
-                        "timeout",
-                        None,
-                        format!(
-                            "no first token within {} ms",
-                            provider.first_token_timeout_ms
-                        ),
-                        true,
-                        true,
-                    ),
-                    EarlyFailure::Broken(m) => fail("stream_error", None, m, true, false),
-                    EarlyFailure::Malformed(m) => fail("stream_error", None, m, true, false),
-                    EarlyFailure::Unpaid => fail(
-                        "insufficient_balance",
-                        None,
-                        "the hold cannot pay the first token".into(),
-                        false,
-                        false,
-                    ),
-                })
-            }
-        }
-    } else {
-        let body = match read_body(resp.into_body(), 64 << 20, idle).await {
-            Ok(b) => state.redactor().bytes(b),
-            Err(e) => return Served::Failed(send_failure(e)),
-        };
-        let Some(parsed) = UpstreamBody::parse(&body) else {
-            return Served::Failed(fail(
-                "stream_error",
-                None,
-                "upstream body is not a JSON object".into(),
-                true,
-                false,
-            ));
-        };
-        let (usage, counted_out) = match call.endpoint {
-            Endpoint::Chat => {
-                let (texts, usage) = parsed.completion_output();
-                (usage, tokenizer.completion_output_tokens(&texts))
-            }
-            Endpoint::Embeddings => (parsed.embeddings_usage(), 0),
-        };
-        let replace_tollgate = parsed.has_tollgate();
-        ok_attempt.latency_ms = call.started.elapsed().as_millis() as u64;
-        draft.attempts.push(ok_attempt);
-        let charge = fill_record(
-            &mut draft,
-            counted_out,
-            Status::Completed,
-            usage,
-            Some(Instant::now()),
-            call.started,
-        );
-        let headers = success_headers(&draft);
-        let out = hold
-            .settle_sealed(charge, draft, |rec| {
-                account(rec, None, call.limiter.as_deref());
-                with_tollgate(&body, replace_tollgate, tollgate_object(rec))
-            })
-            .await;
-        let mut r = HttpResponse::Ok();
-        for (k, v) in headers {
-            r.insert_header((k, v));
-        }
-        Served::Response(r.content_type("application/json").body(out))
-    }
-}
-
-/// The upstream's JSON object `body` with the `tollgate` object added as its last member. The
-/// upstream's bytes are kept as they came and the member is appended, instead of writing the
-/// whole document again; a body with a `tollgate` member of its own (`replace`) gets it replaced.
-fn with_tollgate(body: &[u8], replace: bool, tollgate: impl serde::Serialize) -> Bytes {
-    if replace {
-        // Rare: written again. (A body the one-pass reader took but `Value` refuses, e.g. a
-        // number beyond f64, keeps both members below rather than losing its content.)
-        if let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(body) {
-            m.insert(
-                "tollgate".into(),
-                serde_json::to_value(&tollgate).unwrap_or_default(),
-            );
-            return Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-        }
-    }
-    let Some(end) = body
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .filter(|&end| body[end] == b'}')
-    else {
-        // Not an object (the caller parsed one, so this does not happen): left as it came.
-        return Bytes::copy_from_slice(body);
-    };
-    // The object is empty when the byte before its closing brace is its opening one.
-    let empty = body[..end].iter().rev().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let mut out = Vec::with_capacity(end + 512);
-    out.extend_from_slice(&body[..end]);
-    if !empty {
-        out.push(b',');
-    }
-    out.extend_from_slice(b"\"tollgate\":");
-    // Writing a `Serialize` of strings and integers into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, &tollgate);
-    out.push(b'}');
-    Bytes::from(out)
-}
-
-/// The output tokens per choice that a hold of `granted` pays for once the input (`in_cost`) is
-/// paid, with `n` choices at `per_mtok` (R8): at least 1 (a grant always covers the input and
-/// one token), at most `bound`; `bound` itself when output is free.
-fn paid_output_tokens(
-    granted: Decimal,
-    in_cost: Decimal,
-    n: u64,
-    per_mtok: Decimal,
-    bound: u64,
-) -> u64 {
-    use rust_decimal::prelude::ToPrimitive;
-    let million = Decimal::from(1_000_000u32);
-    let price = |tokens: u64| {
-        Decimal::from(tokens)
-            .checked_mul(per_mtok)
-            .and_then(|c| c.checked_div(million))
-    };
-    let Some(step) = price(n).filter(|p| *p > Decimal::ZERO) else {
-        return bound;
-    };
-    let budget = granted - in_cost;
-    let mut tokens = budget
-        .checked_div(step)
-        .and_then(|q| q.floor().to_u64())
-        .unwrap_or(bound)
-        .clamp(1, bound.max(1));
-    // The quotient is rounded to 28 digits: never name a token the hold cannot pay for.
-    while tokens > 1 && price(tokens.saturating_mul(n)).is_none_or(|c| c > budget) {
-        tokens -= 1;
-    }
-    tokens
-}
-
-/// The upstream request body: the client's object with `model` set to the route's upstream
-/// model, for a stream `stream_options.include_usage` on (billing prefers the upstream's usage,
-/// R6), and, when `max_tokens` is given, that bound in the max-tokens fields the client sent
-/// (kept if lower) or else in `max_tokens` (R8). Written straight from the parsed request,
-/// without copying the messages.
-fn upstream_body(
-    fields: &Map<String, Value>,
-    upstream_model: &str,
-    stream: bool,
-    max_tokens: Option<u64>,
-) -> Bytes {
-    use serde::ser::{Serialize, SerializeMap, Serializer};
-
-    struct Body<'a> {
-        fields: &'a Map<String, Value>,
-        model: &'a str,
-        stream: bool,
-        max_tokens: Option<u64>,
-    }
-    /// `stream_options` with `include_usage: true`; a value that is not an object stays as sent
-    /// (the input checks reject one before it gets here).
-    struct WithUsage<'a>(Option<&'a Value>);
-
-    impl Serialize for Body<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let add_model = !self.fields.contains_key("model");
-            let add_options = self.stream && !self.fields.contains_key("stream_options");
-            let add_max = self.max_tokens.is_some()
-                && !self.fields.contains_key("max_tokens")
-                && !self.fields.contains_key("max_completion_tokens");
-            let len = self.fields.len()
-                + usize::from(add_model)
-                + usize::from(add_options)
-                + usize::from(add_max);
-            let mut m = s.serialize_map(Some(len))?;
-            for (k, v) in self.fields {
-                match (k.as_str(), self.max_tokens) {
-                    ("model", _) => m.serialize_entry(k, self.model)?,
-                    ("stream_options", _) if self.stream => {
-                        m.serialize_entry(k, &WithUsage(Some(v)))?
-                    }
-                    ("max_tokens" | "max_completion_tokens", Some(max)) => {
-                        m.serialize_entry(k, &v.as_u64().map_or(max, |own| own.min(max)))?
-                    }
-                    _ => m.serialize_entry(k, v)?,
-                }
-            }
-            if add_model {
-                m.serialize_entry("model", self.model)?;
-            }
-            if add_options {
-                m.serialize_entry("stream_options", &WithUsage(None))?;
-            }
-            if let (true, Some(max)) = (add_max, self.max_tokens) {
-                m.serialize_entry("max_tokens", &max)?;
-            }
-            m.end()
-        }
-    }
-
-    impl Serialize for WithUsage<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let fields = match self.0 {
-                Some(Value::Object(m)) => Some(m),
-                Some(other) => return other.serialize(s),
-                None => None,
-            };
-            let has = fields.is_some_and(|m| m.contains_key("include_usage"));
-            let len = fields.map_or(0, Map::len) + usize::from(!has);
-            let mut m = s.serialize_map(Some(len))?;
-            for (k, v) in fields.into_iter().flatten() {
-                if k == "include_usage" {
-                    m.serialize_entry(k, &true)?;
-                } else {
-                    m.serialize_entry(k, v)?;
-                }
-            }
-            if !has {
-                m.serialize_entry("include_usage", &true)?;
-            }
-            m.end()
-        }
-    }
-
-    let body = Body {
-        fields,
-        model: upstream_model,
-        stream,
-        max_tokens,
-    };
-    // Serialising a map of JSON values with string keys cannot fail.
-    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
 /// R20: routes with a sent attempt other than `serving` (skipped routes do not count).
@@ -999,146 +635,10 @@ fn is_sent(outcome: &str) -> bool {
     )
 }
 
-fn success_headers(rec: &LedgerRecord) -> [(HeaderName, String); 6] {
-    // Names made from static strings: parsing a name that is not a standard one copies it.
-    let name = HeaderName::from_static;
-    [
-        (name("x-tollgate-request-id"), rec.request_id.clone()),
-        (
-            name("x-tollgate-route"),
-            rec.route.clone().unwrap_or_default(),
-        ),
-        (
-            name("x-tollgate-upstream-model"),
-            rec.upstream_model.clone().unwrap_or_default(),
-        ),
-        (
-            name("x-tollgate-bucket"),
-            rec.bucket.clone().unwrap_or_default(),
-        ),
-        (name("x-tollgate-fallbacks"), rec.fallbacks.to_string()),
-        (name("x-tollgate-retries"), rec.retries.to_string()),
-    ]
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_tollgate_object_is_appended_to_the_upstream_document() {
-        let tg = serde_json::json!({"cost": "0.25", "route": "m/up"});
-        for body in [
-            &b"{\"id\":\"x\",\"choices\":[{\"index\":0}],\"usage\":null}\n"[..],
-            b"  {}  ",
-            b"{\"id\":\"x\",\"tollgate\":{\"from\":\"upstream\"}}",
-        ] {
-            let parsed = UpstreamBody::parse(body).expect("test body parses");
-            let mut want: Value = serde_json::from_slice(body).expect("test body parses");
-            want["tollgate"] = tg.clone();
-            let out = with_tollgate(body, parsed.has_tollgate(), tg.clone());
-            let got: Value = serde_json::from_slice(&out).expect("output is JSON");
-            assert_eq!(got, want, "{}", String::from_utf8_lossy(body));
-        }
-        // The upstream's member order and spelling are kept.
-        let out = with_tollgate(b"{\"z\": 1, \"a\": 2}", false, Value::Null);
-        assert_eq!(&out[..], &b"{\"z\": 1, \"a\": 2,\"tollgate\":null}"[..]);
-        // A body the one-pass reader takes but `Value` refuses keeps its bytes.
-        let odd = br#"{"n":1e400,"tollgate":1}"#;
-        let parsed = UpstreamBody::parse(odd).expect("read in one pass");
-        assert!(parsed.has_tollgate());
-        let out = with_tollgate(odd, true, Value::Null);
-        assert_eq!(
-            &out[..],
-            &br#"{"n":1e400,"tollgate":1,"tollgate":null}"#[..]
-        );
-    }
-
-    #[test]
-    fn upstream_body_sets_the_model_and_asks_for_usage_on_streams() {
-        let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).expect("valid JSON");
-        let client = serde_json::json!({
-            "model": "public-name",
-            "messages": [{"role": "user", "content": "h\u{e9}llo \"q\""}],
-            "temperature": 0.5,
-            "stream": true,
-            "stream_options": {"include_usage": false, "other": 1},
-        });
-        let Value::Object(fields) = client.clone() else {
-            unreachable!()
-        };
-        let mut want = client.clone();
-        want["model"] = "up-model".into();
-        want["stream_options"]["include_usage"] = true.into();
-        assert_eq!(parse(upstream_body(&fields, "up-model", true, None)), want);
-
-        // Without stream_options, a stream gets one; a non-stream is left as sent.
-        let mut plain = fields.clone();
-        plain.remove("stream_options");
-        let mut want = Value::Object(plain.clone());
-        want["model"] = "up-model".into();
-        assert_eq!(parse(upstream_body(&plain, "up-model", false, None)), want);
-        want["stream_options"] = serde_json::json!({"include_usage": true});
-        assert_eq!(parse(upstream_body(&plain, "up-model", true, None)), want);
-        assert_eq!(
-            parse(upstream_body(&fields, "up-model", false, None))["stream_options"],
-            serde_json::json!({"include_usage": false, "other": 1})
-        );
-    }
-
-    #[test]
-    fn upstream_body_carries_the_held_bound_in_the_clients_field() {
-        let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).expect("valid JSON");
-        let fields = |v: Value| match v {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        };
-        let plain = fields(serde_json::json!({"model": "m", "messages": []}));
-        assert_eq!(
-            parse(upstream_body(&plain, "u", false, Some(7)))["max_tokens"],
-            7
-        );
-        let own = fields(serde_json::json!({"model": "m", "max_completion_tokens": 500}));
-        let out = parse(upstream_body(&own, "u", false, Some(7)));
-        assert_eq!(out["max_completion_tokens"], 7);
-        assert!(out.get("max_tokens").is_none(), "{out}");
-        // Both sent: each is lowered to the bound, never raised.
-        let both = fields(serde_json::json!({"max_completion_tokens": 500, "max_tokens": 3}));
-        let out = parse(upstream_body(&both, "u", false, Some(7)));
-        assert_eq!(
-            (&out["max_completion_tokens"], &out["max_tokens"]),
-            (&7.into(), &3.into())
-        );
-    }
-
-    #[test]
-    fn paid_output_tokens_floor_what_the_hold_pays_per_choice() {
-        let d = |s: &str| s.parse::<Decimal>().unwrap();
-        // 10e-6 left after the input at 2/M: 5 tokens for one choice, 2 each for two.
-        assert_eq!(
-            paid_output_tokens(d("0.000012"), d("0.000002"), 1, d("2"), 4096),
-            5
-        );
-        assert_eq!(
-            paid_output_tokens(d("0.000012"), d("0.000002"), 2, d("2"), 4096),
-            2
-        );
-        // At least one, at most the bound; free output: the bound.
-        assert_eq!(
-            paid_output_tokens(d("0.000003"), d("0.000002"), 1, d("2"), 4096),
-            1
-        );
-        assert_eq!(paid_output_tokens(d("1"), d("0"), 1, d("2"), 300), 300);
-        assert_eq!(
-            paid_output_tokens(d("0.000002"), d("0.000002"), 1, d("0"), 300),
-            300
-        );
-        // A price whose quotient does not terminate: the named tokens stay within the hold.
-        let t = paid_output_tokens(d("1"), d("0"), 3, d("0.7"), u64::MAX);
-        assert!(cost(t * 3, d("0.7")) <= d("1"), "{t}");
-        assert!(cost((t + 1) * 3, d("0.7")) > d("1"), "{t}");
-    }
 
     #[test]
     fn backoff_has_full_jitter_within_the_exponential_cap() {
