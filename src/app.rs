@@ -400,7 +400,7 @@ async fn next_signal(
     }
 }
 
-/// Waits for SIGTERM or SIGINT, then drains (DESIGN R34): new requests get 503
+/// Waits for SIGTERM or SIGINT, then drains (R34): new requests get 503
 /// `shutting_down`, `/readyz` 503; the client listener stops accepting and in-flight requests
 /// run for `shutdown_drain_s`; a second before the deadline the open streams end themselves with
 /// the `shutting_down` error event and settle (`interrupted`). A second signal cuts at once.

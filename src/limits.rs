@@ -1,4 +1,4 @@
-//! Per-key rate limits (DESIGN §4.4, §5, R39, R41): requests per minute, tokens per minute and
+//! Per-key rate limits (docs/api.md, R39, R41): requests per minute, tokens per minute and
 //! concurrent streams, checked in the client API in three steps, each as soon as it can be:
 //!
 //! 1. [`Limits::admit_request`], before the body is read: `rpm`. Every authenticated request

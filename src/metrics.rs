@@ -1,4 +1,4 @@
-//! Every metric tollgate exports, named and described in one place (DESIGN §8). Labels are
+//! Every metric tollgate exports, named and described in one place (docs/metrics.md). Labels are
 //! bounded: model, route, bucket, currency, status, outcome and reason values come from the
 //! configuration or from fixed enums, never from a key, user or request (a model the
 //! configuration does not name counts as `unknown`, R41).
@@ -40,7 +40,7 @@ const STATUSES: [&str; 6] = [
     "rejected",
     "interrupted",
 ];
-/// Failed-attempt outcomes that lead to a retry or a fallback (DESIGN §3), for zero series.
+/// Failed-attempt outcomes that lead to a retry or a fallback, for zero series.
 const RETRIABLE_OUTCOMES: [&str; 9] = [
     "connect_error",
     "timeout",

@@ -1,4 +1,4 @@
-//! The live model catalog: `/v1/models` per key and `/admin/catalog` (DESIGN §4.1, R21, R33).
+//! The live model catalog: `/v1/models` per key and `/admin/catalog` (docs/api.md, R21, R33).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,4 +1,4 @@
-//! `tollgate check-config FILE` (DESIGN §6, R35–R36): every problem in one run, one line each,
+//! `tollgate check-config FILE` (R35–R36): every problem in one run, one line each,
 //! prefixed by its key path; and `serve` refusing to start on an unset `api_key_env`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

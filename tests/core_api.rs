@@ -1,4 +1,4 @@
-//! End-to-end tests of the client API (DESIGN §4, R22–R28): response metadata, what the upstream
+//! End-to-end tests of the client API (docs/api.md, R22–R28): response metadata, what the upstream
 //! receives, stream endings, the error table, upstream failures and timeouts, client disconnects,
 //! HTTP/2 to the upstream, embeddings, the model list, and hostile request bodies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,4 +1,4 @@
-//! `/metrics` end to end (DESIGN §8, R38): series exist at zero from start-up; a success, a cut
+//! `/metrics` end to end (R38): series exist at zero from start-up; a success, a cut
 //! at zero, a retry with a fallback and an open breaker move each counter by exactly what
 //! happened; no label carries a key, request or user; and every metric the shipped dashboard and
 //! rules reference is in a real scrape.

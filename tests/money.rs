@@ -1,4 +1,4 @@
-//! The money invariants of DESIGN §2, end to end against the real binary and the built-in mocks:
+//! The money invariants (docs/rules.md), end to end against the real binary and the built-in mocks:
 //! exact cost (1), conservation over mixed traffic (invariant 1), draining a wallet with
 //! concurrent streams (invariants 2 and 3), `kill -9` and recovery (invariant 4), admin top-up
 //! validation and idempotency (R10, R29), and rejected requests (402/403) in the ledger.

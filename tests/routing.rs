@@ -1,4 +1,4 @@
-//! End-to-end routing tests (DESIGN §3, §4.4, R13–R20, R24): retries with backoff and
+//! End-to-end routing tests (R13–R20, R24): retries with backoff and
 //! `Retry-After`, fallback, the cross-bucket policy, passthrough of upstream 4xx, the circuit
 //! breaker and probes, the retry budget, and streams that break before or after their first token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -511,7 +511,7 @@ routes = [
     );
 }
 
-// 7. A break after the first token ends the stream with an error event; no fallback (§3, §4.3).
+// 7. A break after the first token ends the stream with an error event; no fallback (docs/api.md).
 #[tokio::test]
 async fn mid_stream_reset_ends_with_an_error_event_and_bills_delivered_tokens() {
     let g = standard("allow_cross_bucket_fallback = true", "", "");
@@ -646,7 +646,7 @@ async fn all_breakers_open_gives_503_no_available_route() {
     );
 }
 
-// Half-open admits exactly one trial; a failed trial re-opens for twice as long (§3, R17).
+// Half-open admits exactly one trial; a failed trial re-opens for twice as long (R17).
 #[tokio::test]
 async fn half_open_admits_one_trial_and_a_failed_trial_doubles_open_time() {
     let g = standard(

@@ -1,5 +1,5 @@
 //! `--verify-ledger`: after the run, read the key's wallet and ledger through the admin API and
-//! check the money invariants (DESIGN §2) over the run's window: conservation per bucket, no
+//! check the money invariants (docs/rules.md) over the run's window: conservation per bucket, no
 //! open holds, no negative balances, one record per request, and for completed streams tokens
 //! charged == tokens the clients received (== tokens the mock emitted, when every stream
 //! completed).

@@ -1,4 +1,4 @@
-//! Admin endpoints (DESIGN §5) on the admin listener: keys, wallets and top-ups, the ledger,
+//! Admin endpoints (docs/api.md) on the admin listener: keys, wallets and top-ups, the ledger,
 //! routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
 //! `/healthz` and `/readyz` do not.
 

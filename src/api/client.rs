@@ -1,4 +1,4 @@
-//! Client endpoints (DESIGN §4): authenticate → the key's request rate → read the body within
+//! Client endpoints (docs/api.md): authenticate → the key's request rate → read the body within
 //! the size limit and deadline → check the fields the gateway reads (R25) → a stream's slot →
 //! resolve the model and the key's permission → tokenise → the key's token rate → hand over to
 //! the router. Checks that need no body come before it is read (R28, R41); every refusal after

@@ -1,4 +1,4 @@
-//! Admin endpoints that read the ledger in bulk (DESIGN §5, R31, R32): the streamed export, usage
+//! Admin endpoints that read the ledger in bulk (docs/api.md, R31, R32): the streamed export, usage
 //! groups and the spend-change explainer. Every read runs on the blocking pool (`web::block`) and
 //! walks the store in time order, so memory stays bounded by a batch or by the number of groups,
 //! never by the size of the ledger.

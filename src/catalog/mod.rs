@@ -1,5 +1,5 @@
 //! The live catalog: which models a key can call now, on which routes, at what price, from which
-//! balance (DESIGN §4.1, R21, R33). Built from the config, the routes' published health and the
+//! balance (docs/api.md, R21, R33). Built from the config, the routes' published health and the
 //! key's wallet.
 
 use rust_decimal::Decimal;
@@ -29,7 +29,7 @@ impl CatalogModel {
     }
 }
 
-/// Every route of `model` as in §4.1.
+/// Every route of `model` as `/admin/catalog` shows it (docs/api.md).
 pub fn route_views(state: &AppState, model: &Model) -> Vec<Value> {
     let now = std::time::Instant::now();
     model

@@ -1,4 +1,4 @@
-//! The spend-change explainer (`GET /admin/usage/explain`, DESIGN §5): why spend in one currency
+//! The spend-change explainer (`GET /admin/usage/explain`, docs/api.md): why spend in one currency
 //! moved between a base period and a current period, split over seven drivers whose
 //! contributions add up to the change exactly.
 //!

@@ -1,5 +1,5 @@
 //! Ledger export formats (`GET /admin/ledger/export`, R31): JSON Lines (one record per line) and
-//! CSV (RFC 4180: a header row of the §5.1 fields in order, CRLF line ends, fields quoted when they
+//! CSV (RFC 4180: a header row of the fields in order, CRLF line ends, fields quoted when they
 //! hold a comma, quote or line break; `attempts` and `upstream_usage` as JSON strings, null as an
 //! empty field). A text field that a spreadsheet would read as a formula gets a leading `'`
 //! (R43); JSON Lines carry every value as it is.
@@ -66,7 +66,7 @@ fn write_csv_row(out: &mut Vec<u8>, rec: &LedgerRecord) {
         }
         let cell = match (*name, map.get(*name)) {
             (_, None | Some(Value::Null)) => String::new(),
-            // Serialized from the fields themselves, so their keys keep the §5.1 order.
+            // Serialized from the fields themselves, so their keys keep the documented order.
             ("attempts", _) => serde_json::to_string(&rec.attempts).unwrap_or_default(),
             ("upstream_usage", _) => serde_json::to_string(&rec.upstream_usage).unwrap_or_default(),
             (name, Some(Value::String(s))) if DECIMAL_FIELDS.contains(&name) => s.clone(),

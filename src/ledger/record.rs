@@ -1,4 +1,4 @@
-//! The route ledger record (DESIGN §5.1): one per authenticated request that got past input
+//! The route ledger record (docs/ledger.md): one per authenticated request that got past input
 //! validation. It explains which key spent what, on which route, from which balance, and which
 //! fallbacks and retries ran.
 
@@ -201,7 +201,7 @@ impl LedgerRecord {
     }
 }
 
-/// Field order of §5.1, used for CSV export.
+/// Field order of the record (docs/ledger.md), used for CSV export.
 pub const FIELDS: &[&str] = &[
     "request_id",
     "started_at",

@@ -434,7 +434,7 @@ impl Store {
     }
 
     /// Settles every hold left by a crash at its last persisted consumption, with an
-    /// `interrupted` record, each in one atomic batch (DESIGN §2, R9). Returns how many.
+    /// `interrupted` record, each in one atomic batch (R9). Returns how many.
     pub fn recover_holds(&self) -> Result<usize, StoreError> {
         let holds = self.holds()?;
         for h in &holds {

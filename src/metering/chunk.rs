@@ -6,7 +6,7 @@
 //! from the event's `data` unless they contain JSON escapes; unknown fields are skipped.
 //! [`completion_output`] does the same for a non-stream `chat.completion` body.
 //!
-//! The texts that count as output (DESIGN R5): `content`, `reasoning_content`, `refusal`, and
+//! The texts that count as output (R5): `content`, `reasoning_content`, `refusal`, and
 //! every tool call's `function.arguments` (also the legacy `function_call.arguments`). A delta
 //! that carries anything else (any other member but `role` with a value that is not null,
 //! false or empty, e.g. `audio`) is output too, so that it is paid for before it is forwarded:

@@ -661,7 +661,7 @@ fn error_event(message: &str, kind: &str, code: &str) -> String {
     json!({"error": {"message": message, "type": kind, "code": code, "param": null}}).to_string()
 }
 
-/// Fills the billing fields of `rec` for an ending and returns the charge (R6, DESIGN §2).
+/// Fills the billing fields of `rec` for an ending and returns the charge (R6, docs/ledger.md).
 pub fn fill_record(
     rec: &mut LedgerRecord,
     delivered: u64,
@@ -713,7 +713,7 @@ pub fn account(
     }
 }
 
-/// The `tollgate` object of bodies and usage chunks (DESIGN §4.2), written straight from the
+/// The `tollgate` object of bodies and usage chunks (docs/api.md), written straight from the
 /// record.
 #[derive(serde::Serialize)]
 pub struct TollgateObject<'a> {

@@ -1,4 +1,4 @@
-//! Token counting for metering (DESIGN R5): the gateway's own count of input and output tokens,
+//! Token counting for metering (R5): the gateway's own count of input and output tokens,
 //! billed when the upstream reports no usage and compared with it when it does.
 //!
 //! A route's tokenizer is one of:

@@ -1,4 +1,4 @@
-//! Circuit breaker state machine (DESIGN §3, R17), pure: time is passed in, so tests drive it
+//! Circuit breaker state machine (R17), pure: time is passed in, so tests drive it
 //! without sleeping.
 
 use std::collections::VecDeque;
