@@ -212,14 +212,20 @@ async fn every_documented_metric_is_scraped_and_every_scraped_metric_is_document
         .client()
         .post(g.chat_url())
         .bearer_auth(DEMO_KEY)
-        .json(&json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
-                      "messages": [{"role": "user", "content": "hello"}]}))
+        .json(
+            &json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "hello"}]}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
     let events = sse_events(resp).await;
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let text = loop {
         let text = g
@@ -232,7 +238,8 @@ async fn every_documented_metric_is_scraped_and_every_scraped_metric_is_document
             .await
             .unwrap();
         let settled = text.lines().any(|l| {
-            l.starts_with("tollgate_requests_total{") && l.contains("status=\"completed\"")
+            l.starts_with("tollgate_requests_total{")
+                && l.contains("status=\"completed\"")
                 && !l.ends_with(" 0")
         });
         let probed = text
