@@ -296,6 +296,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         App::new()
             .app_data(client_state.clone())
             .app_data(web::Data::new(ups))
+            .configure(crate::console::client_routes)
             .configure(crate::api::client::routes)
     })
     .workers(cfg.server.workers)
@@ -325,6 +326,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(admin_state.clone())
+            .configure(crate::console::admin_routes)
             .configure(crate::api::admin::routes)
     })
     .workers(1)

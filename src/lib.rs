@@ -11,6 +11,7 @@ pub mod api;
 pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
