@@ -42,6 +42,8 @@ pub struct AppState {
     /// Turns true at the drain deadline (minus a margin): open streams end themselves with the
     /// `shutting_down` error event and settle (R34).
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Operator console sessions and failed logins.
+    pub console: crate::console::operator::session::Sessions,
 }
 
 impl AppState {
@@ -266,6 +268,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         limits: crate::limits::Limits::new(),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
+        console: Default::default(),
     });
     Ok(Running {
         client_addr: state.config.server.listen,

@@ -98,6 +98,8 @@ pub struct Server {
     pub client_request_timeout_ms: u64,
     pub shutdown_drain_s: u64,
     pub max_messages: usize,
+    /// Seconds an operator console session lasts after its login.
+    pub console_session_ttl_s: u64,
 }
 
 #[derive(Clone)]

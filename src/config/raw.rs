@@ -35,6 +35,9 @@ pub struct RawServer {
     /// Most entries a chat request's `messages` (or an embeddings `input` array) may have.
     #[serde(default = "d_max_messages")]
     pub max_messages: u64,
+    /// Seconds an operator console session lasts after its login.
+    #[serde(default = "d_console_session")]
+    pub console_session_ttl_s: u64,
 }
 
 impl Default for RawServer {
@@ -52,6 +55,7 @@ impl Default for RawServer {
             client_request_timeout_ms: d_client_request_timeout(),
             shutdown_drain_s: d_drain(),
             max_messages: d_max_messages(),
+            console_session_ttl_s: d_console_session(),
         }
     }
 }
@@ -304,6 +308,9 @@ fn d_client_request_timeout() -> u64 {
 }
 fn d_drain() -> u64 {
     30
+}
+fn d_console_session() -> u64 {
+    8 * 3600
 }
 fn d_max_messages() -> u64 {
     2048

@@ -283,6 +283,10 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
         s.client_request_timeout_ms,
     );
     c.duration_s("server.shutdown_drain_s", s.shutdown_drain_s);
+    if s.console_session_ttl_s == 0 {
+        c.problem("server.console_session_ttl_s", "must be >= 1");
+    }
+    c.duration_s("server.console_session_ttl_s", s.console_session_ttl_s);
     let workers = match s.workers {
         Some(0) => {
             c.problem("server.workers", "must be >= 1");
@@ -308,6 +312,7 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
         client_request_timeout_ms: s.client_request_timeout_ms,
         shutdown_drain_s: s.shutdown_drain_s,
         max_messages: usize::try_from(s.max_messages).unwrap_or(usize::MAX),
+        console_session_ttl_s: s.console_session_ttl_s,
     })
 }
 
