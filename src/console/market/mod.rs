@@ -158,20 +158,22 @@ fn secure(state: &AppState) -> bool {
     state.config.server.tls.is_some()
 }
 
-/// A browser's cross-site form post carries another site's `Origin`: refused, so no page
-/// elsewhere can sign a visitor in with a key of its choosing.
+/// A browser's cross-site form post says so (`Sec-Fetch-Site`, or another site's `Origin`):
+/// refused, so no page elsewhere can sign a visitor in with a key of its choosing. (The page's
+/// `no-referrer` policy makes browsers send `Origin: null` from our own form, so the fetch
+/// metadata decides when present.)
 fn same_origin(req: &HttpRequest) -> bool {
-    let Some(origin) = req.headers().get(header::ORIGIN) else {
-        return true;
-    };
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let origin = origin.to_str().unwrap_or("");
-    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
-    !host.is_empty() && origin_host == host
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = h("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    match h("origin") {
+        None | Some("null") => true,
+        Some(origin) => {
+            let host = h("host").unwrap_or("");
+            !host.is_empty() && origin.split_once("://").map(|(_, o)| o) == Some(host)
+        }
+    }
 }
 
 /// The value of `name` in an `application/x-www-form-urlencoded` body.

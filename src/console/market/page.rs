@@ -54,6 +54,7 @@ pub struct BalanceLine {
 }
 
 pub struct RequestRow {
+    pub id: String,
     pub at: String,
     pub model: String,
     pub chain: String,
@@ -195,6 +196,7 @@ fn request_row(state: &AppState, r: &LedgerRecord) -> RequestRow {
         .map(|b| b.display_scale)
         .unwrap_or(6);
     RequestRow {
+        id: r.request_id.clone(),
         at: layout::time(r.started_at),
         model: r.requested_model.clone(),
         chain: layout::route_chain(&r.attempts),
@@ -392,12 +394,12 @@ fn key_details(k: &KeyView) -> Markup {
         } @else {
             table #requests {
                 thead { tr {
-                    th { "Started" } th { "Model" } th { "Route chain" } th { "Status" } th { "Paid from" }
+                    th { "Request" } th { "Started" } th { "Model" } th { "Route chain" } th { "Status" } th { "Paid from" }
                     th { "Tokens" } th.num { "Cost" }
                 } }
                 tbody {
                     @for r in &k.requests {
-                        tr { td { (r.at) } td { (r.model) } td { (r.chain) } td { (r.status) }
+                        tr data-request=(r.id) { td { code { (r.id) } } td { (r.at) } td { (r.model) } td { (r.chain) } td { (r.status) }
                              td { (r.bucket) } td { (r.tokens) } td.num { (r.cost) } }
                     }
                 }
