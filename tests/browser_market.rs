@@ -35,7 +35,11 @@ async fn browser() -> Browser {
 
 /// Waits until our script has refreshed the page from `/market/state` at least once after now.
 async fn wait_live(s: &Session) {
-    let since = s.execute("return Date.now();", vec![]).await.as_f64().unwrap();
+    let since = s
+        .execute("return Date.now();", vec![])
+        .await
+        .as_f64()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let v = s
@@ -49,7 +53,10 @@ async fn wait_live(s: &Session) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "the page's script never refreshed it");
+        assert!(
+            Instant::now() < deadline,
+            "the page's script never refreshed it"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -109,9 +116,36 @@ async fn marketplace_lists_every_model_and_route_with_price_and_state() {
     assert_eq!(models.len(), 2, "{catalog}");
     let expected = [
         // (route index in model m, kind, bucket (currency), in, out, upstream)
-        ("m", 0, "primary", "official", "credit (USD)", "1 USD / 1M", "2 USD / 1M", "up-m1"),
-        ("m", 1, "backup 1", "routed", "routed (CNY)", "3 CNY / 1M", "4 CNY / 1M", "up-m2"),
-        ("emb", 0, "primary", "official", "credit (USD)", "0.5 USD / 1M", "0 USD / 1M", "up-emb"),
+        (
+            "m",
+            0,
+            "primary",
+            "official",
+            "credit (USD)",
+            "1 USD / 1M",
+            "2 USD / 1M",
+            "up-m1",
+        ),
+        (
+            "m",
+            1,
+            "backup 1",
+            "routed",
+            "routed (CNY)",
+            "3 CNY / 1M",
+            "4 CNY / 1M",
+            "up-m2",
+        ),
+        (
+            "emb",
+            0,
+            "primary",
+            "official",
+            "credit (USD)",
+            "0.5 USD / 1M",
+            "0 USD / 1M",
+            "up-emb",
+        ),
     ];
     for (model, i, order, kind, bucket, p_in, p_out, upstream) in expected {
         let m = models.iter().find(|m| m["id"] == model).unwrap();
@@ -148,7 +182,10 @@ async fn marketplace_lists_every_model_and_route_with_price_and_state() {
     assert_eq!(s.find_all("tr[data-route-row]").await.len(), 3);
     // A served request shows in the route's recent success rate and median latency.
     chat(&g, DEMO_KEY, "m").await;
-    let primary = models[0]["routes"][0]["route"].as_str().unwrap().to_string();
+    let primary = models[0]["routes"][0]["route"]
+        .as_str()
+        .unwrap()
+        .to_string();
     s.wait_text(
         &format!("[data-route=\"{primary}\"][data-field=\"success\"]"),
         Duration::from_secs(3),
@@ -210,7 +247,8 @@ async fn a_route_going_down_and_coming_back_shows_live_without_reload() {
     s.execute("window.__noReload = 42;", vec![]).await;
     g.mock_options("p1", json!({"fault": "500"})).await;
     let t0 = Instant::now();
-    s.wait_text(state, Duration::from_secs(2), |t| t == "open").await;
+    s.wait_text(state, Duration::from_secs(2), |t| t == "open")
+        .await;
     let took = t0.elapsed();
     assert!(took <= Duration::from_secs(2), "shown after {took:?}");
     s.wait_text(probe, Duration::from_secs(1), |t| t.starts_with("failed"))
@@ -339,16 +377,27 @@ topup = {{ credit = "10", routed = "5" }}
         }
         v
     };
-    assert_eq!(mine, [a2.clone(), a1.clone()], "alice's requests, newest first");
+    assert_eq!(
+        mine,
+        [a2.clone(), a1.clone()],
+        "alice's requests, newest first"
+    );
     let table = s.text_of("#requests").await;
     assert!(!table.contains(&b1) && !table.contains(&b2), "{table}");
     assert!(table.contains("USD"), "cost with its currency: {table}");
+    s.execute(
+        "document.querySelector('#balances').scrollIntoView();",
+        vec![],
+    )
+    .await;
     s.save_screenshot("market-key-view").await;
 
     // Forget the key: the public page again; then bob sees his own two and none of alice's.
     s.find("#forget").await.click().await;
-    s.wait_text("main", Duration::from_secs(5), |t| !t.contains("Viewing as key"))
-        .await;
+    s.wait_text("main", Duration::from_secs(5), |t| {
+        !t.contains("Viewing as key")
+    })
+    .await;
     assert_eq!(s.find_all("#key-form").await.len(), 1);
     use_key(s, &g, bob).await;
     assert_eq!(s.text_of("#key-name").await, "bob");
@@ -404,8 +453,11 @@ topup = {{ credit = "10" }}
     assert_eq!(s.text_of("#key-project").await, project);
     assert_eq!(script_count(s).await, public_scripts, "an injected script");
     assert_eq!(
-        s.execute("return document.querySelectorAll('main img').length;", vec![])
-            .await,
+        s.execute(
+            "return document.querySelectorAll('main img').length;",
+            vec![]
+        )
+        .await,
         json!(0)
     );
     wait_live(s).await;

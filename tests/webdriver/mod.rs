@@ -84,7 +84,13 @@ impl Driver {
                 ],
             },
         }}});
-        let v = call(&self.http, "POST", &format!("{}/session", self.url), Some(caps)).await;
+        let v = call(
+            &self.http,
+            "POST",
+            &format!("{}/session", self.url),
+            Some(caps),
+        )
+        .await;
         let id = v["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {v}"))
@@ -268,7 +274,11 @@ impl Element<'_> {
 
     pub async fn click(&self) {
         self.s
-            .cmd("POST", &format!("/element/{}/click", self.id), Some(json!({})))
+            .cmd(
+                "POST",
+                &format!("/element/{}/click", self.id),
+                Some(json!({})),
+            )
             .await;
     }
 
@@ -284,7 +294,11 @@ impl Element<'_> {
 
     pub async fn attr(&self, name: &str) -> Option<String> {
         self.s
-            .cmd("GET", &format!("/element/{}/attribute/{name}", self.id), None)
+            .cmd(
+                "GET",
+                &format!("/element/{}/attribute/{name}", self.id),
+                None,
+            )
             .await
             .as_str()
             .map(str::to_string)
