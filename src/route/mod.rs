@@ -458,29 +458,6 @@ impl Handler<Outcome> for RouteActor {
     }
 }
 
-#[cfg(test)]
-mod recent_tests {
-    use super::*;
-
-    #[test]
-    fn rate_and_median_cover_the_last_attempts_only() {
-        let mut r = Recent::default();
-        assert_eq!(r.success_rate(), None);
-        assert_eq!(r.latency_p50_ms(), None);
-        r.push(true, 10);
-        r.push(false, 30);
-        r.push(true, 20);
-        assert_eq!(r.latency_p50_ms(), Some(20));
-        assert!((r.success_rate().unwrap_or_default() - 2.0 / 3.0).abs() < 1e-9);
-        for _ in 0..RECENT {
-            r.push(true, 5);
-        }
-        assert_eq!(r.ring.len(), RECENT);
-        assert_eq!(r.success_rate(), Some(1.0));
-        assert_eq!(r.latency_p50_ms(), Some(5));
-    }
-}
-
 async fn run_probe(clients: &Upstreams, route: &Route, kind: ProbeKind) -> ProbeResult {
     let at = Utc::now();
     let t0 = Instant::now();
@@ -570,5 +547,29 @@ fn probe_result(
         latency_ms: t0.elapsed().as_millis() as u64,
         status,
         reason,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod recent_tests {
+    use super::*;
+
+    #[test]
+    fn rate_and_median_cover_the_last_attempts_only() {
+        let mut r = Recent::default();
+        assert_eq!(r.success_rate(), None);
+        assert_eq!(r.latency_p50_ms(), None);
+        r.push(true, 10);
+        r.push(false, 30);
+        r.push(true, 20);
+        assert_eq!(r.latency_p50_ms(), Some(20));
+        assert!((r.success_rate().unwrap_or_default() - 2.0 / 3.0).abs() < 1e-9);
+        for _ in 0..RECENT {
+            r.push(true, 5);
+        }
+        assert_eq!(r.ring.len(), RECENT);
+        assert_eq!(r.success_rate(), Some(1.0));
+        assert_eq!(r.latency_p50_ms(), Some(5));
     }
 }
