@@ -55,6 +55,8 @@ pub fn route_views(state: &AppState, model: &Model) -> Vec<Value> {
                 "state": st.as_str(),
                 "last_probe": snap.as_ref().and_then(|s| s.last_probe.as_ref()).map(|p| json!({"at": p.at, "ok": p.ok, "latency_ms": p.latency_ms})),
                 "last_failure": snap.as_ref().and_then(|s| s.last_failure.as_ref()).map(|f| json!({"at": f.at, "reason": f.reason, "source": f.source})),
+                "recent_success_rate": snap.as_ref().and_then(|s| s.recent_success_rate),
+                "recent_latency_p50_ms": snap.as_ref().and_then(|s| s.recent_latency_p50_ms),
             })
         })
         .collect()
@@ -132,4 +134,38 @@ pub async fn for_key(
         });
     }
     out
+}
+
+/// The buckets `key` may pay for `model` from, in route order and without repeats: the bucket
+/// of the first route it may spend from, and with `allow_cross_bucket_fallback` every other
+/// bucket it may spend (the same rule [`for_key`] applies). Names the bucket in a
+/// "no balance in <bucket>" verdict.
+pub fn spendable_buckets(key: &ApiKey, model: &Model) -> Vec<String> {
+    let home = model
+        .routes
+        .iter()
+        .find(|r| key.may_spend(&r.bucket))
+        .map(|r| r.bucket.clone());
+    let mut out: Vec<String> = Vec::new();
+    for r in &model.routes {
+        let permitted = key.may_spend(&r.bucket)
+            && (Some(&r.bucket) == home.as_ref() || key.record.allow_cross_bucket_fallback);
+        if permitted && !out.contains(&r.bucket) {
+            out.push(r.bucket.clone());
+        }
+    }
+    out
+}
+
+/// Whether any route of `model` may take an attempt now (its breaker not open), for the public
+/// verdict that no key narrows.
+pub fn any_route_up(state: &AppState, model: &Model) -> bool {
+    let now = std::time::Instant::now();
+    model.routes.iter().any(|r| {
+        state
+            .routes
+            .snapshot(&r.id)
+            .map(|s| s.effective_state(now) != State::Open)
+            .unwrap_or(true)
+    })
 }

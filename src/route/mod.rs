@@ -58,6 +58,10 @@ pub struct RouteSnapshot {
     pub requests: u64,
     pub failures: u64,
     pub latency_ewma_ms: f64,
+    /// Share of the last [`RECENT`] reported attempts that succeeded; `None` before the first.
+    pub recent_success_rate: Option<f64>,
+    /// Median latency of the last [`RECENT`] reported attempts, in milliseconds.
+    pub recent_latency_p50_ms: Option<u64>,
     pub last_probe: Option<ProbeResult>,
     pub last_failure: Option<FailureInfo>,
 }
@@ -69,6 +73,45 @@ impl RouteSnapshot {
             (State::Open, Some(t)) if now >= t => State::HalfOpen,
             (s, _) => s,
         }
+    }
+}
+
+/// How many recent attempts the success rate and the latency median cover.
+pub const RECENT: usize = 64;
+
+/// The last [`RECENT`] attempt outcomes of one route, kept by its actor (off the request path:
+/// outcomes arrive as messages) and summarised into each published snapshot.
+#[derive(Default)]
+struct Recent {
+    /// (succeeded, latency in ms), oldest overwritten first.
+    ring: Vec<(bool, u64)>,
+    next: usize,
+}
+
+impl Recent {
+    fn push(&mut self, ok: bool, latency_ms: u64) {
+        if self.ring.len() < RECENT {
+            self.ring.push((ok, latency_ms));
+        } else if let Some(slot) = self.ring.get_mut(self.next) {
+            *slot = (ok, latency_ms);
+        }
+        self.next = (self.next + 1) % RECENT;
+    }
+
+    fn success_rate(&self) -> Option<f64> {
+        let n = self.ring.len();
+        (n > 0).then(|| self.ring.iter().filter(|(ok, _)| *ok).count() as f64 / n as f64)
+    }
+
+    /// The lower median (of an even count, the smaller middle value).
+    fn latency_p50_ms(&self) -> Option<u64> {
+        let mut l: Vec<u64> = self.ring.iter().map(|(_, ms)| *ms).collect();
+        if l.is_empty() {
+            return None;
+        }
+        let mid = (l.len() - 1) / 2;
+        let (_, m, _) = l.select_nth_unstable(mid);
+        Some(*m)
     }
 }
 
@@ -121,6 +164,8 @@ impl RouteTable {
                     requests: 0,
                     failures: 0,
                     latency_ewma_ms: 0.0,
+                    recent_success_rate: None,
+                    recent_latency_p50_ms: None,
                     last_probe: None,
                     last_failure: None,
                 }),
@@ -153,6 +198,7 @@ impl RouteTable {
                 probe,
                 clients,
                 epoch,
+                recent: Recent::default(),
             });
             routes.insert(route.id.clone(), shared);
             actors.insert(route.id.clone(), addr);
@@ -284,6 +330,7 @@ struct RouteActor {
     probe: Option<crate::config::Probe>,
     clients: Arc<Upstreams>,
     epoch: Instant,
+    recent: Recent,
 }
 
 #[derive(Message)]
@@ -388,7 +435,11 @@ impl Handler<Outcome> for RouteActor {
     fn handle(&mut self, m: Outcome, _: &mut Context<Self>) {
         self.record(m.breaker_failure, m.trial);
         let lat = m.latency.as_secs_f64() * 1000.0;
+        self.recent.push(m.ok, m.latency.as_millis() as u64);
+        let (rate, p50) = (self.recent.success_rate(), self.recent.latency_p50_ms());
         self.publish(|s| {
+            s.recent_success_rate = rate;
+            s.recent_latency_p50_ms = p50;
             s.requests += 1;
             if !m.ok {
                 s.failures += 1;
@@ -496,5 +547,29 @@ fn probe_result(
         latency_ms: t0.elapsed().as_millis() as u64,
         status,
         reason,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod recent_tests {
+    use super::*;
+
+    #[test]
+    fn rate_and_median_cover_the_last_attempts_only() {
+        let mut r = Recent::default();
+        assert_eq!(r.success_rate(), None);
+        assert_eq!(r.latency_p50_ms(), None);
+        r.push(true, 10);
+        r.push(false, 30);
+        r.push(true, 20);
+        assert_eq!(r.latency_p50_ms(), Some(20));
+        assert!((r.success_rate().unwrap_or_default() - 2.0 / 3.0).abs() < 1e-9);
+        for _ in 0..RECENT {
+            r.push(true, 5);
+        }
+        assert_eq!(r.ring.len(), RECENT);
+        assert_eq!(r.success_rate(), Some(1.0));
+        assert_eq!(r.latency_p50_ms(), Some(5));
     }
 }

@@ -1,5 +1,221 @@
-//! The public marketplace on the client listener (`GET /`).
+//! The public marketplace on the client listener (`GET /`): every model the configuration lists,
+//! each route's kind, bucket, prices and live state, and a verdict per model. A key holder may
+//! post their key (`POST /key`) to see the page as that key sees it: what it can call now and
+//! why not, its balances per bucket, and its own recent requests. `GET /market/state` carries the
+//! routes' live cells, which `GET /assets/market.js` (our one script) polls every second.
+//! `page.rs` builds the view from the catalog, the wallet and the ledger; `session.rs` keeps
+//! the key's session.
 
-use actix_web::web;
+mod page;
+pub mod session;
 
-pub fn configure(_cfg: &mut web::ServiceConfig) {}
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::Utc;
+use serde_json::json;
+
+use crate::api::client::method_not_allowed;
+use crate::app::AppState;
+use crate::catalog;
+use crate::console::layout;
+
+/// Our script, compiled into the binary.
+const SCRIPT: &str = include_str!("market.js");
+
+/// The longest key form the page reads (a key is far shorter).
+const MAX_FORM_BYTES: usize = 4096;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/")
+            .route(web::get().to(index))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/key")
+            .app_data(web::PayloadConfig::new(MAX_FORM_BYTES))
+            .route(web::post().to(use_key))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/key/forget")
+            .route(web::post().to(forget_key))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/market/state")
+            .route(web::get().to(live_state))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/assets/market.js")
+            .route(web::get().to(script))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let key = session::key_id(&req)
+        .and_then(|id| state.keys.get(&id))
+        .filter(|k| k.record.revoked_at.is_none());
+    let market = match key {
+        Some(k) => {
+            let (models, view) = page::for_key(&state, &k).await;
+            page::Market {
+                models,
+                key: Some(view),
+                error: None,
+            }
+        }
+        None => page::Market {
+            models: page::public(&state),
+            key: None,
+            error: None,
+        },
+    };
+    layout::ok(page::render(&market))
+}
+
+/// `POST /key` with the form field `key`: a valid key opens a session and goes back to `/`; a
+/// wrong one gets the public page again with an error and 401, and nothing about why.
+async fn use_key(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    if !same_origin(&req) {
+        return refused(
+            &state,
+            StatusCode::FORBIDDEN,
+            "This form must be sent from this page.",
+        );
+    }
+    let key = form_value(&body, "key")
+        .map(|k| k.trim().to_string())
+        .and_then(|k| state.keys.authenticate(&k));
+    match key {
+        Some(k) => {
+            let id = session::open(k.id());
+            see_other(session::set_cookie(&id, secure(&state)))
+        }
+        None => refused(&state, StatusCode::UNAUTHORIZED, "That key is not valid."),
+    }
+}
+
+/// `POST /key/forget`: ends the session and clears the cookie.
+async fn forget_key(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    session::close(&req);
+    see_other(session::clear_cookie(secure(&state)))
+}
+
+/// `GET /market/state`: every route's live cells and each model's public verdict (nothing
+/// about any key).
+async fn live_state(state: web::Data<AppState>) -> HttpResponse {
+    let now = Utc::now();
+    let mut routes = Vec::new();
+    let mut models = Vec::new();
+    for m in &state.config.models {
+        for v in catalog::route_views(&state, m) {
+            routes.push(json!({
+                "route": v.get("route"),
+                "cells": page::live_cells(&v, now),
+            }));
+        }
+        let callable = catalog::any_route_up(&state, m);
+        models.push(json!({
+            "model": m.name,
+            "callable": callable,
+            "verdict": page::public_verdict(callable),
+        }));
+    }
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"routes": routes, "models": models}))
+}
+
+async fn script() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/javascript; charset=utf-8"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .body(SCRIPT)
+}
+
+fn refused(state: &AppState, status: StatusCode, error: &str) -> HttpResponse {
+    let market = page::Market {
+        models: page::public(state),
+        key: None,
+        error: Some(error.to_string()),
+    };
+    layout::respond(status, page::render(&market))
+}
+
+fn see_other(cookie: String) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, "/"))
+        .insert_header((header::SET_COOKIE, cookie))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .finish()
+}
+
+fn secure(state: &AppState) -> bool {
+    state.config.server.tls.is_some()
+}
+
+/// A browser's cross-site form post says so (`Sec-Fetch-Site`, or another site's `Origin`):
+/// refused, so no page elsewhere can sign a visitor in with a key of its choosing. (The page's
+/// `no-referrer` policy makes browsers send `Origin: null` from our own form, so the fetch
+/// metadata decides when present.)
+fn same_origin(req: &HttpRequest) -> bool {
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = h("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    match h("origin") {
+        None | Some("null") => true,
+        Some(origin) => {
+            let host = h("host").unwrap_or("");
+            !host.is_empty() && origin.split_once("://").map(|(_, o)| o) == Some(host)
+        }
+    }
+}
+
+/// The value of `name` in an `application/x-www-form-urlencoded` body.
+fn form_value(body: &[u8], name: &str) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    text.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k)? == name)
+            .then(|| percent_decode(v))
+            .flatten()
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hi = (bytes.next()? as char).to_digit(16)?;
+                let lo = (bytes.next()? as char).to_digit(16)?;
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_values_are_decoded() {
+        assert_eq!(
+            form_value(b"a=1&key=tg-a%2Bb+c", "key").as_deref(),
+            Some("tg-a+b c")
+        );
+        assert_eq!(form_value(b"key=%zz", "key"), None);
+        assert_eq!(form_value(b"other=1", "key"), None);
+    }
+}
