@@ -181,7 +181,7 @@ impl Wallets {
             .map_err(|_| WalletError::Unavailable("the wallets did not answer in time".into()))?;
         // An actor that stopped meanwhile (idle: it had no open holds) has nothing to list.
         let mut open: Vec<OpenRequest> = answers.into_iter().flatten().flatten().collect();
-        open.sort_by(|a, b| (b.draft.started_at, b.hold_id).cmp(&(a.draft.started_at, a.hold_id)));
+        open.sort_by_key(|r| std::cmp::Reverse((r.draft.started_at, r.hold_id)));
         Ok(open)
     }
 
