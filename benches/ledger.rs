@@ -52,6 +52,7 @@ fn record(i: u64) -> LedgerRecord {
         key_name: key,
         project: format!("project-{}", i % 7),
         end_user: Some(format!("user-{}", i % 1000)),
+        task: None,
         endpoint: "chat.completions".into(),
         requested_model: if i % 3 == 0 { "gpt-4o" } else { "gpt-4o-mini" }.into(),
         stream: true,
@@ -157,6 +158,7 @@ fn filter(key_id: Option<&str>, project: Option<&str>, status: Option<Status>) -
     Filter {
         key_id: key_id.map(str::to_string),
         project: project.map(str::to_string),
+        task: None,
         model: None,
         status,
         since: None,

@@ -20,6 +20,7 @@ struct Req {
     secret: String,
     model: &'static str,
     project: Option<&'static str>,
+    task: Option<&'static str>,
     stream: bool,
 }
 
@@ -29,6 +30,7 @@ impl Req {
             secret: secret.to_string(),
             model,
             project: None,
+            task: None,
             stream: false,
         }
     }
@@ -47,6 +49,9 @@ async fn send_all(g: &Gateway, reqs: Vec<Req>) -> Vec<u16> {
                     "messages": [{"role": "user", "content": "12345678"}]}));
                 if let Some(p) = r.project {
                     b = b.header("X-Tollgate-Project", p);
+                }
+                if let Some(t) = r.task {
+                    b = b.header("X-Tollgate-Task", t);
                 }
                 let resp = b.send().await.unwrap();
                 let s = resp.status().as_u16();
@@ -522,4 +527,79 @@ async fn explain_attributes_doubled_traffic_to_volume() {
         ))
         .await;
     assert_eq!(s, 400);
+}
+
+/// Workflow runs: `task=` selects one run in the ledger, its export (where `task` follows
+/// `end_user`, formula-neutralised in CSV) and usage; usage groups by task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_export_and_usage_by_task() {
+    let g = Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body("", "100", "100"),
+        data_dir: None,
+    });
+    let with = |model: &'static str, task: Option<&'static str>| Req {
+        task,
+        ..Req::new(DEMO_KEY, model)
+    };
+    let mut reqs = vec![with("m", Some("run-a")); 3];
+    reqs.push(with("nope", Some("run-a")));
+    reqs.extend(vec![with("m", Some("run-b")); 2]);
+    reqs.push(with("m", Some("=1+2")));
+    reqs.push(with("m", None));
+    let statuses = send_all(&g, reqs).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 404).count(), 1);
+    let all = wait_for_records(&g, 8).await;
+
+    let run_a = g.all_records("&task=run-a").await;
+    assert_eq!(run_a.len(), 4, "the task filter");
+    assert!(run_a.iter().all(|r| r["task"] == "run-a"));
+    assert_eq!(
+        run_a.iter().filter(|r| r["status"] == "rejected").count(),
+        1
+    );
+    assert_eq!(g.all_records("&task=run-b").await.len(), 2);
+    assert!(
+        g.all_records("&task=run").await.is_empty(),
+        "exact match only"
+    );
+
+    // Export: the same records; CSV has `task` after `end_user`, neutralised as a formula.
+    let (s, _, text) = admin_text(&g, "/admin/ledger/export?format=csv&task=run-a").await;
+    assert_eq!(s, 200);
+    assert_csv_matches(&text, &run_a);
+    let header = parse_csv(&text)[0].clone();
+    let at = |n: &str| header.iter().position(|h| h == n).unwrap();
+    assert_eq!(at("task"), at("end_user") + 1);
+    let (_, _, text) = admin_text(&g, "/admin/ledger/export?format=csv&task=%3D1%2B2").await;
+    let rows = parse_csv(&text);
+    assert_eq!(rows.len(), 2, "{text}");
+    assert_eq!(rows[1][at("task")], "'=1+2");
+    let (_, _, text) = admin_text(&g, "/admin/ledger/export?format=jsonl&task=run-b").await;
+    assert_eq!(text.lines().count(), 2);
+
+    // Usage: filtered to one run, and grouped by run.
+    let (s, v) = g.admin_get("/admin/usage?task=run-a").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(usage_by_key(&v), expected_usage(&run_a, &[]));
+    let (s, v) = g.admin_get("/admin/usage?group_by=task,key_id").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(usage_by_key(&v), expected_usage(&all, &["key_id", "task"]));
+    let tasks: std::collections::BTreeSet<String> = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"]["task"].to_string())
+        .collect();
+    assert_eq!(
+        tasks.into_iter().collect::<Vec<_>>(),
+        ["\"=1+2\"", "\"run-a\"", "\"run-b\"", "null"]
+    );
+    let (s, v) = g.admin_get("/admin/usage?group_by=tasks").await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("task"),
+        "{v}"
+    );
+    g.assert_no_panic();
 }

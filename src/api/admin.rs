@@ -1,5 +1,5 @@
 //! Admin endpoints (docs/api.md) on the admin listener: keys, wallets and top-ups, the ledger,
-//! routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
+//! the requests open right now, routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
 //! `/healthz` and `/readyz` do not.
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -14,7 +14,7 @@ use crate::app::AppState;
 use crate::keys::NewKey;
 use crate::ledger::store::ApiKeyRecord;
 use crate::ledger::{LedgerRecord, Status, TopupOutcome};
-use crate::wallet::WalletError;
+use crate::wallet::{OpenRequest, WalletError};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/metrics").route(web::get().to(metrics)))
@@ -47,6 +47,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/ledger/{request_id}").route(web::get().to(ledger_one)))
                 .service(web::resource("/routes").route(web::get().to(routes_view)))
                 .service(web::resource("/catalog").route(web::get().to(catalog)))
+                .service(web::resource("/inflight").route(web::get().to(inflight)))
                 .default_service(web::to(admin_not_found)),
         )
         .default_service(web::to(super::client::not_found));
@@ -384,11 +385,62 @@ async fn wallet(
     Ok(HttpResponse::Ok().json(wallet_view(&state, &path).await?))
 }
 
+#[derive(Deserialize)]
+struct InflightQuery {
+    key_id: Option<String>,
+}
+
+/// One open request as `GET /admin/inflight` shows it: the draft record's attribution and route,
+/// what it has drawn so far and what its hold grants; amounts as decimal strings.
+pub fn inflight_view(r: &OpenRequest) -> Value {
+    let d = &r.draft;
+    json!({
+        "request_id": d.request_id,
+        "key_id": d.key_id,
+        "project": d.project,
+        "task": d.task,
+        "requested_model": d.requested_model,
+        "route": d.route,
+        "bucket": d.bucket,
+        "currency": d.currency,
+        "started_at": d.started_at,
+        "output_tokens": r.output_tokens,
+        "cost": r.drawn.normalize().to_string(),
+        "held": r.held.normalize().to_string(),
+    })
+}
+
+/// `GET /admin/inflight?key_id=`: the requests open right now, one per open hold, newest first.
+async fn inflight(
+    req: HttpRequest,
+    q: web::Query<InflightQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let key_id = q.key_id.as_deref();
+    if let Some(k) = key_id {
+        if state.keys.get(k).is_none() {
+            return Err(ApiError::not_found(format!("no key with id '{k}'")));
+        }
+    }
+    let open = state.wallets.inflight(key_id).await.map_err(|e| {
+        ApiError::new(
+            503,
+            "service_unavailable",
+            "wallet_unavailable",
+            e.to_string(),
+        )
+    })?;
+    let requests: Vec<Value> = open.iter().map(inflight_view).collect();
+    Ok(HttpResponse::Ok().json(json!({ "requests": requests })))
+}
+
 /// Ledger filters (R31).
 #[derive(Debug, Default, Deserialize)]
 pub struct LedgerQuery {
     pub key_id: Option<String>,
     pub project: Option<String>,
+    pub task: Option<String>,
     pub model: Option<String>,
     pub status: Option<String>,
     pub since: Option<String>,
@@ -414,6 +466,8 @@ pub(crate) fn parse_time(
 pub struct Filter {
     pub key_id: Option<String>,
     pub project: Option<String>,
+    /// Exact match on the record's `task`.
+    pub task: Option<String>,
     pub model: Option<String>,
     pub status: Option<Status>,
     pub since: Option<DateTime<Utc>>,
@@ -431,6 +485,7 @@ impl Filter {
         Ok(Filter {
             key_id: q.key_id.clone(),
             project: q.project.clone(),
+            task: q.task.clone(),
             model: q.model.clone(),
             status,
             since: parse_time("since", &q.since)?,
@@ -439,6 +494,10 @@ impl Filter {
     }
     pub fn matches(&self, r: &LedgerRecord) -> bool {
         self.project.as_ref().is_none_or(|p| &r.project == p)
+            && self
+                .task
+                .as_ref()
+                .is_none_or(|t| r.task.as_ref() == Some(t))
             && self.model.as_ref().is_none_or(|m| &r.requested_model == m)
             && self.status.is_none_or(|s| r.status == s)
             && self.key_id.as_ref().is_none_or(|k| &r.key_id == k)

@@ -281,6 +281,30 @@ fn header_str(req: &HttpRequest, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The longest `X-Tollgate-Task` value, in characters.
+const MAX_TASK_CHARS: usize = 128;
+
+/// `X-Tollgate-Task`: the caller's id for one workflow run, kept as sent. At most
+/// [`MAX_TASK_CHARS`] printable ASCII characters (0x20–0x7E); an empty header is no task.
+fn task_header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    const NAME: &str = "x-tollgate-task";
+    let Some(v) = req.headers().get(NAME) else {
+        return Ok(None);
+    };
+    let bytes = v.as_bytes();
+    if bytes.len() > MAX_TASK_CHARS || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(ApiError::invalid_value(
+            NAME,
+            format!(
+                "'X-Tollgate-Task' must be at most {MAX_TASK_CHARS} printable ASCII characters"
+            ),
+        ));
+    }
+    // Printable ASCII throughout, so valid UTF-8.
+    let task = String::from_utf8_lossy(bytes).into_owned();
+    Ok((!task.is_empty()).then_some(task))
+}
+
 async fn handle(
     req: HttpRequest,
     payload: web::Payload,
@@ -297,11 +321,13 @@ async fn handle(
     let key = authenticate(&state, &req)?;
     let project =
         header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
+    let task = task_header(&req)?;
     let pending = Pending {
         request_id: crate::ledger::new_request_id(started_at),
         key,
         project,
         end_user: header_str(&req, "x-tollgate-user"),
+        task,
         endpoint,
         started_at,
         started,
@@ -400,6 +426,7 @@ async fn handle(
         key: pending.key,
         project: pending.project,
         end_user: pending.end_user,
+        task: pending.task,
         endpoint,
         model,
         stream,
@@ -455,6 +482,7 @@ struct Pending {
     key: Arc<ApiKey>,
     project: String,
     end_user: Option<String>,
+    task: Option<String>,
     endpoint: Endpoint,
     started_at: chrono::DateTime<chrono::Utc>,
     started: Instant,
@@ -481,6 +509,7 @@ impl Pending {
             key: self.key.clone(),
             project: self.project.clone(),
             end_user: self.end_user.clone(),
+            task: self.task.clone(),
             endpoint: self.endpoint,
             model,
             stream,

@@ -147,6 +147,7 @@ pub struct UsageQuery {
     group_by: Option<String>,
     key_id: Option<String>,
     project: Option<String>,
+    task: Option<String>,
     model: Option<String>,
     status: Option<String>,
 }
@@ -175,7 +176,7 @@ async fn fold_records<T: Send + 'static>(
 }
 
 /// `GET /admin/usage?since=&until=&group_by=...` (R32). Also takes the ledger's `key_id`,
-/// `project`, `model` and `status` filters.
+/// `project`, `task`, `model` and `status` filters.
 pub async fn usage(
     req: HttpRequest,
     q: web::Query<UsageQuery>,
@@ -185,13 +186,16 @@ pub async fn usage(
     let group_by = parse_group_by(q.group_by.as_deref().unwrap_or("")).map_err(|bad| {
         ApiError::invalid_value(
             "group_by",
-            format!("unknown group_by '{bad}': use any of key_id, project, model, route, bucket"),
+            format!(
+                "unknown group_by '{bad}': use any of key_id, project, task, model, route, bucket"
+            ),
         )
     })?;
     let q = q.into_inner();
     let f = Filter::parse(&LedgerQuery {
         key_id: q.key_id,
         project: q.project,
+        task: q.task,
         model: q.model,
         status: q.status,
         since: q.since,
@@ -236,6 +240,7 @@ fn period(
     Ok(Filter {
         key_id: q.key_id.clone(),
         project: q.project.clone(),
+        task: None,
         model: None,
         status: None,
         since: Some(s),

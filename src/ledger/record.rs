@@ -81,6 +81,9 @@ pub struct LedgerRecord {
     pub key_name: String,
     pub project: String,
     pub end_user: Option<String>,
+    /// The caller's workflow run (`X-Tollgate-Task`); absent from records written before it.
+    #[serde(default)]
+    pub task: Option<String>,
     pub endpoint: String,
     pub requested_model: String,
     pub stream: bool,
@@ -110,6 +113,92 @@ pub struct LedgerRecord {
     pub shortfall: Decimal,
     pub ttft_ms: Option<u64>,
     pub duration_ms: u64,
+}
+
+/// The record as stored under compact version 1, before `task` (postcard is positional, so
+/// such records only read with this layout). Never written any more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LedgerRecordV1 {
+    pub request_id: String,
+    #[serde(with = "time")]
+    pub started_at: DateTime<Utc>,
+    #[serde(with = "time")]
+    pub finished_at: DateTime<Utc>,
+    pub workspace: String,
+    pub key_id: String,
+    pub key_name: String,
+    pub project: String,
+    pub end_user: Option<String>,
+    pub endpoint: String,
+    pub requested_model: String,
+    pub stream: bool,
+    pub route: Option<String>,
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub route_kind: Option<String>,
+    pub bucket: Option<String>,
+    pub currency: Option<String>,
+    pub attempts: Vec<Attempt>,
+    pub fallbacks: u32,
+    pub retries: u32,
+    pub status: Status,
+    pub http_status: u16,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub output_tokens_delivered: u64,
+    pub usage_source: UsageSource,
+    pub upstream_usage: Option<UpstreamUsage>,
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub input_per_mtok: Option<Decimal>,
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub output_per_mtok: Option<Decimal>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub shortfall: Decimal,
+    pub ttft_ms: Option<u64>,
+    pub duration_ms: u64,
+}
+
+impl From<LedgerRecordV1> for LedgerRecord {
+    fn from(r: LedgerRecordV1) -> LedgerRecord {
+        LedgerRecord {
+            request_id: r.request_id,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            workspace: r.workspace,
+            key_id: r.key_id,
+            key_name: r.key_name,
+            project: r.project,
+            end_user: r.end_user,
+            task: None,
+            endpoint: r.endpoint,
+            requested_model: r.requested_model,
+            stream: r.stream,
+            route: r.route,
+            provider: r.provider,
+            upstream_model: r.upstream_model,
+            route_kind: r.route_kind,
+            bucket: r.bucket,
+            currency: r.currency,
+            attempts: r.attempts,
+            fallbacks: r.fallbacks,
+            retries: r.retries,
+            status: r.status,
+            http_status: r.http_status,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            output_tokens_delivered: r.output_tokens_delivered,
+            usage_source: r.usage_source,
+            upstream_usage: r.upstream_usage,
+            input_per_mtok: r.input_per_mtok,
+            output_per_mtok: r.output_per_mtok,
+            cost: r.cost,
+            shortfall: r.shortfall,
+            ttft_ms: r.ttft_ms,
+            duration_ms: r.duration_ms,
+        }
+    }
 }
 
 /// Record times as RFC 3339 strings. JSON gets chrono's own form. The compact storage encoding
@@ -172,6 +261,7 @@ impl LedgerRecord {
             key_name: String::new(),
             project: String::new(),
             end_user: None,
+            task: None,
             endpoint: String::new(),
             requested_model: String::new(),
             stream: false,
@@ -211,6 +301,7 @@ pub const FIELDS: &[&str] = &[
     "key_name",
     "project",
     "end_user",
+    "task",
     "endpoint",
     "requested_model",
     "stream",

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::record::{LedgerRecord, Status, UsageSource};
+use super::record::{LedgerRecord, LedgerRecordV1, Status, UsageSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,6 +80,36 @@ pub struct PersistedHold {
     pub updated_at: DateTime<Utc>,
     /// The request's record as far as it is known; settled as `interrupted` after a crash.
     pub draft: Box<LedgerRecord>,
+}
+
+/// [`PersistedHold`] as stored under compact version 1 (its draft without `task`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PersistedHoldV1 {
+    hold_id: u64,
+    key_id: String,
+    bucket: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    granted: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    consumed: Decimal,
+    consumed_tokens: u64,
+    updated_at: DateTime<Utc>,
+    draft: Box<LedgerRecordV1>,
+}
+
+impl From<PersistedHoldV1> for PersistedHold {
+    fn from(h: PersistedHoldV1) -> PersistedHold {
+        PersistedHold {
+            hold_id: h.hold_id,
+            key_id: h.key_id,
+            bucket: h.bucket,
+            granted: h.granted,
+            consumed: h.consumed,
+            consumed_tokens: h.consumed_tokens,
+            updated_at: h.updated_at,
+            draft: Box::new((*h.draft).into()),
+        }
+    }
 }
 
 /// An open hold's latest consumption, persisted every flush interval while it draws (R9),
@@ -218,30 +248,54 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
     })
 }
 
-/// First byte of a value stored as postcard; values stored as JSON start with `{`.
-const POSTCARD: u8 = 1;
+/// First byte of a value stored as postcard in the layout before records had `task`; values
+/// stored as JSON start with `{`. Still read, never written.
+const POSTCARD_V1: u8 = 1;
+/// First byte of a value stored as postcard in the current layout.
+const POSTCARD_V2: u8 = 2;
+
+/// A value stored compactly. Postcard is positional, so a layout change gets a new version byte
+/// and values written in the old layout are read through the old type.
+pub(crate) trait Compact: Serialize + for<'de> Deserialize<'de> {
+    /// The layout written under [`POSTCARD_V1`].
+    type V1: for<'de> Deserialize<'de> + Into<Self>;
+}
+
+impl Compact for LedgerRecord {
+    type V1 = LedgerRecordV1;
+}
+
+impl Compact for PersistedHold {
+    type V1 = PersistedHoldV1;
+}
+
+impl Compact for HoldDrawn {
+    type V1 = HoldDrawn;
+}
 
 /// A ledger record or an open hold as stored: postcard behind a version byte.
-pub(crate) fn encode_compact<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn encode_compact<T: Compact>(v: &T) -> Vec<u8> {
     // Encoding plain data into a growable buffer cannot fail.
     let mut out = Vec::with_capacity(512);
-    out.push(POSTCARD);
+    out.push(POSTCARD_V2);
     match postcard::to_extend(v, out) {
         Ok(out) => out,
         Err(_) => to_json(v),
     }
 }
 
-/// Reads a value written by [`encode_compact`], or as JSON by earlier versions.
-pub(crate) fn decode_compact<T: for<'de> Deserialize<'de>>(
-    key: &[u8],
-    v: &[u8],
-) -> Result<T, StoreError> {
+/// Reads a value written by [`encode_compact`] (in this or the previous layout), or as JSON by
+/// earlier versions.
+pub(crate) fn decode_compact<T: Compact>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |e: postcard::Error| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        err: e.to_string(),
+    };
     match v.split_first() {
-        Some((&POSTCARD, body)) => postcard::from_bytes(body).map_err(|e| StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            err: e.to_string(),
-        }),
+        Some((&POSTCARD_V2, body)) => postcard::from_bytes(body).map_err(corrupt),
+        Some((&POSTCARD_V1, body)) => postcard::from_bytes::<T::V1>(body)
+            .map(Into::into)
+            .map_err(corrupt),
         _ => from_json(key, v),
     }
 }
@@ -433,6 +487,29 @@ impl Store {
         })
     }
 
+    /// The records of one workflow run (`task`), oldest first, among those started in
+    /// `[since, until)` (and of `key_id`, if given). There is no index by task: this walks the
+    /// time index over the window (or the key's index) and decodes every record in it, so its
+    /// cost grows with the records in the window, not with the task's; narrow the window (a
+    /// run's records lie between its first and last request) or give the key to keep it small.
+    pub fn task_records(
+        &self,
+        task: &str,
+        key_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<LedgerRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.scan_records(key_id, since, until, None) {
+            let (_, rec) = item?;
+            if rec.task.as_deref() == Some(task) {
+                out.push(rec);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// Settles every hold left by a crash at its last persisted consumption, with an
     /// `interrupted` record, each in one atomic batch (R9). Returns how many.
     pub fn recover_holds(&self) -> Result<usize, StoreError> {
@@ -502,4 +579,64 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn set_mode(_: &Path, _: u32) -> std::io::Result<()> {
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn record() -> LedgerRecord {
+        let mut r = LedgerRecord::empty("req_1".into(), Utc::now());
+        r.key_id = "key_1".into();
+        r.end_user = Some("alice".into());
+        r.endpoint = "chat.completions".into();
+        r.requested_model = "m".into();
+        r.cost = Decimal::new(123, 4);
+        r
+    }
+
+    /// `value` in the version-1 layout (`V1` read from its JSON, which has no `task` then).
+    fn encode_v1<T: Compact, V1: Serialize + for<'de> Deserialize<'de>>(value: &T) -> Vec<u8> {
+        let old: V1 = serde_json::from_value(serde_json::to_value(value).unwrap()).unwrap();
+        let mut out = vec![POSTCARD_V1];
+        out.extend(postcard::to_allocvec(&old).unwrap());
+        out
+    }
+
+    /// Records and open holds written before records had `task` still read, without one; the
+    /// current layout keeps it.
+    #[test]
+    fn records_and_holds_in_the_previous_layout_still_read() {
+        let rec = record();
+        let old = encode_v1::<_, LedgerRecordV1>(&rec);
+        assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &old).unwrap(), rec);
+
+        let hold = PersistedHold {
+            hold_id: 7,
+            key_id: "key_1".into(),
+            bucket: "credit".into(),
+            granted: Decimal::new(5, 1),
+            consumed: Decimal::new(2, 1),
+            consumed_tokens: 3,
+            updated_at: Utc::now(),
+            draft: Box::new(rec.clone()),
+        };
+        let old = encode_v1::<_, PersistedHoldV1>(&hold);
+        assert_eq!(decode_compact::<PersistedHold>(b"h/x", &old).unwrap(), hold);
+
+        let mut with_task = rec;
+        with_task.task = Some("run-1".into());
+        let new = encode_compact(&with_task);
+        assert_eq!(new[0], POSTCARD_V2);
+        assert_eq!(
+            decode_compact::<LedgerRecord>(b"l/x", &new).unwrap(),
+            with_task
+        );
+        // JSON records from before the compact encoding read too, without `task`.
+        let mut json = serde_json::to_value(&with_task).unwrap();
+        json.as_object_mut().unwrap().remove("task");
+        let read: LedgerRecord = decode_compact(b"l/x", &to_json(&json)).unwrap();
+        assert_eq!(read.task, None);
+    }
 }

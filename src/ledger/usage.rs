@@ -16,6 +16,8 @@ use super::record::{LedgerRecord, Status};
 pub enum GroupKey {
     KeyId,
     Project,
+    /// The workflow run (`X-Tollgate-Task`); `null` for records without one.
+    Task,
     /// The requested model (as the ledger's `model` filter, R31).
     Model,
     Route,
@@ -23,9 +25,10 @@ pub enum GroupKey {
 }
 
 impl GroupKey {
-    pub const ALL: [GroupKey; 5] = [
+    pub const ALL: [GroupKey; 6] = [
         GroupKey::KeyId,
         GroupKey::Project,
+        GroupKey::Task,
         GroupKey::Model,
         GroupKey::Route,
         GroupKey::Bucket,
@@ -35,6 +38,7 @@ impl GroupKey {
         match self {
             GroupKey::KeyId => "key_id",
             GroupKey::Project => "project",
+            GroupKey::Task => "task",
             GroupKey::Model => "model",
             GroupKey::Route => "route",
             GroupKey::Bucket => "bucket",
@@ -49,6 +53,7 @@ impl GroupKey {
         match self {
             GroupKey::KeyId => Some(r.key_id.clone()),
             GroupKey::Project => Some(r.project.clone()),
+            GroupKey::Task => r.task.clone(),
             GroupKey::Model => Some(r.requested_model.clone()),
             GroupKey::Route => r.route.clone(),
             GroupKey::Bucket => r.bucket.clone(),

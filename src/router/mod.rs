@@ -55,6 +55,8 @@ pub struct Call {
     pub key: Arc<ApiKey>,
     pub project: String,
     pub end_user: Option<String>,
+    /// The caller's workflow run (`X-Tollgate-Task`), checked.
+    pub task: Option<String>,
     pub endpoint: Endpoint,
     pub model: Arc<Model>,
     pub stream: bool,
@@ -80,6 +82,7 @@ impl Call {
             key_name: self.key.record.name.clone(),
             project: self.project.clone(),
             end_user: self.end_user.clone(),
+            task: self.task.clone(),
             endpoint: match self.endpoint {
                 Endpoint::Chat => "chat.completions".into(),
                 Endpoint::Embeddings => "embeddings".into(),

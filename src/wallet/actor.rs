@@ -528,6 +528,59 @@ impl Handler<FlushHolds> for WalletActor {
     }
 }
 
+/// The holds open right now, with what each has drawn so far (read from the slots the requests
+/// write as they draw, as the flush does): `GET /admin/inflight`. One message per actor, never
+/// one per token.
+pub struct Inflight;
+
+/// One open hold as [`Inflight`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenRequest {
+    pub hold_id: u64,
+    /// The request's draft record: attribution, route, bucket, currency, start time.
+    pub draft: LedgerRecord,
+    /// Drawn so far: the input and every output token drawn.
+    pub drawn: Decimal,
+    /// Output tokens drawn so far.
+    pub output_tokens: u64,
+    /// The hold's grant, extensions included.
+    pub held: Decimal,
+}
+
+impl Message for Inflight {
+    type Result = Vec<OpenRequest>;
+}
+
+impl Handler<Inflight> for WalletActor {
+    type Result = MessageResult<Inflight>;
+    fn handle(&mut self, _: Inflight, _: &mut Context<Self>) -> Self::Result {
+        let key_id = &self.key_id;
+        let open = self
+            .holds
+            .iter()
+            .filter_map(|(id, h)| {
+                let draft = match decode_compact::<LedgerRecord>(b"hold draft", &h.draft) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Cannot happen (the actor encoded it): the hold is left out.
+                        tracing::error!(error = %e, %key_id, "cannot read a hold's draft");
+                        return None;
+                    }
+                };
+                let (drawn, output_tokens) = h.drawn.get();
+                Some(OpenRequest {
+                    hold_id: *id,
+                    draft,
+                    drawn,
+                    output_tokens,
+                    held: h.granted,
+                })
+            })
+            .collect();
+        MessageResult(open)
+    }
+}
+
 /// Test seams: a handler that panics (as a bug would), and one that keeps the actor busy so
 /// that its mailbox fills up.
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use rust_decimal::Decimal;
 
-use actor::{Extend, Reserve, Settle, Snapshot, TopUp, WalletActor};
-pub use actor::{Settled, WalletSnapshot};
+use actor::{Extend, Inflight, Reserve, Settle, Snapshot, TopUp, WalletActor};
+pub use actor::{OpenRequest, Settled, WalletSnapshot};
 use registry::Registry;
 
 use crate::ledger::{LedgerRecord, LedgerWriter, TopupOutcome};
@@ -51,6 +51,9 @@ pub struct Wallets {
 }
 
 const SEND_TRIES: usize = 4;
+
+/// How long [`Wallets::inflight`] waits for the wallet actors' answers.
+const INFLIGHT_WAIT: Duration = Duration::from_secs(5);
 
 impl Wallets {
     pub fn new(
@@ -162,6 +165,24 @@ impl Wallets {
 
     pub async fn snapshot(&self, key_id: &str) -> Result<WalletSnapshot, WalletError> {
         self.send(key_id, || Snapshot).await
+    }
+
+    /// The requests open right now (one entry per open hold), newest first; with `key_id`, only
+    /// that key's. Asks each running wallet actor once (a key without one has nothing open);
+    /// the figures are what the requests have drawn by the time the actor answers.
+    pub async fn inflight(&self, key_id: Option<&str>) -> Result<Vec<OpenRequest>, WalletError> {
+        let addrs = match key_id {
+            Some(k) => self.registry.live_addr(k).into_iter().collect(),
+            None => self.registry.live_addrs(),
+        };
+        let asks = futures_util::future::join_all(addrs.iter().map(|a| a.send(Inflight)));
+        let answers = tokio::time::timeout(INFLIGHT_WAIT, asks)
+            .await
+            .map_err(|_| WalletError::Unavailable("the wallets did not answer in time".into()))?;
+        // An actor that stopped meanwhile (idle: it had no open holds) has nothing to list.
+        let mut open: Vec<OpenRequest> = answers.into_iter().flatten().flatten().collect();
+        open.sort_by_key(|r| std::cmp::Reverse((r.draft.started_at, r.hold_id)));
+        Ok(open)
     }
 
     pub fn actor_count(&self) -> usize {

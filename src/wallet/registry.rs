@@ -94,14 +94,25 @@ impl Registry {
         addr
     }
 
+    /// The key's actor if one is running (none is started).
+    pub fn live_addr(&self, key_id: &str) -> Option<Addr<WalletActor>> {
+        let shard = self.shard(key_id);
+        let m = shard.actors.lock();
+        m.get(key_id).filter(|a| a.connected()).cloned()
+    }
+
+    /// Every running wallet actor.
+    pub fn live_addrs(&self) -> Vec<Addr<WalletActor>> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.actors.lock().values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Waits until every live wallet actor has handled what was sent to it so far and handed its
     /// open holds to the writer, or `limit` passes.
     pub async fn flush_all(&self, limit: Duration) -> bool {
-        let addrs: Vec<Addr<WalletActor>> = self
-            .shards
-            .iter()
-            .flat_map(|s| s.actors.lock().values().cloned().collect::<Vec<_>>())
-            .collect();
+        let addrs = self.live_addrs();
         let all = futures_util::future::join_all(addrs.iter().map(|a| a.send(FlushHolds)));
         tokio::time::timeout(limit, all).await.is_ok()
     }
