@@ -11,7 +11,8 @@
 //! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log
 //! - `l/{micros:016x}{request_id}` ledger record; `x/{key_id}/{micros:016x}{request_id}` key
 //!   index (empty value: the `l/` key is its tail); `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
-//!   time (see [`new_request_id`])
+//!   time (see [`new_request_id`]); `a/{task}\0{micros:016x}{request_id}` task index (empty
+//!   value), for records of a workflow run
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -186,6 +187,17 @@ pub(crate) fn key_x(rec: &LedgerRecord) -> Vec<u8> {
         &rec.request_id,
     )
 }
+/// The task index entry of a record of a workflow run: `a/{task}\0{micros:016x}{request_id}`,
+/// empty value (the `l/` key is `l/` + its tail). The NUL ends the task, which is printable
+/// ASCII, so that one task's prefix never takes in another's.
+pub(crate) fn key_a(rec: &LedgerRecord) -> Option<Vec<u8>> {
+    let task = rec.task.as_deref()?;
+    Some(time_key(
+        &[b"a/", task.as_bytes(), b"\0"],
+        micros(rec.started_at),
+        &rec.request_id,
+    ))
+}
 /// `prefix` parts, 16 hex digits of `micros`, then the request id (the keys are written for every
 /// record, so without the formatting machinery).
 fn time_key(prefix: &[&[u8]], micros: u64, request_id: &str) -> Vec<u8> {
@@ -305,6 +317,9 @@ pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
     let lk = key_l(rec);
     // The `x/` entry's value is empty: the `l/` key is its key's tail.
     batch.insert(key_x(rec), &[][..]);
+    if let Some(a) = key_a(rec) {
+        batch.insert(a, &[][..]);
+    }
     if id_micros(&rec.request_id) != Some(micros(rec.started_at)) {
         // An id that does not carry its start time is found through the `i/` index.
         batch.insert(key_i(&rec.request_id), lk.clone());
@@ -488,10 +503,8 @@ impl Store {
     }
 
     /// The records of one workflow run (`task`), oldest first, among those started in
-    /// `[since, until)` (and of `key_id`, if given). There is no index by task: this walks the
-    /// time index over the window (or the key's index) and decodes every record in it, so its
-    /// cost grows with the records in the window, not with the task's; narrow the window (a
-    /// run's records lie between its first and last request) or give the key to keep it small.
+    /// `[since, until)` (and of `key_id`, if given), through the task index (`a/`): the cost
+    /// grows with the task's records, not with the ledger.
     pub fn task_records(
         &self,
         task: &str,
@@ -499,14 +512,34 @@ impl Store {
         since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError> {
+        let mut prefix = b"a/".to_vec();
+        prefix.extend_from_slice(task.as_bytes());
+        prefix.push(0);
+        let (lo_t, hi_t) = (
+            since.map(micros).unwrap_or(0),
+            until.map(micros).unwrap_or(u64::MAX),
+        );
         let mut out = Vec::new();
-        for item in self.scan_records(key_id, since, until, None) {
-            let (_, rec) = item?;
-            if rec.task.as_deref() == Some(task) {
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let tail = k.get(prefix.len()..).unwrap_or_default();
+            let t = std::str::from_utf8(tail.get(..16).unwrap_or_default())
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+            if t < lo_t || t >= hi_t {
+                continue;
+            }
+            let mut lk = b"l/".to_vec();
+            lk.extend_from_slice(tail);
+            let Some(v) = self.db.get(&lk)? else {
+                continue;
+            };
+            let rec: LedgerRecord = decode_compact(&lk, &v)?;
+            if key_id.is_none_or(|k| rec.key_id == k) {
                 out.push(rec);
             }
         }
-        out.reverse();
         Ok(out)
     }
 

@@ -614,6 +614,9 @@ fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, Stor
         let rec: LedgerRecord = decode_compact(&k, &v)?;
         batch.remove(k);
         batch.remove(key_x(&rec));
+        if let Some(a) = key_a(&rec) {
+            batch.remove(a);
+        }
         batch.remove(key_i(&rec.request_id));
         n += 1;
         if n % 1000 == 0 {
@@ -717,6 +720,40 @@ mod tests {
             None
         );
         thread.stop();
+    }
+
+    /// A task's records come from its own index entries, oldest first, and never from a task
+    /// whose name starts the same; pruning takes the entries away with the records.
+    #[test]
+    fn task_records_come_from_the_task_index() {
+        let t0 = chrono::Utc::now() - chrono::Duration::days(2);
+        let mut ops = Vec::new();
+        for (i, task) in ["run", "run/2", "run", "other", "run"].iter().enumerate() {
+            let mut r = rec("k1", None, 1, 1, "0.1");
+            r.started_at = t0 + chrono::Duration::seconds(i as i64);
+            r.request_id = crate::ledger::new_request_id(r.started_at);
+            r.task = Some(task.to_string());
+            ops.push(StoreOp::Record(Box::new(r)));
+        }
+        let s = run_ops(ops);
+        let got = s.task_records("run", None, None, None).unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got.windows(2).all(|w| w[0].started_at < w[1].started_at));
+        assert!(got.iter().all(|r| r.task.as_deref() == Some("run")));
+        assert_eq!(s.task_records("run/2", None, None, None).unwrap().len(), 1);
+        assert_eq!(
+            s.task_records("run", Some("k2"), None, None).unwrap().len(),
+            0
+        );
+        let since = t0 + chrono::Duration::seconds(1);
+        assert_eq!(
+            s.task_records("run", None, Some(since), None)
+                .unwrap()
+                .len(),
+            2
+        );
+        prune(&s, s.db(), micros(chrono::Utc::now())).unwrap();
+        assert_eq!(s.db().scan_prefix(b"a/").count(), 0);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct BalanceLine {
 pub struct RequestRow {
     pub id: String,
     pub at: String,
+    /// The workflow run (`X-Tollgate-Task`) it belongs to, if any.
+    pub task: Option<String>,
     pub model: String,
     pub chain: String,
     pub status: String,
@@ -198,6 +200,7 @@ fn request_row(state: &AppState, r: &LedgerRecord) -> RequestRow {
     RequestRow {
         id: r.request_id.clone(),
         at: layout::time(r.started_at),
+        task: r.task.clone(),
         model: r.requested_model.clone(),
         chain: layout::route_chain(&r.attempts),
         status: r.status.as_str().to_string(),
@@ -394,12 +397,12 @@ fn key_details(k: &KeyView) -> Markup {
         } @else {
             table #requests {
                 thead { tr {
-                    th { "Request" } th { "Started" } th { "Model" } th { "Route chain" } th { "Status" } th { "Paid from" }
+                    th { "Request" } th { "Started" } th { "Task" } th { "Model" } th { "Route chain" } th { "Status" } th { "Paid from" }
                     th { "Tokens" } th.num { "Cost" }
                 } }
                 tbody {
                     @for r in &k.requests {
-                        tr data-request=(r.id) { td { code { (r.id) } } td { (r.at) } td { (r.model) } td { (r.chain) } td { (r.status) }
+                        tr data-request=(r.id) { td { code { (r.id) } } td { (r.at) } td.task { (r.task.as_deref().unwrap_or("—")) } td { (r.model) } td { (r.chain) } td { (r.status) }
                              td { (r.bucket) } td { (r.tokens) } td.num { (r.cost) } }
                     }
                 }

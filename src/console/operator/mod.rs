@@ -2,7 +2,9 @@
 //! listener): login and sessions (`session.rs`), then one file per page. Every page but the
 //! login needs a session ([`session::Operator`]); every POST carries the session's CSRF token.
 
+pub mod inflight;
 pub mod session;
+pub mod tasks;
 
 use actix_web::web;
 use maud::{html, Markup};
@@ -39,5 +41,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(session::login_form))
             .route(web::post().to(session::login)),
     )
-    .service(web::resource("/console/logout").route(web::post().to(session::logout)));
+    .service(web::resource("/console/logout").route(web::post().to(session::logout)))
+    .service(web::resource("/console/inflight").route(web::get().to(inflight::page)))
+    .service(web::resource("/console/inflight.json").route(web::get().to(inflight::rows_json)))
+    .service(web::resource("/console/assets/inflight.js").route(web::get().to(inflight::script)))
+    .service(web::resource("/console/tasks/{task}").route(web::get().to(tasks::page)));
 }

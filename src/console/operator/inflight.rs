@@ -1,0 +1,136 @@
+//! `/console/inflight`: the requests open right now — the ledger as it moves while streams run.
+//! One row per open hold: key, project, task, model, route, bucket, output tokens drawn so far
+//! and the cost so far (input + drawn output) next to what is held. The figures are the holds'
+//! drawn slots, read through one message per wallet actor (`Wallets::inflight`, the same call as
+//! `GET /admin/inflight`). Our script refreshes the table every second from
+//! `/console/inflight.json`; without it the page shows the moment it was loaded.
+
+use actix_web::http::header;
+use actix_web::{web, HttpResponse};
+use maud::{html, Markup};
+use serde_json::Value;
+
+use super::session::Operator;
+use crate::app::AppState;
+use crate::console::layout;
+use crate::wallet::OpenRequest;
+
+const SCRIPT: &str = include_str!("inflight.js");
+
+/// One open request as the page shows it.
+struct Row {
+    id: String,
+    key: String,
+    project: String,
+    task: String,
+    model: String,
+    route: String,
+    bucket: String,
+    started: String,
+    tokens: u64,
+    cost: String,
+    held: String,
+}
+
+fn rows(state: &AppState, open: &[OpenRequest]) -> Vec<Row> {
+    let now = chrono::Utc::now();
+    open.iter()
+        .map(|r| {
+            let d = &r.draft;
+            let currency = d.currency.as_deref().unwrap_or("");
+            let scale = d
+                .bucket
+                .as_ref()
+                .and_then(|b| state.config.buckets.get(b))
+                .map_or(6, |b| b.display_scale);
+            Row {
+                id: d.request_id.clone(),
+                key: d.key_name.clone(),
+                project: d.project.clone(),
+                task: d.task.clone().unwrap_or_else(|| "—".into()),
+                model: d.requested_model.clone(),
+                route: d.route.clone().unwrap_or_default(),
+                bucket: d.bucket.clone().unwrap_or_default(),
+                started: layout::ago(d.started_at, now),
+                tokens: r.output_tokens,
+                cost: layout::money(r.drawn, currency, scale),
+                held: layout::money(r.held, currency, scale),
+            }
+        })
+        .collect()
+}
+
+fn table(rows: &[Row]) -> Markup {
+    html! {
+        table #inflight {
+            thead { tr {
+                th { "Request" } th { "Key" } th { "Project" } th { "Task" } th { "Model" } th { "Route" }
+                th { "Bucket" } th { "Started" } th.num { "Output tokens so far" } th.num { "Cost so far" } th.num { "Held" }
+            } }
+            tbody {
+                @for r in rows {
+                    tr data-request=(r.id) {
+                        td { a href={ "/console/ledger/" (r.id) } { code { (r.id) } } }
+                        td { (r.key) } td { (r.project) } td { (r.task) } td { (r.model) } td { (r.route) }
+                        td { (r.bucket) } td { (r.started) } td.num.tokens { (r.tokens) } td.num.cost { (r.cost) }
+                        td.num { (r.held) }
+                    }
+                }
+            }
+        }
+        @if rows.is_empty() { p.muted #none-open { "No request is open right now." } }
+    }
+}
+
+async fn open_requests(state: &AppState) -> Result<Vec<OpenRequest>, String> {
+    state
+        .wallets
+        .inflight(None)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// `GET /console/inflight`.
+pub async fn page(op: Operator, state: web::Data<AppState>) -> HttpResponse {
+    let body = match open_requests(&state).await {
+        Ok(open) => html! {
+            h1 { "In flight" }
+            p.muted { "Requests open right now; refreshed every second while this page is open." }
+            div #inflight-table { (table(&rows(&state, &open))) }
+            script src="/console/assets/inflight.js" {}
+        },
+        Err(e) => html! { h1 { "In flight" } p.error { "The wallets did not answer: " (e) } },
+    };
+    layout::ok(super::page(&op, "In flight", "/console/inflight", body))
+}
+
+/// `GET /console/inflight.json`: the table's rows for the script (session-guarded).
+pub async fn rows_json(_op: Operator, state: web::Data<AppState>) -> HttpResponse {
+    match open_requests(&state).await {
+        Ok(open) => {
+            let rows: Vec<Value> = rows(&state, &open)
+                .into_iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "id": r.id, "key": r.key, "project": r.project, "task": r.task,
+                        "model": r.model, "route": r.route, "bucket": r.bucket,
+                        "started": r.started, "tokens": r.tokens, "cost": r.cost, "held": r.held,
+                    })
+                })
+                .collect();
+            HttpResponse::Ok()
+                .insert_header((header::CACHE_CONTROL, "no-store"))
+                .json(serde_json::json!({ "rows": rows }))
+        }
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
+    }
+}
+
+/// `GET /console/assets/inflight.js`.
+pub async fn script() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/javascript; charset=utf-8"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .body(SCRIPT)
+}
