@@ -445,34 +445,44 @@ impl Filter {
     }
 }
 
-async fn ledger(
-    req: HttpRequest,
-    q: web::Query<LedgerQuery>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    state.settle_reads().await;
-    let f = Filter::parse(&q)?;
-    let limit = match &q.limit {
-        None => 100,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid_value(
+impl LedgerQuery {
+    /// The page size: 100 unless given, at most 1000.
+    pub fn page_limit(&self) -> Result<usize, ApiError> {
+        match &self.limit {
+            None => Ok(100),
+            Some(l) => match l.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => Ok(n),
+                _ => Err(ApiError::invalid_value(
                     "limit",
                     "'limit' must be an integer from 1 to 1000",
-                ))
-            }
-        },
-    };
-    let cursor = match &q.cursor {
-        None => None,
-        Some(c) => {
-            Some(hex::decode(c).map_err(|_| ApiError::invalid_value("cursor", "invalid cursor"))?)
+                )),
+            },
         }
-    };
+    }
+
+    /// The `l/` key the page starts after, from the previous page's `next_cursor`.
+    pub fn page_cursor(&self) -> Result<Option<Vec<u8>>, ApiError> {
+        match &self.cursor {
+            None => Ok(None),
+            Some(c) => hex::decode(c)
+                .map(Some)
+                .map_err(|_| ApiError::invalid_value("cursor", "invalid cursor")),
+        }
+    }
+}
+
+/// One page of the ledger (R31), newest first: the records `q` selects and the cursor of the
+/// next page when there is one. `GET /admin/ledger` and the console's ledger explorer.
+pub async fn ledger_page(
+    state: &web::Data<AppState>,
+    q: &LedgerQuery,
+) -> Result<(Vec<LedgerRecord>, Option<String>), ApiError> {
+    state.settle_reads().await;
+    let f = Filter::parse(q)?;
+    let limit = q.page_limit()?;
+    let cursor = q.page_cursor()?;
     let state2 = state.clone();
-    let (records, next) = web::block(
+    web::block(
         move || -> Result<(Vec<LedgerRecord>, Option<String>), String> {
             let mut out = Vec::new();
             let mut last_key = None;
@@ -505,8 +515,29 @@ async fn ledger(
     )
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(ApiError::internal)?;
+    .map_err(ApiError::internal)
+}
+
+async fn ledger(
+    req: HttpRequest,
+    q: web::Query<LedgerQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let (records, next) = ledger_page(&state, &q).await?;
     Ok(HttpResponse::Ok().json(json!({"records": records, "next_cursor": next})))
+}
+
+/// One request's ledger record; `not_found` when there is none.
+pub async fn ledger_record(state: &AppState, request_id: &str) -> Result<LedgerRecord, ApiError> {
+    state.settle_reads().await;
+    match state.store.record(request_id) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no ledger record for request '{request_id}'"
+        ))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
 }
 
 async fn ledger_one(
@@ -515,15 +546,7 @@ async fn ledger_one(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
-    state.settle_reads().await;
-    match state.store.record(&path) {
-        Ok(Some(r)) => Ok(HttpResponse::Ok().json(r)),
-        Ok(None) => Err(ApiError::not_found(format!(
-            "no ledger record for request '{}'",
-            path.as_str()
-        ))),
-        Err(e) => Err(ApiError::internal(e.to_string())),
-    }
+    Ok(HttpResponse::Ok().json(ledger_record(&state, &path).await?))
 }
 
 async fn routes_view(

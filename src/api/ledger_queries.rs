@@ -91,9 +91,19 @@ pub async fn export(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
+    export_response(&state, &q, fq.format.as_deref()).await
+}
+
+/// The export of the records `q` selects in `format` (`jsonl` unless given), streamed: the
+/// admin API's export and the console's export links.
+pub async fn export_response(
+    state: &AppState,
+    q: &LedgerQuery,
+    format: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
     state.settle_reads().await;
-    let filter = Arc::new(Filter::parse(&q)?);
-    let name = fq.format.as_deref().unwrap_or("jsonl");
+    let filter = Arc::new(Filter::parse(q)?);
+    let name = format.unwrap_or("jsonl");
     let format = Format::parse(name).ok_or_else(|| {
         ApiError::invalid_value(
             "format",

@@ -2,6 +2,8 @@
 //! listener): login and sessions (`session.rs`), then one file per page. Every page but the
 //! login needs a session ([`session::Operator`]); every POST carries the session's CSRF token.
 
+pub mod ledger;
+pub mod parts;
 pub mod session;
 
 use actix_web::web;
@@ -39,5 +41,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(session::login_form))
             .route(web::post().to(session::login)),
     )
-    .service(web::resource("/console/logout").route(web::post().to(session::logout)));
+    .service(web::resource("/console/logout").route(web::post().to(session::logout)))
+    .service(web::resource("/console/assets/live.js").route(web::get().to(ledger::live_js)))
+    .service(web::resource("/console/ledger").route(web::get().to(ledger::list)))
+    // Before `/console/ledger/{request_id}`, so that these are not taken for ids.
+    .service(web::resource("/console/ledger/export").route(web::get().to(ledger::export)))
+    .service(web::resource("/console/ledger/tail").route(web::get().to(ledger::tail)))
+    .service(web::resource("/console/ledger/{request_id}").route(web::get().to(ledger::one)));
 }

@@ -1,0 +1,414 @@
+//! The operator console's pages over HTTP (DESIGN §11): each page behind the login, figures
+//! from requests made through the client API against the mock upstreams, the ledger explorer
+//! (fallback chains, the bucket that paid, filters, paging, export, live tail), and bad input
+//! (malformed filters, unknown ids, missing CSRF tokens, markup in names).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A console session: a client that does not follow redirects, with the session cookie.
+struct Console {
+    client: reqwest::Client,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// `name=value` of the `Set-Cookie` for `name`.
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .map(str::to_string)
+}
+
+/// The value of the hidden `_csrf` field in a page.
+fn csrf_in(html: &str) -> String {
+    let at = html.find("name=\"_csrf\" value=\"").expect("a _csrf field") + 20;
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+impl Console {
+    /// Logs in through the form, as a browser would.
+    async fn login(g: &Gateway) -> Console {
+        let client = no_redirects();
+        let r = client
+            .get(format!("{}/console/login", g.admin_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let login_cookie = set_cookie(&r, "tollgate_console_login").unwrap();
+        let csrf = csrf_in(&r.text().await.unwrap());
+        let r = client
+            .post(format!("{}/console/login", g.admin_url))
+            .header("cookie", login_cookie)
+            .form(&[("_csrf", csrf.as_str()), ("token", ADMIN_TOKEN)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "login refused");
+        let cookie = set_cookie(&r, "tollgate_console").unwrap();
+        let mut c = Console {
+            client,
+            base: g.admin_url.clone(),
+            cookie,
+            csrf: String::new(),
+        };
+        let (s, page) = c.get("/console/ledger").await;
+        assert_eq!(s, 200, "{page}");
+        c.csrf = csrf_in(&page);
+        c
+    }
+
+    async fn get_raw(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.get_raw(path).await;
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// POSTs a form with the session's CSRF token.
+    async fn post(&self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let mut all = vec![("_csrf", self.csrf.as_str())];
+        all.extend_from_slice(fields);
+        self.post_as_is(path, &all).await
+    }
+
+    /// POSTs a form exactly as given (no CSRF token added).
+    async fn post_as_is(&self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .form(fields)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+}
+
+/// Two routes for `m`: `p1` (credit, USD) first, `p2` (routed, CNY) as backup, which the demo
+/// key may fall back to.
+fn start() -> Gateway {
+    Gateway::start(Setup {
+        mocks: vec![("p1", NO_BREAKER), ("p2", NO_BREAKER)],
+        body: standard_body("allow_cross_bucket_fallback = true", "10", "10"),
+        data_dir: None,
+    })
+}
+
+/// A chat request with `secret`; returns its request id.
+async fn chat_as(g: &Gateway, secret: &str) -> String {
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(secret)
+        .timeout(Duration::from_secs(20))
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "12345678"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.headers()["x-tollgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn chat(g: &Gateway) -> String {
+    chat_as(g, DEMO_KEY).await
+}
+
+/// The ledger record of a request (the admin API), for the figures a page must show.
+async fn record(g: &Gateway, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = g.admin_get(&format!("/admin/ledger/{id}")).await;
+        if s == 200 {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no record for {id}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A request that fell back from `p1` (failing with 500) to `p2`; returns its id.
+async fn fallen_back(g: &Gateway) -> String {
+    g.mock_options("p1", json!({"fault": "500"})).await;
+    let id = chat(g).await;
+    g.mock_options("p1", json!({"fault": null})).await;
+    id
+}
+
+const FALLBACK_CHAIN: &str = "m/p1 ✗ http_500 → m/p1 ✗ http_500 → m/p2 ✓";
+
+#[tokio::test]
+async fn ledger_shows_a_fallback_chain_and_the_bucket_that_paid() {
+    let g = start();
+    let plain = chat(&g).await;
+    let fell = fallen_back(&g).await;
+    let rec = record(&g, &fell).await;
+    assert_eq!(rec["bucket"], "routed", "{rec}");
+    let c = Console::login(&g).await;
+
+    let (s, page) = c.get("/console/ledger").await;
+    assert_eq!(s, 200);
+    assert!(page.contains(&plain) && page.contains(&fell), "{page}");
+    assert!(page.contains(FALLBACK_CHAIN), "{page}");
+    assert!(page.contains("<td>routed</td>"), "{page}");
+    let cost = format!("{} CNY", rec["cost"].as_str().unwrap());
+    assert!(page.contains(&cost), "{cost} in {page}");
+    assert!(page.contains("m/p1 ✓"), "the plain request's chain: {page}");
+
+    let (s, one) = c.get(&format!("/console/ledger/{fell}")).await;
+    assert_eq!(s, 200);
+    assert!(one.contains(FALLBACK_CHAIN), "{one}");
+    assert!(
+        one.contains("bucket that paid: <strong>routed</strong>"),
+        "{one}"
+    );
+    assert!(one.contains("up-m2") && one.contains("http_500"), "{one}");
+    // Every ledger field is listed.
+    for f in [
+        "request_id",
+        "fallbacks",
+        "usage_source",
+        "output_tokens_delivered",
+        "duration_ms",
+    ] {
+        assert!(one.contains(&format!("<th>{f}</th>")), "{f} missing");
+    }
+
+    // Filters narrow the list: only the fallen-back request paid from `routed`... and
+    // only the plain one shows with project/model filters that match both but limit 1.
+    let (s, page) = c
+        .get("/console/ledger?status=completed&model=m&key_id=&project=proj")
+        .await;
+    assert_eq!(s, 200);
+    assert!(page.contains(&plain) && page.contains(&fell));
+    let (_, page) = c.get("/console/ledger?model=emb").await;
+    assert!(!page.contains(&plain) && page.contains("No records match."));
+}
+
+#[tokio::test]
+async fn ledger_pages_follow_the_cursor() {
+    let g = start();
+    let first = chat(&g).await;
+    let second = chat(&g).await;
+    record(&g, &second).await;
+    let c = Console::login(&g).await;
+    let (s, page) = c.get("/console/ledger?limit=1").await;
+    assert_eq!(s, 200);
+    assert!(page.contains(&second) && !page.contains(&first), "{page}");
+    let at = page.find("Next page").expect("a next page link");
+    let href = page[..at].rsplit("href=\"").next().unwrap();
+    let href = href.split('"').next().unwrap().replace("&amp;", "&");
+    assert!(
+        href.contains("cursor=") && href.contains("limit=1"),
+        "{href}"
+    );
+    let (s, next) = c.get(&href).await;
+    assert_eq!(s, 200);
+    assert!(next.contains(&first) && !next.contains(&second), "{next}");
+    assert!(!next.contains("Next page"));
+}
+
+#[tokio::test]
+async fn malformed_filters_show_the_error_next_to_the_field() {
+    let g = start();
+    let c = Console::login(&g).await;
+    for (query, field, words) in [
+        ("since=yesterday", "since", "must be an RFC 3339 time"),
+        ("until=2025-13-01", "until", "must be an RFC 3339 time"),
+        ("status=finished", "status", "unknown status"),
+        ("limit=0", "limit", "from 1 to 1000"),
+    ] {
+        let (s, page) = c.get(&format!("/console/ledger?{query}")).await;
+        assert_eq!(s, 200, "{query}: {page}");
+        let at = page
+            .find(&format!("data-field=\"{field}\""))
+            .unwrap_or_else(|| panic!("{query}: no error at {field}: {page}"));
+        assert!(page[at..].contains(words), "{query}: {page}");
+    }
+    // The same for an export link followed with a bad filter.
+    let (s, page) = c.get("/console/ledger/export?format=csv&since=soon").await;
+    assert_eq!(s, 200);
+    assert!(page.contains("data-field=\"since\""), "{page}");
+    let (s, page) = c.get("/console/ledger/export?format=xml").await;
+    assert_eq!(s, 200);
+    assert!(page.contains("unknown format"), "{page}");
+}
+
+#[tokio::test]
+async fn unknown_request_id_is_a_404_page() {
+    let g = start();
+    let c = Console::login(&g).await;
+    let r = c.get_raw("/console/ledger/req_nope%3Cb%3E").await;
+    assert_eq!(r.status(), 404);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("Not found") && body.contains("req_nope&lt;b&gt;"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn exports_work_with_the_session() {
+    let g = start();
+    let id = chat(&g).await;
+    record(&g, &id).await;
+    let c = Console::login(&g).await;
+    let (_, page) = c.get("/console/ledger?project=proj").await;
+    assert!(
+        page.contains("href=\"/console/ledger/export?project=proj&amp;format=csv\""),
+        "{page}"
+    );
+    let r = c
+        .get_raw("/console/ledger/export?project=proj&format=csv")
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let csv = r.text().await.unwrap();
+    assert!(csv.starts_with("request_id,started_at,"), "{csv}");
+    assert!(csv.contains(&id));
+    let r = c.get_raw("/console/ledger/export?format=jsonl").await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["request_id"], id.as_str());
+    // Without the session: to the login page, like every console page.
+    let r = no_redirects()
+        .get(format!("{}/console/ledger/export?format=csv", g.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+}
+
+#[tokio::test]
+async fn the_live_tail_returns_newer_records() {
+    let g = start();
+    let old = chat(&g).await;
+    let rec = record(&g, &old).await;
+    let c = Console::login(&g).await;
+    let (_, page) = c.get("/console/ledger").await;
+    assert!(
+        page.contains("data-tail=\"/console/ledger/tail?\""),
+        "{page}"
+    );
+    assert!(page.contains("<script src=\"/console/assets/live.js\">"));
+    let newest = rec["started_at"].as_str().unwrap();
+    let new = chat(&g).await;
+    let r = c
+        .get_raw(&format!(
+            "/console/ledger/tail?after={}",
+            newest.replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let ids: Vec<&str> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&new.as_str()), "{v}");
+    assert_eq!(v["rows"][0]["chain"], "m/p1 ✓");
+    assert!(v["rows"][0]["cost"].as_str().unwrap().ends_with(" USD"));
+    // The script is ours, served from the binary.
+    let r = c.get_raw("/console/assets/live.js").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    // A bad `after` is a clear error, not a 500.
+    let r = c.get_raw("/console/ledger/tail?after=nope").await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "after");
+}
+
+#[tokio::test]
+async fn pages_without_a_session_go_to_the_login() {
+    let g = start();
+    let client = no_redirects();
+    for path in [
+        "/console/ledger",
+        "/console/ledger/req_x",
+        "/console/ledger/tail",
+        "/console/ledger/export?format=csv",
+    ] {
+        let r = client
+            .get(format!("{}{path}", g.admin_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "{path}");
+        assert_eq!(r.headers()["location"], "/console/login", "{path}");
+        // A forged or stale cookie is no session either.
+        let r = client
+            .get(format!("{}{path}", g.admin_url))
+            .header("cookie", "tollgate_console=0123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn the_console_is_not_on_the_client_listener() {
+    let g = start();
+    let client = no_redirects();
+    for path in [
+        "/console",
+        "/console/ledger",
+        "/console/login",
+        "/console/assets/live.js",
+    ] {
+        let r = client
+            .get(format!("{}{path}", g.client_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+}
