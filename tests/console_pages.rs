@@ -375,6 +375,9 @@ async fn pages_without_a_session_go_to_the_login() {
         "/console/ledger/req_x",
         "/console/ledger/tail",
         "/console/ledger/export?format=csv",
+        "/console/keys",
+        "/console/wallets",
+        "/console/wallets/key_x",
     ] {
         let r = client
             .get(format!("{}{path}", g.admin_url))
@@ -411,4 +414,338 @@ async fn the_console_is_not_on_the_client_listener() {
             .unwrap();
         assert_eq!(r.status(), 404, "{path}");
     }
+}
+
+/// A money figure as a page shows it: rounded to the bucket's display scale, with its currency.
+fn shown(amount: &Value, currency: &str) -> String {
+    format!("{} {currency}", dec(amount).round_dp(6).normalize())
+}
+
+/// The text of the element with `id` (no nested markup).
+fn text_of(html: &str, id: &str) -> String {
+    let at = html
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id}"));
+    let rest = &html[at..];
+    let start = rest.find('>').unwrap() + 1;
+    rest[start..].split('<').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn keys_are_created_escaped_limited_and_revoked_through_forms() {
+    let g = start();
+    let demo = g.demo_key_id().await;
+    let c = Console::login(&g).await;
+    let (s, page) = c.get("/console/keys").await;
+    assert_eq!(s, 200);
+    assert!(
+        page.contains("<td>demo</td>") && page.contains(&demo),
+        "{page}"
+    );
+
+    // Create: the secret shows once, on the result page.
+    let (s, made) = c
+        .post(
+            "/console/keys",
+            &[
+                ("name", "<script>alert(1)</script>"),
+                ("project", "<b>proj</b>"),
+                ("buckets", "credit"),
+                ("rpm", "50"),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{made}");
+    let secret = text_of(&made, "secret");
+    assert!(secret.starts_with("tg-"), "{made}");
+    assert!(!made.contains("<script>alert"), "{made}");
+    let (_, v) = g.admin_get("/admin/keys").await;
+    let new = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "<script>alert(1)</script>")
+        .unwrap()
+        .clone();
+    assert_eq!(new["project"], "<b>proj</b>");
+    assert_eq!(new["buckets"], json!(["credit"]));
+    assert_eq!(new["rpm"], 50);
+    let new_id = new["id"].as_str().unwrap();
+    let (_, page) = c.get("/console/keys").await;
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(page.contains("&lt;b&gt;proj&lt;/b&gt;"), "{page}");
+    assert!(
+        !page.contains("<script>alert") && !page.contains("<b>proj"),
+        "{page}"
+    );
+    assert!(!page.contains(&secret), "the secret shows only once");
+
+    // Its requests show its names escaped in the ledger too.
+    let (s, _) = c
+        .post(
+            &format!("/console/keys/{new_id}/topup"),
+            &[("bucket", "credit"), ("amount", "1")],
+        )
+        .await;
+    assert_eq!(s, 200);
+    let id = chat_as(&g, &secret).await;
+    record(&g, &id).await;
+    let (_, ledger) = c.get("/console/ledger").await;
+    assert!(ledger.contains(&id) && ledger.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(
+        !ledger.contains("<script>alert") && !ledger.contains("<b>proj"),
+        "{ledger}"
+    );
+
+    // A bad field: the page again, the error next to it; nothing created.
+    let (s, page) = c
+        .post("/console/keys", &[("name", "x"), ("tpm", "lots")])
+        .await;
+    assert_eq!(s, 400);
+    assert!(page.contains("data-field=\"tpm\""), "{page}");
+    let (s, page) = c
+        .post("/console/keys", &[("name", "x"), ("models", "nope")])
+        .await;
+    assert_eq!(s, 400);
+    assert!(
+        page.contains("data-field=\"models\"") && page.contains("unknown model"),
+        "{page}"
+    );
+    let (_, v) = g.admin_get("/admin/keys").await;
+    assert_eq!(v["keys"].as_array().unwrap().len(), 2);
+
+    // Limits: rpm 1 on the demo key holds from its next request.
+    let (s, page) = c
+        .post(
+            &format!("/console/keys/{demo}/limits"),
+            &[("rpm", "1"), ("tpm", ""), ("max_concurrent_streams", "")],
+        )
+        .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("rpm 1"), "{page}");
+    let (_, k) = g.admin_get(&format!("/admin/keys/{demo}")).await;
+    assert_eq!(k["rpm"], 1);
+    chat(&g).await;
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let (s, page) = c
+        .post(&format!("/console/keys/{demo}/limits"), &[("rpm", "-3")])
+        .await;
+    assert_eq!(s, 400);
+    assert!(page.contains("data-field=\"rpm\""), "{page}");
+
+    // Revoke.
+    let (s, page) = c.post(&format!("/console/keys/{new_id}/revoke"), &[]).await;
+    assert_eq!(s, 200);
+    assert!(page.contains("is revoked"), "{page}");
+    let (_, k) = g.admin_get(&format!("/admin/keys/{new_id}")).await;
+    assert!(k["revoked_at"].is_string(), "{k}");
+    let (s, _) = c.post("/console/keys/key_nope/revoke", &[]).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn a_topup_through_the_form_applies_a_reference_once() {
+    let g = start();
+    let demo = g.demo_key_id().await;
+    let c = Console::login(&g).await;
+    let path = format!("/console/keys/{demo}/topup");
+    let form = [
+        ("bucket", "credit"),
+        ("amount", "5.25"),
+        ("reference", "inv-<7>"),
+    ];
+    let (s, page) = c.post(&path, &form).await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("Topped up 5.25 USD"), "{page}");
+    assert_eq!(text_of(&page, "balance-credit"), "15.25 USD");
+    let (s, page) = c.post(&path, &form).await;
+    assert_eq!(s, 200);
+    assert!(
+        page.contains("was applied before: this top-up changed nothing"),
+        "{page}"
+    );
+    assert_eq!(text_of(&page, "balance-credit"), "15.25 USD");
+    let w = g.admin_get(&format!("/admin/keys/{demo}/wallet")).await.1;
+    assert_eq!(w["buckets"]["credit"]["balance"], "15.25");
+    // The wallet page lists it with its reference, escaped.
+    let (_, page) = c.get(&format!("/console/wallets/{demo}")).await;
+    assert!(page.contains("inv-&lt;7&gt;"), "{page}");
+    // A bad amount: the keys page with the error at the field.
+    let (s, page) = c
+        .post(&path, &[("bucket", "credit"), ("amount", "-1")])
+        .await;
+    assert_eq!(s, 400);
+    assert!(page.contains("data-field=\"amount\""), "{page}");
+    // The same reference for another amount is a conflict, shown, not applied.
+    let (s, page) = c
+        .post(
+            &path,
+            &[
+                ("bucket", "credit"),
+                ("amount", "9"),
+                ("reference", "inv-<7>"),
+            ],
+        )
+        .await;
+    assert_eq!(s, 400, "{page}");
+    assert!(page.contains("already used"), "{page}");
+}
+
+#[tokio::test]
+async fn posts_without_the_csrf_token_are_refused() {
+    let g = start();
+    let demo = g.demo_key_id().await;
+    let c = Console::login(&g).await;
+    for path in [
+        "/console/keys".to_string(),
+        format!("/console/keys/{demo}/revoke"),
+        format!("/console/keys/{demo}/limits"),
+        format!("/console/keys/{demo}/topup"),
+    ] {
+        let fields = [
+            ("name", "x"),
+            ("bucket", "credit"),
+            ("amount", "1"),
+            ("rpm", "1"),
+        ];
+        let (s, _) = c.post_as_is(&path, &fields).await;
+        assert_eq!(s, 403, "{path}");
+        let mut wrong = vec![("_csrf", "0000")];
+        wrong.extend_from_slice(&fields);
+        let (s, _) = c.post_as_is(&path, &wrong).await;
+        assert_eq!(s, 403, "{path}");
+    }
+    let (_, k) = g.admin_get(&format!("/admin/keys/{demo}")).await;
+    assert!(k["revoked_at"].is_null() && k["rpm"].is_null(), "{k}");
+    let w = g.admin_get(&format!("/admin/keys/{demo}/wallet")).await.1;
+    assert_eq!(w["buckets"]["credit"]["balance"], "10");
+    let (_, v) = g.admin_get("/admin/keys").await;
+    assert_eq!(v["keys"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn wallets_show_each_bucket_in_its_currency_with_spend() {
+    let g = start();
+    let demo = g.demo_key_id().await;
+    chat(&g).await;
+    let fell = fallen_back(&g).await;
+    let rec = record(&g, &fell).await;
+    let w = g.admin_get(&format!("/admin/keys/{demo}/wallet")).await.1;
+    let c = Console::login(&g).await;
+    let (s, page) = c.get("/console/wallets").await;
+    assert_eq!(s, 200);
+    for (bucket, cur) in [("credit", "USD"), ("routed", "CNY")] {
+        let b = &w["buckets"][bucket];
+        assert!(
+            page.contains(&shown(&b["balance"], cur)),
+            "{bucket}: {page}"
+        );
+        assert!(
+            page.contains(&shown(&b["available"], cur)),
+            "{bucket}: {page}"
+        );
+    }
+    let (s, page) = c.get(&format!("/console/wallets/{demo}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        text_of(&page, "balance-routed"),
+        shown(&w["buckets"]["routed"]["balance"], "CNY")
+    );
+    // The routed bucket spent exactly the fallen-back request today, and burns at that rate.
+    assert!(
+        page.contains(&format!("{} / day", shown(&rec["cost"], "CNY"))),
+        "{page}"
+    );
+    let today = chrono_today();
+    let at = page
+        .find(&format!("<td>{today}</td>"))
+        .expect("today's row");
+    assert!(page[at..]
+        .split("</tr>")
+        .next()
+        .unwrap()
+        .contains(&shown(&rec["cost"], "CNY")));
+    let (s, _) = c.get("/console/wallets/key_nope").await;
+    assert_eq!(s, 404);
+}
+
+/// Today's date (UTC), as the pages write it.
+fn chrono_today() -> String {
+    chrono::Utc::now().date_naive().to_string()
+}
+
+#[tokio::test]
+async fn admin_patch_changes_a_keys_limits() {
+    let g = start();
+    let demo = g.demo_key_id().await;
+    let patch = |body: Value, token: &'static str, id: String| {
+        let url = format!("{}/admin/keys/{id}", g.admin_url);
+        let client = g.client();
+        async move {
+            let r = client
+                .patch(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (s, v) = patch(json!({"rpm": 2, "tpm": 1000}), ADMIN_TOKEN, demo.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["rpm"].clone(), v["tpm"].clone()),
+        (json!(2), json!(1000))
+    );
+    assert!(v.get("secret").is_none() && v.get("secret_sha256").is_none());
+    // Absent fields keep their value; null removes a limit.
+    let (s, v) = patch(
+        json!({"tpm": null, "max_concurrent_streams": 3}),
+        ADMIN_TOKEN,
+        demo.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["rpm"], 2);
+    assert!(v["tpm"].is_null());
+    assert_eq!(v["max_concurrent_streams"], 3);
+    let (_, k) = g.admin_get(&format!("/admin/keys/{demo}")).await;
+    assert_eq!(k, v);
+    for (body, param) in [
+        (json!({"rpm": 0}), "rpm"),
+        (json!({"rpm": "5"}), "rpm"),
+        (json!({"tpm": -1}), "tpm"),
+        (
+            json!({"max_concurrent_streams": 5_000_000_000u64}),
+            "max_concurrent_streams",
+        ),
+        (json!({"name": "x"}), "name"),
+    ] {
+        let (s, v) = patch(body.clone(), ADMIN_TOKEN, demo.clone()).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    let (s, v) = patch(json!([1]), ADMIN_TOKEN, demo.clone()).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = patch(json!({"rpm": 1}), ADMIN_TOKEN, "key_nope".into()).await;
+    assert_eq!(s, 404, "{v}");
+    let (s, _) = patch(json!({"rpm": 1}), "wrong", demo.clone()).await;
+    assert_eq!(s, 401);
+    let (_, k) = g.admin_get(&format!("/admin/keys/{demo}")).await;
+    assert_eq!(k["rpm"], 2);
 }

@@ -161,8 +161,9 @@ pub struct UsageQuery {
     status: Option<String>,
 }
 
-/// Folds every record that `f` matches into `add`, on the blocking pool.
-async fn fold_records<T: Send + 'static>(
+/// Folds every record that `f` matches into `add`, on the blocking pool (the usage and explain
+/// endpoints, and the console's figures).
+pub async fn fold_records<T: Send + 'static>(
     state: &AppState,
     f: Filter,
     mut acc: T,

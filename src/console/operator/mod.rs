@@ -2,9 +2,11 @@
 //! listener): login and sessions (`session.rs`), then one file per page. Every page but the
 //! login needs a session ([`session::Operator`]); every POST carries the session's CSRF token.
 
+pub mod keys;
 pub mod ledger;
 pub mod parts;
 pub mod session;
+pub mod wallets;
 
 use actix_web::web;
 use maud::{html, Markup};
@@ -47,5 +49,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // Before `/console/ledger/{request_id}`, so that these are not taken for ids.
     .service(web::resource("/console/ledger/export").route(web::get().to(ledger::export)))
     .service(web::resource("/console/ledger/tail").route(web::get().to(ledger::tail)))
-    .service(web::resource("/console/ledger/{request_id}").route(web::get().to(ledger::one)));
+    .service(web::resource("/console/ledger/{request_id}").route(web::get().to(ledger::one)))
+    .service(
+        web::resource("/console/keys")
+            .route(web::get().to(keys::index))
+            .route(web::post().to(keys::create)),
+    )
+    .service(web::resource("/console/keys/{id}/revoke").route(web::post().to(keys::revoke)))
+    .service(web::resource("/console/keys/{id}/limits").route(web::post().to(keys::limits)))
+    .service(web::resource("/console/keys/{id}/topup").route(web::post().to(keys::topup)))
+    .service(web::resource("/console/wallets").route(web::get().to(wallets::index)))
+    .service(web::resource("/console/wallets/{key_id}").route(web::get().to(wallets::one)));
 }
