@@ -376,6 +376,7 @@ async fn pages_without_a_session_go_to_the_login() {
         "/console/ledger/tail",
         "/console/ledger/export?format=csv",
         "/console/keys",
+        "/console/routes",
         "/console/wallets",
         "/console/wallets/key_x",
     ] {
@@ -748,4 +749,64 @@ async fn admin_patch_changes_a_keys_limits() {
     assert_eq!(s, 401);
     let (_, k) = g.admin_get(&format!("/admin/keys/{demo}")).await;
     assert_eq!(k["rpm"], 2);
+}
+
+/// The text of each cell of the table row marked `data-<attr>="<value>"`, tags removed.
+fn row_cells(html: &str, marker: &str) -> Vec<String> {
+    let at = html
+        .find(marker)
+        .unwrap_or_else(|| panic!("no row {marker}"));
+    let row = html[at..].split("</tr>").next().unwrap();
+    row.split("<td")
+        .skip(1)
+        .map(|cell| {
+            let cell = &cell[cell.find('>').unwrap() + 1..];
+            let cell = cell.split("</td>").next().unwrap();
+            let mut text = String::new();
+            let mut in_tag = false;
+            for ch in cell.chars() {
+                match ch {
+                    '<' => in_tag = true,
+                    '>' => in_tag = false,
+                    c if !in_tag => text.push(c),
+                    _ => {}
+                }
+            }
+            text
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn routes_show_state_prices_and_the_last_hours_attempts() {
+    let g = start();
+    chat(&g).await;
+    let fell = fallen_back(&g).await;
+    record(&g, &fell).await;
+    let (_, admin) = g.admin_get("/admin/routes").await;
+    let c = Console::login(&g).await;
+    let (s, page) = c.get("/console/routes").await;
+    assert_eq!(s, 200);
+    let p1 = row_cells(&page, "data-route=\"m/p1\"");
+    let a1 = admin["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "m/p1")
+        .unwrap();
+    assert_eq!(p1[3], "1 USD / 1M2 USD / 1M", "{p1:?}");
+    assert_eq!(p1[4], a1["state"].as_str().unwrap());
+    assert_eq!(p1[5], a1["consecutive_failures"].to_string());
+    assert_eq!(p1[6], a1["requests"].to_string());
+    assert_eq!(p1[7], a1["failures"].to_string());
+    assert!(
+        p1[11].contains(a1["last_failure"]["reason"].as_str().unwrap()),
+        "{p1:?}"
+    );
+    // Last hour: one plain request (1 ok attempt) and one with two failed attempts, a retry
+    // and a fallback to p2.
+    assert_eq!(p1[12..], ["3", "2", "1", "1"], "{p1:?}");
+    let p2 = row_cells(&page, "data-route=\"m/p2\"");
+    assert_eq!(p2[3], "3 CNY / 1M4 CNY / 1M", "{p2:?}");
+    assert_eq!(p2[12..], ["1", "0", "0", "0"], "{p2:?}");
 }

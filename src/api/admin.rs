@@ -2,6 +2,8 @@
 //! routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
 //! `/healthz` and `/readyz` do not.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -11,6 +13,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::ledger_queries;
 use crate::app::AppState;
+use crate::config::{Model, Route};
 use crate::keys::{KeyLimits, NewKey};
 use crate::ledger::store::ApiKeyRecord;
 use crate::ledger::{LedgerRecord, Status, TopupOutcome};
@@ -666,6 +669,21 @@ async fn ledger_one(
     Ok(HttpResponse::Ok().json(ledger_record(&state, &path).await?))
 }
 
+/// Every route in configuration order with its model and its live snapshot (breaker state,
+/// counters, last probe, last failure): `GET /admin/routes` and the console's routes page.
+pub fn route_states(
+    state: &AppState,
+) -> Vec<(Arc<Model>, Arc<Route>, Arc<crate::route::RouteSnapshot>)> {
+    state
+        .config
+        .routes()
+        .filter_map(|(m, r)| {
+            let s = state.routes.snapshot(&r.id)?;
+            Some((m.clone(), r.clone(), s))
+        })
+        .collect()
+}
+
 async fn routes_view(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -673,10 +691,7 @@ async fn routes_view(
     authorize(&req, &state)?;
     let now = std::time::Instant::now();
     let mut out = Vec::new();
-    for (m, r) in state.config.routes() {
-        let Some(s) = state.routes.snapshot(&r.id) else {
-            continue;
-        };
+    for (m, r, s) in route_states(&state) {
         let bucket = state.config.buckets.get(&r.bucket);
         out.push(json!({
             "route": r.id,

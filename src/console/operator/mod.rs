@@ -5,6 +5,7 @@
 pub mod keys;
 pub mod ledger;
 pub mod parts;
+pub mod routes;
 pub mod session;
 pub mod wallets;
 
@@ -58,6 +59,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/console/keys/{id}/revoke").route(web::post().to(keys::revoke)))
     .service(web::resource("/console/keys/{id}/limits").route(web::post().to(keys::limits)))
     .service(web::resource("/console/keys/{id}/topup").route(web::post().to(keys::topup)))
+    .service(web::resource("/console/routes").route(web::get().to(routes::index)))
     .service(web::resource("/console/wallets").route(web::get().to(wallets::index)))
     .service(web::resource("/console/wallets/{key_id}").route(web::get().to(wallets::one)));
 }
