@@ -371,6 +371,7 @@ async fn pages_without_a_session_go_to_the_login() {
     let g = start();
     let client = no_redirects();
     for path in [
+        "/console",
         "/console/ledger",
         "/console/ledger/req_x",
         "/console/ledger/tail",
@@ -809,4 +810,86 @@ async fn routes_show_state_prices_and_the_last_hours_attempts() {
     let p2 = row_cells(&page, "data-route=\"m/p2\"");
     assert_eq!(p2[3], "3 CNY / 1M4 CNY / 1M", "{p2:?}");
     assert_eq!(p2[12..], ["1", "0", "0", "0"], "{p2:?}");
+}
+
+#[tokio::test]
+async fn the_overview_counts_the_last_hour_and_day() {
+    let g = start();
+    chat(&g).await;
+    fallen_back(&g).await;
+    // Both routes failing: an upstream error, which is a cut-off.
+    g.mock_options("p1", json!({"fault": "500"})).await;
+    g.mock_options("p2", json!({"fault": "500"})).await;
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let records = g.all_records("").await;
+    assert_eq!(records.len(), 3);
+    let mut spend: std::collections::BTreeMap<String, rust_decimal::Decimal> = Default::default();
+    for r in &records {
+        if let Some(cur) = r["currency"].as_str() {
+            if r["bucket"].is_string() {
+                *spend.entry(cur.to_string()).or_default() += dec(&r["cost"]);
+            }
+        }
+    }
+    let fell = records
+        .iter()
+        .filter(|r| r["fallbacks"].as_u64().unwrap() > 0)
+        .count();
+    let retried = records
+        .iter()
+        .filter(|r| r["retries"].as_u64().unwrap() > 0)
+        .count();
+    let c = Console::login(&g).await;
+    let (s, page) = c.get("/console").await;
+    assert_eq!(s, 200);
+    for w in ["hour", "day"] {
+        assert_eq!(text_of(&page, &format!("{w}-requests")), "3");
+        for (cur, cost) in &spend {
+            assert_eq!(
+                text_of(&page, &format!("{w}-spend-{cur}")),
+                format!("{} {cur}", cost.round_dp(6).normalize())
+            );
+        }
+        let pct = |n: usize| format!("{:.1}%", n as f64 * 100.0 / 3.0);
+        assert_eq!(text_of(&page, &format!("{w}-fallback-rate")), pct(fell));
+        assert_eq!(text_of(&page, &format!("{w}-retry-rate")), pct(retried));
+        assert_eq!(text_of(&page, &format!("{w}-cutoff-upstream_error")), "1");
+        assert_eq!(
+            text_of(&page, &format!("{w}-cutoff-balance_exhausted")),
+            "0"
+        );
+    }
+    assert!(
+        spend.contains_key("USD") && spend.contains_key("CNY"),
+        "{spend:?}"
+    );
+    // The charts: 12 five-minute bars and 24 hourly bars, the newest holding the requests.
+    for (id, bars) in [("hour-chart", 12), ("day-chart", 24)] {
+        let at = page.find(&format!("<svg id=\"{id}\"")).unwrap();
+        let svg = page[at..].split("</svg>").next().unwrap();
+        let counts: Vec<u64> = svg
+            .split("data-count=\"")
+            .skip(1)
+            .map(|c| c.split('"').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(counts.len(), bars, "{svg}");
+        assert_eq!(counts.iter().sum::<u64>(), 3);
+        assert_eq!(*counts.last().unwrap(), 3, "{counts:?}");
+    }
+    let (_, admin) = g.admin_get("/admin/routes").await;
+    let closed = admin["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "closed")
+        .count();
+    assert_eq!(text_of(&page, "breakers-closed"), closed.to_string());
 }

@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod ledger;
+pub mod overview;
 pub mod parts;
 pub mod routes;
 pub mod session;
@@ -45,6 +46,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(session::login)),
     )
     .service(web::resource("/console/logout").route(web::post().to(session::logout)))
+    .service(web::resource("/console").route(web::get().to(overview::index)))
     .service(web::resource("/console/assets/live.js").route(web::get().to(ledger::live_js)))
     .service(web::resource("/console/ledger").route(web::get().to(ledger::list)))
     // Before `/console/ledger/{request_id}`, so that these are not taken for ids.
