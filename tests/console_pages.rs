@@ -378,6 +378,7 @@ async fn pages_without_a_session_go_to_the_login() {
         "/console/ledger/export?format=csv",
         "/console/keys",
         "/console/routes",
+        "/console/explain",
         "/console/wallets",
         "/console/wallets/key_x",
     ] {
@@ -892,4 +893,90 @@ async fn the_overview_counts_the_last_hour_and_day() {
         .filter(|r| r["state"] == "closed")
         .count();
     assert_eq!(text_of(&page, "breakers-closed"), closed.to_string());
+}
+
+#[tokio::test]
+async fn the_explainer_shows_the_admin_decomposition_and_links_to_the_ledger() {
+    let g = start();
+    let plain = chat(&g).await;
+    let fell = fallen_back(&g).await;
+    record(&g, &fell).await;
+    let now = chrono::Utc::now();
+    let t = |d: chrono::Duration| (now + d).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let h = chrono::Duration::hours;
+    let (bs, bu, cs, cu) = (t(h(-3)), t(h(-2)), t(h(-1)), t(h(1)));
+    let query = format!(
+        "base_since={}&base_until={}&since={}&until={}&project=proj",
+        bs.replace('+', "%2B"),
+        bu.replace('+', "%2B"),
+        cs.replace('+', "%2B"),
+        cu.replace('+', "%2B")
+    );
+    let (st, admin) = g.admin_get(&format!("/admin/usage/explain?{query}")).await;
+    assert_eq!(st, 200, "{admin}");
+    let c = Console::login(&g).await;
+    let (st, page) = c.get(&format!("/console/explain?{query}")).await;
+    assert_eq!(st, 200);
+    let currencies = admin["currencies"].as_array().unwrap();
+    assert_eq!(currencies.len(), 2, "{admin}");
+    for cur in currencies {
+        let name = cur["currency"].as_str().unwrap();
+        assert_eq!(
+            text_of(&page, &format!("change-{name}")),
+            format!("{} {name}", dec(&cur["change"]).round_dp(6).normalize())
+        );
+        let at = page.find(&format!("<svg id=\"chart-{name}\"")).unwrap();
+        let svg = page[at..].split("</svg>").next().unwrap();
+        for d in cur["drivers"].as_array().unwrap() {
+            let mark = format!(
+                "data-driver=\"{}\" data-contribution=\"{}\"",
+                d["driver"].as_str().unwrap(),
+                d["contribution"].as_str().unwrap()
+            );
+            assert!(svg.contains(&mark), "{mark} in {svg}");
+        }
+        let table_at = page
+            .find(&format!("<table data-currency=\"{name}\""))
+            .unwrap();
+        let table = page[table_at..].split("</table>").next().unwrap();
+        assert_eq!(table.matches("<tr data-driver=").count(), 7);
+    }
+    // Each driver links to the ledger filtered to the current period, which lists the requests.
+    let mark = "id=\"current-ledger\" href=\"";
+    let at = page.find(mark).unwrap() + mark.len();
+    let href = page[at..].split('"').next().unwrap().replace("&amp;", "&");
+    assert!(
+        href.starts_with("/console/ledger?since=") && href.contains("project=proj"),
+        "{href}"
+    );
+    assert!(page.contains(&format!(
+        "<a href=\"{}\">requests</a>",
+        href.replace('&', "&amp;")
+    )));
+    let (st, ledger) = c.get(&href).await;
+    assert_eq!(st, 200);
+    assert!(
+        ledger.contains(&plain) && ledger.contains(&fell),
+        "{ledger}"
+    );
+
+    // Without periods: the last 7 days against the 7 before.
+    let (st, page) = c.get("/console/explain").await;
+    assert_eq!(st, 200);
+    assert!(
+        page.contains("<h2>USD</h2>") && page.contains("<h2>CNY</h2>"),
+        "{page}"
+    );
+
+    // Malformed dates: the form with the error next to the field.
+    for (q, field) in [
+        ("base_since=2026-01-01T00:00:00Z&base_until=2026-01-02T00:00:00Z&since=yesterday&until=2026-01-03T00:00:00Z", "since"),
+        ("base_since=2026-01-02T00:00:00Z&base_until=2026-01-01T00:00:00Z&since=2026-01-02T00:00:00Z&until=2026-01-03T00:00:00Z", "base_since"),
+        ("since=2026-01-02T00:00:00Z", "base_since"),
+    ] {
+        let (st, page) = c.get(&format!("/console/explain?{q}")).await;
+        assert_eq!(st, 200, "{q}");
+        assert!(page.contains(&format!("data-field=\"{field}\"")), "{q}: {page}");
+        assert!(!page.contains("<h2>USD</h2>"), "{q}");
+    }
 }

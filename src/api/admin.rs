@@ -531,6 +531,7 @@ pub(crate) fn parse_time(
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Filter {
     pub key_id: Option<String>,
     pub project: Option<String>,

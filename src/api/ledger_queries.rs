@@ -213,14 +213,14 @@ pub async fn usage(
     Ok(HttpResponse::Ok().json(json!({"groups": usage.finish()})))
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ExplainQuery {
-    base_since: Option<String>,
-    base_until: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    key_id: Option<String>,
-    project: Option<String>,
+    pub base_since: Option<String>,
+    pub base_until: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub key_id: Option<String>,
+    pub project: Option<String>,
 }
 
 fn period_bound(field: &str, v: &Option<String>) -> Result<DateTime<Utc>, ApiError> {
@@ -254,6 +254,32 @@ fn period(
     })
 }
 
+/// An explanation: the two periods (as ledger filters) and the change per currency.
+pub struct Explanation {
+    pub base: Filter,
+    pub current: Filter,
+    pub currencies: Vec<explain::CurrencyChange>,
+}
+
+/// Explains the change in spend between `q`'s two periods (see `ledger::explain`): the admin
+/// explain endpoint and the console's spend explainer.
+pub async fn explain_periods(state: &AppState, q: &ExplainQuery) -> Result<Explanation, ApiError> {
+    let base = period(
+        q,
+        ("base_since", &q.base_since),
+        ("base_until", &q.base_until),
+    )?;
+    let current = period(q, ("since", &q.since), ("until", &q.until))?;
+    let (base_f, current_f) = (base.clone(), current.clone());
+    let base = fold_records(state, base, Period::default(), |p, r| p.add(r)).await?;
+    let current = fold_records(state, current, Period::default(), |p, r| p.add(r)).await?;
+    Ok(Explanation {
+        base: base_f,
+        current: current_f,
+        currencies: explain::explain(&base, &current),
+    })
+}
+
 /// `GET /admin/usage/explain?base_since=&base_until=&since=&until=[&key_id=][&project=]`:
 /// the change in spend between two periods per currency, attributed to drivers (see
 /// `ledger::explain` for the method).
@@ -263,19 +289,11 @@ pub async fn explain(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
-    let base = period(
-        &q,
-        ("base_since", &q.base_since),
-        ("base_until", &q.base_until),
-    )?;
-    let current = period(&q, ("since", &q.since), ("until", &q.until))?;
+    let e = explain_periods(&state, &q).await?;
     let bounds = |f: &Filter| json!({"since": f.since, "until": f.until});
-    let (base_view, current_view) = (bounds(&base), bounds(&current));
-    let base = fold_records(&state, base, Period::default(), |p, r| p.add(r)).await?;
-    let current = fold_records(&state, current, Period::default(), |p, r| p.add(r)).await?;
     Ok(HttpResponse::Ok().json(json!({
-        "base": base_view,
-        "current": current_view,
-        "currencies": explain::explain(&base, &current),
+        "base": bounds(&e.base),
+        "current": bounds(&e.current),
+        "currencies": e.currencies,
     })))
 }

@@ -2,6 +2,7 @@
 //! listener): login and sessions (`session.rs`), then one file per page. Every page but the
 //! login needs a session ([`session::Operator`]); every POST carries the session's CSRF token.
 
+pub mod explain;
 pub mod keys;
 pub mod ledger;
 pub mod overview;
@@ -61,6 +62,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/console/keys/{id}/revoke").route(web::post().to(keys::revoke)))
     .service(web::resource("/console/keys/{id}/limits").route(web::post().to(keys::limits)))
     .service(web::resource("/console/keys/{id}/topup").route(web::post().to(keys::topup)))
+    .service(web::resource("/console/explain").route(web::get().to(explain::index)))
     .service(web::resource("/console/routes").route(web::get().to(routes::index)))
     .service(web::resource("/console/wallets").route(web::get().to(wallets::index)))
     .service(web::resource("/console/wallets/{key_id}").route(web::get().to(wallets::one)));
