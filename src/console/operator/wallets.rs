@@ -78,7 +78,7 @@ pub async fn index(op: Operator, state: web::Data<AppState>) -> HttpResponse {
             tbody {
                 @for (k, lines) in &rows {
                     @match lines {
-                        Err(e) => tr { td { (k.name) } td { (k.project) } td colspan="5" .error { (e) } },
+                        Err(e) => tr { td { (k.name) } td { (k.project) } td.error colspan="5" { (e) } },
                         Ok(lines) => {
                             @for (i, b) in lines.iter().enumerate() {
                                 tr {
