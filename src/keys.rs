@@ -57,6 +57,14 @@ pub struct NewKey {
     pub max_concurrent_streams: Option<u32>,
 }
 
+/// A key's rate limits (R39, R41); `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrent_streams: Option<u32>,
+}
+
 pub struct Keys {
     by_hash: ArcSwap<HashMap<[u8; 32], Arc<ApiKey>>>,
     by_id: ArcSwap<HashMap<String, Arc<ApiKey>>>,
@@ -151,6 +159,26 @@ impl Keys {
         let mut rec = k.record.clone();
         if rec.revoked_at.is_none() {
             rec.revoked_at = Some(Utc::now());
+            self.put(rec.clone(), None).await?;
+        }
+        Ok(Some(rec))
+    }
+
+    /// Sets a key's limits (`None`: unlimited); they hold from its next request on. Returns
+    /// the updated record, or `None` for an unknown key.
+    pub async fn set_limits(
+        &self,
+        id: &str,
+        limits: KeyLimits,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let Some(k) = self.get(id) else {
+            return Ok(None);
+        };
+        let mut rec = k.record.clone();
+        rec.rpm = limits.rpm;
+        rec.tpm = limits.tpm;
+        rec.max_concurrent_streams = limits.max_concurrent_streams;
+        if rec != k.record {
             self.put(rec.clone(), None).await?;
         }
         Ok(Some(rec))

@@ -2,6 +2,8 @@
 //! the requests open right now, routes and the catalog. Everything under `/admin` needs the admin token; `/metrics`,
 //! `/healthz` and `/readyz` do not.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -11,7 +13,8 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::ledger_queries;
 use crate::app::AppState;
-use crate::keys::NewKey;
+use crate::config::{Model, Route};
+use crate::keys::{KeyLimits, NewKey};
 use crate::ledger::store::ApiKeyRecord;
 use crate::ledger::{LedgerRecord, Status, TopupOutcome};
 use crate::wallet::{OpenRequest, WalletError};
@@ -31,6 +34,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(
                     web::resource("/keys/{id}")
                         .route(web::delete().to(revoke_key))
+                        .route(web::patch().to(patch_key))
                         .route(web::get().to(get_key)),
                 )
                 .service(web::resource("/keys/{id}/topup").route(web::post().to(topup)))
@@ -119,28 +123,27 @@ pub fn key_view(k: &ApiKeyRecord) -> Value {
     })
 }
 
-#[derive(Deserialize)]
+/// A new key's fields (`POST /admin/keys`, the console's create form).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
-    name: String,
-    workspace: Option<String>,
-    project: Option<String>,
-    buckets: Option<Vec<String>>,
-    models: Option<Vec<String>>,
+pub struct CreateKey {
+    pub name: String,
+    pub workspace: Option<String>,
+    pub project: Option<String>,
+    pub buckets: Option<Vec<String>>,
+    pub models: Option<Vec<String>>,
     #[serde(default)]
-    allow_cross_bucket_fallback: bool,
-    rpm: Option<u32>,
-    tpm: Option<u64>,
-    max_concurrent_streams: Option<u32>,
+    pub allow_cross_bucket_fallback: bool,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrent_streams: Option<u32>,
 }
 
-async fn create_key(
-    req: HttpRequest,
-    body: web::Bytes,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    let c: CreateKey = json_body(&body)?;
+/// Checks and creates a key; returns its record and its secret (shown once, never stored).
+pub async fn create_key_from(
+    state: &AppState,
+    c: CreateKey,
+) -> Result<(ApiKeyRecord, String), ApiError> {
     if c.name.trim().is_empty() {
         return Err(ApiError::invalid_value("name", "'name' must not be empty"));
     }
@@ -160,7 +163,7 @@ async fn create_key(
             ));
         }
     }
-    let (rec, secret) = state
+    state
         .keys
         .create(NewKey {
             name: c.name,
@@ -174,7 +177,17 @@ async fn create_key(
             max_concurrent_streams: c.max_concurrent_streams,
         })
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+async fn create_key(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let c: CreateKey = json_body(&body)?;
+    let (rec, secret) = create_key_from(&state, c).await?;
     let mut v = key_view(&rec);
     v["secret"] = json!(secret);
     Ok(HttpResponse::Created().json(v))
@@ -199,20 +212,112 @@ async fn get_key(
     Ok(HttpResponse::Ok().json(key_view(&k.record)))
 }
 
+/// Revokes a key (idempotent); returns its record.
+pub async fn revoke_key_by_id(state: &AppState, id: &str) -> Result<ApiKeyRecord, ApiError> {
+    match state.keys.revoke(id).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(ApiError::not_found(format!("no key with id '{id}'"))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
 async fn revoke_key(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
-    match state.keys.revoke(&path).await {
-        Ok(Some(_)) => Ok(HttpResponse::NoContent().finish()),
-        Ok(None) => Err(ApiError::not_found(format!(
-            "no key with id '{}'",
-            path.as_str()
-        ))),
+    revoke_key_by_id(&state, &path).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Sets a key's limits; returns its record.
+pub async fn set_key_limits(
+    state: &AppState,
+    id: &str,
+    limits: KeyLimits,
+) -> Result<ApiKeyRecord, ApiError> {
+    for (name, v) in [
+        ("rpm", limits.rpm.map(u64::from)),
+        ("tpm", limits.tpm),
+        (
+            "max_concurrent_streams",
+            limits.max_concurrent_streams.map(u64::from),
+        ),
+    ] {
+        if v == Some(0) {
+            return Err(ApiError::invalid_value(
+                name,
+                format!("'{name}' must be at least 1 (null for no limit)"),
+            ));
+        }
+    }
+    match state.keys.set_limits(id, limits).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(ApiError::not_found(format!("no key with id '{id}'"))),
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
+}
+
+/// A limit in a `PATCH /admin/keys/{id}` body: absent keeps it, `null` removes it, a positive
+/// integer sets it.
+fn patch_limit<T: TryFrom<u64>>(
+    body: &serde_json::Map<String, Value>,
+    name: &str,
+    old: Option<T>,
+) -> Result<Option<T>, ApiError> {
+    let bad = || {
+        ApiError::invalid_value(
+            name,
+            format!("'{name}' must be a positive integer or null (no limit)"),
+        )
+    };
+    match body.get(name) {
+        None => Ok(old),
+        Some(Value::Null) => Ok(None),
+        Some(v) => {
+            let n = v.as_u64().filter(|n| *n > 0).ok_or_else(bad)?;
+            T::try_from(n).map(Some).map_err(|_| bad())
+        }
+    }
+}
+
+/// `PATCH /admin/keys/{id}` with any of `rpm`, `tpm`, `max_concurrent_streams`.
+async fn patch_key(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let body: serde_json::Map<String, Value> = json_body(&body)?;
+    if let Some(k) = body
+        .keys()
+        .find(|k| !["rpm", "tpm", "max_concurrent_streams"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid_value(
+            k,
+            format!(
+                "unknown field '{k}': a key's rpm, tpm and max_concurrent_streams can be changed"
+            ),
+        ));
+    }
+    let key = state
+        .keys
+        .get(&path)
+        .ok_or_else(|| ApiError::not_found(format!("no key with id '{}'", path.as_str())))?;
+    let old = &key.record;
+    let limits = KeyLimits {
+        rpm: patch_limit(&body, "rpm", old.rpm)?,
+        tpm: patch_limit(&body, "tpm", old.tpm)?,
+        max_concurrent_streams: patch_limit(
+            &body,
+            "max_concurrent_streams",
+            old.max_concurrent_streams,
+        )?,
+    };
+    let rec = set_key_limits(&state, &path, limits).await?;
+    Ok(HttpResponse::Ok().json(key_view(&rec)))
 }
 
 #[derive(Deserialize)]
@@ -265,7 +370,9 @@ fn parse_amount(v: &Value, scale: u32) -> Result<Decimal, ApiError> {
     Ok(d)
 }
 
-async fn wallet_view(state: &AppState, key_id: &str) -> Result<Value, ApiError> {
+/// A key's wallet per bucket it may spend: balance, held, available, each in its currency
+/// (`GET /admin/keys/{id}/wallet`).
+pub async fn wallet_view(state: &AppState, key_id: &str) -> Result<Value, ApiError> {
     let key = state
         .keys
         .get(key_id)
@@ -298,40 +405,38 @@ async fn wallet_view(state: &AppState, key_id: &str) -> Result<Value, ApiError> 
     Ok(json!({"key_id": key_id, "buckets": buckets}))
 }
 
-async fn topup(
-    req: HttpRequest,
-    path: web::Path<String>,
-    body: web::Bytes,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+/// Tops up a key's bucket (R40): checks the bucket and the amount, applies a reference at
+/// most once. `Duplicate` when the reference was applied before (nothing changes).
+pub async fn apply_topup(
+    state: &AppState,
+    key_id: &str,
+    bucket: &str,
+    amount: &Value,
+    reference: Option<String>,
+) -> Result<TopupOutcome, ApiError> {
     let key = state
         .keys
-        .get(&path)
-        .ok_or_else(|| ApiError::not_found(format!("no key with id '{}'", path.as_str())))?;
-    let t: TopupBody = json_body(&body)?;
-    if !state.config.buckets.contains_key(&t.bucket) {
+        .get(key_id)
+        .ok_or_else(|| ApiError::not_found(format!("no key with id '{key_id}'")))?;
+    if !state.config.buckets.contains_key(bucket) {
         return Err(ApiError::invalid_value(
             "bucket",
-            format!("unknown bucket '{}'", t.bucket),
+            format!("unknown bucket '{bucket}'"),
         ));
     }
-    if !key.may_spend(&t.bucket) {
+    if !key.may_spend(bucket) {
         return Err(ApiError::invalid_value(
             "bucket",
-            format!(
-                "key '{}' may not spend bucket '{}'",
-                key.record.id, t.bucket
-            ),
+            format!("key '{}' may not spend bucket '{bucket}'", key.record.id),
         ));
     }
     let scale = state
         .config
         .buckets
-        .get(&t.bucket)
+        .get(bucket)
         .map_or(0, |b| b.display_scale);
-    let amount = parse_amount(&t.amount, scale)?;
-    if let Some(r) = &t.reference {
+    let amount = parse_amount(amount, scale)?;
+    if let Some(r) = &reference {
         if r.is_empty() || r.len() > 256 {
             return Err(ApiError::invalid_value(
                 "reference",
@@ -341,39 +446,54 @@ async fn topup(
     }
     match state
         .wallets
-        .topup(key.id(), &t.bucket, amount, t.reference.clone())
+        .topup(key.id(), bucket, amount, reference.clone())
         .await
     {
-        Ok(TopupOutcome::Applied) | Ok(TopupOutcome::Duplicate) => {}
-        Ok(TopupOutcome::Conflict(prev)) => {
-            return Err(ApiError::new(
-                409,
-                "invalid_request_error",
-                "reference_conflict",
-                format!(
-                    "reference '{}' was already used for {} in bucket {}",
-                    t.reference.unwrap_or_default(),
-                    prev.amount.normalize(),
-                    prev.bucket
-                ),
-            ))
-        }
-        Err(WalletError::Invalid(m)) => return Err(ApiError::invalid_value("amount", m)),
+        Ok(o @ (TopupOutcome::Applied | TopupOutcome::Duplicate)) => Ok(o),
+        Ok(TopupOutcome::Conflict(prev)) => Err(ApiError::new(
+            409,
+            "invalid_request_error",
+            "reference_conflict",
+            format!(
+                "reference '{}' was already used for {} in bucket {}",
+                reference.unwrap_or_default(),
+                prev.amount.normalize(),
+                prev.bucket
+            ),
+        )),
+        Err(WalletError::Invalid(m)) => Err(ApiError::invalid_value("amount", m)),
         Err(e) => {
             // The store may have taken it all the same (a failed fsync).
-            let advice = match t.reference {
+            let advice = match reference {
                 Some(_) => "retry with the same reference, which applies it at most once",
                 None => "check the wallet before retrying (a reference makes retries safe)",
             };
-            return Err(ApiError::new(
+            Err(ApiError::new(
                 503,
                 "service_unavailable",
                 "wallet_unavailable",
                 format!("{e}; the top-up may have been applied: {advice}"),
-            ));
+            ))
         }
     }
-    Ok(HttpResponse::Ok().json(wallet_view(&state, key.id()).await?))
+}
+
+async fn topup(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    if state.keys.get(&path).is_none() {
+        return Err(ApiError::not_found(format!(
+            "no key with id '{}'",
+            path.as_str()
+        )));
+    }
+    let t: TopupBody = json_body(&body)?;
+    apply_topup(&state, &path, &t.bucket, &t.amount, t.reference).await?;
+    Ok(HttpResponse::Ok().json(wallet_view(&state, &path).await?))
 }
 
 async fn wallet(
@@ -463,6 +583,7 @@ pub(crate) fn parse_time(
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Filter {
     pub key_id: Option<String>,
     pub project: Option<String>,
@@ -504,34 +625,44 @@ impl Filter {
     }
 }
 
-async fn ledger(
-    req: HttpRequest,
-    q: web::Query<LedgerQuery>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    state.settle_reads().await;
-    let f = Filter::parse(&q)?;
-    let limit = match &q.limit {
-        None => 100,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid_value(
+impl LedgerQuery {
+    /// The page size: 100 unless given, at most 1000.
+    pub fn page_limit(&self) -> Result<usize, ApiError> {
+        match &self.limit {
+            None => Ok(100),
+            Some(l) => match l.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => Ok(n),
+                _ => Err(ApiError::invalid_value(
                     "limit",
                     "'limit' must be an integer from 1 to 1000",
-                ))
-            }
-        },
-    };
-    let cursor = match &q.cursor {
-        None => None,
-        Some(c) => {
-            Some(hex::decode(c).map_err(|_| ApiError::invalid_value("cursor", "invalid cursor"))?)
+                )),
+            },
         }
-    };
+    }
+
+    /// The `l/` key the page starts after, from the previous page's `next_cursor`.
+    pub fn page_cursor(&self) -> Result<Option<Vec<u8>>, ApiError> {
+        match &self.cursor {
+            None => Ok(None),
+            Some(c) => hex::decode(c)
+                .map(Some)
+                .map_err(|_| ApiError::invalid_value("cursor", "invalid cursor")),
+        }
+    }
+}
+
+/// One page of the ledger (R31), newest first: the records `q` selects and the cursor of the
+/// next page when there is one. `GET /admin/ledger` and the console's ledger explorer.
+pub async fn ledger_page(
+    state: &web::Data<AppState>,
+    q: &LedgerQuery,
+) -> Result<(Vec<LedgerRecord>, Option<String>), ApiError> {
+    state.settle_reads().await;
+    let f = Filter::parse(q)?;
+    let limit = q.page_limit()?;
+    let cursor = q.page_cursor()?;
     let state2 = state.clone();
-    let (records, next) = web::block(
+    web::block(
         move || -> Result<(Vec<LedgerRecord>, Option<String>), String> {
             let mut out = Vec::new();
             let mut last_key = None;
@@ -564,8 +695,29 @@ async fn ledger(
     )
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(ApiError::internal)?;
+    .map_err(ApiError::internal)
+}
+
+async fn ledger(
+    req: HttpRequest,
+    q: web::Query<LedgerQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let (records, next) = ledger_page(&state, &q).await?;
     Ok(HttpResponse::Ok().json(json!({"records": records, "next_cursor": next})))
+}
+
+/// One request's ledger record; `not_found` when there is none.
+pub async fn ledger_record(state: &AppState, request_id: &str) -> Result<LedgerRecord, ApiError> {
+    state.settle_reads().await;
+    match state.store.record(request_id) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no ledger record for request '{request_id}'"
+        ))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
 }
 
 async fn ledger_one(
@@ -574,15 +726,22 @@ async fn ledger_one(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
-    state.settle_reads().await;
-    match state.store.record(&path) {
-        Ok(Some(r)) => Ok(HttpResponse::Ok().json(r)),
-        Ok(None) => Err(ApiError::not_found(format!(
-            "no ledger record for request '{}'",
-            path.as_str()
-        ))),
-        Err(e) => Err(ApiError::internal(e.to_string())),
-    }
+    Ok(HttpResponse::Ok().json(ledger_record(&state, &path).await?))
+}
+
+/// Every route in configuration order with its model and its live snapshot (breaker state,
+/// counters, last probe, last failure): `GET /admin/routes` and the console's routes page.
+pub fn route_states(
+    state: &AppState,
+) -> Vec<(Arc<Model>, Arc<Route>, Arc<crate::route::RouteSnapshot>)> {
+    state
+        .config
+        .routes()
+        .filter_map(|(m, r)| {
+            let s = state.routes.snapshot(&r.id)?;
+            Some((m.clone(), r.clone(), s))
+        })
+        .collect()
 }
 
 async fn routes_view(
@@ -592,10 +751,7 @@ async fn routes_view(
     authorize(&req, &state)?;
     let now = std::time::Instant::now();
     let mut out = Vec::new();
-    for (m, r) in state.config.routes() {
-        let Some(s) = state.routes.snapshot(&r.id) else {
-            continue;
-        };
+    for (m, r, s) in route_states(&state) {
         let bucket = state.config.buckets.get(&r.bucket);
         out.push(json!({
             "route": r.id,

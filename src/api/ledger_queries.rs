@@ -91,9 +91,19 @@ pub async fn export(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
+    export_response(&state, &q, fq.format.as_deref()).await
+}
+
+/// The export of the records `q` selects in `format` (`jsonl` unless given), streamed: the
+/// admin API's export and the console's export links.
+pub async fn export_response(
+    state: &AppState,
+    q: &LedgerQuery,
+    format: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
     state.settle_reads().await;
-    let filter = Arc::new(Filter::parse(&q)?);
-    let name = fq.format.as_deref().unwrap_or("jsonl");
+    let filter = Arc::new(Filter::parse(q)?);
+    let name = format.unwrap_or("jsonl");
     let format = Format::parse(name).ok_or_else(|| {
         ApiError::invalid_value(
             "format",
@@ -152,8 +162,9 @@ pub struct UsageQuery {
     status: Option<String>,
 }
 
-/// Folds every record that `f` matches into `add`, on the blocking pool.
-async fn fold_records<T: Send + 'static>(
+/// Folds every record that `f` matches into `add`, on the blocking pool (the usage and explain
+/// endpoints, and the console's figures).
+pub async fn fold_records<T: Send + 'static>(
     state: &AppState,
     f: Filter,
     mut acc: T,
@@ -206,14 +217,14 @@ pub async fn usage(
     Ok(HttpResponse::Ok().json(json!({"groups": usage.finish()})))
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ExplainQuery {
-    base_since: Option<String>,
-    base_until: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    key_id: Option<String>,
-    project: Option<String>,
+    pub base_since: Option<String>,
+    pub base_until: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub key_id: Option<String>,
+    pub project: Option<String>,
 }
 
 fn period_bound(field: &str, v: &Option<String>) -> Result<DateTime<Utc>, ApiError> {
@@ -248,6 +259,32 @@ fn period(
     })
 }
 
+/// An explanation: the two periods (as ledger filters) and the change per currency.
+pub struct Explanation {
+    pub base: Filter,
+    pub current: Filter,
+    pub currencies: Vec<explain::CurrencyChange>,
+}
+
+/// Explains the change in spend between `q`'s two periods (see `ledger::explain`): the admin
+/// explain endpoint and the console's spend explainer.
+pub async fn explain_periods(state: &AppState, q: &ExplainQuery) -> Result<Explanation, ApiError> {
+    let base = period(
+        q,
+        ("base_since", &q.base_since),
+        ("base_until", &q.base_until),
+    )?;
+    let current = period(q, ("since", &q.since), ("until", &q.until))?;
+    let (base_f, current_f) = (base.clone(), current.clone());
+    let base = fold_records(state, base, Period::default(), |p, r| p.add(r)).await?;
+    let current = fold_records(state, current, Period::default(), |p, r| p.add(r)).await?;
+    Ok(Explanation {
+        base: base_f,
+        current: current_f,
+        currencies: explain::explain(&base, &current),
+    })
+}
+
 /// `GET /admin/usage/explain?base_since=&base_until=&since=&until=[&key_id=][&project=]`:
 /// the change in spend between two periods per currency, attributed to drivers (see
 /// `ledger::explain` for the method).
@@ -257,19 +294,11 @@ pub async fn explain(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
-    let base = period(
-        &q,
-        ("base_since", &q.base_since),
-        ("base_until", &q.base_until),
-    )?;
-    let current = period(&q, ("since", &q.since), ("until", &q.until))?;
+    let e = explain_periods(&state, &q).await?;
     let bounds = |f: &Filter| json!({"since": f.since, "until": f.until});
-    let (base_view, current_view) = (bounds(&base), bounds(&current));
-    let base = fold_records(&state, base, Period::default(), |p, r| p.add(r)).await?;
-    let current = fold_records(&state, current, Period::default(), |p, r| p.add(r)).await?;
     Ok(HttpResponse::Ok().json(json!({
-        "base": base_view,
-        "current": current_view,
-        "currencies": explain::explain(&base, &current),
+        "base": bounds(&e.base),
+        "current": bounds(&e.current),
+        "currencies": e.currencies,
     })))
 }

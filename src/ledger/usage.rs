@@ -169,6 +169,40 @@ pub fn aggregate<'a>(
     u.finish()
 }
 
+/// What the ledger says each route did (the console's routes page): attempts sent or skipped,
+/// attempts that were not `ok`, retries on the route, and fallbacks from it (a failed attempt
+/// followed by an attempt on another route). Fold records in with `add`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteActivity {
+    pub routes: BTreeMap<String, RouteCounts>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteCounts {
+    pub attempts: u64,
+    pub failed: u64,
+    pub retries: u64,
+    pub fallbacks: u64,
+}
+
+impl RouteActivity {
+    pub fn add(&mut self, r: &LedgerRecord) {
+        for (i, a) in r.attempts.iter().enumerate() {
+            let c = self.routes.entry(a.route.clone()).or_default();
+            c.attempts += 1;
+            if a.outcome != "ok" {
+                c.failed += 1;
+            }
+            if a.retry > 0 {
+                c.retries += 1;
+            }
+            if r.attempts.get(i + 1).is_some_and(|n| n.route != a.route) {
+                c.fallbacks += 1;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -220,6 +254,40 @@ pub(crate) mod tests {
             duration_ms: 1,
             ..LedgerRecord::empty(format!("r-{key}-{input}-{output}"), t)
         }
+    }
+
+    #[test]
+    fn route_activity_counts_attempts_retries_and_fallbacks_per_route() {
+        let mut r = rec("k1", Some(("m/p2", "routed", "CNY")), 2, 8, "0.1");
+        let at = |route: &str, retry: u32, outcome: &str| crate::ledger::Attempt {
+            route: route.into(),
+            upstream_model: "u".into(),
+            bucket: "b".into(),
+            retry,
+            outcome: outcome.into(),
+            http_status: None,
+            error: None,
+            started_at: r.started_at,
+            latency_ms: 1,
+        };
+        r.attempts = vec![
+            at("m/p1", 0, "http_500"),
+            at("m/p1", 1, "http_500"),
+            at("m/p2", 0, "ok"),
+        ];
+        let mut a = RouteActivity::default();
+        a.add(&r);
+        a.add(&rec("k1", None, 1, 0, "0"));
+        let p1 = a.routes["m/p1"];
+        assert_eq!(
+            (p1.attempts, p1.failed, p1.retries, p1.fallbacks),
+            (2, 2, 1, 1)
+        );
+        let p2 = a.routes["m/p2"];
+        assert_eq!(
+            (p2.attempts, p2.failed, p2.retries, p2.fallbacks),
+            (1, 0, 0, 0)
+        );
     }
 
     #[test]

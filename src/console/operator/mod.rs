@@ -2,9 +2,16 @@
 //! listener): login and sessions (`session.rs`), then one file per page. Every page but the
 //! login needs a session ([`session::Operator`]); every POST carries the session's CSRF token.
 
+pub mod explain;
 pub mod inflight;
+pub mod keys;
+pub mod ledger;
+pub mod overview;
+pub mod parts;
+pub mod routes;
 pub mod session;
 pub mod tasks;
+pub mod wallets;
 
 use actix_web::web;
 use maud::{html, Markup};
@@ -45,5 +52,24 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/console/inflight").route(web::get().to(inflight::page)))
     .service(web::resource("/console/inflight.json").route(web::get().to(inflight::rows_json)))
     .service(web::resource("/console/assets/inflight.js").route(web::get().to(inflight::script)))
-    .service(web::resource("/console/tasks/{task}").route(web::get().to(tasks::page)));
+    .service(web::resource("/console/tasks/{task}").route(web::get().to(tasks::page)))
+    .service(web::resource("/console").route(web::get().to(overview::index)))
+    .service(web::resource("/console/assets/live.js").route(web::get().to(ledger::live_js)))
+    .service(web::resource("/console/ledger").route(web::get().to(ledger::list)))
+    // Before `/console/ledger/{request_id}`, so that these are not taken for ids.
+    .service(web::resource("/console/ledger/export").route(web::get().to(ledger::export)))
+    .service(web::resource("/console/ledger/tail").route(web::get().to(ledger::tail)))
+    .service(web::resource("/console/ledger/{request_id}").route(web::get().to(ledger::one)))
+    .service(
+        web::resource("/console/keys")
+            .route(web::get().to(keys::index))
+            .route(web::post().to(keys::create)),
+    )
+    .service(web::resource("/console/keys/{id}/revoke").route(web::post().to(keys::revoke)))
+    .service(web::resource("/console/keys/{id}/limits").route(web::post().to(keys::limits)))
+    .service(web::resource("/console/keys/{id}/topup").route(web::post().to(keys::topup)))
+    .service(web::resource("/console/explain").route(web::get().to(explain::index)))
+    .service(web::resource("/console/routes").route(web::get().to(routes::index)))
+    .service(web::resource("/console/wallets").route(web::get().to(wallets::index)))
+    .service(web::resource("/console/wallets/{key_id}").route(web::get().to(wallets::one)));
 }
