@@ -7,6 +7,8 @@
 //!
 //! Run: `cargo bench --bench console` (about a minute to write a million records).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use actix_web::{test, web, App};
