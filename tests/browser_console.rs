@@ -291,3 +291,208 @@ async fn a_task_page_lists_exactly_its_requests_and_its_cost_per_currency() {
     assert!(s.text_of("main").await.contains("No request of this task"));
     b.session.close().await;
 }
+
+/// Submits the form whose `action` is `action` (the first one) and waits for the next page.
+async fn submit(s: &Session, action: &str) {
+    let before = s.execute("return performance.timeOrigin;", vec![]).await;
+    s.find(&format!("form[action='{action}'] button[type=submit]"))
+        .await
+        .click()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = s.execute("return performance.timeOrigin;", vec![]).await;
+        let ready = s.execute("return document.readyState;", vec![]).await;
+        if now != before && ready == json!("complete") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no page after submitting {action}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_shows_its_chain_and_the_bucket_that_paid_in_the_list_and_on_its_page() {
+    let _one = BROWSER.lock().await;
+    let g = gateway();
+    let client = g.client();
+    let fault = format!("{}/_mock/options", g.mock_url("p1"));
+    let r = client
+        .post(&fault)
+        .json(&json!({"fault": "500"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = client
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-tollgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let b = browser().await;
+    let s = &b.session;
+    log_in(s, &g).await;
+    s.goto(&format!("{}/console/ledger", g.admin_url)).await;
+    let row = format!("#ledger-rows tr[data-id='{id}']");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while text_now(s, &row).await.is_none() {
+        assert!(Instant::now() < deadline, "the request is not listed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.goto(&format!("{}/console/ledger", g.admin_url)).await;
+    }
+    let chain = text_now(s, &format!("{row} td:nth-child(6)"))
+        .await
+        .unwrap();
+    assert_eq!(chain, "m/p1 ✗ http_500 → m/p1 ✗ http_500 → m/p2 ✓");
+    let bucket = text_now(s, &format!("{row} td:nth-child(9)"))
+        .await
+        .unwrap();
+    assert_eq!(bucket, "routed");
+    let cost = text_now(s, &format!("{row} td:nth-child(11)"))
+        .await
+        .unwrap();
+    assert!(cost.ends_with(" CNY"), "{cost}");
+    s.save_screenshot("console-ledger").await;
+    s.find(&format!("{row} a")).await.click().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.current_url().await.ends_with(&id) {
+        assert!(Instant::now() < deadline, "the request's page did not open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let summary = s.text_of("main p").await;
+    assert!(
+        summary.contains("m/p1 ✗ http_500 → m/p1 ✗ http_500 → m/p2 ✓")
+            && summary.contains("bucket that paid: routed"),
+        "{summary}"
+    );
+    let attempts = s.find_all("main table:first-of-type tbody tr").await;
+    assert_eq!(attempts.len(), 3, "every attempt is listed");
+    s.save_screenshot("console-request").await;
+    b.session.close().await;
+}
+
+/// The credit balance as the key's wallet page shows it.
+async fn balance(s: &Session, g: &Gateway, key: &str) -> String {
+    s.goto(&format!("{}/console/wallets/{key}", g.admin_url))
+        .await;
+    s.text_of("#balance-credit").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_through_the_form_shows_and_a_repeated_reference_applies_once() {
+    let _one = BROWSER.lock().await;
+    let g = gateway();
+    let key = g.demo_key_id().await;
+    let b = browser().await;
+    let s = &b.session;
+    log_in(s, &g).await;
+    assert_eq!(balance(s, &g, &key).await, "10 USD");
+    let topup = format!("/console/keys/{key}/topup");
+    for round in 0..2 {
+        s.goto(&format!("{}/console/keys", g.admin_url)).await;
+        let form = format!("form[action='{topup}']");
+        s.find(&format!("{form} input[name=amount]"))
+            .await
+            .send_keys("2.5")
+            .await;
+        s.find(&format!("{form} input[name=reference]"))
+            .await
+            .send_keys("inv-7")
+            .await;
+        submit(s, &topup).await;
+        let note = s.text_of("main").await;
+        if round == 1 {
+            assert!(note.contains("was applied before"), "{note}");
+            s.save_screenshot("console-topup-repeated").await;
+        }
+    }
+    assert_eq!(
+        balance(s, &g, &key).await,
+        "12.5 USD",
+        "the same reference applied twice"
+    );
+    s.save_screenshot("console-wallet").await;
+    // Without the CSRF token, the same form is refused.
+    s.goto(&format!("{}/console/keys", g.admin_url)).await;
+    s.execute(
+        "document.querySelectorAll('input[name=_csrf]').forEach(function (e) { e.remove(); });",
+        vec![],
+    )
+    .await;
+    let form = format!("form[action='{topup}']");
+    s.find(&format!("{form} input[name=amount]"))
+        .await
+        .send_keys("1")
+        .await;
+    submit(s, &topup).await;
+    assert!(s.text_of("main").await.contains("CSRF"));
+    assert_eq!(balance(s, &g, &key).await, "12.5 USD");
+    b.session.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_lands_on_the_login_page() {
+    let _one = BROWSER.lock().await;
+    let g = Gateway::start_with_server(
+        Setup {
+            mocks: vec![("p1", ""), ("p2", "")],
+            body: standard_body("", "10", "10"),
+            data_dir: None,
+        },
+        "console_session_ttl_s = 1",
+    );
+    let b = browser().await;
+    let s = &b.session;
+    log_in(s, &g).await;
+    s.goto(&format!("{}/console/keys", g.admin_url)).await;
+    assert!(s.current_url().await.ends_with("/console/keys"));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    s.goto(&format!("{}/console/keys", g.admin_url)).await;
+    assert!(
+        s.current_url().await.ends_with("/console/login"),
+        "an expired session still reached the page"
+    );
+    b.session.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_markup_show_as_text_in_the_console() {
+    let _one = BROWSER.lock().await;
+    let g = gateway();
+    let (status, v) = g
+        .admin_post(
+            "/admin/keys",
+            json!({"name": "<script>document.title='owned'</script>", "project": "<img src=x onerror=alert(1)>"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let b = browser().await;
+    let s = &b.session;
+    log_in(s, &g).await;
+    s.goto(&format!("{}/console/keys", g.admin_url)).await;
+    let text = s.text_of("main").await;
+    assert!(
+        text.contains("<script>document.title='owned'</script>"),
+        "{text}"
+    );
+    assert!(text.contains("<img src=x onerror=alert(1)>"), "{text}");
+    let injected = s
+        .execute(
+            "return document.querySelectorAll('main script, main img').length + (document.title === 'owned' ? 100 : 0);",
+            vec![],
+        )
+        .await;
+    assert_eq!(injected, json!(0));
+    s.save_screenshot("console-keys").await;
+    b.session.close().await;
+}
