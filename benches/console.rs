@@ -165,7 +165,14 @@ fn main() {
         }
         state.writer.flush().await.expect("flushed");
         println!("wrote {n} records in {:.1} s", t0.elapsed().as_secs_f64());
-        let one = record(n / 2, n, &key_ids);
+        // A stored request id (ids carry a random part: take one from the ledger).
+        let one_id = state
+            .store
+            .scan_records(None, None, None, None)
+            .nth(usize::try_from(n / 2).unwrap_or(0))
+            .and_then(Result::ok)
+            .map(|(_, r)| r.request_id)
+            .unwrap_or_default();
         let app = test::init_service(
             App::new()
                 .app_data(web::Data::from(state.clone()))
@@ -212,7 +219,7 @@ fn main() {
             "/console".to_string(),
             "/console/ledger".to_string(),
             format!("/console/ledger?key_id={key}&status=completed"),
-            format!("/console/ledger/{}", one.request_id),
+            format!("/console/ledger/{one_id}"),
             "/console/wallets".to_string(),
             format!("/console/wallets/{key}"),
             format!(

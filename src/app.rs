@@ -299,8 +299,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
         App::new()
             .app_data(client_state.clone())
             .app_data(web::Data::new(ups))
-            .configure(crate::console::client_routes)
+            // The API's routes first: a client request matches them before any page's.
             .configure(crate::api::client::routes)
+            .configure(crate::console::client_routes)
     })
     .workers(cfg.server.workers)
     // Streams write one small SSE event at a time: without TCP_NODELAY, Nagle holds an event

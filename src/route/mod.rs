@@ -86,6 +86,8 @@ struct Recent {
     /// (succeeded, latency in ms), oldest overwritten first.
     ring: Vec<(bool, u64)>,
     next: usize,
+    /// How many entries of `ring` succeeded (kept as entries come and go).
+    ok: usize,
 }
 
 impl Recent {
@@ -93,19 +95,30 @@ impl Recent {
         if self.ring.len() < RECENT {
             self.ring.push((ok, latency_ms));
         } else if let Some(slot) = self.ring.get_mut(self.next) {
+            if slot.0 {
+                self.ok -= 1;
+            }
             *slot = (ok, latency_ms);
+        }
+        if ok {
+            self.ok += 1;
         }
         self.next = (self.next + 1) % RECENT;
     }
 
     fn success_rate(&self) -> Option<f64> {
         let n = self.ring.len();
-        (n > 0).then(|| self.ring.iter().filter(|(ok, _)| *ok).count() as f64 / n as f64)
+        (n > 0).then(|| self.ok as f64 / n as f64)
     }
 
-    /// The lower median (of an even count, the smaller middle value).
+    /// The lower median (of an even count, the smaller middle value), without allocating.
     fn latency_p50_ms(&self) -> Option<u64> {
-        let mut l: Vec<u64> = self.ring.iter().map(|(_, ms)| *ms).collect();
+        let mut l = [0u64; RECENT];
+        let n = self.ring.len().min(RECENT);
+        for (slot, (_, ms)) in l.iter_mut().zip(&self.ring) {
+            *slot = *ms;
+        }
+        let l = l.get_mut(..n)?;
         if l.is_empty() {
             return None;
         }
