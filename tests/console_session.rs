@@ -191,6 +191,37 @@ async fn an_expired_session_lands_on_the_login_page() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_console_path_is_the_consoles_404_page() {
+    let g = Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body("", "1", "1"),
+        data_dir: None,
+    });
+    let url = format!("{}/console/no/such/page", g.admin_url);
+    // Behind the login like every page.
+    let r = http().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let r = login(&g, ADMIN_TOKEN).await;
+    let (session, _) = set_cookie(&r, "tollgate_console").unwrap();
+    let r = http()
+        .get(&url)
+        .header("cookie", session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("There is no console page at /console/no/such/page."),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_is_not_served_on_the_client_listener() {
     let g = Gateway::start(Setup {
         mocks: vec![("p1", ""), ("p2", "")],

@@ -42,6 +42,15 @@ pub fn page(op: &Operator, title: &str, current: &str, body: Markup) -> Markup {
     layout::page(title, NAV, current, body)
 }
 
+/// `GET` of a path under `/console` that is no page.
+async fn unknown_page(op: Operator, req: actix_web::HttpRequest) -> actix_web::HttpResponse {
+    parts::not_found(
+        &op,
+        "",
+        &format!("There is no console page at {}.", req.path()),
+    )
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/console/login")
@@ -71,5 +80,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/console/explain").route(web::get().to(explain::index)))
     .service(web::resource("/console/routes").route(web::get().to(routes::index)))
     .service(web::resource("/console/wallets").route(web::get().to(wallets::index)))
-    .service(web::resource("/console/wallets/{key_id}").route(web::get().to(wallets::one)));
+    .service(web::resource("/console/wallets/{key_id}").route(web::get().to(wallets::one)))
+    // Last: any other path under /console is the console's own 404 page (behind the login).
+    .service(web::resource("/console/{rest:.*}").route(web::get().to(unknown_page)));
 }
