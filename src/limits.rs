@@ -158,6 +158,7 @@ impl KeyWindows {
     }
 
     /// Streams holding a permit now.
+    #[cfg(test)]
     pub fn open_streams(&self) -> u32 {
         self.streams.load(Ordering::Acquire)
     }

@@ -57,11 +57,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(super::client::not_found));
 }
 
-async fn admin_not_found(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+async fn admin_not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!(
         "no admin route for {} {}",
         req.method(),
@@ -80,6 +76,17 @@ async fn require_admin_token(
         None => return Err(ApiError::internal("admin state missing").into()),
     }
     next.call(req).await
+}
+
+/// The key with this id, or 404 `not_found`.
+pub fn key_or_404(
+    state: &AppState,
+    id: &str,
+) -> Result<std::sync::Arc<crate::keys::ApiKey>, ApiError> {
+    state
+        .keys
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no key with id '{id}'")))
 }
 
 pub(crate) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
@@ -181,11 +188,9 @@ pub async fn create_key_from(
 }
 
 async fn create_key(
-    req: HttpRequest,
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let c: CreateKey = json_body(&body)?;
     let (rec, secret) = create_key_from(&state, c).await?;
     let mut v = key_view(&rec);
@@ -193,22 +198,16 @@ async fn create_key(
     Ok(HttpResponse::Created().json(v))
 }
 
-async fn list_keys(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+async fn list_keys(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let keys: Vec<Value> = state.keys.list().iter().map(key_view).collect();
     Ok(HttpResponse::Ok().json(json!({"keys": keys})))
 }
 
 async fn get_key(
-    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    let k = state
-        .keys
-        .get(&path)
-        .ok_or_else(|| ApiError::not_found(format!("no key with id '{}'", path.as_str())))?;
+    let k = key_or_404(&state, &path)?;
     Ok(HttpResponse::Ok().json(key_view(&k.record)))
 }
 
@@ -222,11 +221,9 @@ pub async fn revoke_key_by_id(state: &AppState, id: &str) -> Result<ApiKeyRecord
 }
 
 async fn revoke_key(
-    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     revoke_key_by_id(&state, &path).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -284,12 +281,10 @@ fn patch_limit<T: TryFrom<u64>>(
 
 /// `PATCH /admin/keys/{id}` with any of `rpm`, `tpm`, `max_concurrent_streams`.
 async fn patch_key(
-    req: HttpRequest,
     path: web::Path<String>,
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let body: serde_json::Map<String, Value> = json_body(&body)?;
     if let Some(k) = body
         .keys()
@@ -302,10 +297,7 @@ async fn patch_key(
             ),
         ));
     }
-    let key = state
-        .keys
-        .get(&path)
-        .ok_or_else(|| ApiError::not_found(format!("no key with id '{}'", path.as_str())))?;
+    let key = key_or_404(&state, &path)?;
     let old = &key.record;
     let limits = KeyLimits {
         rpm: patch_limit(&body, "rpm", old.rpm)?,
@@ -373,10 +365,7 @@ fn parse_amount(v: &Value, scale: u32) -> Result<Decimal, ApiError> {
 /// A key's wallet per bucket it may spend: balance, held, available, each in its currency
 /// (`GET /admin/keys/{id}/wallet`).
 pub async fn wallet_view(state: &AppState, key_id: &str) -> Result<Value, ApiError> {
-    let key = state
-        .keys
-        .get(key_id)
-        .ok_or_else(|| ApiError::not_found(format!("no key with id '{key_id}'")))?;
+    let key = key_or_404(state, key_id)?;
     let snap = state.wallets.snapshot(key_id).await.map_err(|e| {
         ApiError::new(
             503,
@@ -414,10 +403,7 @@ pub async fn apply_topup(
     amount: &Value,
     reference: Option<String>,
 ) -> Result<TopupOutcome, ApiError> {
-    let key = state
-        .keys
-        .get(key_id)
-        .ok_or_else(|| ApiError::not_found(format!("no key with id '{key_id}'")))?;
+    let key = key_or_404(state, key_id)?;
     if !state.config.buckets.contains_key(bucket) {
         return Err(ApiError::invalid_value(
             "bucket",
@@ -479,29 +465,20 @@ pub async fn apply_topup(
 }
 
 async fn topup(
-    req: HttpRequest,
     path: web::Path<String>,
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    if state.keys.get(&path).is_none() {
-        return Err(ApiError::not_found(format!(
-            "no key with id '{}'",
-            path.as_str()
-        )));
-    }
+    key_or_404(&state, &path)?;
     let t: TopupBody = json_body(&body)?;
     apply_topup(&state, &path, &t.bucket, &t.amount, t.reference).await?;
     Ok(HttpResponse::Ok().json(wallet_view(&state, &path).await?))
 }
 
 async fn wallet(
-    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     Ok(HttpResponse::Ok().json(wallet_view(&state, &path).await?))
 }
 
@@ -532,16 +509,12 @@ pub fn inflight_view(r: &OpenRequest) -> Value {
 
 /// `GET /admin/inflight?key_id=`: the requests open right now, one per open hold, newest first.
 async fn inflight(
-    req: HttpRequest,
     q: web::Query<InflightQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let key_id = q.key_id.as_deref();
     if let Some(k) = key_id {
-        if state.keys.get(k).is_none() {
-            return Err(ApiError::not_found(format!("no key with id '{k}'")));
-        }
+        key_or_404(&state, k)?;
     }
     let open = state.wallets.inflight(key_id).await.map_err(|e| {
         ApiError::new(
@@ -583,7 +556,7 @@ pub(crate) fn parse_time(
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub key_id: Option<String>,
     pub project: Option<String>,
@@ -699,11 +672,9 @@ pub async fn ledger_page(
 }
 
 async fn ledger(
-    req: HttpRequest,
     q: web::Query<LedgerQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let (records, next) = ledger_page(&state, &q).await?;
     Ok(HttpResponse::Ok().json(json!({"records": records, "next_cursor": next})))
 }
@@ -721,11 +692,9 @@ pub async fn ledger_record(state: &AppState, request_id: &str) -> Result<LedgerR
 }
 
 async fn ledger_one(
-    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     Ok(HttpResponse::Ok().json(ledger_record(&state, &path).await?))
 }
 
@@ -744,11 +713,7 @@ pub fn route_states(
         .collect()
 }
 
-async fn routes_view(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+async fn routes_view(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let now = std::time::Instant::now();
     let mut out = Vec::new();
     for (m, r, s) in route_states(&state) {
@@ -781,14 +746,12 @@ struct CatalogQuery {
 }
 
 async fn catalog(
-    req: HttpRequest,
     q: web::Query<CatalogQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let models: Vec<Value> = match &q.key_id {
         Some(id) => {
-            let key = state.keys.get(id).ok_or_else(|| ApiError::not_found(format!("no key with id '{id}'")))?;
+            let key = key_or_404(&state, id)?;
             crate::catalog::for_key(&state, &key, true)
                 .await
                 .into_iter()

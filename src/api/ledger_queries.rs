@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::admin::{authorize, parse_time, Filter, LedgerQuery};
+use super::admin::{parse_time, Filter, LedgerQuery};
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::ledger::explain::{self, Period};
@@ -85,12 +85,10 @@ fn export_batch(
 /// `GET /admin/ledger/export?format=jsonl|csv&...`: the ledger's filters without paging,
 /// newest first, streamed batch by batch.
 pub async fn export(
-    req: HttpRequest,
     q: web::Query<LedgerQuery>,
     fq: web::Query<ExportQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     export_response(&state, &q, fq.format.as_deref()).await
 }
 
@@ -189,11 +187,9 @@ pub async fn fold_records<T: Send + 'static>(
 /// `GET /admin/usage?since=&until=&group_by=...` (R32). Also takes the ledger's `key_id`,
 /// `project`, `task`, `model` and `status` filters.
 pub async fn usage(
-    req: HttpRequest,
     q: web::Query<UsageQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let group_by = parse_group_by(q.group_by.as_deref().unwrap_or("")).map_err(|bad| {
         ApiError::invalid_value(
             "group_by",
@@ -289,11 +285,9 @@ pub async fn explain_periods(state: &AppState, q: &ExplainQuery) -> Result<Expla
 /// the change in spend between two periods per currency, attributed to drivers (see
 /// `ledger::explain` for the method).
 pub async fn explain(
-    req: HttpRequest,
     q: web::Query<ExplainQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let e = explain_periods(&state, &q).await?;
     let bounds = |f: &Filter| json!({"since": f.since, "until": f.until});
     Ok(HttpResponse::Ok().json(json!({

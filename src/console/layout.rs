@@ -70,6 +70,15 @@ pub fn respond(status: actix_web::http::StatusCode, markup: Markup) -> HttpRespo
         .body(markup.into_string())
 }
 
+/// One of our own scripts, compiled into the binary.
+pub fn script(body: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/javascript; charset=utf-8"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .body(body)
+}
+
 /// 200 with the page.
 pub fn ok(markup: Markup) -> HttpResponse {
     respond(actix_web::http::StatusCode::OK, markup)
@@ -80,6 +89,13 @@ pub fn ok(markup: Markup) -> HttpResponse {
 pub fn money(amount: Decimal, currency: &str, scale: u32) -> String {
     let shown = amount.round_dp(scale);
     format!("{} {currency}", shown.normalize())
+}
+
+/// The `display_scale` of `bucket` (the configuration's default, 6, when there is none).
+pub fn scale(state: &crate::app::AppState, bucket: Option<&str>) -> u32 {
+    bucket
+        .and_then(|b| state.config.buckets.get(b))
+        .map_or(6, |b| b.display_scale)
 }
 
 /// A price per million tokens, as [`money`].

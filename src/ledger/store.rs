@@ -512,26 +512,15 @@ impl Store {
         since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError> {
-        let mut prefix = b"a/".to_vec();
-        prefix.extend_from_slice(task.as_bytes());
-        prefix.push(0);
-        let (lo_t, hi_t) = (
-            since.map(micros).unwrap_or(0),
-            until.map(micros).unwrap_or(u64::MAX),
-        );
+        let bound = |t: u64| time_key(&[b"a/", task.as_bytes(), b"\0"], t, "");
+        let lo = bound(since.map(micros).unwrap_or(0));
+        let hi = bound(until.map(micros).unwrap_or(u64::MAX));
+        let tail_at = lo.len() - 16;
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(&prefix) {
+        for kv in self.db.range(lo..hi) {
             let (k, _) = kv?;
-            let tail = k.get(prefix.len()..).unwrap_or_default();
-            let t = std::str::from_utf8(tail.get(..16).unwrap_or_default())
-                .ok()
-                .and_then(|h| u64::from_str_radix(h, 16).ok())
-                .unwrap_or(0);
-            if t < lo_t || t >= hi_t {
-                continue;
-            }
             let mut lk = b"l/".to_vec();
-            lk.extend_from_slice(tail);
+            lk.extend_from_slice(k.get(tail_at..).unwrap_or_default());
             let Some(v) = self.db.get(&lk)? else {
                 continue;
             };

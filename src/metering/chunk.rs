@@ -88,6 +88,18 @@ fn is_empty_json(value: &str) -> bool {
     }
 }
 
+/// [`is_empty_json`] for a parsed value.
+fn is_empty_value(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
 /// For a chunk read by serde_json (the slow path): marks the deltas whose other members carry
 /// output, as the one-pass reader does.
 fn mark_other_output(view: &mut ChunkView<'_>, data: &str) {
@@ -106,7 +118,7 @@ fn mark_other_output(view: &mut ChunkView<'_>, data: &str) {
         };
         delta.other = members
             .iter()
-            .any(|(k, v)| !NOT_OUTPUT.contains(&k.as_str()) && !is_empty_json(&v.to_string()));
+            .any(|(k, v)| !NOT_OUTPUT.contains(&k.as_str()) && !is_empty_value(v));
     }
 }
 

@@ -12,9 +12,14 @@ const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 /// `Decimal` holds (absurd token counts, R40) saturates at `Decimal::MAX`: it can never be paid,
 /// so it debits at most the available balance and records the rest as shortfall.
 pub fn cost(tokens: u64, per_mtok: Decimal) -> Decimal {
+    checked_cost(tokens, per_mtok).unwrap_or(Decimal::MAX)
+}
+
+/// [`cost`], or `None` beyond what a `Decimal` holds.
+pub fn checked_cost(tokens: u64, per_mtok: Decimal) -> Option<Decimal> {
     Decimal::from(tokens)
         .checked_mul(per_mtok)
-        .map_or(Decimal::MAX, |c| c / MILLION)
+        .map(|c| c / MILLION)
 }
 
 /// `a + b` for amounts, saturating at `Decimal::MAX` (see [`cost`]).

@@ -428,7 +428,9 @@ impl MeteredStream {
         }
         if let Some(u) = usage {
             self.usage = Some(u);
-            self.tokens_at_usage = self.meter.as_ref().map_or(0, |m| m.tokens);
+            // This chunk's own tokens (paid below) come with the usage, not after it.
+            let paid = self.meter.as_ref().map_or(0, |m| m.tokens);
+            self.tokens_at_usage = paid.saturating_add(tokens);
             if !content {
                 // Held back: settled and rewritten (or dropped) at the end.
                 self.usage_data = Some(data.to_string());
@@ -447,9 +449,6 @@ impl MeteredStream {
                 self.first_token_at = Some(Instant::now());
             }
             self.out_tokens += tokens;
-        }
-        if usage.is_some() {
-            self.tokens_at_usage = self.meter.as_ref().map_or(0, |m| m.tokens);
         }
         self.out.extend_from_slice(&ev.raw);
         Flow::Continue

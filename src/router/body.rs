@@ -7,6 +7,8 @@ use bytes::Bytes;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
+use crate::metering::meter::checked_cost;
+
 /// The upstream's JSON object `body` with the `tollgate` object added as its last member. The
 /// upstream's bytes are kept as they came and the member is appended, instead of writing the
 /// whole document again; a body with a `tollgate` member of its own (`replace`) gets it replaced.
@@ -55,16 +57,15 @@ pub(super) fn paid_output_tokens(
     bound: u64,
 ) -> u64 {
     use rust_decimal::prelude::ToPrimitive;
-    let million = Decimal::from(1_000_000u32);
-    let price = |tokens: u64| {
-        Decimal::from(tokens)
-            .checked_mul(per_mtok)
-            .and_then(|c| c.checked_div(million))
-    };
+    let price = |tokens: u64| checked_cost(tokens, per_mtok);
+    let budget = granted - in_cost;
+    // The usual case, a full grant (or free output): the hold pays the whole bound.
+    if price(n.saturating_mul(bound)).is_some_and(|c| c <= budget) {
+        return bound;
+    }
     let Some(step) = price(n).filter(|p| *p > Decimal::ZERO) else {
         return bound;
     };
-    let budget = granted - in_cost;
     let mut tokens = budget
         .checked_div(step)
         .and_then(|q| q.floor().to_u64())

@@ -138,12 +138,6 @@ impl WalletActor {
         }
     }
 
-    /// Hands every open hold's latest consumption to the writer, so that recovery settles what
-    /// it consumed.
-    fn persist_open_holds(&mut self) {
-        self.flush_holds();
-    }
-
     /// Runs a handler's body; a panic in it (a bug: arithmetic is checked) is caught, so that the
     /// actor and every hold it keeps live on (R40). Bodies change the state only once nothing
     /// can fail any more, so a caught panic leaves it as it was. The open holds are persisted
@@ -158,7 +152,7 @@ impl WalletActor {
             Ok(r) => r,
             Err(_) => {
                 tracing::error!(key_id = %self.key_id, what, "wallet handler failed; state and holds kept");
-                self.persist_open_holds();
+                self.flush_holds();
                 failed
             }
         }
@@ -211,7 +205,7 @@ impl Actor for WalletActor {
     fn stopped(&mut self, _: &mut Self::Context) {
         metrics::gauge!(crate::metrics::WALLET_ACTORS).decrement(1.0);
         // Only reachable at process shutdown: persist the consumption so recovery settles it.
-        self.persist_open_holds();
+        self.flush_holds();
     }
 }
 
@@ -524,7 +518,7 @@ impl Message for FlushHolds {
 impl Handler<FlushHolds> for WalletActor {
     type Result = ();
     fn handle(&mut self, _: FlushHolds, _: &mut Context<Self>) {
-        self.persist_open_holds();
+        self.flush_holds();
     }
 }
 

@@ -130,11 +130,7 @@ async fn live_state(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn script() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/javascript; charset=utf-8"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .body(SCRIPT)
+    crate::console::layout::script(SCRIPT)
 }
 
 fn refused(state: &AppState, status: StatusCode, error: &str) -> HttpResponse {

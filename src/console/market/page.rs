@@ -191,12 +191,7 @@ fn reason_words(state: &AppState, key: &ApiKey, model: &str, code: &str) -> Stri
 }
 
 fn request_row(state: &AppState, r: &LedgerRecord) -> RequestRow {
-    let scale = r
-        .bucket
-        .as_ref()
-        .and_then(|b| state.config.buckets.get(b))
-        .map(|b| b.display_scale)
-        .unwrap_or(6);
+    let scale = layout::scale(state, r.bucket.as_deref());
     RequestRow {
         id: r.request_id.clone(),
         at: layout::time(r.started_at),
@@ -222,12 +217,7 @@ fn rows(state: &AppState, views: &[Value]) -> Vec<RouteRow> {
         .map(|(i, v)| {
             let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
             let bucket = s("bucket");
-            let scale = state
-                .config
-                .buckets
-                .get(&bucket)
-                .map(|b| b.display_scale)
-                .unwrap_or(6);
+            let scale = layout::scale(state, Some(&bucket));
             let currency = s("currency");
             let price = |k: &str| {
                 s(k).parse::<Decimal>()

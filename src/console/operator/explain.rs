@@ -28,10 +28,6 @@ const FIELDS: [(&str, &str); 6] = [
     ("project", "Project"),
 ];
 
-fn rfc(t: DateTime<Utc>) -> String {
-    layout::time(t)
-}
-
 /// The query from the page's parameters; without any period, the last 7 days against the 7
 /// before (whole hours).
 fn explain_query(pairs: &[(String, String)], now: DateTime<Utc>) -> ExplainQuery {
@@ -49,10 +45,10 @@ fn explain_query(pairs: &[(String, String)], now: DateTime<Utc>) -> ExplainQuery
         .all(|v| v.is_none());
     if none {
         let end = now.duration_trunc(Duration::hours(1)).unwrap_or(now) + Duration::hours(1);
-        q.until = Some(rfc(end));
-        q.since = Some(rfc(end - Duration::days(7)));
+        q.until = Some(layout::time(end));
+        q.since = Some(layout::time(end - Duration::days(7)));
         q.base_until = q.since.clone();
-        q.base_since = Some(rfc(end - Duration::days(14)));
+        q.base_since = Some(layout::time(end - Duration::days(14)));
     }
     q
 }
@@ -130,8 +126,8 @@ fn currency_view(state: &AppState, c: &CurrencyChange, ledger_link: &str) -> Mar
 
 /// The ledger filtered to a period (and the key or project asked for).
 fn ledger_link(f: &Filter) -> String {
-    let since = f.since.map(rfc);
-    let until = f.until.map(rfc);
+    let since = f.since.map(layout::time);
+    let until = f.until.map(layout::time);
     let pairs = [
         ("since", since.as_deref()),
         ("until", until.as_deref()),

@@ -38,11 +38,7 @@ fn rows(state: &AppState, open: &[OpenRequest]) -> Vec<Row> {
         .map(|r| {
             let d = &r.draft;
             let currency = d.currency.as_deref().unwrap_or("");
-            let scale = d
-                .bucket
-                .as_ref()
-                .and_then(|b| state.config.buckets.get(b))
-                .map_or(6, |b| b.display_scale);
+            let scale = layout::scale(state, d.bucket.as_deref());
             Row {
                 id: d.request_id.clone(),
                 key: d.key_name.clone(),
@@ -128,9 +124,5 @@ pub async fn rows_json(_op: Operator, state: web::Data<AppState>) -> HttpRespons
 
 /// `GET /console/assets/inflight.js`.
 pub async fn script() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/javascript; charset=utf-8"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .body(SCRIPT)
+    layout::script(SCRIPT)
 }

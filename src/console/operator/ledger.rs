@@ -369,9 +369,5 @@ pub async fn one(
 /// `GET /console/assets/live.js`: the script for the live parts (served from the binary; the
 /// pages read fine without it).
 pub async fn live_js() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/javascript; charset=utf-8"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .body(include_str!("live.js"))
+    layout::script(include_str!("live.js"))
 }

@@ -163,13 +163,8 @@ pub async fn index(op: Operator, state: web::Data<AppState>) -> HttpResponse {
     let hour = Window::new("hour", "Last hour", now, Duration::minutes(5), 12);
     let day = Window::new("day", "Last day", now, Duration::hours(1), 24);
     let filter = Filter {
-        key_id: None,
-        project: None,
-        task: None,
-        model: None,
-        status: None,
         since: Some(day.since),
-        until: None,
+        ..Filter::default()
     };
     let (hour, day) = match fold_records(&state, filter, (hour, day), |(h, d), r| {
         h.add(r);

@@ -124,9 +124,7 @@ pub fn failed(op: &Operator, current: &str, e: &ApiError) -> HttpResponse {
 
 /// A bucket's `display_scale` (4 for a bucket the configuration no longer has).
 pub fn scale(state: &AppState, bucket: Option<&str>) -> u32 {
-    bucket
-        .and_then(|b| state.config.buckets.get(b))
-        .map_or(4, |b| b.display_scale)
+    layout::scale(state, bucket)
 }
 
 /// An amount of a bucket in its currency.

@@ -22,13 +22,8 @@ pub async fn index(op: Operator, state: web::Data<AppState>) -> HttpResponse {
     let now = Utc::now();
     let since = now - Duration::hours(1);
     let filter = Filter {
-        key_id: None,
-        project: None,
-        task: None,
-        model: None,
-        status: None,
         since: Some(since),
-        until: None,
+        ..Filter::default()
     };
     let activity =
         match fold_records(&state, filter, RouteActivity::default(), |a, r| a.add(r)).await {

@@ -16,12 +16,6 @@ use crate::app::AppState;
 use crate::console::layout;
 use crate::ledger::LedgerRecord;
 
-fn scale(state: &AppState, bucket: Option<&str>) -> u32 {
-    bucket
-        .and_then(|b| state.config.buckets.get(b))
-        .map_or(6, |b| b.display_scale)
-}
-
 /// What a run spent: cost per currency, and per bucket (bucket → (currency, cost)).
 fn totals(
     recs: &[LedgerRecord],
@@ -113,7 +107,7 @@ pub async fn page(
             thead { tr { th { "Bucket" } th.num { "Cost" } } }
             tbody {
                 @for (bucket, (currency, cost)) in &per_bucket {
-                    tr { td { (bucket) } td.num { (layout::money(*cost, currency, scale(&state, Some(bucket)))) } }
+                    tr { td { (bucket) } td.num { (layout::money(*cost, currency, layout::scale(&state, Some(bucket)))) } }
                 }
             }
         }
@@ -133,7 +127,7 @@ pub async fn page(
                         td { (r.status.as_str()) } td { (r.bucket.as_deref().unwrap_or("—")) }
                         td.num { (r.input_tokens) " / " (r.output_tokens) }
                         td.num { @match &r.currency {
-                            Some(c) => (layout::money(r.cost, c, scale(&state, r.bucket.as_deref()))),
+                            Some(c) => (layout::money(r.cost, c, layout::scale(&state, r.bucket.as_deref()))),
                             None => "—",
                         } }
                     }

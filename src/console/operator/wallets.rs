@@ -156,12 +156,8 @@ pub async fn key_page(
     let day_ago = now - Duration::hours(24);
     let filter = Filter {
         key_id: Some(key_id.to_string()),
-        project: None,
-        task: None,
-        model: None,
-        status: None,
         since,
-        until: None,
+        ..Filter::default()
     };
     let start = Spend {
         per_day: BTreeMap::new(),
