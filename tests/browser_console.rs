@@ -95,10 +95,8 @@ async fn log_in_and_out_through_the_forms() {
         .send_keys("not the token")
         .await;
     s.find("button[type=submit]").await.click().await;
-    s.wait_text(".error", Duration::from_secs(5), |t| {
-        t.contains("Wrong admin token")
-    })
-    .await;
+    // The answer is a new page: poll for it (a lookup right after the click can run before it).
+    wait_now(s, ".error", |t| t.contains("Wrong admin token")).await;
     log_in(s, &g).await;
     s.goto(&format!("{}/console/inflight", g.admin_url)).await;
     assert!(s.current_url().await.ends_with("/console/inflight"));
@@ -369,7 +367,7 @@ async fn a_fallback_shows_its_chain_and_the_bucket_that_paid_in_the_list_and_on_
         assert!(Instant::now() < deadline, "the request's page did not open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let summary = s.text_of("main p").await;
+    let summary = wait_now(s, "main p", |t| t.contains("bucket that paid")).await;
     assert!(
         summary.contains("m/p1 ✗ http_500 → m/p1 ✗ http_500 → m/p2 ✓")
             && summary.contains("bucket that paid: routed"),
