@@ -5,6 +5,11 @@
 //! state is built on it (`app::build`) and each page is requested in-process through actix's test
 //! service, logged in like a browser: median and slowest of `ROUNDS` requests per page.
 //!
+//! Every page of the operator console (the ledger with each kind of filter, the live tail, both
+//! wallets pages, the explainer with and without a key or project, the in-flight rows, a task)
+//! and the marketplace with a key's session. Not timed: the ledger's CSV/JSONL export, a
+//! download that streams the whole selection.
+//!
 //! Run: `cargo bench --bench console` (about a minute to write a million records).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -177,7 +182,8 @@ fn main() {
             App::new()
                 .app_data(web::Data::from(state.clone()))
                 .configure(tollgate::console::admin_routes)
-                .configure(tollgate::api::admin::routes),
+                .configure(tollgate::api::admin::routes)
+                .configure(tollgate::console::client_routes),
         )
         .await;
         // Log in as a browser would.
@@ -210,32 +216,60 @@ fn main() {
             .find(|c| c.name() == "tollgate_console")
             .expect("session cookie")
             .into_owned();
+        // The marketplace (on the client listener in the gateway), with a key's session as a key
+        // holder opens it.
+        let resp = test::call_service(
+            &app,
+            test::TestRequest::post()
+                .uri("/key")
+                .set_form([("key", "tg-bench-secret-0000")])
+                .to_request(),
+        )
+        .await;
+        let key_session = resp
+            .response()
+            .cookies()
+            .next()
+            .expect("key session cookie")
+            .into_owned();
         let key = &key_ids[0];
         let now = Utc::now();
         let day = |d: i64| {
             (now - chrono::Duration::days(d)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         };
+        let explain = format!(
+            "/console/explain?base_since={}&base_until={}&since={}&until={}",
+            day(14),
+            day(7),
+            day(7),
+            day(0)
+        );
         let pages = [
             "/console".to_string(),
             "/console/ledger".to_string(),
             format!("/console/ledger?key_id={key}&status=completed"),
+            "/console/ledger?project=project-3&model=m".to_string(),
+            "/console/ledger?task=run-7".to_string(),
+            format!("/console/ledger/tail?after={}", day(0)),
             format!("/console/ledger/{one_id}"),
             "/console/wallets".to_string(),
             format!("/console/wallets/{key}"),
-            format!(
-                "/console/explain?base_since={}&base_until={}&since={}&until={}",
-                day(14),
-                day(7),
-                day(7),
-                day(0)
-            ),
+            "/console/explain".to_string(),
+            explain.clone(),
+            format!("{explain}&key_id={key}"),
+            format!("{explain}&project=project-3"),
             "/console/routes".to_string(),
             "/console/keys".to_string(),
             "/console/inflight".to_string(),
+            "/console/inflight.json".to_string(),
             "/console/tasks/run-7".to_string(),
         ];
+        let pages = pages
+            .iter()
+            .map(|p| (p.as_str(), &session))
+            .chain(["/", "/market/state"].map(|p| (p, &key_session)));
         println!("{n} records; {ROUNDS} requests per page: median / slowest");
-        for p in &pages {
+        for (p, cookie) in pages {
             let mut times = Vec::new();
             let mut status = 0;
             for _ in 0..ROUNDS {
@@ -244,7 +278,7 @@ fn main() {
                     &app,
                     test::TestRequest::get()
                         .uri(p)
-                        .cookie(session.clone())
+                        .cookie(cookie.clone())
                         .to_request(),
                 )
                 .await;

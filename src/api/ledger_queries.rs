@@ -17,6 +17,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::ledger::explain::{self, Period};
 use crate::ledger::export::Format;
+use crate::ledger::rollup::{CellStats, RollupCell, Scope};
 use crate::ledger::usage::{parse_group_by, Usage};
 use crate::ledger::{LedgerRecord, Store, StoreError};
 
@@ -184,6 +185,33 @@ pub async fn fold_records<T: Send + 'static>(
     .map_err(|e| ApiError::internal(e.to_string()))
 }
 
+/// Folds the records `f` selects like [`fold_records`], but takes whole hours from the ledger's
+/// hourly rollups (`add_cell(hour, cell, sums)`, billed records only) and only the records of
+/// the partial hours at either end one by one (`add`): the cost grows with the hours of the
+/// range, not its records. For the filters the rollups are kept by (key and project); with any
+/// other filter every record goes to `add`.
+pub async fn fold_span<T: Send + 'static>(
+    state: &AppState,
+    f: Filter,
+    mut acc: T,
+    add: impl Fn(&mut T, &LedgerRecord) + Send + 'static,
+    add_cell: impl Fn(&mut T, u64, &RollupCell, &CellStats) + Send + 'static,
+) -> Result<T, ApiError> {
+    if f.task.is_some() || f.model.is_some() || f.status.is_some() {
+        return fold_records(state, f, acc, add).await;
+    }
+    state.settle_reads().await;
+    let store = state.store.clone();
+    web::block(move || -> Result<T, StoreError> {
+        let scope = Scope::of(f.key_id.as_deref(), f.project.as_deref());
+        store.fold_span(scope, f.since, f.until, &mut acc, add, add_cell)?;
+        Ok(acc)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// `GET /admin/usage?since=&until=&group_by=...` (R32). Also takes the ledger's `key_id`,
 /// `project`, `task`, `model` and `status` filters.
 pub async fn usage(
@@ -272,8 +300,17 @@ pub async fn explain_periods(state: &AppState, q: &ExplainQuery) -> Result<Expla
     )?;
     let current = period(q, ("since", &q.since), ("until", &q.until))?;
     let (base_f, current_f) = (base.clone(), current.clone());
-    let base = fold_records(state, base, Period::default(), |p, r| p.add(r)).await?;
-    let current = fold_records(state, current, Period::default(), |p, r| p.add(r)).await?;
+    let fold = |f: Filter| {
+        fold_span(
+            state,
+            f,
+            Period::default(),
+            |p, r| p.add(r),
+            |p, _, cell, sums| p.add_cell(cell, sums),
+        )
+    };
+    let base = fold(base).await?;
+    let current = fold(current).await?;
     Ok(Explanation {
         base: base_f,
         current: current_f,

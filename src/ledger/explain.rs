@@ -38,6 +38,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 
 use super::record::LedgerRecord;
+use super::rollup::{CellStats, RollupCell};
 
 /// The drivers, in substitution order.
 pub const DRIVERS: [&str; 7] = [
@@ -58,50 +59,41 @@ struct Cell {
     retried: bool,
 }
 
-#[derive(Debug, Clone, Default)]
-struct CellStats {
-    requests: u64,
-    input_tokens: u64,
-    output_tokens: u64,
-    cost: Decimal,
-    /// Input and output tokens at the record's prices (before any shortfall).
-    priced_in: Decimal,
-    priced_out: Decimal,
-}
-
 /// One period's billed records, per currency and cell. Fold records in with `add`.
 #[derive(Debug, Clone, Default)]
 pub struct Period {
     currencies: BTreeMap<String, BTreeMap<Cell, CellStats>>,
 }
 
-const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
-
 impl Period {
     pub fn add(&mut self, r: &LedgerRecord) {
-        let (Some(_), Some(currency)) = (&r.bucket, &r.currency) else {
+        if let Some(cell) = RollupCell::of(r) {
+            self.add_cell(&cell, &CellStats::of(r));
+        }
+    }
+
+    /// Adds the sums of a rollup cell (the records of an hour that fall in it): the same as
+    /// adding those records one by one.
+    pub fn add_cell(&mut self, cell: &RollupCell, s: &CellStats) {
+        let Some(currency) = &cell.currency else {
             return;
         };
-        let cell = Cell {
-            model: r.requested_model.clone(),
-            fell_back: r.fallbacks > 0,
-            route: r.route.clone().unwrap_or_default(),
-            retried: r.retries > 0,
+        let key = Cell {
+            model: cell.model.clone(),
+            fell_back: cell.fell_back,
+            route: cell.route.clone(),
+            retried: cell.retried,
         };
-        let s = self
-            .currencies
-            .entry(currency.clone())
-            .or_default()
-            .entry(cell)
-            .or_default();
-        s.requests += 1;
-        s.input_tokens += r.input_tokens;
-        s.output_tokens += r.output_tokens;
-        s.cost += r.cost;
-        s.priced_in +=
-            Decimal::from(r.input_tokens) * r.input_per_mtok.unwrap_or_default() / MILLION;
-        s.priced_out +=
-            Decimal::from(r.output_tokens) * r.output_per_mtok.unwrap_or_default() / MILLION;
+        let cells = match self.currencies.get_mut(currency) {
+            Some(c) => c,
+            None => self.currencies.entry(currency.clone()).or_default(),
+        };
+        match cells.get_mut(&key) {
+            Some(c) => c.add(s),
+            None => {
+                cells.insert(key, s.clone());
+            }
+        }
     }
 
     pub fn from_records<'a>(records: impl IntoIterator<Item = &'a LedgerRecord>) -> Period {
@@ -573,6 +565,8 @@ mod tests {
 
     use super::*;
     use crate::ledger::usage::tests::rec;
+
+    const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
     fn d(s: &str) -> Decimal {
         s.parse().unwrap()

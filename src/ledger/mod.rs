@@ -6,6 +6,7 @@ pub mod explain;
 pub mod export;
 pub mod record;
 pub mod retention;
+pub mod rollup;
 pub mod store;
 pub mod usage;
 pub mod writer;

@@ -13,6 +13,8 @@
 //!   index (empty value: the `l/` key is its tail); `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
 //!   time (see [`new_request_id`]); `a/{task}\0{micros:016x}{request_id}` task index (empty
 //!   value), for records of a workflow run
+//! - `r/…` hourly rollups of the billed records, kept in the batch of the records they count,
+//!   and `m/rollups` the marker that they cover every record (see [`super::rollup`])
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +24,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::record::{LedgerRecord, LedgerRecordV1, Status, UsageSource};
+use super::rollup::RollupDelta;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -312,8 +315,10 @@ pub(crate) fn decode_compact<T: Compact>(key: &[u8], v: &[u8]) -> Result<T, Stor
     }
 }
 
-/// Adds a ledger record and its indexes to a batch.
-pub(crate) fn put_record(batch: &mut sled::Batch, rec: &LedgerRecord) {
+/// Adds a ledger record and its indexes to a batch, and its counts to the rollup changes that go
+/// into the same batch (the caller takes out the counts of a record it replaces).
+pub(crate) fn put_record(batch: &mut sled::Batch, rollups: &mut RollupDelta, rec: &LedgerRecord) {
+    rollups.add(rec);
     let lk = key_l(rec);
     // The `x/` entry's value is empty: the `l/` key is its key's tail.
     batch.insert(key_x(rec), &[][..]);
@@ -348,7 +353,18 @@ impl Store {
             .flush_every_ms(Some(1000))
             .open()?;
         restrict_tree(&dir.join("tollgate.sled")).map_err(dd)?;
-        Ok(Store { db })
+        let store = Store { db };
+        let started = std::time::Instant::now();
+        if let Some(n) = store.ensure_rollups()? {
+            if n > 0 {
+                tracing::info!(
+                    records = n,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "built the ledger's hourly rollups"
+                );
+            }
+        }
+        Ok(store)
     }
 
     pub(crate) fn db(&self) -> &sled::Db {
@@ -559,7 +575,13 @@ impl Store {
             );
             batch.remove(key_h(h.hold_id));
             batch.remove(key_c(h.hold_id));
-            put_record(&mut batch, &rec);
+            let mut rollups = RollupDelta::default();
+            // A disconnect may have left a fallback record for the request: this one replaces it.
+            if let Some(old) = self.record(&rec.request_id)? {
+                rollups.remove(&old);
+            }
+            put_record(&mut batch, &mut rollups, &rec);
+            rollups.write_into(&self.db, &mut batch)?;
             self.db.apply_batch(batch)?;
         }
         // Consumption entries whose hold is gone (settled in the same batch that wrote them).

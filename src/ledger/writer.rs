@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use tokio::sync::oneshot;
 
 use super::record::LedgerRecord;
+use super::rollup::RollupDelta;
 use super::store::*;
 
 /// How a top-up went.
@@ -267,8 +268,10 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 struct Pending {
     batch: sled::Batch,
     faults: Faults,
-    /// Request ids whose records are in `batch`.
-    ids: std::collections::HashSet<String>,
+    /// The records in `batch`, by request id.
+    records: std::collections::HashMap<String, Box<LedgerRecord>>,
+    /// The rollup changes of the records in `batch`, written into it at commit.
+    rollups: RollupDelta,
     ops: usize,
     dirty: bool,
     sync_now: bool,
@@ -280,7 +283,8 @@ impl Pending {
         Pending {
             batch: sled::Batch::default(),
             faults,
-            ids: Default::default(),
+            records: Default::default(),
+            rollups: RollupDelta::default(),
             ops: 0,
             dirty: false,
             sync_now: false,
@@ -433,9 +437,12 @@ fn commit(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
     }
     // A copy goes to sled, so that a failed commit leaves the batch here (the values are
     // reference-counted: the copy is a tree of pointers).
-    db.apply_batch(p.batch.clone())?;
+    let mut batch = p.batch.clone();
+    p.rollups.write_into(db, &mut batch)?;
+    db.apply_batch(batch)?;
     p.batch = sled::Batch::default();
-    p.ids.clear();
+    p.records.clear();
+    p.rollups.clear();
     p.ops = 0;
     p.dirty = true;
     Ok(())
@@ -464,22 +471,20 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                 p.batch.remove(key_c(h));
             }
             if let Some(rec) = record {
-                p.ids.insert(rec.request_id.clone());
-                put_record(&mut p.batch, &rec);
+                write_record(store, p, rec);
             }
             p.ops += 1;
         }
         StoreOp::Record(rec) => {
-            p.ids.insert(rec.request_id.clone());
-            put_record(&mut p.batch, &rec);
+            write_record(store, p, rec);
             p.ops += 1;
         }
         StoreOp::RecordIfAbsent(rec) => {
-            let present = p.ids.contains(&rec.request_id)
+            let present = p.records.contains_key(&rec.request_id)
                 || store.has_record(&rec.request_id).unwrap_or(false);
             if !present {
-                p.ids.insert(rec.request_id.clone());
-                put_record(&mut p.batch, &rec);
+                put_record(&mut p.batch, &mut p.rollups, &rec);
+                p.records.insert(rec.request_id.clone(), rec);
                 p.ops += 1;
             }
         }
@@ -601,6 +606,26 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
     }
 }
 
+/// Adds a record to the pending batch, replacing any earlier record of the same request (in
+/// the batch or the store): the rollups then lose the earlier record's counts.
+fn write_record(store: &Store, p: &mut Pending, rec: Box<LedgerRecord>) {
+    let earlier = match p.records.remove(&rec.request_id) {
+        Some(old) => Some(old),
+        None => match store.record(&rec.request_id) {
+            Ok(old) => old.map(Box::new),
+            Err(e) => {
+                tracing::error!(error = %e, request_id = %rec.request_id, "cannot read the record this one replaces: the rollups may count it twice");
+                None
+            }
+        },
+    };
+    if let Some(old) = earlier {
+        p.rollups.remove(&old);
+    }
+    put_record(&mut p.batch, &mut p.rollups, &rec);
+    p.records.insert(rec.request_id.clone(), rec);
+}
+
 /// Records deleted by one `Prune` at most, so that a large backlog does not hold up the writer
 /// (and the settlements queued behind it); the caller repeats while it gets this many.
 pub const PRUNE_MAX: usize = 10_000;
@@ -609,6 +634,7 @@ fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, Stor
     let hi = format!("l/{before_micros:016x}").into_bytes();
     let mut n = 0;
     let mut batch = sled::Batch::default();
+    let mut rollups = RollupDelta::default();
     for kv in db.range(b"l/".to_vec()..hi).take(PRUNE_MAX) {
         let (k, v) = kv?;
         let rec: LedgerRecord = decode_compact(&k, &v)?;
@@ -618,11 +644,15 @@ fn prune(store: &Store, db: &sled::Db, before_micros: u64) -> Result<usize, Stor
             batch.remove(a);
         }
         batch.remove(key_i(&rec.request_id));
+        rollups.remove(&rec);
         n += 1;
         if n % 1000 == 0 {
+            rollups.write_into(db, &mut batch)?;
+            rollups.clear();
             db.apply_batch(std::mem::take(&mut batch))?;
         }
     }
+    rollups.write_into(db, &mut batch)?;
     db.apply_batch(batch)?;
     let _ = store;
     Ok(n)

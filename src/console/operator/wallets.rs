@@ -2,7 +2,8 @@
 //! own currency, never summed) and `/console/wallets/{key_id}` (per bucket: balance, held, the
 //! top-ups with their references, spend per day over the last 14 days, the burn rate over the
 //! last 24 h and the day the balance runs out at that rate). Balances come from the admin API's
-//! `wallet_view`; spend from the ledger through the usage aggregation (`Usage` by bucket).
+//! `wallet_view`; spend from the ledger's hourly rollups (`ledger_queries::fold_span`, which the
+//! spend explainer uses too), with the records of a partial hour read one by one.
 
 use std::collections::BTreeMap;
 
@@ -16,10 +17,10 @@ use serde_json::Value;
 use super::parts;
 use super::session::Operator;
 use crate::api::admin::{wallet_view, Filter};
-use crate::api::ledger_queries::fold_records;
+use crate::api::ledger_queries::fold_span;
 use crate::app::AppState;
 use crate::console::layout;
-use crate::ledger::usage::{GroupKey, Usage};
+use crate::ledger::rollup::HOUR;
 
 const CURRENT: &str = "/console/wallets";
 /// Days of spend shown per wallet.
@@ -106,13 +107,6 @@ pub async fn index(op: Operator, state: web::Data<AppState>) -> HttpResponse {
     layout::ok(super::page(&op, "Wallets", CURRENT, body))
 }
 
-/// A key's spend from the ledger: per day and bucket over the last [`SPEND_DAYS`], and per
-/// bucket over the last 24 h.
-struct Spend {
-    per_day: BTreeMap<NaiveDate, Usage>,
-    last_day: Usage,
-}
-
 /// `GET /console/wallets/{key_id}`.
 pub async fn one(
     op: Operator,
@@ -154,44 +148,48 @@ pub async fn key_page(
     let first_day = (now - Duration::days(SPEND_DAYS - 1)).date_naive();
     let since = first_day.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
     let day_ago = now - Duration::hours(24);
-    let filter = Filter {
+    let filter = |since| Filter {
         key_id: Some(key_id.to_string()),
         since,
         ..Filter::default()
     };
-    let start = Spend {
-        per_day: BTreeMap::new(),
-        last_day: Usage::new(vec![GroupKey::Bucket]),
-    };
-    let spend = match fold_records(state, filter, start, move |s, r| {
-        s.per_day
-            .entry(r.started_at.date_naive())
-            .or_insert_with(|| Usage::new(vec![GroupKey::Bucket]))
-            .add(r);
-        if r.started_at >= day_ago {
-            s.last_day.add(r);
-        }
-    })
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => return parts::failed(op, CURRENT, &e),
-    };
-    // Spend per (day, bucket); a record without a bucket cost nothing.
-    let mut per_day: BTreeMap<(NaiveDate, String), Decimal> = BTreeMap::new();
-    for (day, u) in spend.per_day {
-        for g in u.finish() {
-            if let Some(Some(b)) = g.group.get("bucket") {
-                *per_day.entry((day, b.clone())).or_default() += g.cost;
+    // Spend per (day, bucket) and, over the last 24 h, per bucket; whole hours come from the
+    // ledger's hourly rollups. A record without a bucket (or currency) cost nothing.
+    let per_day = fold_span(
+        state,
+        filter(since),
+        BTreeMap::new(),
+        |m: &mut BTreeMap<(NaiveDate, String), Decimal>, r| {
+            if let (Some(b), Some(_)) = (&r.bucket, &r.currency) {
+                *m.entry((r.started_at.date_naive(), b.clone())).or_default() += r.cost;
             }
-        }
-    }
-    let mut burn: BTreeMap<String, Decimal> = BTreeMap::new();
-    for g in spend.last_day.finish() {
-        if let Some(Some(b)) = g.group.get("bucket") {
-            *burn.entry(b.clone()).or_default() += g.cost;
-        }
-    }
+        },
+        |m, hour, cell, sums| {
+            if let (Some(day), Some(_)) = (hour_start(hour), &cell.currency) {
+                *m.entry((day.date_naive(), cell.bucket.clone()))
+                    .or_default() += sums.cost;
+            }
+        },
+    );
+    let burn = fold_span(
+        state,
+        filter(Some(day_ago)),
+        BTreeMap::new(),
+        |m: &mut BTreeMap<String, Decimal>, r| {
+            if let (Some(b), Some(_)) = (&r.bucket, &r.currency) {
+                *m.entry(b.clone()).or_default() += r.cost;
+            }
+        },
+        |m, _, cell, sums| {
+            if cell.currency.is_some() {
+                *m.entry(cell.bucket.clone()).or_default() += sums.cost;
+            }
+        },
+    );
+    let (per_day, burn) = match (per_day.await, burn.await) {
+        (Ok(d), Ok(b)) => (d, b),
+        (Err(e), _) | (_, Err(e)) => return parts::failed(op, CURRENT, &e),
+    };
     let days: Vec<NaiveDate> = (0..SPEND_DAYS)
         .map(|i| first_day + Duration::days(i))
         .collect();
@@ -254,6 +252,13 @@ pub async fn key_page(
         }
     };
     layout::respond(StatusCode::OK, super::page(op, "Wallet", CURRENT, body))
+}
+
+/// When an hour (since the epoch) of the rollups starts.
+fn hour_start(hour: u64) -> Option<chrono::DateTime<Utc>> {
+    i64::try_from(hour.checked_mul(HOUR)?)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_micros)
 }
 
 /// The day the available balance runs out at `per_day`, in words.
