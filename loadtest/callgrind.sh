@@ -7,6 +7,8 @@
 #
 # usage: loadtest/callgrind.sh [BINARY] [SECONDS] [CONCURRENCY]
 #   BINARY defaults to target/release/tollgate (build it with `cargo build --release`).
+#   CG_KEEP=DIR keeps the two dumps (DIR/load.out, DIR/idle.out) and wrk's report for
+#   `callgrind_annotate --inclusive=yes DIR/load.out`.
 # Needs valgrind (callgrind_control) and wrk (Debian packages `valgrind`, `wrk`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,6 +80,12 @@ sleep "$secs"
 callgrind_control -i off "$vg" >/dev/null 2>&1
 callgrind_control -d "$vg" >/dev/null 2>&1
 sleep 2
+if [ -n "${CG_KEEP:-}" ]; then
+  mkdir -p "$CG_KEEP"
+  cp "$tmp/cg.out.1" "$CG_KEEP/load.out"
+  cp "$tmp/cg.out.2" "$CG_KEEP/idle.out"
+  cp "$tmp/wrk.txt" "$CG_KEEP/wrk.txt"
+fi
 requests=$(awk '/requests in/ {print $1}' "$tmp/wrk.txt")
 non2xx=$(awk '/Non-2xx/ {print $NF}' "$tmp/wrk.txt")
 load=$(awk '/^totals:/ {print $2}' "$tmp/cg.out.1")

@@ -288,7 +288,10 @@ const MAX_TASK_CHARS: usize = 128;
 /// [`MAX_TASK_CHARS`] printable ASCII characters (0x20–0x7E); an empty header is no task.
 fn task_header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     const NAME: &str = "x-tollgate-task";
-    let Some(v) = req.headers().get(NAME) else {
+    // A name made from a static string: looking up by `&str` parses a name that is not a
+    // standard one into a fresh copy, on every request.
+    let name = actix_web::http::header::HeaderName::from_static(NAME);
+    let Some(v) = req.headers().get(&name) else {
         return Ok(None);
     };
     let bytes = v.as_bytes();

@@ -80,7 +80,8 @@ impl RouteSnapshot {
 pub const RECENT: usize = 64;
 
 /// The last [`RECENT`] attempt outcomes of one route, kept by its actor (off the request path:
-/// outcomes arrive as messages) and summarised into each published snapshot.
+/// outcomes arrive as messages) and summarised into each published snapshot, once per outcome:
+/// both summaries are kept up to date as entries come and go, so neither counts nor sorts.
 #[derive(Default)]
 struct Recent {
     /// (succeeded, latency in ms), oldest overwritten first.
@@ -88,6 +89,8 @@ struct Recent {
     next: usize,
     /// How many entries of `ring` succeeded (kept as entries come and go).
     ok: usize,
+    /// The latencies of `ring` in ascending order (kept as entries come and go).
+    sorted: Vec<u64>,
 }
 
 impl Recent {
@@ -98,11 +101,18 @@ impl Recent {
             if slot.0 {
                 self.ok -= 1;
             }
+            // The oldest latency leaves the sorted list (it is there: every latency in `ring`
+            // is, once).
+            if let Ok(at) = self.sorted.binary_search(&slot.1) {
+                self.sorted.remove(at);
+            }
             *slot = (ok, latency_ms);
         }
         if ok {
             self.ok += 1;
         }
+        let at = self.sorted.partition_point(|&ms| ms < latency_ms);
+        self.sorted.insert(at, latency_ms);
         self.next = (self.next + 1) % RECENT;
     }
 
@@ -111,20 +121,10 @@ impl Recent {
         (n > 0).then(|| self.ok as f64 / n as f64)
     }
 
-    /// The lower median (of an even count, the smaller middle value), without allocating.
+    /// The lower median (of an even count, the smaller middle value).
     fn latency_p50_ms(&self) -> Option<u64> {
-        let mut l = [0u64; RECENT];
-        let n = self.ring.len().min(RECENT);
-        for (slot, (_, ms)) in l.iter_mut().zip(&self.ring) {
-            *slot = *ms;
-        }
-        let l = l.get_mut(..n)?;
-        if l.is_empty() {
-            return None;
-        }
-        let mid = (l.len() - 1) / 2;
-        let (_, m, _) = l.select_nth_unstable(mid);
-        Some(*m)
+        let mid = self.sorted.len().checked_sub(1)? / 2;
+        self.sorted.get(mid).copied()
     }
 }
 
@@ -584,5 +584,29 @@ mod recent_tests {
         assert_eq!(r.ring.len(), RECENT);
         assert_eq!(r.success_rate(), Some(1.0));
         assert_eq!(r.latency_p50_ms(), Some(5));
+    }
+
+    /// The kept median is the lower median of exactly the last [`RECENT`] latencies, with
+    /// repeated values and the window sliding many times over.
+    #[test]
+    fn median_follows_the_window() {
+        let mut r = Recent::default();
+        let mut all = Vec::new();
+        let mut x: u64 = 7;
+        for i in 0..(RECENT * 5) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let ms = (x >> 33) % 40;
+            r.push(i % 3 != 0, ms);
+            all.push(ms);
+            let mut last: Vec<u64> = all.iter().rev().take(RECENT).copied().collect();
+            last.sort_unstable();
+            assert_eq!(
+                r.latency_p50_ms(),
+                Some(last[(last.len() - 1) / 2]),
+                "after {i}"
+            );
+        }
     }
 }
