@@ -17,11 +17,18 @@ use std::borrow::Cow;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-/// Token usage as reported by an upstream (`usage.prompt_tokens` / `usage.completion_tokens`).
+/// Token usage as reported by an upstream (`usage.prompt_tokens` / `usage.completion_tokens`,
+/// or the same counts of the Responses and Messages formats). `prompt_tokens` is the whole
+/// input, cached tokens included; the cache counts say how much of it was read from or written
+/// to the provider's prompt cache (0 when the upstream does not say).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
 }
 
 /// A borrowed view of one `chat.completion.chunk`.
@@ -75,7 +82,7 @@ const NOT_OUTPUT: [&str; 6] = [
 ];
 
 /// A JSON value that carries nothing: null, false, an empty string, array or object.
-fn is_empty_json(value: &str) -> bool {
+pub(super) fn is_empty_json(value: &str) -> bool {
     match value
         .trim_matches(|c: char| c.is_ascii_whitespace())
         .as_bytes()
@@ -149,6 +156,7 @@ impl RawUsage {
         Some(Usage {
             prompt_tokens: self.prompt_tokens?,
             completion_tokens: if chat { self.completion_tokens? } else { 0 },
+            ..Usage::default()
         })
     }
 }
@@ -157,7 +165,7 @@ impl RawUsage {
 /// `Cow<str>` field marked `borrow`, but not one inside an `Option`; this newtype keeps it bare.)
 #[derive(Debug, Deserialize)]
 #[serde(transparent)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+pub(super) struct Text<'a>(#[serde(borrow)] pub(super) Cow<'a, str>);
 
 impl std::ops::Deref for Text<'_> {
     type Target = str;
@@ -414,6 +422,7 @@ pub fn chat_usage(body: &serde_json::Value) -> Option<Usage> {
     Some(Usage {
         prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
         completion_tokens: usage.get("completion_tokens")?.as_u64()?,
+        ..Usage::default()
     })
 }
 
@@ -423,6 +432,7 @@ pub fn embeddings_usage(body: &serde_json::Value) -> Option<Usage> {
     Some(Usage {
         prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
         completion_tokens: 0,
+        ..Usage::default()
     })
 }
 
@@ -954,7 +964,8 @@ mod tests {
             chunk.usage(),
             Some(Usage {
                 prompt_tokens: 12,
-                completion_tokens: 34
+                completion_tokens: 34,
+                ..Usage::default()
             })
         );
         assert!(!chunk.has_content());
@@ -989,7 +1000,8 @@ mod tests {
             usage,
             Some(Usage {
                 prompt_tokens: 5,
-                completion_tokens: 7
+                completion_tokens: 7,
+                ..Usage::default()
             })
         );
         let bogus = json!({"choices": "bogus"});
@@ -1059,7 +1071,8 @@ mod tests {
             embeddings_usage(&body),
             Some(Usage {
                 prompt_tokens: 9,
-                completion_tokens: 0
+                completion_tokens: 0,
+                ..Usage::default()
             })
         );
         assert_eq!(chat_usage(&body), None);
@@ -1070,10 +1083,11 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 1,
             completion_tokens: 2,
+            ..Usage::default()
         };
         assert_eq!(
             serde_json::to_value(usage).unwrap(),
-            json!({"prompt_tokens": 1, "completion_tokens": 2})
+            json!({"prompt_tokens": 1, "completion_tokens": 2, "cache_read_tokens": 0, "cache_write_tokens": 0})
         );
     }
 
