@@ -15,6 +15,8 @@
 //! product), `ī_k`/`ō_k` input/output tokens per request in the cell, and `a_k`/`b_k` the cell's
 //! effective price per input/output token (the priced cost of its tokens, scaled so the cell's
 //! modelled cost equals what was actually debited: shortfalls and price edits are absorbed here).
+//! A record with cached input tokens prices its input as its charge less its output, since the
+//! cache prices it was charged at are the route's, not the record's.
 //!
 //! Starting from the base period's factors, the factors are switched to the current period's one
 //! driver at a time in a fixed order — `volume` (N), `input_tokens` (ī), `output_tokens` (ō),
@@ -98,10 +100,17 @@ impl Period {
         s.input_tokens += r.input_tokens;
         s.output_tokens += r.output_tokens;
         s.cost += r.cost;
-        s.priced_in +=
-            Decimal::from(r.input_tokens) * r.input_per_mtok.unwrap_or_default() / MILLION;
-        s.priced_out +=
+        let priced_out =
             Decimal::from(r.output_tokens) * r.output_per_mtok.unwrap_or_default() / MILLION;
+        s.priced_in += if r.cache_read_tokens == 0 && r.cache_write_tokens == 0 {
+            Decimal::from(r.input_tokens) * r.input_per_mtok.unwrap_or_default() / MILLION
+        } else {
+            // Cached input was charged at the route's cache prices, which the record does not
+            // carry: the input's part is the charge less the output's.
+            let charge = r.cost.checked_add(r.shortfall).unwrap_or(Decimal::MAX);
+            (charge - priced_out).max(Decimal::ZERO)
+        };
+        s.priced_out += priced_out;
     }
 
     pub fn from_records<'a>(records: impl IntoIterator<Item = &'a LedgerRecord>) -> Period {

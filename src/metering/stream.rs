@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
 use super::chunk::{parse_chunk, Usage};
-use super::meter::{add_cost, cost, Meter};
+use super::meter::{Billed, Meter, Prices};
 use super::sse::{SseEvent, SseParser};
 use super::tokenizer::Tokenizer;
 use crate::ledger::{LedgerRecord, Status, UpstreamUsage, UsageSource};
@@ -488,6 +488,7 @@ impl MeteredStream {
         }
         let charge = fill_record(
             &mut rec,
+            &meter.prices,
             meter.tokens,
             status,
             self.final_usage(e, meter.tokens),
@@ -542,14 +543,8 @@ impl MeteredStream {
                     m
                 }
             };
-            chunk.insert(
-                "usage".into(),
-                json!({
-                    "prompt_tokens": rec.input_tokens,
-                    "completion_tokens": rec.output_tokens,
-                    "total_tokens": rec.input_tokens.saturating_add(rec.output_tokens),
-                }),
-            );
+            let usage = billed_usage(chunk.remove("usage"), rec);
+            chunk.insert("usage".into(), usage);
             chunk.insert(
                 "tollgate".into(),
                 serde_json::to_value(tollgate_object(rec)).unwrap_or_default(),
@@ -650,6 +645,36 @@ fn terminated(raw: Bytes) -> Bytes {
     out.freeze()
 }
 
+/// The usage chunk's `usage` with the billed numbers (R23): the upstream's own members are kept
+/// (its other details), the counts replaced, and `prompt_tokens_details.cached_tokens` set to the
+/// billed cache reads when there are any.
+fn billed_usage(upstream: Option<Value>, rec: &LedgerRecord) -> Value {
+    let mut usage = match upstream {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    usage.insert("prompt_tokens".into(), json!(rec.input_tokens));
+    usage.insert("completion_tokens".into(), json!(rec.output_tokens));
+    usage.insert(
+        "total_tokens".into(),
+        json!(rec.input_tokens.saturating_add(rec.output_tokens)),
+    );
+    let details = usage.get_mut("prompt_tokens_details");
+    match details {
+        Some(Value::Object(d)) => {
+            d.insert("cached_tokens".into(), json!(rec.cache_read_tokens));
+        }
+        _ if rec.cache_read_tokens > 0 => {
+            usage.insert(
+                "prompt_tokens_details".into(),
+                json!({ "cached_tokens": rec.cache_read_tokens }),
+            );
+        }
+        _ => {}
+    }
+    Value::Object(usage)
+}
+
 fn push_event(out: &mut BytesMut, data: &str) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(data.as_bytes());
@@ -660,43 +685,53 @@ fn error_event(message: &str, kind: &str, code: &str) -> String {
     json!({"error": {"message": message, "type": kind, "code": code, "param": null}}).to_string()
 }
 
-/// Fills the billing fields of `rec` for an ending and returns the charge (R6, docs/ledger.md).
+/// Fills the billing fields of `rec` for an ending and returns the charge at the serving
+/// route's `prices` (R6, docs/ledger.md). Cached input is billed at the cache prices only when
+/// the upstream's usage says so; a count of our own bills the whole input at the input price.
 pub fn fill_record(
     rec: &mut LedgerRecord,
+    prices: &Prices,
     delivered: u64,
     status: Status,
     upstream: Option<Usage>,
     first_token_at: Option<Instant>,
     started: Instant,
 ) -> Decimal {
-    let in_price = rec.input_per_mtok.unwrap_or_default();
-    let out_price = rec.output_per_mtok.unwrap_or_default();
     rec.status = status;
     rec.http_status = 200;
     rec.finished_at = chrono::Utc::now();
     rec.duration_ms = started.elapsed().as_millis() as u64;
     rec.ttft_ms = first_token_at.map(|t| t.duration_since(started).as_millis() as u64);
     rec.output_tokens_delivered = delivered;
-    match upstream {
+    let billed = match upstream {
         Some(u) => {
             rec.usage_source = UsageSource::Upstream;
             rec.upstream_usage = Some(UpstreamUsage {
                 prompt_tokens: u.prompt_tokens,
                 completion_tokens: u.completion_tokens,
             });
-            rec.input_tokens = u.prompt_tokens;
-            rec.output_tokens = u.completion_tokens;
-            add_cost(
-                cost(u.prompt_tokens, in_price),
-                cost(u.completion_tokens, out_price),
-            )
+            Billed {
+                input: u.prompt_tokens,
+                cache_read: u.cache_read_tokens,
+                cache_write: u.cache_write_tokens,
+                output: u.completion_tokens,
+            }
+            .clamped()
         }
         None => {
             rec.usage_source = UsageSource::Counted;
-            rec.output_tokens = delivered;
-            add_cost(cost(rec.input_tokens, in_price), cost(delivered, out_price))
+            Billed {
+                input: rec.input_tokens,
+                output: delivered,
+                ..Billed::default()
+            }
         }
-    }
+    };
+    rec.input_tokens = billed.input;
+    rec.cache_read_tokens = billed.cache_read;
+    rec.cache_write_tokens = billed.cache_write;
+    rec.output_tokens = billed.output;
+    prices.charge(billed)
 }
 
 /// After a settlement: count the request's metrics, and its billed input and output in place of
@@ -724,6 +759,8 @@ pub struct TollgateObject<'a> {
     currency: Option<&'a str>,
     cost: String,
     input_tokens: u64,
+    cache_read_tokens: u64,
+    cache_write_tokens: u64,
     output_tokens: u64,
     fallbacks: u32,
     retries: u32,
@@ -740,6 +777,8 @@ pub fn tollgate_object(rec: &LedgerRecord) -> TollgateObject<'_> {
         currency: rec.currency.as_deref(),
         cost: rec.cost.normalize().to_string(),
         input_tokens: rec.input_tokens,
+        cache_read_tokens: rec.cache_read_tokens,
+        cache_write_tokens: rec.cache_write_tokens,
         output_tokens: rec.output_tokens,
         fallbacks: rec.fallbacks,
         retries: rec.retries,
@@ -765,6 +804,7 @@ impl Drop for MeteredStream {
         let delivered = meter.tokens - self.out_tokens;
         let charge = fill_record(
             &mut rec,
+            &meter.prices,
             delivered,
             Status::ClientDisconnected,
             None,

@@ -90,6 +90,8 @@ pub(super) struct StreamPlan {
     pub(super) finish_reason: &'static str,
     pub(super) include_usage: bool,
     pub(super) prompt_tokens: u64,
+    /// Reported as `usage.prompt_tokens_details.cached_tokens` when set.
+    pub(super) cached_tokens: Option<u64>,
     pub(super) ttft: Duration,
     pub(super) interval: Duration,
     /// `reset-after:N`: abort instead of sending content step `N`.
@@ -254,6 +256,11 @@ impl ChatStream {
         put_u64(&mut buf, completion);
         buf.put_slice(b",\"total_tokens\":");
         put_u64(&mut buf, self.plan.prompt_tokens + completion);
+        if let Some(cached) = self.plan.cached_tokens {
+            buf.put_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
+            put_u64(&mut buf, cached);
+            buf.put_slice(b"}");
+        }
         buf.put_slice(b"}}\n\n");
         buf.freeze()
     }

@@ -23,6 +23,8 @@ pub(super) const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// option), and over all the choices of a whole (non-stream) answer, which is built in memory
 /// (R44). A stream is paced from a small state machine, so its choices may add up to more.
 pub(super) const MAX_TOKENS: u64 = 100_000;
+/// The most prompt tokens `x-mock-cached-tokens` may report as cached.
+const MAX_CACHED_TOKENS: u64 = 1_000_000_000;
 /// The longest `x-mock-ttft-ms` / `x-mock-interval-ms` a request may ask for (24 h).
 const MAX_DELAY_MS: u64 = 86_400_000;
 /// The most choices one request may ask for.
@@ -82,6 +84,10 @@ struct Knobs {
     fault: Option<Fault>,
     /// `x-mock-ttft-ms` was sent: embeddings only wait when asked to.
     ttft_from_header: bool,
+    /// `x-mock-cached-tokens`: the prompt tokens the usage reports as read from a prompt cache
+    /// (chat: `usage.prompt_tokens_details.cached_tokens`). Reported as asked, even above the
+    /// prompt's tokens, so that tests can see what the gateway makes of such a report.
+    cached_tokens: Option<u64>,
 }
 
 fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection> {
@@ -89,6 +95,7 @@ fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection>
     let ttft_header = header_number(headers, "x-mock-ttft-ms", MAX_DELAY_MS)?;
     let tokens = header_number(headers, "x-mock-tokens", MAX_TOKENS)?;
     let interval = header_number(headers, "x-mock-interval-ms", MAX_DELAY_MS)?;
+    let cached_tokens = header_number(headers, "x-mock-cached-tokens", MAX_CACHED_TOKENS)?;
     let fault = match headers.get("x-mock-fault") {
         Some(value) => parse_fault(&String::from_utf8_lossy(value.as_bytes())),
         None => effective.fault.clone(),
@@ -112,6 +119,7 @@ fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection>
         interval: Duration::from_millis(interval.unwrap_or(opts.interval_ms)),
         fault,
         ttft_from_header: ttft_header.is_some(),
+        cached_tokens,
     })
 }
 
@@ -315,6 +323,7 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             finish_reason,
             include_usage,
             prompt_tokens,
+            cached_tokens: knobs.cached_tokens,
             ttft: knobs.ttft,
             interval: knobs.interval,
             abort_after,
@@ -360,13 +369,22 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": chat_usage(prompt_tokens, completion_tokens, knobs.cached_tokens),
         }),
     ))
+}
+
+/// A non-stream chat answer's `usage`, with the cached prompt tokens when asked for.
+fn chat_usage(prompt_tokens: u64, completion_tokens: u64, cached_tokens: Option<u64>) -> Value {
+    let mut usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    if let Some(cached) = cached_tokens {
+        usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+    }
+    usage
 }
 
 /// `(n, tokens per choice, finish_reason)`: `max_completion_tokens` wins over `max_tokens`.

@@ -1,0 +1,503 @@
+//! Cached input priced as providers price it (docs/ledger.md, "Cached input"), end to end
+//! against the real binary and the built-in mock: input tokens the upstream reports as read from
+//! its prompt cache are billed at the route's `cache_read_per_mtok`, the rest at
+//! `input_per_mtok`, exactly, on streams and whole answers; the record carries the cache counts
+//! (JSON, CSV, JSONL); a route without cache prices bills them at the input price; the catalog
+//! shows the prices; usage and the spend explainer still add up; `check-config` checks the keys.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::*;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+fn d(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+/// Price of `tokens` at `per_mtok`, computed apart from the gateway.
+fn price(tokens: u64, per_mtok: &str) -> Decimal {
+    Decimal::from(tokens) * d(per_mtok) / Decimal::from(1_000_000)
+}
+
+/// Route prices of model `cached` (Anthropic-like figures: reads at a tenth of the input
+/// price, writes at 1.25 times it).
+const IN: &str = "3";
+const READ: &str = "0.3";
+const WRITE: &str = "3.75";
+const OUT: &str = "15";
+/// Prices of model `plain`, which sets no cache prices.
+const PLAIN_IN: &str = "0.37";
+const PLAIN_OUT: &str = "1.4142135";
+
+fn body() -> String {
+    format!(
+        r#"
+[buckets.credit]
+currency = "USD"
+kind = "official"
+
+[[models]]
+name = "cached"
+tokenizer = "chunks"
+retry = {{ max_retries = 0, backoff_base_ms = 5, backoff_max_ms = 50 }}
+routes = [
+  {{ provider = "p1", upstream_model = "up-cached", bucket = "credit", input_per_mtok = "{IN}", output_per_mtok = "{OUT}", cache_read_per_mtok = "{READ}", cache_write_per_mtok = "{WRITE}" }},
+]
+
+[[models]]
+name = "plain"
+tokenizer = "chunks"
+retry = {{ max_retries = 0, backoff_base_ms = 5, backoff_max_ms = 50 }}
+routes = [
+  {{ provider = "p1", upstream_model = "up-plain", bucket = "credit", input_per_mtok = "{PLAIN_IN}", output_per_mtok = "{PLAIN_OUT}" }},
+]
+
+[[keys]]
+name = "demo"
+secret = "{DEMO_KEY}"
+workspace = "ws"
+project = "proj"
+topup = {{ credit = "10" }}
+"#
+    )
+}
+
+fn start() -> Gateway {
+    Gateway::start(Setup {
+        mocks: vec![("p1", "")],
+        body: body(),
+        data_dir: None,
+    })
+}
+
+/// 400 bytes of prompt: `ceil(400 / 4)` = 100 input tokens for the mock and the gateway.
+fn prompt() -> String {
+    "abcd".repeat(100)
+}
+
+fn chat(model: &str, stream: bool, include_usage: bool) -> Value {
+    let mut b = json!({"model": model, "stream": stream,
+        "messages": [{"role": "user", "content": prompt()}]});
+    if stream {
+        b["stream_options"] = json!({ "include_usage": include_usage });
+    }
+    b
+}
+
+async fn post(g: &Gateway, body: &Value, headers: &[(&str, &str)]) -> ::reqwest::Response {
+    let mut r = g.client().post(g.chat_url()).bearer_auth(DEMO_KEY).json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r
+}
+
+fn request_id(r: &::reqwest::Response) -> String {
+    r.headers()["x-tollgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A record by request id, waiting for the writer to commit it.
+async fn record(g: &Gateway, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, v) = g.admin_get(&format!("/admin/ledger/{id}")).await;
+        if s == 200 {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no record for {id}: {s} {v}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+async fn balance(g: &Gateway, key_id: &str) -> Decimal {
+    let (s, v) = g.admin_get(&format!("/admin/keys/{key_id}/wallet")).await;
+    assert_eq!(s, 200, "{v}");
+    dec(&v["buckets"]["credit"]["balance"])
+}
+
+/// The record's token counts, cost and usage source.
+fn billed(rec: &Value) -> (u64, u64, u64, u64, Decimal, &str) {
+    (
+        rec["input_tokens"].as_u64().unwrap(),
+        rec["cache_read_tokens"].as_u64().unwrap(),
+        rec["cache_write_tokens"].as_u64().unwrap(),
+        rec["output_tokens"].as_u64().unwrap(),
+        dec(&rec["cost"]),
+        rec["usage_source"].as_str().unwrap(),
+    )
+}
+
+/// One stream with its usage chunk, one without, one whole answer: each reports 64 of its 100
+/// input tokens as cached and is billed 36 at the input price, 64 at the cache-read price and
+/// its output at the output price, to the last decimal, in the record, the `tollgate` object,
+/// the usage chunk and the wallet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_cache_reads_are_billed_at_the_cache_read_price_exactly() {
+    let g = start();
+    let key = g.demo_key_id().await;
+    let mut expected_balance = d("10");
+    assert_eq!(balance(&g, &key).await, expected_balance);
+    let expected = price(36, IN) + price(64, READ) + price(9, OUT);
+    assert_eq!(expected, d("0.0002622"));
+    let headers = [("x-mock-tokens", "9"), ("x-mock-cached-tokens", "64")];
+
+    // A stream with its usage chunk.
+    let r = post(&g, &chat("cached", true, true), &headers).await;
+    let id = request_id(&r);
+    let events = sse_events(r).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"], 100, "{usage}");
+    assert_eq!(usage["usage"]["completion_tokens"], 9);
+    assert_eq!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"], 64,
+        "{usage}"
+    );
+    let t = &usage["tollgate"];
+    assert_eq!(dec(&t["cost"]), expected, "{t}");
+    assert_eq!(
+        (&t["input_tokens"], &t["cache_read_tokens"], &t["cache_write_tokens"]),
+        (&json!(100), &json!(64), &json!(0))
+    );
+    let rec = record(&g, &id).await;
+    assert_eq!(billed(&rec), (100, 64, 0, 9, expected, "upstream"));
+    assert_eq!(
+        rec["upstream_usage"],
+        json!({"prompt_tokens": 100, "completion_tokens": 9})
+    );
+    assert_eq!(dec(&rec["shortfall"]), Decimal::ZERO);
+    expected_balance -= expected;
+    assert_eq!(balance(&g, &key).await, expected_balance);
+
+    // A stream whose client did not ask for usage: the gateway still reads it upstream.
+    let r = post(&g, &chat("cached", true, false), &headers).await;
+    let id = request_id(&r);
+    let events = sse_events(r).await;
+    assert!(events.iter().all(|e| !e.contains("\"usage\":{")), "{events:?}");
+    let rec = record(&g, &id).await;
+    assert_eq!(billed(&rec), (100, 64, 0, 9, expected, "upstream"));
+    expected_balance -= expected;
+    assert_eq!(balance(&g, &key).await, expected_balance);
+
+    // A whole answer.
+    let r = post(&g, &chat("cached", false, false), &headers).await;
+    let id = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 64);
+    assert_eq!(dec(&v["tollgate"]["cost"]), expected, "{v}");
+    assert_eq!(v["tollgate"]["cache_read_tokens"], 64);
+    let rec = record(&g, &id).await;
+    assert_eq!(billed(&rec), (100, 64, 0, 9, expected, "upstream"));
+    expected_balance -= expected;
+    assert_eq!(balance(&g, &key).await, expected_balance);
+
+    // Without a cache report the whole input is at the input price.
+    let r = post(&g, &chat("cached", false, false), &[("x-mock-tokens", "9")]).await;
+    let rec = record(&g, &request_id(&r)).await;
+    let uncached = price(100, IN) + price(9, OUT);
+    assert_eq!(billed(&rec), (100, 0, 0, 9, uncached, "upstream"));
+    expected_balance -= uncached;
+    assert_eq!(balance(&g, &key).await, expected_balance);
+    g.assert_no_panic();
+}
+
+/// A route without cache prices bills cached tokens at its input price: the cost is the one
+/// without a cache report, while the record still counts the cached tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_prices_default_to_the_input_price() {
+    let g = start();
+    let expected = price(100, PLAIN_IN) + price(13, PLAIN_OUT);
+    assert_eq!(expected, d("0.0000553847755"));
+    for stream in [true, false] {
+        let r = post(
+            &g,
+            &chat("plain", stream, true),
+            &[("x-mock-tokens", "13"), ("x-mock-cached-tokens", "80")],
+        )
+        .await;
+        let id = request_id(&r);
+        if stream {
+            sse_events(r).await;
+        } else {
+            r.bytes().await.unwrap();
+        }
+        let rec = record(&g, &id).await;
+        assert_eq!(
+            billed(&rec),
+            (100, 80, 0, 13, expected, "upstream"),
+            "stream {stream}"
+        );
+    }
+    let (s, v) = g.admin_get("/admin/catalog").await;
+    assert_eq!(s, 200);
+    let route = |model: &str| -> Value {
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == model)
+            .unwrap()["routes"][0]
+            .clone()
+    };
+    let plain = route("plain");
+    assert_eq!(
+        (
+            &plain["input_per_mtok"],
+            &plain["cache_read_per_mtok"],
+            &plain["cache_write_per_mtok"]
+        ),
+        (&json!(PLAIN_IN), &json!(PLAIN_IN), &json!(PLAIN_IN))
+    );
+    let cached = route("cached");
+    assert_eq!(
+        (
+            &cached["input_per_mtok"],
+            &cached["cache_read_per_mtok"],
+            &cached["cache_write_per_mtok"],
+            &cached["output_per_mtok"]
+        ),
+        (&json!(IN), &json!(READ), &json!(WRITE), &json!(OUT))
+    );
+    g.assert_no_panic();
+}
+
+/// An upstream that reports more cached tokens than input tokens has its input raised to the
+/// cached count: nothing is billed below zero, and the record's counts agree with each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_cached_than_input_is_clamped() {
+    let g = start();
+    let r = post(
+        &g,
+        &chat("cached", true, true),
+        &[("x-mock-tokens", "2"), ("x-mock-cached-tokens", "250")],
+    )
+    .await;
+    let id = request_id(&r);
+    let events = sse_events(r).await;
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"], 250, "{usage}");
+    let expected = price(250, READ) + price(2, OUT);
+    let rec = record(&g, &id).await;
+    assert_eq!(billed(&rec), (250, 250, 0, 2, expected, "upstream"));
+    // The upstream's own figure stays in the record.
+    assert_eq!(rec["upstream_usage"]["prompt_tokens"], 100);
+}
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// A time strictly after every record started so far, and before any started later.
+async fn boundary() -> DateTime<Utc> {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let t = now();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    t
+}
+
+/// The same traffic uncached, then cached: usage sums the records' costs and cache counts; the
+/// explainer's contributions add up to the change exactly, and, tokens per request being the
+/// same, the change is a price effect (route mix, which carries the effective prices), not a
+/// token one. The exports carry the cache counts in the documented columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_explain_and_exports_add_up_with_cached_input() {
+    let g = start();
+    let b0 = now();
+    for _ in 0..3 {
+        let r = post(&g, &chat("cached", false, false), &[("x-mock-tokens", "9")]).await;
+        record(&g, &request_id(&r)).await;
+    }
+    let b1 = boundary().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = post(
+            &g,
+            &chat("cached", false, false),
+            &[("x-mock-tokens", "9"), ("x-mock-cached-tokens", "64")],
+        )
+        .await;
+        let id = request_id(&r);
+        record(&g, &id).await;
+        ids.push(id);
+    }
+    let c1 = boundary().await;
+    let base = (price(100, IN) + price(9, OUT)) * Decimal::from(3);
+    let current = (price(36, IN) + price(64, READ) + price(9, OUT)) * Decimal::from(3);
+
+    let (s, v) = g
+        .admin_get(&format!(
+            "/admin/usage?since={}&until={}",
+            rfc3339(b1),
+            rfc3339(c1)
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let group = &v["groups"][0];
+    assert_eq!(dec(&group["cost"]), current, "{v}");
+    assert_eq!(group["input_tokens"], 300);
+    assert_eq!(group["requests"], 3);
+
+    let q = format!(
+        "/admin/usage/explain?base_since={}&base_until={}&since={}&until={}",
+        rfc3339(b0),
+        rfc3339(b1),
+        rfc3339(b1),
+        rfc3339(c1)
+    );
+    let (s, v) = g.admin_get(&q).await;
+    assert_eq!(s, 200, "{v}");
+    let usd = &v["currencies"][0];
+    assert_eq!(dec(&usd["base_cost"]), base, "{v}");
+    assert_eq!(dec(&usd["current_cost"]), current);
+    assert_eq!(dec(&usd["change"]), current - base);
+    let drivers = usd["drivers"].as_array().unwrap();
+    let sum: Decimal = drivers.iter().map(|d| dec(&d["contribution"])).sum();
+    assert_eq!(sum, current - base, "{v}");
+    for d in drivers {
+        let expected = if d["driver"] == "route_mix" {
+            current - base
+        } else {
+            Decimal::ZERO
+        };
+        assert_eq!(dec(&d["contribution"]), expected, "{d}");
+    }
+
+    // Exports: the columns sit after `input_tokens`, in the documented order.
+    let range = format!("since={}&until={}", rfc3339(b1), rfc3339(c1));
+    let csv = g
+        .client()
+        .get(format!(
+            "{}/admin/ledger/export?format=csv&{range}",
+            g.admin_url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let at = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    assert_eq!(at("cache_read_tokens"), at("input_tokens") + 1);
+    assert_eq!(at("cache_write_tokens"), at("input_tokens") + 2);
+    assert_eq!(at("output_tokens"), at("input_tokens") + 3);
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    for row in &rows {
+        assert!(
+            row.contains(",100,64,0,9,"),
+            "input, cache read, cache write and output in the CSV row: {row}"
+        );
+    }
+    let jsonl = g
+        .client()
+        .get(format!(
+            "{}/admin/ledger/export?format=jsonl&{range}",
+            g.admin_url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let recs: Vec<Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 3);
+    for r in &recs {
+        assert!(ids.contains(&r["request_id"].as_str().unwrap().to_string()));
+        assert_eq!((&r["cache_read_tokens"], &r["cache_write_tokens"]), (&json!(64), &json!(0)));
+        let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
+        let pos = |k: &str| keys.iter().position(|x| *x == k).unwrap();
+        assert_eq!(pos("cache_read_tokens"), pos("input_tokens") + 1, "{keys:?}");
+    }
+}
+
+/// `check-config` checks the cache prices like the other prices: one line naming the key.
+#[test]
+fn check_config_checks_the_cache_prices() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let config = body()
+        .replace(
+            &format!("cache_read_per_mtok = \"{READ}\""),
+            "cache_read_per_mtok = \"-0.1\"",
+        )
+        .replace(
+            &format!("cache_write_per_mtok = \"{WRITE}\""),
+            "cache_write_per_mtok = \"lots\"",
+        );
+    let config = format!(
+        "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[[providers]]\nid = \"p1\"\nkind = \"mock\"\nlisten = \"127.0.0.1:{}\"\n{config}",
+        free_port()
+    );
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check-config", path.to_str().unwrap()])
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("cache_write_per_mtok") || text.contains("cache_read_per_mtok"),
+        "{text}"
+    );
+
+    // The unreadable amount aside, a negative one is a problem naming its key.
+    let config = config.replace("cache_write_per_mtok = \"lots\"", "cache_write_per_mtok = 4");
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check-config", path.to_str().unwrap()])
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("models[0].routes[0].cache_read_per_mtok")
+            && l.contains("must not be negative")),
+        "{text}"
+    );
+
+    // Valid prices pass.
+    let config = config.replace("cache_read_per_mtok = \"-0.1\"", "cache_read_per_mtok = 0.3");
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check-config", path.to_str().unwrap()])
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
