@@ -1013,7 +1013,8 @@ mod tests {
             chunk.usage(),
             Some(Usage {
                 prompt_tokens: 12,
-                completion_tokens: 34
+                completion_tokens: 34,
+                ..Usage::default()
             })
         );
         assert!(!chunk.has_content());
@@ -1048,7 +1049,8 @@ mod tests {
             usage,
             Some(Usage {
                 prompt_tokens: 5,
-                completion_tokens: 7
+                completion_tokens: 7,
+                ..Usage::default()
             })
         );
         let bogus = json!({"choices": "bogus"});
@@ -1118,7 +1120,8 @@ mod tests {
             embeddings_usage(&body),
             Some(Usage {
                 prompt_tokens: 9,
-                completion_tokens: 0
+                completion_tokens: 0,
+                ..Usage::default()
             })
         );
         assert_eq!(chat_usage(&body), None);
