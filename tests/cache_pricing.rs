@@ -1,9 +1,15 @@
 //! Cached input priced as providers price it (docs/ledger.md, "Cached input"), end to end
-//! against the real binary and the built-in mock: input tokens the upstream reports as read from
-//! its prompt cache are billed at the route's `cache_read_per_mtok`, the rest at
-//! `input_per_mtok`, exactly, on streams and whole answers; the record carries the cache counts
-//! (JSON, CSV, JSONL); a route without cache prices bills them at the input price; the catalog
-//! shows the prices; usage and the spend explainer still add up; `check-config` checks the keys.
+//! against the real binary and the built-in mocks: input tokens the upstream reports as read
+//! from (or written to) its prompt cache are billed at the route's `cache_read_per_mtok`
+//! (`cache_write_per_mtok`), the rest at `input_per_mtok`, exactly, on streams and whole answers
+//! of `/v1/chat/completions`, `/v1/responses` and `/v1/messages`; the record carries the cache
+//! counts (JSON, CSV, JSONL); a route without cache prices bills them at the input price; the
+//! catalog shows the prices; usage and the spend explainer still add up; `check-config` checks
+//! the keys.
+//!
+//! The mock reports `x-mock-cache-read-tokens` / `x-mock-cache-write-tokens` on top of the
+//! prompt's own tokens: a 400-byte prompt (100 tokens) with 64 cache reads is 164 input tokens,
+//! 100 of them uncached.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -58,6 +64,24 @@ routes = [
   {{ provider = "p1", upstream_model = "up-plain", bucket = "credit", input_per_mtok = "{PLAIN_IN}", output_per_mtok = "{PLAIN_OUT}" }},
 ]
 
+[[models]]
+name = "resp"
+endpoints = ["responses"]
+tokenizer = "chunks"
+retry = {{ max_retries = 0, backoff_base_ms = 5, backoff_max_ms = 50 }}
+routes = [
+  {{ provider = "p1", upstream_model = "up-resp", bucket = "credit", input_per_mtok = "{IN}", output_per_mtok = "{OUT}", cache_read_per_mtok = "{READ}", cache_write_per_mtok = "{WRITE}" }},
+]
+
+[[models]]
+name = "claude"
+endpoints = ["messages"]
+tokenizer = "chunks"
+retry = {{ max_retries = 0, backoff_base_ms = 5, backoff_max_ms = 50 }}
+routes = [
+  {{ provider = "a1", upstream_model = "up-claude", bucket = "credit", input_per_mtok = "{IN}", output_per_mtok = "{OUT}", cache_read_per_mtok = "{READ}", cache_write_per_mtok = "{WRITE}" }},
+]
+
 [[keys]]
 name = "demo"
 secret = "{DEMO_KEY}"
@@ -70,7 +94,7 @@ topup = {{ credit = "10" }}
 
 fn start() -> Gateway {
     Gateway::start(Setup {
-        mocks: vec![("p1", "")],
+        mocks: vec![("p1", ""), ("a1", "api = \"anthropic\"")],
         body: body(),
         data_dir: None,
     })
@@ -90,13 +114,22 @@ fn chat(model: &str, stream: bool, include_usage: bool) -> Value {
     b
 }
 
-async fn post(g: &Gateway, body: &Value, headers: &[(&str, &str)]) -> ::reqwest::Response {
-    let mut r = g.client().post(g.chat_url()).bearer_auth(DEMO_KEY).json(body);
+async fn post(
+    g: &Gateway,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> ::reqwest::Response {
+    let mut r = g
+        .client()
+        .post(format!("{}{path}", g.client_url))
+        .bearer_auth(DEMO_KEY)
+        .json(body);
     for (k, v) in headers {
         r = r.header(*k, *v);
     }
     let r = r.send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "{path}");
     r
 }
 
@@ -138,72 +171,89 @@ fn billed(rec: &Value) -> (u64, u64, u64, u64, Decimal, &str) {
     )
 }
 
-/// One stream with its usage chunk, one without, one whole answer: each reports 64 of its 100
-/// input tokens as cached and is billed 36 at the input price, 64 at the cache-read price and
-/// its output at the output price, to the last decimal, in the record, the `tollgate` object,
-/// the usage chunk and the wallet.
+/// The `tollgate` object's token counts and cost.
+fn tollgate_billed(t: &Value) -> (u64, u64, u64, u64, Decimal) {
+    (
+        t["input_tokens"].as_u64().unwrap(),
+        t["cache_read_tokens"].as_u64().unwrap(),
+        t["cache_write_tokens"].as_u64().unwrap(),
+        t["output_tokens"].as_u64().unwrap(),
+        dec(&t["cost"]),
+    )
+}
+
+/// 100 uncached input tokens, 64 cache reads and 9 output tokens at the `cached` route's prices.
+fn cached_cost() -> Decimal {
+    price(100, IN) + price(64, READ) + price(9, OUT)
+}
+
+const CACHE_READS: [(&str, &str); 2] = [("x-mock-tokens", "9"), ("x-mock-cache-read-tokens", "64")];
+
+/// One stream with its usage chunk, one without, one whole answer: each reports 64 cache reads
+/// on top of its 100 prompt tokens and is billed 100 tokens at the input price, 64 at the
+/// cache-read price and its output at the output price, to the last decimal, in the record, the
+/// `tollgate` object, the usage chunk and the wallet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_cache_reads_are_billed_at_the_cache_read_price_exactly() {
     let g = start();
     let key = g.demo_key_id().await;
     let mut expected_balance = d("10");
     assert_eq!(balance(&g, &key).await, expected_balance);
-    let expected = price(36, IN) + price(64, READ) + price(9, OUT);
-    assert_eq!(expected, d("0.0002622"));
-    let headers = [("x-mock-tokens", "9"), ("x-mock-cached-tokens", "64")];
+    let expected = cached_cost();
+    assert_eq!(expected, d("0.0004542"));
 
     // A stream with its usage chunk.
-    let r = post(&g, &chat("cached", true, true), &headers).await;
+    let r = post(&g, "/v1/chat/completions", &chat("cached", true, true), &CACHE_READS).await;
     let id = request_id(&r);
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(usage["usage"]["prompt_tokens"], 100, "{usage}");
+    assert_eq!(usage["usage"]["prompt_tokens"], 164, "{usage}");
     assert_eq!(usage["usage"]["completion_tokens"], 9);
     assert_eq!(
         usage["usage"]["prompt_tokens_details"]["cached_tokens"], 64,
         "{usage}"
     );
-    let t = &usage["tollgate"];
-    assert_eq!(dec(&t["cost"]), expected, "{t}");
-    assert_eq!(
-        (&t["input_tokens"], &t["cache_read_tokens"], &t["cache_write_tokens"]),
-        (&json!(100), &json!(64), &json!(0))
-    );
+    assert_eq!(tollgate_billed(&usage["tollgate"]), (164, 64, 0, 9, expected));
     let rec = record(&g, &id).await;
-    assert_eq!(billed(&rec), (100, 64, 0, 9, expected, "upstream"));
+    assert_eq!(billed(&rec), (164, 64, 0, 9, expected, "upstream"));
     assert_eq!(
         rec["upstream_usage"],
-        json!({"prompt_tokens": 100, "completion_tokens": 9})
+        json!({"prompt_tokens": 164, "completion_tokens": 9})
     );
     assert_eq!(dec(&rec["shortfall"]), Decimal::ZERO);
     expected_balance -= expected;
     assert_eq!(balance(&g, &key).await, expected_balance);
 
     // A stream whose client did not ask for usage: the gateway still reads it upstream.
-    let r = post(&g, &chat("cached", true, false), &headers).await;
+    let r = post(&g, "/v1/chat/completions", &chat("cached", true, false), &CACHE_READS).await;
     let id = request_id(&r);
     let events = sse_events(r).await;
     assert!(events.iter().all(|e| !e.contains("\"usage\":{")), "{events:?}");
     let rec = record(&g, &id).await;
-    assert_eq!(billed(&rec), (100, 64, 0, 9, expected, "upstream"));
+    assert_eq!(billed(&rec), (164, 64, 0, 9, expected, "upstream"));
     expected_balance -= expected;
     assert_eq!(balance(&g, &key).await, expected_balance);
 
     // A whole answer.
-    let r = post(&g, &chat("cached", false, false), &headers).await;
+    let r = post(&g, "/v1/chat/completions", &chat("cached", false, false), &CACHE_READS).await;
     let id = request_id(&r);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 64);
-    assert_eq!(dec(&v["tollgate"]["cost"]), expected, "{v}");
-    assert_eq!(v["tollgate"]["cache_read_tokens"], 64);
+    assert_eq!(tollgate_billed(&v["tollgate"]), (164, 64, 0, 9, expected));
     let rec = record(&g, &id).await;
-    assert_eq!(billed(&rec), (100, 64, 0, 9, expected, "upstream"));
+    assert_eq!(billed(&rec), (164, 64, 0, 9, expected, "upstream"));
     expected_balance -= expected;
     assert_eq!(balance(&g, &key).await, expected_balance);
 
     // Without a cache report the whole input is at the input price.
-    let r = post(&g, &chat("cached", false, false), &[("x-mock-tokens", "9")]).await;
+    let r = post(
+        &g,
+        "/v1/chat/completions",
+        &chat("cached", false, false),
+        &[("x-mock-tokens", "9")],
+    )
+    .await;
     let rec = record(&g, &request_id(&r)).await;
     let uncached = price(100, IN) + price(9, OUT);
     assert_eq!(billed(&rec), (100, 0, 0, 9, uncached, "upstream"));
@@ -212,18 +262,131 @@ async fn chat_cache_reads_are_billed_at_the_cache_read_price_exactly() {
     g.assert_no_panic();
 }
 
-/// A route without cache prices bills cached tokens at its input price: the cost is the one
-/// without a cache report, while the record still counts the cached tokens.
+/// `/v1/responses`: `input_tokens_details.cached_tokens` are cache reads, billed exactly at the
+/// cache-read price, stream and whole answer, in the record, the `tollgate` object of the
+/// `response.completed` event (or of the body) and the wallet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_cache_reads_are_billed_at_the_cache_read_price_exactly() {
+    let g = start();
+    let key = g.demo_key_id().await;
+    let expected = cached_cost();
+    for stream in [true, false] {
+        let before = balance(&g, &key).await;
+        let body = json!({"model": "resp", "input": prompt(), "stream": stream});
+        let r = post(&g, "/v1/responses", &body, &CACHE_READS).await;
+        let id = request_id(&r);
+        let response = if stream {
+            let events = sse_events(r).await;
+            let completed = events
+                .iter()
+                .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                .find(|e| e["type"] == "response.completed")
+                .unwrap_or_else(|| panic!("no response.completed: {events:?}"));
+            completed["response"].clone()
+        } else {
+            r.json::<Value>().await.unwrap()
+        };
+        assert_eq!(
+            response["usage"]["input_tokens_details"]["cached_tokens"], 64,
+            "{response}"
+        );
+        assert_eq!(
+            tollgate_billed(&response["tollgate"]),
+            (164, 64, 0, 9, expected),
+            "stream {stream}"
+        );
+        let rec = record(&g, &id).await;
+        assert_eq!(rec["endpoint"], "responses");
+        assert_eq!(
+            billed(&rec),
+            (164, 64, 0, 9, expected, "upstream"),
+            "stream {stream}"
+        );
+        assert_eq!(before - balance(&g, &key).await, expected);
+    }
+    g.assert_no_panic();
+}
+
+/// `/v1/messages`: `cache_read_input_tokens` and `cache_creation_input_tokens` come on top of
+/// `input_tokens`; the record's input is their sum, reads billed at the cache-read price,
+/// writes at the cache-write price, exactly, stream and whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cache_reads_and_writes_are_billed_at_their_prices_exactly() {
+    let g = start();
+    let key = g.demo_key_id().await;
+    let expected = price(100, IN) + price(64, READ) + price(32, WRITE) + price(9, OUT);
+    assert_eq!(expected, d("0.0005742"));
+    let headers = [
+        ("x-mock-tokens", "9"),
+        ("x-mock-cache-read-tokens", "64"),
+        ("x-mock-cache-write-tokens", "32"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    for stream in [true, false] {
+        let before = balance(&g, &key).await;
+        let body = json!({"model": "claude", "max_tokens": 256, "stream": stream,
+            "messages": [{"role": "user", "content": prompt()}]});
+        let r = post(&g, "/v1/messages", &body, &headers).await;
+        let id = request_id(&r);
+        let tollgate = if stream {
+            let events = sse_events(r).await;
+            let events: Vec<Value> = events
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            let start = events.iter().find(|e| e["type"] == "message_start").unwrap();
+            let usage = &start["message"]["usage"];
+            assert_eq!(
+                (
+                    &usage["input_tokens"],
+                    &usage["cache_read_input_tokens"],
+                    &usage["cache_creation_input_tokens"]
+                ),
+                (&json!(100), &json!(64), &json!(32)),
+                "{start}"
+            );
+            let last_delta = events
+                .iter()
+                .rev()
+                .find(|e| e["type"] == "message_delta")
+                .unwrap();
+            last_delta["tollgate"].clone()
+        } else {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["usage"]["cache_creation_input_tokens"], 32, "{v}");
+            v["tollgate"].clone()
+        };
+        assert_eq!(
+            tollgate_billed(&tollgate),
+            (196, 64, 32, 9, expected),
+            "stream {stream}: {tollgate}"
+        );
+        let rec = record(&g, &id).await;
+        assert_eq!(rec["endpoint"], "messages");
+        assert_eq!(
+            billed(&rec),
+            (196, 64, 32, 9, expected, "upstream"),
+            "stream {stream}"
+        );
+        assert_eq!(before - balance(&g, &key).await, expected);
+    }
+    g.assert_no_panic();
+}
+
+/// A route without cache prices bills cached tokens at its input price: the cost is the one of
+/// as many uncached tokens, while the record still counts the cached ones. The catalog shows
+/// each route's cache prices, defaults included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_prices_default_to_the_input_price() {
     let g = start();
-    let expected = price(100, PLAIN_IN) + price(13, PLAIN_OUT);
-    assert_eq!(expected, d("0.0000553847755"));
+    let expected = price(180, PLAIN_IN) + price(13, PLAIN_OUT);
+    assert_eq!(expected, d("0.0000849847755"));
     for stream in [true, false] {
         let r = post(
             &g,
+            "/v1/chat/completions",
             &chat("plain", stream, true),
-            &[("x-mock-tokens", "13"), ("x-mock-cached-tokens", "80")],
+            &[("x-mock-tokens", "13"), ("x-mock-cache-read-tokens", "80")],
         )
         .await;
         let id = request_id(&r);
@@ -235,7 +398,7 @@ async fn cache_prices_default_to_the_input_price() {
         let rec = record(&g, &id).await;
         assert_eq!(
             billed(&rec),
-            (100, 80, 0, 13, expected, "upstream"),
+            (180, 80, 0, 13, expected, "upstream"),
             "stream {stream}"
         );
     }
@@ -272,28 +435,6 @@ async fn cache_prices_default_to_the_input_price() {
     g.assert_no_panic();
 }
 
-/// An upstream that reports more cached tokens than input tokens has its input raised to the
-/// cached count: nothing is billed below zero, and the record's counts agree with each other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_cached_than_input_is_clamped() {
-    let g = start();
-    let r = post(
-        &g,
-        &chat("cached", true, true),
-        &[("x-mock-tokens", "2"), ("x-mock-cached-tokens", "250")],
-    )
-    .await;
-    let id = request_id(&r);
-    let events = sse_events(r).await;
-    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(usage["usage"]["prompt_tokens"], 250, "{usage}");
-    let expected = price(250, READ) + price(2, OUT);
-    let rec = record(&g, &id).await;
-    assert_eq!(billed(&rec), (250, 250, 0, 2, expected, "upstream"));
-    // The upstream's own figure stays in the record.
-    assert_eq!(rec["upstream_usage"]["prompt_tokens"], 100);
-}
-
 fn now() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
 }
@@ -310,34 +451,37 @@ async fn boundary() -> DateTime<Utc> {
     t
 }
 
-/// The same traffic uncached, then cached: usage sums the records' costs and cache counts; the
-/// explainer's contributions add up to the change exactly, and, tokens per request being the
-/// same, the change is a price effect (route mix, which carries the effective prices), not a
-/// token one. The exports carry the cache counts in the documented columns.
+/// The same requests without, then with 64 cache reads on top of their 100 prompt tokens:
+/// usage sums the records; the explainer's contributions add up to the change exactly, the
+/// extra input at the base prices under `input_tokens` and the cheaper price of the cached part
+/// under `route_mix` (which carries the effective prices). The exports carry the cache counts
+/// in the documented columns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_explain_and_exports_add_up_with_cached_input() {
     let g = start();
     let b0 = now();
     for _ in 0..3 {
-        let r = post(&g, &chat("cached", false, false), &[("x-mock-tokens", "9")]).await;
+        let r = post(
+            &g,
+            "/v1/chat/completions",
+            &chat("cached", false, false),
+            &[("x-mock-tokens", "9")],
+        )
+        .await;
         record(&g, &request_id(&r)).await;
     }
     let b1 = boundary().await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let r = post(
-            &g,
-            &chat("cached", false, false),
-            &[("x-mock-tokens", "9"), ("x-mock-cached-tokens", "64")],
-        )
-        .await;
+        let r = post(&g, "/v1/chat/completions", &chat("cached", false, false), &CACHE_READS).await;
         let id = request_id(&r);
         record(&g, &id).await;
         ids.push(id);
     }
     let c1 = boundary().await;
-    let base = (price(100, IN) + price(9, OUT)) * Decimal::from(3);
-    let current = (price(36, IN) + price(64, READ) + price(9, OUT)) * Decimal::from(3);
+    let three = Decimal::from(3);
+    let base = (price(100, IN) + price(9, OUT)) * three;
+    let current = cached_cost() * three;
 
     let (s, v) = g
         .admin_get(&format!(
@@ -349,7 +493,7 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
     assert_eq!(s, 200, "{v}");
     let group = &v["groups"][0];
     assert_eq!(dec(&group["cost"]), current, "{v}");
-    assert_eq!(group["input_tokens"], 300);
+    assert_eq!(group["input_tokens"], 3 * 164);
     assert_eq!(group["requests"], 3);
 
     let q = format!(
@@ -368,30 +512,38 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
     let drivers = usd["drivers"].as_array().unwrap();
     let sum: Decimal = drivers.iter().map(|d| dec(&d["contribution"])).sum();
     assert_eq!(sum, current - base, "{v}");
+    // 64 more input tokens per request at the base input price...
+    let more_input = price(64, IN) * three;
+    // ...of which the cached 64 cost the cache-read price instead.
+    let cheaper = (price(64, READ) - price(64, IN)) * three;
+    assert_eq!(more_input + cheaper, current - base);
     for d in drivers {
-        let expected = if d["driver"] == "route_mix" {
-            current - base
-        } else {
-            Decimal::ZERO
+        let expected = match d["driver"].as_str().unwrap() {
+            "input_tokens" => more_input,
+            "route_mix" => cheaper,
+            _ => Decimal::ZERO,
         };
         assert_eq!(dec(&d["contribution"]), expected, "{d}");
     }
 
     // Exports: the columns sit after `input_tokens`, in the documented order.
     let range = format!("since={}&until={}", rfc3339(b1), rfc3339(c1));
-    let csv = g
-        .client()
-        .get(format!(
-            "{}/admin/ledger/export?format=csv&{range}",
-            g.admin_url
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = |format: &'static str| {
+        let url = format!("{}/admin/ledger/export?format={format}&{range}", g.admin_url);
+        let client = g.client();
+        async move {
+            client
+                .get(url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let csv = export("csv").await;
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let at = |name: &str| header.iter().position(|h| *h == name).unwrap();
@@ -402,23 +554,11 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
     assert_eq!(rows.len(), 3, "{csv}");
     for row in &rows {
         assert!(
-            row.contains(",100,64,0,9,"),
+            row.contains(",164,64,0,9,"),
             "input, cache read, cache write and output in the CSV row: {row}"
         );
     }
-    let jsonl = g
-        .client()
-        .get(format!(
-            "{}/admin/ledger/export?format=jsonl&{range}",
-            g.admin_url
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let jsonl = export("jsonl").await;
     assert_eq!(jsonl.lines().count(), 3);
     for line in jsonl.lines() {
         let r: Value = serde_json::from_str(line).unwrap();
@@ -435,25 +575,11 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
     }
 }
 
-/// `check-config` checks the cache prices like the other prices: one line naming the key.
-#[test]
-fn check_config_checks_the_cache_prices() {
+/// Runs `tollgate check-config` on `config`: (exit code, stdout + stderr).
+fn check_config(config: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    let config = body()
-        .replace(
-            &format!("cache_read_per_mtok = \"{READ}\""),
-            "cache_read_per_mtok = \"-0.1\"",
-        )
-        .replace(
-            &format!("cache_write_per_mtok = \"{WRITE}\""),
-            "cache_write_per_mtok = \"lots\"",
-        );
-    let config = format!(
-        "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[[providers]]\nid = \"p1\"\nkind = \"mock\"\nlisten = \"127.0.0.1:{}\"\n{config}",
-        free_port()
-    );
-    std::fs::write(&path, &config).unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check-config", path.to_str().unwrap()])
         .env_remove("TOLLGATE_ADMIN_TOKEN")
@@ -464,43 +590,50 @@ fn check_config_checks_the_cache_prices() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_ne!(out.status.code(), Some(0), "{text}");
+    (out.status.code(), text)
+}
+
+/// `check-config` checks the cache prices like the other prices.
+#[test]
+fn check_config_checks_the_cache_prices() {
+    let providers = format!(
+        "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[[providers]]\nid = \"p1\"\nkind = \"mock\"\n\n[[providers]]\nid = \"a1\"\nkind = \"mock\"\napi = \"anthropic\"\n"
+    );
+    let (code, text) = check_config(&format!("{providers}{}", body()));
+    assert_eq!(code, Some(0), "{text}");
+
+    // A negative price is a problem naming its key, one line each.
+    let negative = body()
+        .replacen(
+            &format!("cache_read_per_mtok = \"{READ}\""),
+            "cache_read_per_mtok = \"-0.1\"",
+            1,
+        )
+        .replacen(
+            &format!("cache_write_per_mtok = \"{WRITE}\""),
+            "cache_write_per_mtok = -2",
+            1,
+        );
+    let (code, text) = check_config(&format!("{providers}{negative}"));
+    assert_eq!(code, Some(1), "{text}");
+    for key in ["cache_read_per_mtok", "cache_write_per_mtok"] {
+        assert!(
+            text.lines().any(|l| l.contains(&format!("models[0].routes[0].{key}"))
+                && l.contains("must not be negative")),
+            "{key}: {text}"
+        );
+    }
+
     // As for every price, an unreadable amount is a parse error of its model's table.
+    let unreadable = body().replacen(
+        &format!("cache_write_per_mtok = \"{WRITE}\""),
+        "cache_write_per_mtok = \"lots\"",
+        1,
+    );
+    let (code, text) = check_config(&format!("{providers}{unreadable}"));
+    assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains("models[0]") && text.contains("expected a decimal amount"),
         "{text}"
-    );
-
-    // The unreadable amount aside, a negative one is a problem naming its key.
-    let config = config.replace("cache_write_per_mtok = \"lots\"", "cache_write_per_mtok = 4");
-    std::fs::write(&path, &config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check-config", path.to_str().unwrap()])
-        .env_remove("TOLLGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{text}");
-    assert!(
-        text.lines().any(|l| l.contains("models[0].routes[0].cache_read_per_mtok")
-            && l.contains("must not be negative")),
-        "{text}"
-    );
-
-    // Valid prices pass.
-    let config = config.replace("cache_read_per_mtok = \"-0.1\"", "cache_read_per_mtok = 0.3");
-    std::fs::write(&path, &config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check-config", path.to_str().unwrap()])
-        .env_remove("TOLLGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -22,7 +22,12 @@ fn tokenizers() -> &'static [Tokenizer] {
 }
 
 fuzz_target!(|data: &[u8]| {
-    for endpoint in [Endpoint::Chat, Endpoint::Embeddings] {
+    for endpoint in [
+        Endpoint::Chat,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Messages,
+    ] {
         match check_request_body(data, endpoint) {
             Err(e) => assert_eq!(e.status.as_u16(), 400, "{e:?}"),
             Ok(c) => {
@@ -40,6 +45,12 @@ fuzz_target!(|data: &[u8]| {
                         }
                         Endpoint::Embeddings => {
                             t.embeddings_input_tokens(c.body.get("input").unwrap_or(&Value::Null))
+                        }
+                        Endpoint::Responses => {
+                            t.agent_input_tokens(c.body.get("instructions"), c.body.get("input"))
+                        }
+                        Endpoint::Messages => {
+                            t.agent_input_tokens(c.body.get("system"), c.body.get("messages"))
                         }
                     };
                     if t.kind() == TokenizerKind::Chunks && endpoint == Endpoint::Chat {

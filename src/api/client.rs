@@ -1,4 +1,5 @@
-//! Client endpoints (docs/api.md): authenticate → the key's request rate → read the body within
+//! Client endpoints (docs/api.md): chat completions, embeddings, and the agent formats
+//! (OpenAI Responses, Anthropic Messages, §4.5) on the same path: authenticate → the key's request rate → read the body within
 //! the size limit and deadline → check the fields the gateway reads (R25) → a stream's slot →
 //! resolve the model and the key's permission → tokenise → the key's token rate → hand over to
 //! the router. Checks that need no body come before it is read (R28, R41); every refusal after
@@ -32,6 +33,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/v1/responses")
+            .route(web::post().to(responses))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/messages")
+            .route(web::post().to(messages))
+            .default_service(web::to(|req: HttpRequest| async move {
+                method_not_allowed(req).await.map_err(ApiError::anthropic)
+            })),
+    )
+    .service(
         web::resource("/v1/models")
             .route(web::get().to(models))
             .default_service(web::to(method_not_allowed)),
@@ -60,12 +73,37 @@ pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiErr
 
 /// The key behind `Authorization: Bearer <secret>`.
 pub fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Arc<ApiKey>, ApiError> {
+    authenticate_for(state, req, Endpoint::Chat)
+}
+
+/// The key behind `Authorization: Bearer <secret>`, or on `/v1/messages` also behind Anthropic's
+/// `x-api-key: <secret>` (which wins when both are sent).
+fn authenticate_for(
+    state: &AppState,
+    req: &HttpRequest,
+    endpoint: Endpoint,
+) -> Result<Arc<ApiKey>, ApiError> {
+    if endpoint == Endpoint::Messages {
+        if let Some(v) = req.headers().get("x-api-key") {
+            let secret = v.to_str().map(str::trim).unwrap_or_default();
+            if secret.is_empty() {
+                return Err(ApiError::unauthorized("empty x-api-key header"));
+            }
+            return state
+                .keys
+                .authenticate(secret)
+                .ok_or_else(|| ApiError::unauthorized("invalid API key: unknown or revoked"));
+        }
+    }
+    let missing = if endpoint == Endpoint::Messages {
+        "missing x-api-key or Authorization header (expected 'x-api-key: <key>' or 'Bearer <key>')"
+    } else {
+        "missing Authorization header (expected 'Bearer <key>')"
+    };
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
-        .ok_or_else(|| {
-            ApiError::unauthorized("missing Authorization header (expected 'Bearer <key>')")
-        })?;
+        .ok_or_else(|| ApiError::unauthorized(missing))?;
     let secret = header
         .to_str()
         .ok()
@@ -196,7 +234,7 @@ fn check_fields(
                 ))
             }
         },
-        Endpoint::Embeddings => match body.get("input") {
+        Endpoint::Embeddings | Endpoint::Responses => match body.get("input") {
             None | Some(Value::Null) => return Err(ApiError::missing_field("input")),
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             Some(_) => {
@@ -206,6 +244,22 @@ fn check_fields(
                 ))
             }
         },
+        Endpoint::Messages => {
+            match body.get("messages") {
+                None | Some(Value::Null) => return Err(ApiError::missing_field("messages")),
+                Some(Value::Array(_)) => {}
+                Some(_) => {
+                    return Err(ApiError::invalid_value(
+                        "messages",
+                        "'messages' must be an array",
+                    ))
+                }
+            }
+            // The Messages format requires the bound (and so holds never guess it).
+            if matches!(body.get("max_tokens"), None | Some(Value::Null)) {
+                return Err(ApiError::missing_field("max_tokens"));
+            }
+        }
     }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
@@ -218,6 +272,8 @@ fn check_fields(
         }
     };
     let include_usage = match body.get("stream_options") {
+        // Only chat has `include_usage`; the agent formats always report their usage.
+        _ if endpoint != Endpoint::Chat => false,
         None | Some(Value::Null) => false,
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
@@ -236,22 +292,23 @@ fn check_fields(
             ))
         }
     };
-    let max_tokens = positive_int(body, "max_tokens")?;
-    let max_completion = positive_int(body, "max_completion_tokens")?;
-    let n = positive_int(body, "n")?.unwrap_or(1);
+    let (n, max) = match endpoint {
+        Endpoint::Chat | Endpoint::Embeddings => {
+            let max_tokens = positive_int(body, "max_tokens")?;
+            let max_completion = positive_int(body, "max_completion_tokens")?;
+            let n = positive_int(body, "n")?.unwrap_or(1);
+            (n, max_completion.or(max_tokens))
+        }
+        Endpoint::Responses => (1, positive_int(body, "max_output_tokens")?),
+        Endpoint::Messages => (1, positive_int(body, "max_tokens")?),
+    };
     if endpoint == Endpoint::Embeddings && stream {
         return Err(ApiError::invalid_value(
             "stream",
             "embeddings cannot be streamed",
         ));
     }
-    Ok((
-        model,
-        stream,
-        include_usage && stream,
-        n,
-        max_completion.or(max_tokens),
-    ))
+    Ok((model, stream, include_usage && stream, n, max))
 }
 
 async fn chat(
@@ -270,6 +327,27 @@ async fn embeddings(
     ups: web::Data<Upstreams>,
 ) -> Result<HttpResponse, ApiError> {
     handle(req, payload, state, ups, Endpoint::Embeddings).await
+}
+
+async fn responses(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    ups: web::Data<Upstreams>,
+) -> Result<HttpResponse, ApiError> {
+    handle(req, payload, state, ups, Endpoint::Responses).await
+}
+
+/// `/v1/messages`: every error in Anthropic's envelope.
+async fn messages(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    ups: web::Data<Upstreams>,
+) -> Result<HttpResponse, ApiError> {
+    handle(req, payload, state, ups, Endpoint::Messages)
+        .await
+        .map_err(ApiError::anthropic)
 }
 
 fn header_str(req: &HttpRequest, name: &str) -> Option<String> {
@@ -315,10 +393,10 @@ async fn handle(
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     if state.draining.load(std::sync::atomic::Ordering::Acquire) {
-        return Ok(shutting_down());
+        return Ok(shutting_down(endpoint));
     }
     // Checks that need no body first (R41): authentication, then the key's rate.
-    let key = authenticate(&state, &req)?;
+    let key = authenticate_for(&state, &req, endpoint)?;
     let project =
         header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
     let task = task_header(&req)?;
@@ -368,6 +446,8 @@ async fn handle(
         let what = match endpoint {
             Endpoint::Chat => "chat completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
         };
         let shown = bounded(&model_name);
         let err = ApiError::new(
@@ -401,6 +481,10 @@ async fn handle(
             Endpoint::Embeddings => {
                 t.embeddings_input_tokens(body.get("input").unwrap_or(&Value::Null))
             }
+            Endpoint::Responses => {
+                t.agent_input_tokens(body.get("instructions"), body.get("input"))
+            }
+            Endpoint::Messages => t.agent_input_tokens(body.get("system"), body.get("messages")),
         }
     };
     let limiter = match gate.admit_tokens(input) {
@@ -409,14 +493,19 @@ async fn handle(
             return Err(pending.refuse(&state, &model.name, stream, rate_limited(&refusal)))
         }
     };
-    let mut mock_headers = HeaderMap::new();
+    // For the upstream: `x-mock-*` (the client sender decides whether a provider gets them),
+    // and the Messages format's version and beta headers (§4.5).
+    let mut forward_headers = HeaderMap::new();
     for (k, v) in req.headers() {
-        if k.as_str().starts_with("x-mock-") {
+        let name = k.as_str();
+        let anthropic = endpoint == Endpoint::Messages
+            && (name == "anthropic-version" || name == "anthropic-beta");
+        if name.starts_with("x-mock-") || anthropic {
             if let (Ok(name), Ok(value)) = (
-                http::HeaderName::from_bytes(k.as_str().as_bytes()),
+                http::HeaderName::from_bytes(name.as_bytes()),
                 http::HeaderValue::from_bytes(v.as_bytes()),
             ) {
-                mock_headers.insert(name, value);
+                forward_headers.append(name, value);
             }
         }
     }
@@ -435,7 +524,7 @@ async fn handle(
         max_tokens,
         input_tokens: input,
         body,
-        mock_headers,
+        forward_headers,
         started_at,
         started,
     };
@@ -518,7 +607,7 @@ impl Pending {
             max_tokens: None,
             input_tokens: 0,
             body: Map::new(),
-            mock_headers: HeaderMap::new(),
+            forward_headers: HeaderMap::new(),
             started_at: self.started_at,
             started: self.started,
         };
@@ -528,29 +617,30 @@ impl Pending {
 
 /// 503 `shutting_down` for a request that arrives while the gateway drains; the connection is
 /// closed so that the client reconnects elsewhere.
-fn shutting_down() -> HttpResponse {
-    let mut r = ApiError::new(
+fn shutting_down(endpoint: Endpoint) -> HttpResponse {
+    let mut err = ApiError::new(
         503,
         "service_unavailable",
         "shutting_down",
         "the gateway is shutting down and accepts no new requests; retry on another instance",
-    )
-    .error_response();
+    );
+    err.anthropic = endpoint == Endpoint::Messages;
+    let mut r = err.error_response();
     r.head_mut()
         .set_connection_type(actix_web::http::ConnectionType::Close);
     r
 }
 
-/// `server.max_messages` bounds the entries of `messages` (chat) and of an `input` array
-/// (embeddings).
+/// `server.max_messages` bounds the entries of `messages` (chat, messages) and of an `input`
+/// array (embeddings, responses).
 fn check_message_count(
     body: &Map<String, Value>,
     endpoint: Endpoint,
     max: usize,
 ) -> Result<(), ApiError> {
     let field = match endpoint {
-        Endpoint::Chat => "messages",
-        Endpoint::Embeddings => "input",
+        Endpoint::Chat | Endpoint::Messages => "messages",
+        Endpoint::Embeddings | Endpoint::Responses => "input",
     };
     match body.get(field) {
         Some(Value::Array(a)) if a.len() > max => Err(ApiError::invalid_value(

@@ -1,5 +1,7 @@
 //! The one place errors become HTTP: every error is the OpenAI envelope
-//! `{"error":{"message","type","param","code"}}` with the request id header when there is one.
+//! `{"error":{"message","type","param","code"}}` with the request id header when there is one;
+//! on `/v1/messages` it is Anthropic's `{"type":"error","error":{"type","message"}}` with the
+//! code as `error.type`.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -14,6 +16,8 @@ pub struct ApiError {
     pub param: Option<String>,
     pub request_id: Option<String>,
     pub retry_after_s: Option<u64>,
+    /// Written in Anthropic's envelope (the error of a `/v1/messages` request).
+    pub anthropic: bool,
 }
 
 impl std::fmt::Display for ApiError {
@@ -38,6 +42,7 @@ impl ApiError {
             param: None,
             request_id: None,
             retry_after_s: None,
+            anthropic: false,
         }
     }
     pub fn invalid(code: &str, message: impl Into<String>) -> Self {
@@ -67,7 +72,19 @@ impl ApiError {
         self
     }
 
+    /// The same error in Anthropic's envelope.
+    pub fn anthropic(mut self) -> Self {
+        self.anthropic = true;
+        self
+    }
+
     pub fn body(&self) -> serde_json::Value {
+        if self.anthropic {
+            return json!({"type": "error", "error": {
+                "type": self.code,
+                "message": self.message,
+            }});
+        }
         json!({"error": {
             "message": self.message,
             "type": self.kind,

@@ -209,10 +209,38 @@ pub struct Probe {
     pub kind: ProbeKind,
 }
 
+/// The wire format a provider speaks (§4.5): which client endpoints its routes can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI's: chat completions, embeddings, responses.
+    OpenAi,
+    /// Anthropic's: messages.
+    Anthropic,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+        }
+    }
+
+    /// Can a route on a provider of this format serve `endpoint`? No translation between the
+    /// formats exists, so each endpoint needs its own.
+    pub fn serves(self, endpoint: Endpoint) -> bool {
+        match endpoint {
+            Endpoint::Chat | Endpoint::Embeddings | Endpoint::Responses => self == Api::OpenAi,
+            Endpoint::Messages => self == Api::Anthropic,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Provider {
     pub id: String,
     pub kind: ProviderKind,
+    pub api: Api,
     /// For kind `mock` this is empty until the mock is bound; `serve` fills it in.
     pub base_url: String,
     pub api_key_env: Option<String>,
@@ -229,6 +257,40 @@ pub struct Provider {
 pub enum Endpoint {
     Chat,
     Embeddings,
+    Responses,
+    Messages,
+}
+
+impl Endpoint {
+    /// The name in config files and the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+        }
+    }
+
+    /// The ledger record's `endpoint`.
+    pub fn ledger_name(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+        }
+    }
+
+    /// The path under a provider's `base_url`.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
+            Endpoint::Messages => "/messages",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

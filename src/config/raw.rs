@@ -208,6 +208,9 @@ pub struct RawProvider {
     pub api_key_env: Option<String>,
     #[serde(default = "d_http2")]
     pub http2: String,
+    /// The wire format the upstream speaks: `openai` or `anthropic`.
+    #[serde(default = "d_api")]
+    pub api: String,
     #[serde(default = "d_connect_timeout")]
     pub connect_timeout_ms: u64,
     #[serde(default = "d_first_token_timeout")]
@@ -405,6 +408,9 @@ fn d_backoff_base() -> u64 {
 }
 fn d_backoff_max() -> u64 {
     2000
+}
+fn d_api() -> String {
+    "openai".into()
 }
 fn d_endpoints() -> Vec<String> {
     vec!["chat".into()]

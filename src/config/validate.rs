@@ -499,6 +499,17 @@ fn check_providers(c: &mut Checker, raw: Vec<Option<RawProvider>>) -> Vec<Arc<Pr
             }
             (ProviderKind::Mock { .. }, None) => String::new(),
         };
+        let api = match p.api.as_str() {
+            "openai" => Api::OpenAi,
+            "anthropic" => Api::Anthropic,
+            other => {
+                c.problem(
+                    format!("{path}.api"),
+                    format!("\"{other}\" is not one of \"openai\", \"anthropic\""),
+                );
+                Api::OpenAi
+            }
+        };
         let http2 = match p.http2.as_str() {
             "auto" => Http2Mode::Auto,
             "always" => Http2Mode::Always,
@@ -572,6 +583,7 @@ fn check_providers(c: &mut Checker, raw: Vec<Option<RawProvider>>) -> Vec<Arc<Pr
         out.push(Arc::new(Provider {
             id,
             kind,
+            api,
             base_url,
             api_key_env: p.api_key_env.clone(),
             http2,
@@ -621,9 +633,11 @@ fn check_models(
             match e.as_str() {
                 "chat" => endpoints.push(Endpoint::Chat),
                 "embeddings" => endpoints.push(Endpoint::Embeddings),
+                "responses" => endpoints.push(Endpoint::Responses),
+                "messages" => endpoints.push(Endpoint::Messages),
                 other => c.problem(
                     format!("{path}.endpoints[{j}]"),
-                    format!("\"{other}\" is not one of \"chat\", \"embeddings\""),
+                    format!("\"{other}\" is not one of \"chat\", \"embeddings\", \"responses\", \"messages\""),
                 ),
             }
         }
@@ -682,11 +696,25 @@ fn check_models(
                 .required(&format!("{rp}.output_per_mtok"), &r.output_per_mtok)
                 .copied();
             if let Some(p) = &provider {
-                if !providers.iter().any(|x| &x.id == p) {
-                    c.problem(
+                match providers.iter().find(|x| &x.id == p) {
+                    None => c.problem(
                         format!("{rp}.provider"),
                         format!("unknown provider \"{p}\" (declare it under [[providers]])"),
-                    );
+                    ),
+                    // §4.5: a route serves an endpoint only in its provider's wire format.
+                    Some(x) => {
+                        for e in endpoints.iter().filter(|e| !x.api.serves(**e)) {
+                            c.problem(
+                                format!("{rp}.provider"),
+                                format!(
+                                    "provider \"{p}\" speaks api \"{}\", which cannot serve the model's endpoint \"{}\" (use a provider with api = \"{}\", or drop the endpoint)",
+                                    x.api.as_str(),
+                                    e.as_str(),
+                                    if x.api == Api::OpenAi { "anthropic" } else { "openai" },
+                                ),
+                            );
+                        }
+                    }
                 }
             }
             if let Some(b) = &bucket {

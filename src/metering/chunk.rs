@@ -17,11 +17,11 @@ use std::borrow::Cow;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-/// Token usage as reported by an upstream (`usage.prompt_tokens` / `usage.completion_tokens`).
-/// `prompt_tokens` is the whole input, cached tokens included; the cache counts say how much of
-/// it the provider served from (`cache_read_tokens`) or wrote to (`cache_write_tokens`) its
-/// prompt cache, 0 when it does not say (chat reports reads only, as
-/// `usage.prompt_tokens_details.cached_tokens`).
+/// Token usage as reported by an upstream (`usage.prompt_tokens` / `usage.completion_tokens`,
+/// or the same counts of the Responses and Messages formats). `prompt_tokens` is the whole
+/// input, cached tokens included; the cache counts say how much of it was read from or written
+/// to the provider's prompt cache (0 when the upstream does not say; chat reports reads only,
+/// as `usage.prompt_tokens_details.cached_tokens`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 pub struct Usage {
     pub prompt_tokens: u64,
@@ -83,7 +83,7 @@ const NOT_OUTPUT: [&str; 6] = [
 ];
 
 /// A JSON value that carries nothing: null, false, an empty string, array or object.
-fn is_empty_json(value: &str) -> bool {
+pub(super) fn is_empty_json(value: &str) -> bool {
     match value
         .trim_matches(|c: char| c.is_ascii_whitespace())
         .as_bytes()
@@ -188,7 +188,7 @@ impl RawUsage {
 /// `Cow<str>` field marked `borrow`, but not one inside an `Option`; this newtype keeps it bare.)
 #[derive(Debug, Deserialize)]
 #[serde(transparent)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+pub(super) struct Text<'a>(#[serde(borrow)] pub(super) Cow<'a, str>);
 
 impl std::ops::Deref for Text<'_> {
     type Target = str;

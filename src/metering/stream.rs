@@ -1,22 +1,23 @@
-//! The metered stream: upstream SSE in, client SSE out. Each event is parsed incrementally;
-//! content tokens are counted and paid from the hold before the event is forwarded byte for byte;
-//! the usage chunk is held back, settled and rewritten with the billed numbers and the `tollgate`
-//! object. Every ending — done, cut at zero, upstream break, client gone (`Drop`) — settles the
-//! hold exactly once, in [`MeteredStream::settle`] or its detached twin in `Drop`.
+//! The metered stream: upstream SSE in, client SSE out, the same for the three streamed formats
+//! (chat, Responses, Messages). Each event is parsed incrementally and read by the format's
+//! [`EventReader`]; content tokens are counted and paid from the hold before the event is
+//! forwarded byte for byte; the event that carries the usage is held back, settled and rewritten
+//! with the `tollgate` object. Every ending — done, cut at zero, upstream break, client gone
+//! (`Drop`) — settles the hold exactly once, in [`MeteredStream::settle`] or its detached twin in
+//! `Drop`.
 
 use std::time::{Duration, Instant};
 
+use super::chunk::Usage;
+use super::meter::{Billed, Meter, Prices};
+use super::sse::{SseEvent, SseParser};
+use super::tokenizer::Tokenizer;
+use super::wire::{Closing, EventReader, Keep, Wire};
+use crate::ledger::{LedgerRecord, Status, UpstreamUsage, UsageSource};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use rust_decimal::Decimal;
-use serde_json::{json, Map, Value};
-
-use super::chunk::{parse_chunk, Usage};
-use super::meter::{Billed, Meter, Prices};
-use super::sse::{SseEvent, SseParser};
-use super::tokenizer::Tokenizer;
-use crate::ledger::{LedgerRecord, Status, UpstreamUsage, UsageSource};
 
 /// Why the stream could not produce its first content token (nothing was sent to the client).
 #[derive(Debug, Clone)]
@@ -42,7 +43,10 @@ pub struct StreamParts {
     pub body: Incoming,
     pub meter: Meter,
     pub tokenizer: Tokenizer,
+    /// The stream's format: which events carry output and usage.
+    pub wire: Wire,
     pub idle: Duration,
+    /// Chat: the client asked for the usage chunk.
     pub include_usage: bool,
     /// Draft record: route, attempts, prices and attribution are filled in.
     pub record: LedgerRecord,
@@ -61,6 +65,7 @@ pub struct MeteredStream {
     parser: SseParser,
     meter: Option<Meter>,
     tokenizer: Tokenizer,
+    reader: EventReader,
     idle: Duration,
     include_usage: bool,
     record: Option<LedgerRecord>,
@@ -70,9 +75,10 @@ pub struct MeteredStream {
     /// Output tokens paid when the upstream's usage last arrived: tokens after it mean the usage
     /// was not the final count.
     tokens_at_usage: u64,
-    usage_data: Option<String>,
-    /// `id`, `created` and `model` of the first chunk, for a synthesized usage chunk.
-    meta: Option<(Value, Value, Value)>,
+    /// The data of the last event held back to be rewritten at the end ([`Keep::Rewrite`]).
+    held: Option<String>,
+    /// The event held back to go last at a normal end ([`Keep::Last`]).
+    last: Option<Bytes>,
     out: BytesMut,
     /// Output tokens paid for and sitting in `out`, not yet handed to the client's connection.
     out_tokens: u64,
@@ -105,6 +111,7 @@ impl MeteredStream {
             parser: SseParser::with_max_event_bytes(p.max_event_bytes),
             meter: Some(p.meter),
             tokenizer: p.tokenizer,
+            reader: EventReader::new(p.wire),
             idle: p.idle,
             include_usage: p.include_usage,
             record: Some(p.record),
@@ -112,8 +119,8 @@ impl MeteredStream {
             first_token_at: None,
             usage: None,
             tokens_at_usage: 0,
-            usage_data: None,
-            meta: None,
+            held: None,
+            last: None,
             out: BytesMut::new(),
             out_tokens: 0,
             finished: false,
@@ -397,49 +404,32 @@ impl MeteredStream {
     }
 
     async fn on_event(&mut self, ev: SseEvent) -> Flow {
-        let Some(data) = ev.data.as_deref() else {
-            self.out.extend_from_slice(&ev.raw);
-            return Flow::Continue;
-        };
-        if ev.is_done() {
-            return Flow::End(End::Completed);
+        let read = self.reader.read(&ev, &self.tokenizer);
+        if read.broken {
+            return Flow::End(End::UpstreamBroke);
         }
-        let (tokens, usage, content) = match parse_chunk(data) {
-            Err(_) => return Flow::End(End::UpstreamBroke),
-            Ok(chunk) => {
-                if chunk.is_error() {
-                    return Flow::End(End::UpstreamBroke);
-                }
-                (
-                    self.tokenizer.chunk_output_tokens(&chunk),
-                    chunk.usage(),
-                    chunk.has_content(),
-                )
-            }
-        };
-        if self.meta.is_none() {
-            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(data) {
-                self.meta = Some((
-                    m.get("id").cloned().unwrap_or(Value::Null),
-                    m.get("created").cloned().unwrap_or(Value::Null),
-                    m.get("model").cloned().unwrap_or(Value::Null),
-                ));
-            }
-        }
-        if let Some(u) = usage {
+        if let Some(u) = read.usage {
             self.usage = Some(u);
-            // This chunk's own tokens (paid below) come with the usage, not after it.
+            // This event's own tokens (paid below) come with the usage, not after it.
             let paid = self.meter.as_ref().map_or(0, |m| m.tokens);
-            self.tokens_at_usage = paid.saturating_add(tokens);
-            if !content {
-                // Held back: settled and rewritten (or dropped) at the end.
-                self.usage_data = Some(data.to_string());
-                return Flow::Continue;
-            }
+            self.tokens_at_usage = paid.saturating_add(read.tokens);
         }
-        if tokens > 0 {
+        match read.keep {
+            Keep::Forward => {}
+            Keep::Rewrite => {
+                // Held back: settled and rewritten (or dropped) at the end.
+                self.held = ev.data;
+                return self.after_held(read.end);
+            }
+            Keep::Last => {
+                self.last = Some(ev.raw);
+                return self.after_held(read.end);
+            }
+            Keep::Drop => return self.after_held(read.end),
+        }
+        if read.tokens > 0 {
             let paid = match self.meter.as_mut() {
-                Some(m) => m.pay(tokens).await,
+                Some(m) => m.pay(read.tokens).await,
                 None => false,
             };
             if !paid {
@@ -448,10 +438,22 @@ impl MeteredStream {
             if self.first_token_at.is_none() {
                 self.first_token_at = Some(Instant::now());
             }
-            self.out_tokens += tokens;
+            self.out_tokens += read.tokens;
         }
         self.out.extend_from_slice(&ev.raw);
+        if read.end {
+            return Flow::End(End::Completed);
+        }
         Flow::Continue
+    }
+
+    /// After an event that was held back: the stream goes on, or it ended with it.
+    fn after_held(&self, end: bool) -> Flow {
+        if end {
+            Flow::End(End::Completed)
+        } else {
+            Flow::Continue
+        }
     }
 
     /// Settles the hold for this ending and returns the final events (usage chunk if asked for,
@@ -518,82 +520,62 @@ impl MeteredStream {
         Some(u)
     }
 
-    /// The events after the last token: the usage chunk if asked for, the error event of a cut
-    /// or a break, and `[DONE]`.
+    /// The events after the last token, in the stream's format: at a normal end the held usage
+    /// event with the `tollgate` object (chat: the usage chunk if asked for, then `[DONE]`);
+    /// after a cut or a break the error event that says why.
     fn final_events(&self, e: End, rec: &LedgerRecord) -> Bytes {
-        let mut out = BytesMut::new();
-        if self.include_usage {
-            let mut chunk = match self
-                .usage_data
-                .as_deref()
-                .map(serde_json::from_str::<Value>)
-            {
-                Some(Ok(Value::Object(m))) => m,
-                _ => {
-                    let (id, created, model) =
-                        self.meta
-                            .clone()
-                            .unwrap_or((Value::Null, Value::Null, Value::Null));
-                    let mut m = Map::new();
-                    m.insert("id".into(), id);
-                    m.insert("object".into(), json!("chat.completion.chunk"));
-                    m.insert("created".into(), created);
-                    m.insert("model".into(), model);
-                    m.insert("choices".into(), json!([]));
-                    m
-                }
-            };
-            let usage = billed_usage(chunk.remove("usage"), rec);
-            chunk.insert("usage".into(), usage);
-            chunk.insert(
-                "tollgate".into(),
-                serde_json::to_value(tollgate_object(rec)).unwrap_or_default(),
-            );
-            push_event(&mut out, &Value::Object(chunk).to_string());
-        }
-        match e {
-            End::Completed => {}
+        let message;
+        let error = match e {
+            End::Completed => None,
             End::BalanceExhausted => {
                 metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "balance_exhausted")
                     .increment(1);
-                let msg = format!(
+                message = format!(
                     "the {} balance is exhausted: the stream was stopped after {} paid output tokens",
                     rec.bucket.as_deref().unwrap_or("wallet"),
                     rec.output_tokens_delivered
                 );
-                push_event(
-                    &mut out,
-                    &error_event(&msg, "insufficient_quota", "balance_exhausted"),
-                );
+                Some(Closing {
+                    kind: "insufficient_quota",
+                    code: "balance_exhausted",
+                    message: &message,
+                })
             }
             End::UpstreamBroke => {
                 metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "upstream_error")
                     .increment(1);
-                let msg = format!(
+                message = format!(
                     "the upstream stream of route {} broke after {} tokens; only delivered tokens are billed",
                     rec.route.as_deref().unwrap_or("?"),
                     rec.output_tokens_delivered
                 );
-                push_event(
-                    &mut out,
-                    &error_event(&msg, "upstream_error", "upstream_stream_error"),
-                );
+                Some(Closing {
+                    kind: "upstream_error",
+                    code: "upstream_stream_error",
+                    message: &message,
+                })
             }
             End::Shutdown => {
                 metrics::counter!(crate::metrics::STREAM_CUTOFFS, "reason" => "shutdown")
                     .increment(1);
-                let msg = format!(
+                message = format!(
                     "the gateway is shutting down: the stream was stopped after {} output tokens, which are billed; retry the request",
                     rec.output_tokens_delivered
                 );
-                push_event(
-                    &mut out,
-                    &error_event(&msg, "service_unavailable", "shutting_down"),
-                );
+                Some(Closing {
+                    kind: "service_unavailable",
+                    code: "shutting_down",
+                    message: &message,
+                })
             }
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        out.freeze()
+        };
+        self.reader.closing_events(
+            rec,
+            self.held.as_deref(),
+            self.last.as_ref(),
+            self.include_usage,
+            error,
+        )
     }
 }
 
@@ -643,46 +625,6 @@ fn terminated(raw: Bytes) -> Bytes {
         _ => out.extend_from_slice(b"\n\n"),
     }
     out.freeze()
-}
-
-/// The usage chunk's `usage` with the billed numbers (R23): the upstream's own members are kept
-/// (its other details), the counts replaced, and `prompt_tokens_details.cached_tokens` set to the
-/// billed cache reads when there are any.
-fn billed_usage(upstream: Option<Value>, rec: &LedgerRecord) -> Value {
-    let mut usage = match upstream {
-        Some(Value::Object(m)) => m,
-        _ => Map::new(),
-    };
-    usage.insert("prompt_tokens".into(), json!(rec.input_tokens));
-    usage.insert("completion_tokens".into(), json!(rec.output_tokens));
-    usage.insert(
-        "total_tokens".into(),
-        json!(rec.input_tokens.saturating_add(rec.output_tokens)),
-    );
-    let details = usage.get_mut("prompt_tokens_details");
-    match details {
-        Some(Value::Object(d)) => {
-            d.insert("cached_tokens".into(), json!(rec.cache_read_tokens));
-        }
-        _ if rec.cache_read_tokens > 0 => {
-            usage.insert(
-                "prompt_tokens_details".into(),
-                json!({ "cached_tokens": rec.cache_read_tokens }),
-            );
-        }
-        _ => {}
-    }
-    Value::Object(usage)
-}
-
-fn push_event(out: &mut BytesMut, data: &str) {
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.as_bytes());
-    out.extend_from_slice(b"\n\n");
-}
-
-fn error_event(message: &str, kind: &str, code: &str) -> String {
-    json!({"error": {"message": message, "type": kind, "code": code, "param": null}}).to_string()
 }
 
 /// Fills the billing fields of `rec` for an ending and returns the charge at the serving
@@ -818,5 +760,88 @@ impl Drop for MeteredStream {
             .increment(1);
         self.leave_gauge();
         meter.hold.settle_detached(charge, Some(rec));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn prices() -> Prices {
+        Prices {
+            input: Decimal::from(3),
+            cache_read: Decimal::new(3, 1),
+            cache_write: Decimal::new(375, 2),
+            output: Decimal::from(15),
+        }
+    }
+
+    /// The upstream's usage bills its cache counts at the cache prices; a report of more cached
+    /// tokens than input tokens raises the billed input to them, and `upstream_usage` keeps
+    /// what the upstream said.
+    #[test]
+    fn the_record_carries_the_billed_cache_counts() {
+        let mut rec = LedgerRecord::empty("req_1".into(), chrono::Utc::now());
+        let usage = Usage {
+            prompt_tokens: 196,
+            completion_tokens: 9,
+            cache_read_tokens: 64,
+            cache_write_tokens: 32,
+        };
+        let started = Instant::now();
+        let charge = fill_record(
+            &mut rec,
+            &prices(),
+            9,
+            Status::Completed,
+            Some(usage),
+            None,
+            started,
+        );
+        // 100 × 3 + 64 × 0.3 + 32 × 3.75 + 9 × 15 = 574.2 per million.
+        assert_eq!(charge, "0.0005742".parse::<Decimal>().unwrap());
+        assert_eq!(
+            (
+                rec.input_tokens,
+                rec.cache_read_tokens,
+                rec.cache_write_tokens,
+                rec.output_tokens
+            ),
+            (196, 64, 32, 9)
+        );
+
+        let odd = Usage {
+            prompt_tokens: 10,
+            cache_read_tokens: 50,
+            ..usage
+        };
+        let charge = fill_record(
+            &mut rec,
+            &prices(),
+            9,
+            Status::Completed,
+            Some(odd),
+            None,
+            started,
+        );
+        assert_eq!((rec.input_tokens, rec.cache_read_tokens), (82, 50));
+        assert_eq!(rec.upstream_usage.map(|u| u.prompt_tokens), Some(10));
+        // Nothing uncached: 50 × 0.3 + 32 × 3.75 + 9 × 15 = 300 per million.
+        assert_eq!(charge, "0.0003".parse::<Decimal>().unwrap());
+
+        // Without the upstream's usage: the input estimate at the input price, no cache counts.
+        rec.input_tokens = 100;
+        let charge = fill_record(
+            &mut rec,
+            &prices(),
+            4,
+            Status::BalanceExhausted,
+            None,
+            None,
+            started,
+        );
+        assert_eq!((rec.cache_read_tokens, rec.cache_write_tokens), (0, 0));
+        assert_eq!(charge, "0.00036".parse::<Decimal>().unwrap());
     }
 }

@@ -153,6 +153,39 @@ impl Tokenizer {
         }
     }
 
+    /// Input estimate for a Responses or Messages request, from its prompt (`instructions` /
+    /// `system`) and its conversation (`input` / `messages`): every text in them, that is a
+    /// string where the conversation or prompt is a string, and the `text`, `content`, `input`,
+    /// `output`, `arguments` and `thinking` strings of its items and their parts. `chunks`:
+    /// ceil(bytes / 4), at least 1. BPE: tokens of each text + 3 per item + 3.
+    pub fn agent_input_tokens(&self, prompt: Option<&Value>, conversation: Option<&Value>) -> u64 {
+        let mut items = 0u64;
+        let mut bytes = 0usize;
+        let mut tokens = 0u64;
+        let mut add = |text: &str| match &self.bpe {
+            None => bytes += text.len(),
+            Some(bpe) => tokens = tokens.saturating_add(bpe_count(bpe, text)),
+        };
+        for value in [prompt, conversation].into_iter().flatten() {
+            match value {
+                Value::String(text) => add(text),
+                Value::Array(list) => {
+                    for item in list {
+                        items += 1;
+                        for_each_item_text(item, &mut add);
+                    }
+                }
+                _ => {}
+            }
+        }
+        match &self.bpe {
+            None => chunks_of(bytes).max(1),
+            Some(_) => tokens
+                .saturating_add(items.saturating_mul(3))
+                .saturating_add(3),
+        }
+    }
+
     /// Input tokens of an embeddings request's `input`: a string, an array of strings, an array
     /// of token ids (one token each), or an array of such arrays. Strings are counted one by one
     /// with [`count_text`](Self::count_text). At least 1.
@@ -186,6 +219,15 @@ impl Tokenizer {
                     tokens.max(u64::from(c.other))
                 })
                 .fold(0u64, u64::saturating_add),
+        }
+    }
+
+    /// Output tokens of one streamed delta text of the Responses or Messages format: `chunks`
+    /// counts one per delta that carries text, BPE the tokens of the text.
+    pub fn delta_tokens(&self, text: &str) -> u64 {
+        match &self.bpe {
+            None => u64::from(!text.is_empty()),
+            Some(bpe) => bpe_count(bpe, text),
         }
     }
 
@@ -226,6 +268,32 @@ fn for_each_message_text<'a>(message: &'a Value, mut f: impl FnMut(&'a str)) {
                 f(args);
             }
         }
+    }
+}
+
+/// Calls `f` with each text of one Responses or Messages item (see
+/// [`Tokenizer::agent_input_tokens`]): a string item itself, else the strings under the text
+/// keys of the item and of the parts nested in it.
+fn for_each_item_text(item: &Value, f: &mut impl FnMut(&str)) {
+    const TEXT_KEYS: [&str; 6] = [
+        "text",
+        "content",
+        "input",
+        "output",
+        "arguments",
+        "thinking",
+    ];
+    match item {
+        Value::String(text) => f(text),
+        Value::Array(parts) => parts.iter().for_each(|p| for_each_item_text(p, f)),
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                if TEXT_KEYS.contains(&key.as_str()) {
+                    for_each_item_text(value, f);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

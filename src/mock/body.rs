@@ -1,4 +1,5 @@
-//! Response bodies: a fixed buffer, or a paced chat stream that writes one SSE event per frame.
+//! Response bodies: a fixed buffer, or a paced stream that writes one SSE event per frame, in the
+//! chat completions, Responses or Messages format ([`Dialect`]).
 //!
 //! The stream is a hand-rolled state machine around one `Sleep`, so ten thousand open streams
 //! cost ten thousand small structs and timer entries; each event is formatted straight into its
@@ -80,18 +81,35 @@ impl Body for MockBody {
     }
 }
 
-/// What one streamed chat completion will send.
+/// The format of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Chat,
+    /// OpenAI Responses: typed events with sequence numbers, `response.completed` last.
+    Responses,
+    /// Anthropic Messages: `message_start` … `content_block_delta` … `message_stop`.
+    Messages,
+}
+
+/// What one streamed answer will send.
 #[derive(Debug)]
 pub(super) struct StreamPlan {
-    /// `data: {"id":..,"object":"chat.completion.chunk","created":..,"model":..,"choices":[`
+    pub(super) dialect: Dialect,
+    /// Chat: `data: {"id":..,"object":"chat.completion.chunk","created":..,"model":..,"choices":[`.
+    /// Responses and Messages: the id of the response or message.
     pub(super) prefix: Bytes,
+    /// Responses and Messages: the model, as a JSON string.
+    pub(super) model_json: String,
     pub(super) n: u32,
     pub(super) tokens: u32,
     pub(super) finish_reason: &'static str,
     pub(super) include_usage: bool,
+    /// The input that was not read from the prompt cache. OpenAI formats report it plus the
+    /// cache reads as their input; Messages reports the three apart.
     pub(super) prompt_tokens: u64,
-    /// Reported as `usage.prompt_tokens_details.cached_tokens` when set.
-    pub(super) cached_tokens: Option<u64>,
+    /// Input tokens reported as read from / written to the prompt cache (`x-mock-cache-*`).
+    pub(super) cache_read_tokens: u64,
+    pub(super) cache_write_tokens: u64,
     pub(super) ttft: Duration,
     pub(super) interval: Duration,
     /// `reset-after:N`: abort instead of sending content step `N`.
@@ -100,6 +118,8 @@ pub(super) struct StreamPlan {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Phase {
+    /// Responses and Messages: the opening events, sent at once.
+    Opening,
     Waiting,
     Content,
     Finish,
@@ -129,7 +149,9 @@ impl ChatStream {
         };
         ChatStream {
             sleep: Box::pin(tokio::time::sleep(first_wait)),
-            phase: if first_wait.is_zero() {
+            phase: if plan.dialect != Dialect::Chat {
+                Phase::Opening
+            } else if first_wait.is_zero() {
                 Phase::Content
             } else {
                 Phase::Waiting
@@ -148,6 +170,10 @@ impl ChatStream {
     ) -> Poll<Option<Result<Frame<Bytes>, MockAbort>>> {
         loop {
             match self.phase {
+                Phase::Opening => {
+                    self.phase = Phase::Waiting;
+                    return Poll::Ready(Some(Ok(Frame::data(self.opening_events()))));
+                }
                 Phase::Waiting => {
                     ready!(self.sleep.as_mut().poll(cx));
                     self.phase = Phase::Content;
@@ -174,7 +200,7 @@ impl ChatStream {
                         self.choice += 1;
                         return Poll::Ready(Some(Ok(Frame::data(event))));
                     }
-                    self.phase = if self.plan.include_usage {
+                    self.phase = if self.plan.include_usage || self.plan.dialect != Dialect::Chat {
                         Phase::Usage
                     } else {
                         Phase::Done
@@ -188,9 +214,15 @@ impl ChatStream {
                     self.phase = Phase::Ended;
                     self.settled = true;
                     bump(&self.shared.stats.streams_completed);
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                        b"data: [DONE]\n\n",
-                    )))));
+                    let done: &'static [u8] = match self.plan.dialect {
+                        Dialect::Chat => b"data: [DONE]\n\n",
+                        // `response.completed` was the last event.
+                        Dialect::Responses => continue,
+                        Dialect::Messages => {
+                            b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+                        }
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(done)))));
                 }
                 Phase::Ended => return Poll::Ready(None),
             }
@@ -221,6 +253,27 @@ impl ChatStream {
 
     fn content_event(&self) -> Bytes {
         let word = WORDS[self.step as usize % WORDS.len()];
+        match self.plan.dialect {
+            Dialect::Chat => {}
+            Dialect::Responses => {
+                let mut buf = BytesMut::with_capacity(192);
+                buf.put_slice(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":");
+                put_u64(&mut buf, u64::from(self.step) + 4);
+                buf.put_slice(b",\"item_id\":\"msg_");
+                buf.put_slice(&self.plan.prefix);
+                buf.put_slice(b"\",\"output_index\":0,\"content_index\":0,\"delta\":\"");
+                buf.put_slice(word.as_bytes());
+                buf.put_slice(b" \"}\n\n");
+                return buf.freeze();
+            }
+            Dialect::Messages => {
+                let mut buf = BytesMut::with_capacity(160);
+                buf.put_slice(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"");
+                buf.put_slice(word.as_bytes());
+                buf.put_slice(b" \"}}\n\n");
+                return buf.freeze();
+            }
+        }
         let mut buf = BytesMut::with_capacity(self.plan.prefix.len() + 96);
         buf.put_slice(&self.plan.prefix);
         buf.put_slice(b"{\"index\":");
@@ -235,7 +288,65 @@ impl ChatStream {
         buf.freeze()
     }
 
+    /// The text of the whole answer (what the Responses closing events repeat).
+    fn full_text(&self) -> String {
+        (0..self.plan.tokens as usize)
+            .map(|i| WORDS[i % WORDS.len()])
+            .flat_map(|word| [word, " "])
+            .collect()
+    }
+
+    /// Responses: `response.created`, `response.in_progress`, the output item and its content
+    /// part; Messages: `message_start` (with the input usage) and the text block's start.
+    fn opening_events(&self) -> Bytes {
+        let id = String::from_utf8_lossy(&self.plan.prefix);
+        let model = &self.plan.model_json;
+        let text = match self.plan.dialect {
+            Dialect::Chat => String::new(),
+            Dialect::Responses => {
+                let response = format!(
+                    "{{\"id\":\"resp_{id}\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":{model},\"output\":[]}}"
+                );
+                format!(
+                    "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{response}}}\n\n\
+                     event: response.in_progress\ndata: {{\"type\":\"response.in_progress\",\"sequence_number\":1,\"response\":{response}}}\n\n\
+                     event: response.output_item.added\ndata: {{\"type\":\"response.output_item.added\",\"sequence_number\":2,\"output_index\":0,\"item\":{{\"id\":\"msg_{id}\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\",\"content\":[]}}}}\n\n\
+                     event: response.content_part.added\ndata: {{\"type\":\"response.content_part.added\",\"sequence_number\":3,\"item_id\":\"msg_{id}\",\"output_index\":0,\"content_index\":0,\"part\":{{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[]}}}}\n\n"
+                )
+            }
+            Dialect::Messages => format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_{id}\",\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":{},\"cache_creation_input_tokens\":{},\"cache_read_input_tokens\":{},\"output_tokens\":1}}}}}}\n\n\
+                 event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{{\"type\":\"text\",\"text\":\"\"}}}}\n\n\
+                 event: ping\ndata: {{\"type\":\"ping\"}}\n\n",
+                self.plan.prompt_tokens, self.plan.cache_write_tokens, self.plan.cache_read_tokens
+            ),
+        };
+        Bytes::from(text)
+    }
+
     fn finish_event(&self) -> Bytes {
+        match self.plan.dialect {
+            Dialect::Chat => {}
+            Dialect::Responses => {
+                let id = String::from_utf8_lossy(&self.plan.prefix);
+                let text = serde_json::to_string(&self.full_text()).unwrap_or_default();
+                let seq = u64::from(self.plan.tokens) + 4;
+                return Bytes::from(format!(
+                    "event: response.output_text.done\ndata: {{\"type\":\"response.output_text.done\",\"sequence_number\":{},\"item_id\":\"msg_{id}\",\"output_index\":0,\"content_index\":0,\"text\":{text}}}\n\n\
+                     event: response.content_part.done\ndata: {{\"type\":\"response.content_part.done\",\"sequence_number\":{},\"item_id\":\"msg_{id}\",\"output_index\":0,\"content_index\":0,\"part\":{{\"type\":\"output_text\",\"text\":{text},\"annotations\":[]}}}}\n\n\
+                     event: response.output_item.done\ndata: {{\"type\":\"response.output_item.done\",\"sequence_number\":{},\"output_index\":0,\"item\":{}}}\n\n",
+                    seq,
+                    seq + 1,
+                    seq + 2,
+                    self.output_item(&text),
+                ));
+            }
+            Dialect::Messages => {
+                return Bytes::from_static(
+                    b"event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+                )
+            }
+        }
         let mut buf = BytesMut::with_capacity(self.plan.prefix.len() + 64);
         buf.put_slice(&self.plan.prefix);
         buf.put_slice(b"{\"index\":");
@@ -246,19 +357,61 @@ impl ChatStream {
         buf.freeze()
     }
 
+    /// The Responses output item of the whole answer; `text` is the JSON string of its text.
+    fn output_item(&self, text: &str) -> String {
+        let id = String::from_utf8_lossy(&self.plan.prefix);
+        format!(
+            "{{\"id\":\"msg_{id}\",\"type\":\"message\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{{\"type\":\"output_text\",\"text\":{text},\"annotations\":[]}}]}}"
+        )
+    }
+
     fn usage_event(&self) -> Bytes {
+        match self.plan.dialect {
+            Dialect::Chat => {}
+            Dialect::Responses => {
+                let id = String::from_utf8_lossy(&self.plan.prefix);
+                let text = serde_json::to_string(&self.full_text()).unwrap_or_default();
+                let input = self.plan.prompt_tokens + self.plan.cache_read_tokens;
+                let output = u64::from(self.plan.tokens);
+                let (status, incomplete) = if self.plan.finish_reason == "length" {
+                    ("incomplete", "{\"reason\":\"max_output_tokens\"}")
+                } else {
+                    ("completed", "null")
+                };
+                return Bytes::from(format!(
+                    "event: response.{status}\ndata: {{\"type\":\"response.{status}\",\"sequence_number\":{},\"response\":{{\"id\":\"resp_{id}\",\"object\":\"response\",\"status\":\"{status}\",\"incomplete_details\":{incomplete},\"model\":{},\"output\":[{}],\"usage\":{{\"input_tokens\":{input},\"input_tokens_details\":{{\"cached_tokens\":{}}},\"output_tokens\":{output},\"output_tokens_details\":{{\"reasoning_tokens\":0}},\"total_tokens\":{}}}}}}}\n\n",
+                    output + 7,
+                    self.plan.model_json,
+                    self.output_item(&text),
+                    self.plan.cache_read_tokens,
+                    input + output,
+                ));
+            }
+            Dialect::Messages => {
+                let stop = if self.plan.finish_reason == "length" {
+                    "max_tokens"
+                } else {
+                    "end_turn"
+                };
+                return Bytes::from(format!(
+                    "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"{stop}\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}\n\n",
+                    self.plan.tokens
+                ));
+            }
+        }
         let completion = u64::from(self.plan.tokens) * u64::from(self.plan.n);
         let mut buf = BytesMut::with_capacity(self.plan.prefix.len() + 96);
         buf.put_slice(&self.plan.prefix);
+        let prompt = self.plan.prompt_tokens + self.plan.cache_read_tokens;
         buf.put_slice(b"],\"usage\":{\"prompt_tokens\":");
-        put_u64(&mut buf, self.plan.prompt_tokens);
+        put_u64(&mut buf, prompt);
         buf.put_slice(b",\"completion_tokens\":");
         put_u64(&mut buf, completion);
         buf.put_slice(b",\"total_tokens\":");
-        put_u64(&mut buf, self.plan.prompt_tokens + completion);
-        if let Some(cached) = self.plan.cached_tokens {
+        put_u64(&mut buf, prompt + completion);
+        if self.plan.cache_read_tokens > 0 {
             buf.put_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
-            put_u64(&mut buf, cached);
+            put_u64(&mut buf, self.plan.cache_read_tokens);
             buf.put_slice(b"}");
         }
         buf.put_slice(b"}}\n\n");

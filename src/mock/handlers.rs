@@ -1,5 +1,6 @@
-//! Request routing and the endpoint handlers: chat completions, embeddings, models, stats and
-//! the `/_mock/*` control endpoints, with per-request overrides and fault injection.
+//! Request routing and the endpoint handlers: chat completions, responses, messages,
+//! embeddings, models, stats and the `/_mock/*` control endpoints, with per-request overrides
+//! and fault injection (the same for every answering endpoint).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +13,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::body::{ChatStream, MockAbort, MockBody, StreamPlan, WORDS};
+use super::body::{ChatStream, Dialect, MockAbort, MockBody, StreamPlan, WORDS};
 use super::fault::{parse_fault, Fault};
 use super::state::{bump, Effective, LastRequest, Shared};
 
@@ -23,10 +24,10 @@ pub(super) const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// option), and over all the choices of a whole (non-stream) answer, which is built in memory
 /// (R44). A stream is paced from a small state machine, so its choices may add up to more.
 pub(super) const MAX_TOKENS: u64 = 100_000;
-/// The most prompt tokens `x-mock-cached-tokens` may report as cached.
-const MAX_CACHED_TOKENS: u64 = 1_000_000_000;
 /// The longest `x-mock-ttft-ms` / `x-mock-interval-ms` a request may ask for (24 h).
 const MAX_DELAY_MS: u64 = 86_400_000;
+/// The most cached input tokens a request may ask the usage to report.
+const MAX_CACHE_TOKENS: u64 = 100_000_000;
 /// The most choices one request may ask for.
 const MAX_N: u64 = 128;
 const DEFAULT_MODEL: &str = "mock-model";
@@ -45,6 +46,10 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply
     };
     match (req.method(), route) {
         (&Method::POST, "/chat/completions") => chat(shared, req).await,
+        (&Method::POST, "/responses") => agent(shared, req, Dialect::Responses).await,
+        (&Method::POST, "/messages") => agent(shared, req, Dialect::Messages)
+            .await
+            .map(anthropic_envelope),
         (&Method::POST, "/embeddings") => embeddings(shared, req).await,
         (&Method::GET, "/models") => Ok(models(&shared)),
         (&Method::GET, "/stats") => Ok(json_response(StatusCode::OK, &shared.stats.snapshot())),
@@ -56,8 +61,8 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply
         (&Method::POST, "/_mock/options") => update_options(&shared, req).await,
         (
             _,
-            "/chat/completions" | "/embeddings" | "/models" | "/stats" | "/stats/reset"
-            | "/_mock/last" | "/_mock/options",
+            "/chat/completions" | "/responses" | "/messages" | "/embeddings" | "/models" | "/stats"
+            | "/stats/reset" | "/_mock/last" | "/_mock/options",
         ) => Ok(error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -84,10 +89,10 @@ struct Knobs {
     fault: Option<Fault>,
     /// `x-mock-ttft-ms` was sent: embeddings only wait when asked to.
     ttft_from_header: bool,
-    /// `x-mock-cached-tokens`: the prompt tokens the usage reports as read from a prompt cache
-    /// (chat: `usage.prompt_tokens_details.cached_tokens`). Reported as asked, even above the
-    /// prompt's tokens, so that tests can see what the gateway makes of such a report.
-    cached_tokens: Option<u64>,
+    /// `x-mock-cache-read-tokens` / `x-mock-cache-write-tokens`: input the usage reports as read
+    /// from or written to the prompt cache (writes only in the Messages format).
+    cache_read: u64,
+    cache_write: u64,
 }
 
 fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection> {
@@ -95,7 +100,8 @@ fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection>
     let ttft_header = header_number(headers, "x-mock-ttft-ms", MAX_DELAY_MS)?;
     let tokens = header_number(headers, "x-mock-tokens", MAX_TOKENS)?;
     let interval = header_number(headers, "x-mock-interval-ms", MAX_DELAY_MS)?;
-    let cached_tokens = header_number(headers, "x-mock-cached-tokens", MAX_CACHED_TOKENS)?;
+    let cache_read = header_number(headers, "x-mock-cache-read-tokens", MAX_CACHE_TOKENS)?;
+    let cache_write = header_number(headers, "x-mock-cache-write-tokens", MAX_CACHE_TOKENS)?;
     let fault = match headers.get("x-mock-fault") {
         Some(value) => parse_fault(&String::from_utf8_lossy(value.as_bytes())),
         None => effective.fault.clone(),
@@ -119,7 +125,8 @@ fn knobs(headers: &HeaderMap, effective: &Effective) -> Result<Knobs, Rejection>
         interval: Duration::from_millis(interval.unwrap_or(opts.interval_ms)),
         fault,
         ttft_from_header: ttft_header.is_some(),
-        cached_tokens,
+        cache_read: cache_read.unwrap_or(0),
+        cache_write: cache_write.unwrap_or(0),
     })
 }
 
@@ -317,13 +324,16 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             "data: {{\"id\":\"chatcmpl-mock-{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model_json},\"choices\":["
         );
         let plan = StreamPlan {
+            dialect: Dialect::Chat,
             prefix: Bytes::from(prefix),
+            model_json: String::new(),
+            cache_read_tokens: knobs.cache_read,
+            cache_write_tokens: 0,
             n,
             tokens,
             finish_reason,
             include_usage,
             prompt_tokens,
-            cached_tokens: knobs.cached_tokens,
             ttft: knobs.ttft,
             interval: knobs.interval,
             abort_after,
@@ -361,6 +371,15 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
         .stats
         .completion_tokens
         .fetch_add(completion_tokens, std::sync::atomic::Ordering::Relaxed);
+    let prompt_tokens = prompt_tokens + knobs.cache_read;
+    let mut usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    if knobs.cache_read > 0 {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": knobs.cache_read});
+    }
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -369,22 +388,190 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": chat_usage(prompt_tokens, completion_tokens, knobs.cached_tokens),
+            "usage": usage,
         }),
     ))
 }
 
-/// A non-stream chat answer's `usage`, with the cached prompt tokens when asked for.
-fn chat_usage(prompt_tokens: u64, completion_tokens: u64, cached_tokens: Option<u64>) -> Value {
-    let mut usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+/// `POST /v1/responses` and `POST /v1/messages`: the same deterministic answer as chat (one
+/// choice), in the OpenAI Responses or the Anthropic Messages format, with the same knobs and
+/// faults. Max tokens: `max_output_tokens` (Responses) or `max_tokens` (Messages).
+async fn agent(shared: Arc<Shared>, req: Request<Incoming>, dialect: Dialect) -> Reply {
+    bump(match dialect {
+        Dialect::Messages => &shared.stats.messages_requests,
+        _ => &shared.stats.responses_requests,
     });
-    if let Some(cached) = cached_tokens {
-        usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+    let (knobs, request) = match begin(&shared, req).await? {
+        Ok(begun) => begun,
+        Err(response) => return Ok(response),
+    };
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    if stream {
+        bump(&shared.stats.stream_requests);
     }
-    usage
+    let abort_after = match apply_fault(&shared, &knobs, stream).await? {
+        FaultOutcome::Respond(response) => return Ok(response),
+        FaultOutcome::Proceed { abort_after } => abort_after,
+    };
+    let max_field = match dialect {
+        Dialect::Messages => "max_tokens",
+        _ => "max_output_tokens",
+    };
+    let (tokens, finish_reason) = match optional_number(&request, max_field) {
+        Err(response) => return Ok(*response),
+        Ok(Some(max)) if max < u64::from(knobs.tokens) => (max as u32, "length"),
+        Ok(_) => (knobs.tokens, "stop"),
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_MODEL);
+    let model_json =
+        serde_json::to_string(model).unwrap_or_else(|_| format!("\"{DEFAULT_MODEL}\""));
+    let prompt_tokens = agent_prompt_tokens(&request);
+    let id = format!("mock-{}", shared.next_id());
+    if stream {
+        let plan = StreamPlan {
+            dialect,
+            prefix: Bytes::from(id),
+            model_json,
+            n: 1,
+            tokens,
+            finish_reason,
+            include_usage: true,
+            prompt_tokens,
+            cache_read_tokens: knobs.cache_read,
+            cache_write_tokens: if dialect == Dialect::Messages {
+                knobs.cache_write
+            } else {
+                0
+            },
+            ttft: knobs.ttft,
+            interval: knobs.interval,
+            abort_after,
+        };
+        let mut response = Response::new(MockBody::Chat(Box::new(ChatStream::new(
+            plan,
+            shared.clone(),
+        ))));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(response);
+    }
+    let delay = knobs.ttft + knobs.interval.saturating_mul(tokens.saturating_sub(1));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let content: String = (0..tokens as usize)
+        .map(|i| WORDS[i % WORDS.len()])
+        .flat_map(|word| [word, " "])
+        .collect();
+    let output = u64::from(tokens);
+    shared
+        .stats
+        .completion_tokens
+        .fetch_add(output, std::sync::atomic::Ordering::Relaxed);
+    let body = match dialect {
+        Dialect::Messages => json!({
+            "id": format!("msg_{id}"),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": content}],
+            "stop_reason": if finish_reason == "length" { "max_tokens" } else { "end_turn" },
+            "stop_sequence": null,
+            "usage": {
+                "input_tokens": prompt_tokens,
+                "cache_creation_input_tokens": knobs.cache_write,
+                "cache_read_input_tokens": knobs.cache_read,
+                "output_tokens": output,
+            },
+        }),
+        _ => {
+            let input = prompt_tokens + knobs.cache_read;
+            let complete = finish_reason != "length";
+            json!({
+                "id": format!("resp_{id}"),
+                "object": "response",
+                "created_at": unix_now(),
+                "status": if complete { "completed" } else { "incomplete" },
+                "incomplete_details": if complete { Value::Null } else { json!({"reason": "max_output_tokens"}) },
+                "model": model,
+                "output": [{
+                    "id": format!("msg_{id}"),
+                    "type": "message",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": content, "annotations": []}],
+                }],
+                "usage": {
+                    "input_tokens": input,
+                    "input_tokens_details": {"cached_tokens": knobs.cache_read},
+                    "output_tokens": output,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": input + output,
+                },
+            })
+        }
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// `ceil(bytes / 4)`, at least 1, over the strings of a Responses or Messages request's prompt
+/// and conversation (`instructions`, `input`, `system`, `messages`), at any depth.
+fn agent_prompt_tokens(request: &Value) -> u64 {
+    fn bytes(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(bytes).sum(),
+            Value::Object(fields) => fields
+                .iter()
+                .filter(|(k, _)| matches!(k.as_str(), "content" | "text" | "input" | "output"))
+                .map(|(_, v)| bytes(v))
+                .sum(),
+            _ => 0,
+        }
+    }
+    let total: usize = ["instructions", "input", "system", "messages"]
+        .iter()
+        .filter_map(|k| request.get(*k))
+        .map(bytes)
+        .sum();
+    text_tokens(total)
+}
+
+/// An error answer of `/v1/messages` in Anthropic's envelope, `{"type":"error","error":{"type",
+/// "message"}}`, with the error type Anthropic uses for the status; other answers pass.
+fn anthropic_envelope(response: Response<MockBody>) -> Response<MockBody> {
+    let status = response.status();
+    if status.is_success() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let message = match &body {
+        MockBody::Full(Some(bytes)) => serde_json::from_slice::<Value>(bytes).ok().and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        }),
+        _ => None,
+    }
+    .unwrap_or_else(|| format!("mock error {}", status.as_u16()));
+    let kind = match status.as_u16() {
+        400 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        529 | 503 => "overloaded_error",
+        _ => "api_error",
+    };
+    let bytes =
+        serde_json::to_vec(&json!({"type": "error", "error": {"type": kind, "message": message}}))
+            .unwrap_or_default();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, MockBody::full(bytes))
 }
 
 /// `(n, tokens per choice, finish_reason)`: `max_completion_tokens` wins over `max_tokens`.

@@ -1,8 +1,9 @@
-//! The mock upstream: an OpenAI-compatible server with fault injection that the demo, the tests
-//! and the load tests put behind the gateway in place of a real provider.
+//! The mock upstream: an OpenAI- and Anthropic-compatible server with fault injection that the
+//! demo, the tests and the load tests put behind the gateway in place of a real provider.
 //!
 //! It sits at the far end of the request path (gateway → upstream client → *mock*). It answers
-//! `POST /v1/chat/completions` (streamed or not), `POST /v1/embeddings` and `GET /v1/models`
+//! `POST /v1/chat/completions`, `POST /v1/responses` (OpenAI Responses) and `POST /v1/messages`
+//! (Anthropic Messages), each streamed or not, `POST /v1/embeddings` and `GET /v1/models`
 //! deterministically, paced by `ttft_ms`/`interval_ms`, and lets tests steer it through
 //! `x-mock-*` request headers, `POST /_mock/options` and [`MockServer::set_options`]. `GET /stats`
 //! counts what it did, `GET /_mock/last` shows the last request it received (path, version,
@@ -115,6 +116,12 @@ pub struct MockStatsSnapshot {
     pub chat_requests: u64,
     pub stream_requests: u64,
     pub embeddings_requests: u64,
+    /// `POST /v1/responses` (OpenAI Responses format).
+    #[serde(default)]
+    pub responses_requests: u64,
+    /// `POST /v1/messages` (Anthropic Messages format).
+    #[serde(default)]
+    pub messages_requests: u64,
     pub models_requests: u64,
     /// Content tokens actually handed to connections.
     pub completion_tokens: u64,

@@ -965,17 +965,18 @@ fn options_parse_as_cli_flags_and_toml_table() {
     assert_eq!(opts.ttft_ms, 50);
 }
 
-/// `x-mock-cached-tokens` reports that many prompt tokens as cached, in the stream's usage chunk
-/// and in a whole answer's usage, and only when asked; a value that is not a count is a 400.
+/// `x-mock-cache-read-tokens` reports that many more prompt tokens, as cached, in the stream's
+/// usage chunk and in a whole answer's usage, and only when asked; a value that is not a count
+/// is a 400 naming the header.
 #[tokio::test]
-async fn cached_tokens_are_reported_when_asked() {
+async fn chat_reports_cache_reads_when_asked() {
     let server = start(fast());
     let http = client();
     let mut body = chat_body(true);
     body["stream_options"] = json!({"include_usage": true});
     let text = http
         .post(url(&server, "/v1/chat/completions"))
-        .header("x-mock-cached-tokens", "2")
+        .header("x-mock-cache-read-tokens", "2")
         .json(&body)
         .send()
         .await
@@ -985,15 +986,13 @@ async fn cached_tokens_are_reported_when_asked() {
         .unwrap();
     let (chunks, done) = parse_sse(&text);
     assert!(done);
-    assert_eq!(
-        chunks.last().unwrap()["usage"],
-        json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
-               "prompt_tokens_details": {"cached_tokens": 2}})
-    );
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens"], 5, "{usage}");
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 2, "{usage}");
 
     let whole: Value = http
         .post(url(&server, "/v1/chat/completions"))
-        .header("x-mock-cached-tokens", "3")
+        .header("x-mock-cache-read-tokens", "3")
         .json(&chat_body(false))
         .send()
         .await
@@ -1002,7 +1001,7 @@ async fn cached_tokens_are_reported_when_asked() {
         .await
         .unwrap();
     assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 3);
-    assert_eq!(whole["usage"]["prompt_tokens"], 3);
+    assert_eq!(whole["usage"]["prompt_tokens"], 6);
 
     let plain: Value = http
         .post(url(&server, "/v1/chat/completions"))
@@ -1017,12 +1016,12 @@ async fn cached_tokens_are_reported_when_asked() {
 
     let bad = http
         .post(url(&server, "/v1/chat/completions"))
-        .header("x-mock-cached-tokens", "some")
+        .header("x-mock-cache-read-tokens", "some")
         .json(&chat_body(false))
         .send()
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
     let v: Value = bad.json().await.unwrap();
-    assert_eq!(v["error"]["param"], "x-mock-cached-tokens");
+    assert_eq!(v["error"]["param"], "x-mock-cache-read-tokens");
 }

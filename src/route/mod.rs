@@ -479,9 +479,13 @@ async fn run_probe(clients: &Upstreams, route: &Route, kind: ProbeKind) -> Probe
     };
     let (method, path, body) = match kind {
         ProbeKind::Models => (Method::GET, "/models", Bytes::new()),
+        // A one-token answer in the provider's own format (Anthropic's is `/messages`).
         ProbeKind::Chat => (
             Method::POST,
-            "/chat/completions",
+            match up.provider.api {
+                crate::config::Api::OpenAi => "/chat/completions",
+                crate::config::Api::Anthropic => "/messages",
+            },
             Bytes::from(
                 serde_json::json!({"model": route.upstream_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
                     .to_string(),

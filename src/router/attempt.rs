@@ -25,6 +25,7 @@ use crate::ledger::{Attempt, LedgerRecord, Status};
 use crate::metering::chunk::UpstreamBody;
 use crate::metering::meter::{Meter, Prices};
 use crate::metering::stream::{account, fill_record, tollgate_object, MeteredStream, StreamParts};
+use crate::metering::wire::{complete_output, Wire};
 use crate::route::AttemptReporter;
 use crate::wallet::Hold;
 
@@ -86,7 +87,7 @@ pub(super) async fn attempt(
 fn prepare(on: &Attempting<'_>, hold: &mut Hold) -> Prepared {
     let (call, provider) = (on.call, &on.upstream.provider);
     hold.try_draw(on.in_cost, 0);
-    let max_tokens = if call.stream || call.endpoint != Endpoint::Chat {
+    let max_tokens = if call.stream || call.endpoint == Endpoint::Embeddings {
         None
     } else {
         let bound = call
@@ -106,11 +107,9 @@ fn prepare(on: &Attempting<'_>, hold: &mut Hold) -> Prepared {
         &on.route.upstream_model,
         call.stream,
         max_tokens,
+        call.endpoint,
     );
-    let path = match call.endpoint {
-        Endpoint::Chat => "/chat/completions",
-        Endpoint::Embeddings => "/embeddings",
-    };
+    let path = call.endpoint.upstream_path();
     let first_deadline = tokio::time::Instant::now()
         + Duration::from_millis(if call.stream {
             provider.first_token_timeout_ms
@@ -145,7 +144,7 @@ async fn send(
             Method::POST,
             prepared.path,
             prepared.body,
-            &call.mock_headers,
+            &call.forward_headers,
             prepared.first_deadline,
         )
         .await
@@ -219,6 +218,7 @@ async fn respond_stream(
         body: resp.into_body(),
         meter,
         tokenizer: state.tokenizer(&call.model.name),
+        wire: Wire::of(call.endpoint),
         idle: idle(on),
         include_usage: call.include_usage,
         record: draft,
@@ -275,24 +275,41 @@ async fn respond_complete(
         Ok(b) => state.redactor().bytes(b),
         Err(e) => return Served::Failed(send_failure(e)),
     };
-    let Some(parsed) = UpstreamBody::parse(&body) else {
-        return Served::Failed(fail(
+    let not_json = || {
+        Served::Failed(fail(
             "stream_error",
             None,
             "upstream body is not a JSON object".into(),
             true,
             false,
-        ));
+        ))
     };
     let tokenizer = state.tokenizer(&call.model.name);
-    let (usage, counted_out) = match call.endpoint {
-        Endpoint::Chat => {
-            let (texts, usage) = parsed.completion_output();
-            (usage, tokenizer.completion_output_tokens(&texts))
+    let (usage, counted_out, replace_tollgate) = match call.endpoint {
+        Endpoint::Chat | Endpoint::Embeddings => {
+            let Some(parsed) = UpstreamBody::parse(&body) else {
+                return not_json();
+            };
+            let (usage, counted) = if call.endpoint == Endpoint::Chat {
+                let (texts, usage) = parsed.completion_output();
+                (usage, tokenizer.completion_output_tokens(&texts))
+            } else {
+                (parsed.embeddings_usage(), 0)
+            };
+            (usage, counted, parsed.has_tollgate())
         }
-        Endpoint::Embeddings => (parsed.embeddings_usage(), 0),
+        Endpoint::Responses | Endpoint::Messages => {
+            let Ok(parsed @ serde_json::Value::Object(_)) =
+                serde_json::from_slice::<serde_json::Value>(&body)
+            else {
+                return not_json();
+            };
+            let (texts, usage) = complete_output(Wire::of(call.endpoint), &parsed);
+            let texts: Vec<&str> = texts.iter().map(|t| t.as_ref()).collect();
+            let counted = tokenizer.completion_output_tokens(&texts);
+            (usage, counted, parsed.get("tollgate").is_some())
+        }
     };
-    let replace_tollgate = parsed.has_tollgate();
     ok.latency_ms = call.started.elapsed().as_millis() as u64;
     draft.attempts.push(ok);
     let charge = fill_record(

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
+use crate::config::Endpoint;
 use crate::metering::meter::checked_cost;
 
 /// The upstream's JSON object `body` with the `tollgate` object added as its last member. The
@@ -78,24 +79,38 @@ pub(super) fn paid_output_tokens(
     tokens
 }
 
+/// The fields that carry an endpoint's max output tokens, the one written when the client sent
+/// none first (R8): chat's two, `max_output_tokens` on Responses, `max_tokens` on Messages.
+fn max_token_fields(endpoint: Endpoint) -> &'static [&'static str] {
+    match endpoint {
+        Endpoint::Chat | Endpoint::Embeddings => &["max_tokens", "max_completion_tokens"],
+        Endpoint::Responses => &["max_output_tokens"],
+        Endpoint::Messages => &["max_tokens"],
+    }
+}
+
 /// The upstream request body: the client's object with `model` set to the route's upstream
-/// model, for a stream `stream_options.include_usage` on (billing prefers the upstream's usage,
-/// R6), and, when `max_tokens` is given, that bound in the max-tokens fields the client sent
-/// (kept if lower) or else in `max_tokens` (R8). Written straight from the parsed request,
-/// without copying the messages.
+/// model, for a chat stream `stream_options.include_usage` on (billing prefers the upstream's
+/// usage, R6; the Responses and Messages streams always report theirs), and, when `max_tokens`
+/// is given, that bound in the endpoint's max-tokens fields the client sent (kept if lower) or
+/// else in the first of them (R8). Written straight from the parsed request, without copying
+/// the messages.
 pub(super) fn upstream_body(
     fields: &Map<String, Value>,
     upstream_model: &str,
     stream: bool,
     max_tokens: Option<u64>,
+    endpoint: Endpoint,
 ) -> Bytes {
     use serde::ser::{Serialize, SerializeMap, Serializer};
 
     struct Body<'a> {
         fields: &'a Map<String, Value>,
         model: &'a str,
+        /// Ask for the usage on a stream (chat's `stream_options.include_usage`).
         stream: bool,
         max_tokens: Option<u64>,
+        max_fields: &'static [&'static str],
     }
     /// `stream_options` with `include_usage: true`; a value that is not an object stays as sent
     /// (the input checks reject one before it gets here).
@@ -106,8 +121,7 @@ pub(super) fn upstream_body(
             let add_model = !self.fields.contains_key("model");
             let add_options = self.stream && !self.fields.contains_key("stream_options");
             let add_max = self.max_tokens.is_some()
-                && !self.fields.contains_key("max_tokens")
-                && !self.fields.contains_key("max_completion_tokens");
+                && !self.max_fields.iter().any(|f| self.fields.contains_key(*f));
             let len = self.fields.len()
                 + usize::from(add_model)
                 + usize::from(add_options)
@@ -119,7 +133,7 @@ pub(super) fn upstream_body(
                     ("stream_options", _) if self.stream => {
                         m.serialize_entry(k, &WithUsage(Some(v)))?
                     }
-                    ("max_tokens" | "max_completion_tokens", Some(max)) => {
+                    (field, Some(max)) if self.max_fields.contains(&field) => {
                         m.serialize_entry(k, &v.as_u64().map_or(max, |own| own.min(max)))?
                     }
                     _ => m.serialize_entry(k, v)?,
@@ -132,7 +146,7 @@ pub(super) fn upstream_body(
                 m.serialize_entry("stream_options", &WithUsage(None))?;
             }
             if let (true, Some(max)) = (add_max, self.max_tokens) {
-                m.serialize_entry("max_tokens", &max)?;
+                m.serialize_entry(self.max_fields[0], &max)?;
             }
             m.end()
         }
@@ -165,8 +179,9 @@ pub(super) fn upstream_body(
     let body = Body {
         fields,
         model: upstream_model,
-        stream,
+        stream: stream && endpoint == Endpoint::Chat,
         max_tokens,
+        max_fields: max_token_fields(endpoint),
     };
     // Serialising a map of JSON values with string keys cannot fail.
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -224,18 +239,51 @@ mod tests {
         let mut want = client.clone();
         want["model"] = "up-model".into();
         want["stream_options"]["include_usage"] = true.into();
-        assert_eq!(parse(upstream_body(&fields, "up-model", true, None)), want);
+        assert_eq!(
+            parse(upstream_body(
+                &fields,
+                "up-model",
+                true,
+                None,
+                Endpoint::Chat
+            )),
+            want
+        );
 
         // Without stream_options, a stream gets one; a non-stream is left as sent.
         let mut plain = fields.clone();
         plain.remove("stream_options");
         let mut want = Value::Object(plain.clone());
         want["model"] = "up-model".into();
-        assert_eq!(parse(upstream_body(&plain, "up-model", false, None)), want);
-        want["stream_options"] = serde_json::json!({"include_usage": true});
-        assert_eq!(parse(upstream_body(&plain, "up-model", true, None)), want);
         assert_eq!(
-            parse(upstream_body(&fields, "up-model", false, None))["stream_options"],
+            parse(upstream_body(
+                &plain,
+                "up-model",
+                false,
+                None,
+                Endpoint::Chat
+            )),
+            want
+        );
+        want["stream_options"] = serde_json::json!({"include_usage": true});
+        assert_eq!(
+            parse(upstream_body(
+                &plain,
+                "up-model",
+                true,
+                None,
+                Endpoint::Chat
+            )),
+            want
+        );
+        assert_eq!(
+            parse(upstream_body(
+                &fields,
+                "up-model",
+                false,
+                None,
+                Endpoint::Chat
+            ))["stream_options"],
             serde_json::json!({"include_usage": false, "other": 1})
         );
     }
@@ -249,20 +297,58 @@ mod tests {
         };
         let plain = fields(serde_json::json!({"model": "m", "messages": []}));
         assert_eq!(
-            parse(upstream_body(&plain, "u", false, Some(7)))["max_tokens"],
+            parse(upstream_body(&plain, "u", false, Some(7), Endpoint::Chat))["max_tokens"],
             7
         );
         let own = fields(serde_json::json!({"model": "m", "max_completion_tokens": 500}));
-        let out = parse(upstream_body(&own, "u", false, Some(7)));
+        let out = parse(upstream_body(&own, "u", false, Some(7), Endpoint::Chat));
         assert_eq!(out["max_completion_tokens"], 7);
         assert!(out.get("max_tokens").is_none(), "{out}");
         // Both sent: each is lowered to the bound, never raised.
         let both = fields(serde_json::json!({"max_completion_tokens": 500, "max_tokens": 3}));
-        let out = parse(upstream_body(&both, "u", false, Some(7)));
+        let out = parse(upstream_body(&both, "u", false, Some(7), Endpoint::Chat));
         assert_eq!(
             (&out["max_completion_tokens"], &out["max_tokens"]),
             (&7.into(), &3.into())
         );
+    }
+
+    #[test]
+    fn agent_bodies_carry_the_bound_in_their_own_field_and_no_stream_options() {
+        let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).expect("valid JSON");
+        let fields = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let plain = fields(serde_json::json!({"model": "m", "input": "hi", "stream": true}));
+        let out = parse(upstream_body(
+            &plain,
+            "u",
+            true,
+            Some(9),
+            Endpoint::Responses,
+        ));
+        assert_eq!(out["max_output_tokens"], 9);
+        assert_eq!(out["model"], "u");
+        assert!(
+            out.get("max_tokens").is_none() && out.get("stream_options").is_none(),
+            "{out}"
+        );
+        let own = fields(serde_json::json!({"model": "m", "max_output_tokens": 500}));
+        let out = parse(upstream_body(
+            &own,
+            "u",
+            false,
+            Some(9),
+            Endpoint::Responses,
+        ));
+        assert_eq!(out["max_output_tokens"], 9);
+        let msg = fields(
+            serde_json::json!({"model": "m", "max_tokens": 5, "messages": [], "stream": true}),
+        );
+        let out = parse(upstream_body(&msg, "u", true, Some(9), Endpoint::Messages));
+        assert_eq!(out["max_tokens"], 5, "lowered, never raised");
+        assert!(out.get("stream_options").is_none(), "{out}");
     }
 
     #[test]

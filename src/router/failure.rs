@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::upstream::{is_retriable_status, read_body, retry_after, SendError};
 use crate::api::error::ApiError;
 use crate::app::AppState;
+use crate::config::Endpoint;
 use crate::ledger::Attempt;
 use crate::metering::stream::EarlyFailure;
 
@@ -63,7 +64,15 @@ pub(super) fn send_failure(e: SendError) -> Failure {
     }
 }
 
-pub(super) fn passthrough_error(state: &AppState, status: StatusCode, body: &Bytes) -> ApiError {
+/// A non-retriable upstream 4xx as the client's error (R26). An Anthropic upstream's envelope
+/// names its error in `type` alone: on `/v1/messages` that name becomes the code, which is the
+/// `error.type` the client reads.
+pub(super) fn passthrough_error(
+    state: &AppState,
+    status: StatusCode,
+    body: &Bytes,
+    endpoint: Endpoint,
+) -> ApiError {
     let text = state.redact(&String::from_utf8_lossy(body));
     let parsed: Option<Value> = serde_json::from_str(&text).ok();
     let mut err = ApiError::new(
@@ -81,6 +90,12 @@ pub(super) fn passthrough_error(state: &AppState, status: StatusCode, body: &Byt
                 .to_string();
             if let Some(t) = e.get("type").and_then(Value::as_str) {
                 err.kind = leak_kind(t);
+                let word = !t.is_empty()
+                    && t.len() <= 64
+                    && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                if endpoint == Endpoint::Messages && word {
+                    err.code = t.to_string();
+                }
             }
             if let Some(c) = e.get("code").and_then(Value::as_str) {
                 err.code = c.to_string();

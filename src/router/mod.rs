@@ -65,7 +65,9 @@ pub struct Call {
     pub max_tokens: Option<u64>,
     pub input_tokens: u64,
     pub body: Map<String, Value>,
-    pub mock_headers: HeaderMap,
+    /// Client headers for the upstream: `x-mock-*` (sent to built-in mocks only) and, on
+    /// `/v1/messages`, `anthropic-version` and `anthropic-beta`.
+    pub forward_headers: HeaderMap,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
     /// The request's share of its key's tokens-per-minute window when the key has a `tpm`: the
@@ -83,10 +85,7 @@ impl Call {
             project: self.project.clone(),
             end_user: self.end_user.clone(),
             task: self.task.clone(),
-            endpoint: match self.endpoint {
-                Endpoint::Chat => "chat.completions".into(),
-                Endpoint::Embeddings => "embeddings".into(),
-            },
+            endpoint: self.endpoint.ledger_name().into(),
             requested_model: self.model.name.clone(),
             stream: self.stream,
             input_tokens: self.input_tokens,
@@ -313,7 +312,7 @@ impl<'a> Run<'a> {
                 let mut rec = self.rec.clone();
                 set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
                 rec.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
-                let err = passthrough_error(self.state, *status, body);
+                let err = passthrough_error(self.state, *status, body, self.call.endpoint);
                 return Step::Stop(record_error(
                     self.state,
                     self.call,

@@ -1,14 +1,15 @@
 //! The upstream HTTP client: one pooled hyper client per provider, HTTP/1.1 and HTTP/2 (ALPN
 //! over rustls with the ring provider; h2c prior knowledge for `http2 = "always"` on plain
 //! http), TCP_NODELAY on every socket, connect / first-byte timeouts. The provider key is added
-//! here and nowhere else.
+//! here and nowhere else, in the provider's format (`Authorization: Bearer`, or `x-api-key` with
+//! an `anthropic-version` for `api = "anthropic"`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -16,7 +17,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{Config, Http2Mode, Provider, ProviderKind};
+use crate::config::{Api, Config, Http2Mode, Provider, ProviderKind};
+
+/// The header that names the Messages API version an Anthropic upstream is asked to speak.
+pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+/// The version sent to an Anthropic provider when the client named none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -34,7 +40,9 @@ pub enum SendError {
 pub struct UpstreamProvider {
     pub provider: Arc<Provider>,
     client: HttpClient,
-    auth: Option<HeaderValue>,
+    /// The provider key as its format sends it: `Authorization: Bearer` (openai) or `x-api-key`
+    /// (anthropic).
+    auth: Option<(HeaderName, HeaderValue)>,
     /// Forward `x-mock-*` request headers (built-in mock providers only).
     pub forwards_mock_headers: bool,
 }
@@ -99,14 +107,18 @@ impl Upstreams {
         for p in &config.providers {
             let auth = match keys.get(&p.id) {
                 Some(k) => {
-                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                    let (name, value) = match p.api {
+                        Api::OpenAi => (header::AUTHORIZATION, format!("Bearer {k}")),
+                        Api::Anthropic => (HeaderName::from_static("x-api-key"), k.clone()),
+                    };
+                    let mut v = HeaderValue::from_str(&value).map_err(|_| {
                         format!(
                             "providers.{}: the API key is not a valid header value",
                             p.id
                         )
                     })?;
                     v.set_sensitive(true);
-                    Some(v)
+                    Some((name, v))
                 }
                 None => None,
             };
@@ -161,15 +173,20 @@ impl UpstreamProvider {
             header::ACCEPT,
             HeaderValue::from_static("application/json, text/event-stream"),
         );
-        if let Some(a) = &self.auth {
-            h.insert(header::AUTHORIZATION, a.clone());
+        if let Some((name, value)) = &self.auth {
+            h.insert(name.clone(), value.clone());
         }
-        if self.forwards_mock_headers {
-            for (k, v) in extra {
-                if k.as_str().starts_with("x-mock-") {
-                    h.insert(k.clone(), v.clone());
-                }
+        for (k, v) in extra {
+            let mock = k.as_str().starts_with("x-mock-");
+            if !mock || self.forwards_mock_headers {
+                h.insert(k.clone(), v.clone());
             }
+        }
+        if self.provider.api == Api::Anthropic && !h.contains_key(ANTHROPIC_VERSION) {
+            h.insert(
+                ANTHROPIC_VERSION,
+                HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+            );
         }
         let fut = self.client.request(req);
         match tokio::time::timeout_at(deadline, fut).await {

@@ -27,6 +27,7 @@ def mock_text(tokens):
 
 
 # 400 bytes: the mock and the `chunks` tokenizer both count ceil(400 / 4) = 100 input tokens.
+# The mock reports the cache reads and writes it is asked for on top of them.
 PROMPT = "abcd" * 100
 PROMPT_TOKENS = 100
 

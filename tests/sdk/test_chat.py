@@ -1,6 +1,7 @@
 """The official OpenAI Python SDK on /v1/chat/completions, stream and not: the answer's text,
-the `tollgate` object, usage with cached tokens, and the ledger record, billed exactly at the
-route's cache-read price for the 64 cached input tokens."""
+the `tollgate` object, usage with cached tokens, and the ledger record. The mock reports 64
+cache reads on top of the prompt's 100 tokens: billed 100 at the input price, 64 at the
+route's cache-read price, exactly."""
 
 import openai
 
@@ -9,24 +10,29 @@ from common import (KEY, CLIENT_URL, PROMPT, PROMPT_TOKENS, check, check_record,
 
 CACHED = 64
 TOKENS = 7
-HEADERS = {"x-mock-tokens": str(TOKENS), "x-mock-cached-tokens": str(CACHED)}
-EXPECTED = cost(uncached=PROMPT_TOKENS - CACHED, cache_read=CACHED, output=TOKENS)
+INPUT = PROMPT_TOKENS + CACHED
+HEADERS = {"x-mock-tokens": str(TOKENS), "x-mock-cache-read-tokens": str(CACHED)}
+EXPECTED = cost(uncached=PROMPT_TOKENS, cache_read=CACHED, output=TOKENS)
 
 client = openai.OpenAI(base_url=CLIENT_URL + "/v1", api_key=KEY, max_retries=0, timeout=30)
 MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+def billed(tollgate, stream):
+    check_tollgate(tollgate, expected_cost=EXPECTED, output=TOKENS, cached_read=CACHED,
+                   input_tokens=INPUT)
+    check_record(record(tollgate["request_id"]), request_id=tollgate["request_id"],
+                 endpoint="chat.completions", stream=stream, cached_read=CACHED,
+                 cached_write=0, output=TOKENS, expected_cost=EXPECTED, input_tokens=INPUT)
 
 
 def chat_non_stream():
     r = client.chat.completions.create(model="sdk-chat", messages=MESSAGES,
                                        extra_headers=HEADERS)
     equal(r.choices[0].message.content, mock_text(TOKENS), "answer text")
-    equal(r.usage.prompt_tokens, PROMPT_TOKENS, "usage.prompt_tokens")
+    equal(r.usage.prompt_tokens, INPUT, "usage.prompt_tokens")
     equal(r.usage.prompt_tokens_details.cached_tokens, CACHED, "cached_tokens")
-    tollgate = extra(r, "tollgate")
-    check_tollgate(tollgate, expected_cost=EXPECTED, output=TOKENS, cached_read=CACHED)
-    check_record(record(tollgate["request_id"]), request_id=tollgate["request_id"],
-                 endpoint="chat.completions", stream=False, cached_read=CACHED,
-                 cached_write=0, output=TOKENS, expected_cost=EXPECTED)
+    billed(extra(r, "tollgate"), stream=False)
 
 
 def chat_stream():
@@ -40,15 +46,12 @@ def chat_stream():
         last = chunk
     equal(text, mock_text(TOKENS), "streamed text")
     check(last is not None and last.usage is not None, "a usage chunk at the end")
+    equal(last.usage.prompt_tokens, INPUT, "streamed usage.prompt_tokens")
     equal(last.usage.prompt_tokens_details.cached_tokens, CACHED, "streamed cached_tokens")
-    tollgate = extra(last, "tollgate")
-    check_tollgate(tollgate, expected_cost=EXPECTED, output=TOKENS, cached_read=CACHED)
-    check_record(record(tollgate["request_id"]), request_id=tollgate["request_id"],
-                 endpoint="chat.completions", stream=True, cached_read=CACHED,
-                 cached_write=0, output=TOKENS, expected_cost=EXPECTED)
+    billed(extra(last, "tollgate"), stream=True)
 
 
-def chat_stream_headers_name_the_request():
+def chat_stream_without_usage_is_billed_the_same():
     raw = client.chat.completions.with_raw_response.create(
         model="sdk-chat", messages=MESSAGES, stream=True, extra_headers=HEADERS)
     request_id = raw.headers["x-tollgate-request-id"]
@@ -58,8 +61,8 @@ def chat_stream_headers_name_the_request():
     # No usage asked for, yet the upstream's usage (forced on upstream) bills the cache reads.
     check_record(record(request_id), request_id=request_id, endpoint="chat.completions",
                  stream=True, cached_read=CACHED, cached_write=0, output=TOKENS,
-                 expected_cost=EXPECTED)
+                 expected_cost=EXPECTED, input_tokens=INPUT)
 
 
 if __name__ == "__main__":
-    run([chat_non_stream, chat_stream, chat_stream_headers_name_the_request])
+    run([chat_non_stream, chat_stream, chat_stream_without_usage_is_billed_the_same])
