@@ -203,7 +203,13 @@ async fn chat_cache_reads_are_billed_at_the_cache_read_price_exactly() {
     assert_eq!(expected, d("0.0004542"));
 
     // A stream with its usage chunk.
-    let r = post(&g, "/v1/chat/completions", &chat("cached", true, true), &CACHE_READS).await;
+    let r = post(
+        &g,
+        "/v1/chat/completions",
+        &chat("cached", true, true),
+        &CACHE_READS,
+    )
+    .await;
     let id = request_id(&r);
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -214,7 +220,10 @@ async fn chat_cache_reads_are_billed_at_the_cache_read_price_exactly() {
         usage["usage"]["prompt_tokens_details"]["cached_tokens"], 64,
         "{usage}"
     );
-    assert_eq!(tollgate_billed(&usage["tollgate"]), (164, 64, 0, 9, expected));
+    assert_eq!(
+        tollgate_billed(&usage["tollgate"]),
+        (164, 64, 0, 9, expected)
+    );
     let rec = record(&g, &id).await;
     assert_eq!(billed(&rec), (164, 64, 0, 9, expected, "upstream"));
     assert_eq!(
@@ -226,17 +235,32 @@ async fn chat_cache_reads_are_billed_at_the_cache_read_price_exactly() {
     assert_eq!(balance(&g, &key).await, expected_balance);
 
     // A stream whose client did not ask for usage: the gateway still reads it upstream.
-    let r = post(&g, "/v1/chat/completions", &chat("cached", true, false), &CACHE_READS).await;
+    let r = post(
+        &g,
+        "/v1/chat/completions",
+        &chat("cached", true, false),
+        &CACHE_READS,
+    )
+    .await;
     let id = request_id(&r);
     let events = sse_events(r).await;
-    assert!(events.iter().all(|e| !e.contains("\"usage\":{")), "{events:?}");
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\":{")),
+        "{events:?}"
+    );
     let rec = record(&g, &id).await;
     assert_eq!(billed(&rec), (164, 64, 0, 9, expected, "upstream"));
     expected_balance -= expected;
     assert_eq!(balance(&g, &key).await, expected_balance);
 
     // A whole answer.
-    let r = post(&g, "/v1/chat/completions", &chat("cached", false, false), &CACHE_READS).await;
+    let r = post(
+        &g,
+        "/v1/chat/completions",
+        &chat("cached", false, false),
+        &CACHE_READS,
+    )
+    .await;
     let id = request_id(&r);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 64);
@@ -334,7 +358,10 @@ async fn messages_cache_reads_and_writes_are_billed_at_their_prices_exactly() {
                 .iter()
                 .map(|e| serde_json::from_str(e).unwrap())
                 .collect();
-            let start = events.iter().find(|e| e["type"] == "message_start").unwrap();
+            let start = events
+                .iter()
+                .find(|e| e["type"] == "message_start")
+                .unwrap();
             let usage = &start["message"]["usage"];
             assert_eq!(
                 (
@@ -473,7 +500,13 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
     let b1 = boundary().await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let r = post(&g, "/v1/chat/completions", &chat("cached", false, false), &CACHE_READS).await;
+        let r = post(
+            &g,
+            "/v1/chat/completions",
+            &chat("cached", false, false),
+            &CACHE_READS,
+        )
+        .await;
         let id = request_id(&r);
         record(&g, &id).await;
         ids.push(id);
@@ -529,7 +562,10 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
     // Exports: the columns sit after `input_tokens`, in the documented order.
     let range = format!("since={}&until={}", rfc3339(b1), rfc3339(c1));
     let export = |format: &'static str| {
-        let url = format!("{}/admin/ledger/export?format={format}&{range}", g.admin_url);
+        let url = format!(
+            "{}/admin/ledger/export?format={format}&{range}",
+            g.admin_url
+        );
         let client = g.client();
         async move {
             client
@@ -570,7 +606,10 @@ async fn usage_explain_and_exports_add_up_with_cached_input() {
         // In the record's field order.
         let pos = |k: &str| line.find(&format!("\"{k}\":")).unwrap();
         assert!(pos("input_tokens") < pos("cache_read_tokens"), "{line}");
-        assert!(pos("cache_read_tokens") < pos("cache_write_tokens"), "{line}");
+        assert!(
+            pos("cache_read_tokens") < pos("cache_write_tokens"),
+            "{line}"
+        );
         assert!(pos("cache_write_tokens") < pos("output_tokens"), "{line}");
     }
 }
@@ -618,8 +657,9 @@ fn check_config_checks_the_cache_prices() {
     assert_eq!(code, Some(1), "{text}");
     for key in ["cache_read_per_mtok", "cache_write_per_mtok"] {
         assert!(
-            text.lines().any(|l| l.contains(&format!("models[0].routes[0].{key}"))
-                && l.contains("must not be negative")),
+            text.lines()
+                .any(|l| l.contains(&format!("models[0].routes[0].{key}"))
+                    && l.contains("must not be negative")),
             "{key}: {text}"
         );
     }

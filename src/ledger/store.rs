@@ -731,9 +731,15 @@ mod tests {
         cached.cache_write_tokens = 150;
         let new = encode_compact(&cached);
         assert_eq!(new[0], POSTCARD_V3);
-        assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &new).unwrap(), cached);
+        assert_eq!(
+            decode_compact::<LedgerRecord>(b"l/x", &new).unwrap(),
+            cached
+        );
         let json = to_json(&cached);
-        assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &json).unwrap(), cached);
+        assert_eq!(
+            decode_compact::<LedgerRecord>(b"l/x", &json).unwrap(),
+            cached
+        );
         let mut before = serde_json::to_value(&cached).unwrap();
         let fields = before.as_object_mut().unwrap();
         fields.remove("cache_read_tokens");

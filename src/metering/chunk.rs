@@ -1157,8 +1157,14 @@ mod tests {
         };
         let data = r#"{"choices":[],"usage":{"prompt_tokens":1200,"completion_tokens":34,"total_tokens":1234,"prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0}}}"#;
         assert!(scan::chunk(data).is_some(), "the fast path reads it");
-        assert_eq!(parse_chunk(data).unwrap().usage(), Some(cached(1200, 34, 1024)));
-        assert_eq!(serde_view(data).unwrap().usage(), Some(cached(1200, 34, 1024)));
+        assert_eq!(
+            parse_chunk(data).unwrap().usage(),
+            Some(cached(1200, 34, 1024))
+        );
+        assert_eq!(
+            serde_view(data).unwrap().usage(),
+            Some(cached(1200, 34, 1024))
+        );
         for (details, read) in [
             ("null", 0),
             ("{}", 0),
@@ -1177,10 +1183,16 @@ mod tests {
             let body = format!(
                 r#"{{"choices":[{{"message":{{"content":"hi"}}}}],"usage":{{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{details}}}}}"#
             );
-            let (_, usage) = UpstreamBody::parse(body.as_bytes()).unwrap().completion_output();
+            let (_, usage) = UpstreamBody::parse(body.as_bytes())
+                .unwrap()
+                .completion_output();
             assert_eq!(usage, Some(cached(12, 3, read)), "{body}");
             let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-            assert_eq!(completion_output(&value).1, Some(cached(12, 3, read)), "{body}");
+            assert_eq!(
+                completion_output(&value).1,
+                Some(cached(12, 3, read)),
+                "{body}"
+            );
         }
     }
 

@@ -827,8 +827,8 @@ mod tests {
         );
         assert_eq!((rec.input_tokens, rec.cache_read_tokens), (82, 50));
         assert_eq!(rec.upstream_usage.map(|u| u.prompt_tokens), Some(10));
-        // Nothing uncached: 50 × 0.3 + 32 × 3.75 + 9 × 15 = 300 per million.
-        assert_eq!(charge, "0.0003".parse::<Decimal>().unwrap());
+        // Nothing uncached: 50 × 0.3 + 32 × 3.75 + 9 × 15 = 270 per million.
+        assert_eq!(charge, "0.00027".parse::<Decimal>().unwrap());
 
         // Without the upstream's usage: the input estimate at the input price, no cache counts.
         rec.input_tokens = 100;

@@ -988,7 +988,10 @@ async fn chat_reports_cache_reads_when_asked() {
     assert!(done);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["prompt_tokens"], 5, "{usage}");
-    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 2, "{usage}");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 2,
+        "{usage}"
+    );
 
     let whole: Value = http
         .post(url(&server, "/v1/chat/completions"))
