@@ -68,7 +68,6 @@ fn http() -> ::reqwest::Client {
 enum Auth<'a> {
     Bearer(&'a str),
     ApiKey(&'a str),
-    None,
 }
 
 async fn post(
@@ -82,7 +81,6 @@ async fn post(
     r = match auth {
         Auth::Bearer(k) => r.bearer_auth(k),
         Auth::ApiKey(k) => r.header("x-api-key", k),
-        Auth::None => r,
     };
     for (k, v) in headers {
         r = r.header(*k, *v);
@@ -754,7 +752,9 @@ async fn drain(path: &'static str, body: Value, per_token: u64) {
     }
     stop.store(true, Ordering::Relaxed);
     watcher.await.unwrap();
-    let recs = g.assert_invariant1(&key, &[("credit", &topup)]).await;
+    let recs = g
+        .assert_invariant1(&key, &[("credit", &topup), ("routed", "1")])
+        .await;
     let by_id: HashMap<&str, &Value> = recs
         .iter()
         .map(|r| (r["request_id"].as_str().unwrap(), r))
@@ -787,7 +787,7 @@ async fn drain(path: &'static str, body: Value, per_token: u64) {
     }
     assert!(cut > 0, "no stream was cut: {results:?}");
     let spent: Decimal = recs.iter().map(|r| dec(&r["cost"])).sum();
-    let left = dec(&topup) - spent;
+    let left = topup.parse::<Decimal>().unwrap() - spent;
     // Invariant 3: what is left pays for less than one token per stream.
     assert!(left < price(12, per_token), "{left} left");
     g.assert_no_panic();

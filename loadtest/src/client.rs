@@ -1,5 +1,6 @@
 //! The HTTP side: one pooled HTTP/1.1 keep-alive client (TCP_NODELAY), one request at a time per
-//! task, and a minimal SSE scan that times every content event without parsing JSON.
+//! task, and a minimal SSE scan that times every content event without parsing JSON, in the
+//! chat, Responses or Messages format.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use memchr::memmem;
 
+use crate::scenario::Endpoint;
 use crate::stats::{micros, Outcome};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -27,19 +29,25 @@ pub fn build_client(max_idle: usize) -> HttpClient {
         .build(connector)
 }
 
-/// Where requests go: the chat completions URL and the bearer token.
+/// Where requests go: the endpoint's URL and the bearer token.
 #[derive(Clone, Debug)]
 pub struct Target {
     /// `direct` or `gateway` in reports.
     pub label: &'static str,
     pub chat_url: Uri,
     pub auth: Option<HeaderValue>,
+    pub endpoint: Endpoint,
 }
 
 impl Target {
     /// `base` is an OpenAI base URL such as `http://127.0.0.1:8080/v1`.
-    pub fn new(label: &'static str, base: &str, key: Option<&str>) -> Result<Target, String> {
-        let url = format!("{}/chat/completions", base.trim_end_matches('/'));
+    pub fn new(
+        label: &'static str,
+        base: &str,
+        key: Option<&str>,
+        endpoint: Endpoint,
+    ) -> Result<Target, String> {
+        let url = format!("{}{}", base.trim_end_matches('/'), endpoint.path());
         let chat_url: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
         if chat_url.scheme_str() != Some("http") {
             return Err(format!(
@@ -57,6 +65,7 @@ impl Target {
             label,
             chat_url,
             auth,
+            endpoint,
         })
     }
 }
@@ -142,11 +151,14 @@ async fn exchange(
             .map_err(|_| "body_error".to_string())?
             .to_bytes();
         outcome.ttft = Some(start.elapsed());
-        outcome.usage_tokens = completion_tokens(&whole);
+        outcome.usage_tokens = match target.endpoint {
+            Endpoint::Chat => completion_tokens(&whole),
+            Endpoint::Responses | Endpoint::Messages => output_tokens(&whole),
+        };
         outcome.tokens = outcome.usage_tokens.unwrap_or(0);
         return Ok(());
     }
-    let mut scan = SseScan::default();
+    let mut scan = SseScan::for_endpoint(target.endpoint);
     let mut last: Option<Instant> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| "body_error".to_string())?;
@@ -178,8 +190,17 @@ async fn exchange(
 
 /// `"completion_tokens":N` anywhere in `text`.
 pub fn completion_tokens(text: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"completion_tokens\":";
-    let at = memmem::find(text, KEY)? + KEY.len();
+    number_after(text, b"\"completion_tokens\":")
+}
+
+/// `"output_tokens":N` anywhere in `text` (the Responses and Messages usage).
+pub fn output_tokens(text: &[u8]) -> Option<u64> {
+    number_after(text, b"\"output_tokens\":")
+}
+
+/// The integer after the first `key` in `text`.
+fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memmem::find(text, key)? + key.len();
     let digits = text[at..]
         .iter()
         .skip_while(|b| **b == b' ')
@@ -197,6 +218,7 @@ pub fn completion_tokens(text: &[u8]) -> Option<u64> {
 /// `[DONE]`, the usage chunk's `completion_tokens` and an in-stream error's `code`.
 #[derive(Debug, Default)]
 pub struct SseScan {
+    endpoint: Endpoint,
     /// The unfinished line of the previous chunk.
     carry: Vec<u8>,
     pub content_events: u64,
@@ -206,6 +228,13 @@ pub struct SseScan {
 }
 
 impl SseScan {
+    pub fn for_endpoint(endpoint: Endpoint) -> SseScan {
+        SseScan {
+            endpoint,
+            ..SseScan::default()
+        }
+    }
+
     /// Feeds one network chunk; returns how many content events it completed.
     pub fn feed(&mut self, chunk: &[u8]) -> u64 {
         let mut n = 0;
@@ -239,6 +268,9 @@ impl SseScan {
         };
         let payload = payload.strip_prefix(b" ").unwrap_or(payload);
         let payload = payload.strip_suffix(b"\r").unwrap_or(payload);
+        if self.endpoint != Endpoint::Chat {
+            return self.agent_line(payload);
+        }
         if payload == b"[DONE]" {
             self.done = true;
             return false;
@@ -260,6 +292,59 @@ impl SseScan {
         self.content_events += u64::from(content);
         content
     }
+}
+
+impl SseScan {
+    /// A Responses or Messages `data:` payload: text deltas are content; `response.completed`
+    /// and `message_stop` end the stream; an `error` event carries its code (Responses `code`,
+    /// Messages `error.type`).
+    fn agent_line(&mut self, payload: &[u8]) -> bool {
+        let has = |needle: &[u8]| memmem::find(payload, needle).is_some();
+        if has(b"\"type\":\"error\"") {
+            let code = match self.endpoint {
+                Endpoint::Messages => field_after(payload, b"\"error\":{\"type\":\""),
+                _ => field_after(payload, b"\"code\":\""),
+            };
+            self.error_code = Some(code.unwrap_or_else(|| "stream_error_event".into()));
+            return false;
+        }
+        let (delta, text, end) = match self.endpoint {
+            Endpoint::Responses => (
+                &b"\"type\":\"response.output_text.delta\""[..],
+                &b"\"delta\":\""[..],
+                &b"\"type\":\"response.completed\""[..],
+            ),
+            _ => (
+                &b"\"type\":\"content_block_delta\""[..],
+                &b"\"text\":\""[..],
+                &b"\"type\":\"message_stop\""[..],
+            ),
+        };
+        if has(end) {
+            self.done = true;
+        }
+        if has(b"\"usage\":{") {
+            if let Some(t) = output_tokens(payload) {
+                self.usage_tokens = Some(t);
+            }
+        }
+        let content = has(delta)
+            && memmem::find(payload, text)
+                .is_some_and(|at| payload.get(at + text.len()) != Some(&b'"'));
+        self.content_events += u64::from(content);
+        content
+    }
+}
+
+/// The string after the first `key` (which ends with its opening quote) in `payload`.
+fn field_after(payload: &[u8], key: &[u8]) -> Option<String> {
+    let at = memmem::find(payload, key)? + key.len();
+    let rest = &payload[at..];
+    let end = memchr::memchr(b'"', rest)?;
+    std::str::from_utf8(&rest[..end])
+        .ok()
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
 }
 
 fn error_code(payload: &[u8]) -> String {
@@ -300,6 +385,22 @@ mod tests {
             assert_eq!(scan.usage_tokens, Some(2));
             assert_eq!(scan.error_code, None);
         }
+    }
+
+    #[test]
+    fn scan_counts_agent_formats() {
+        let mut r = SseScan::for_endpoint(Endpoint::Responses);
+        let n = r.feed(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{}}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":2,\"output_tokens\":1}}}\n\n");
+        assert_eq!(
+            (n, r.content_events, r.done, r.usage_tokens),
+            (1, 1, true, Some(1))
+        );
+        let mut m = SseScan::for_endpoint(Endpoint::Messages);
+        m.feed(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n");
+        m.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"balance_exhausted\",\"message\":\"m\"}}\n\n");
+        assert_eq!(m.content_events, 1);
+        assert!(!m.done);
+        assert_eq!(m.error_code.as_deref(), Some("balance_exhausted"));
     }
 
     #[test]

@@ -179,9 +179,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         key = Some(secret);
         key_id = Some(id);
     }
-    let gateway = Target::new("gateway", &cli.base_url, key.as_deref())?;
+    let endpoint = scenario.request.endpoint;
+    let gateway = Target::new("gateway", &cli.base_url, key.as_deref(), endpoint)?;
     let direct = match &cli.direct_url {
-        Some(u) => Some(Target::new("direct", u, None)?),
+        Some(u) => Some(Target::new("direct", u, None, endpoint)?),
         None => None,
     };
 

@@ -38,6 +38,10 @@ pub struct Scenario {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RequestSpec {
+    /// The client endpoint: `chat` (`/chat/completions`), `responses` (OpenAI Responses) or
+    /// `messages` (Anthropic Messages).
+    #[serde(default)]
+    pub endpoint: Endpoint,
     /// Models sent to the target under test, picked by weight (deterministic round robin).
     pub models: Vec<WeightedModel>,
     /// The model sent to `--direct-url` (the mock answers any name).
@@ -51,6 +55,27 @@ pub struct RequestSpec {
     pub max_tokens: Option<u32>,
     #[serde(default = "default_prompt")]
     pub prompt: String,
+}
+
+/// The wire format a scenario speaks.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    #[default]
+    Chat,
+    Responses,
+    Messages,
+}
+
+impl Endpoint {
+    /// The path under an API base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Responses => "/responses",
+            Endpoint::Messages => "/messages",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -270,17 +295,36 @@ impl Scenario {
 
     /// The request body for `model`.
     pub fn body(&self, model: &str) -> bytes::Bytes {
-        let mut body = serde_json::json!({
-            "model": model,
-            "stream": self.request.stream,
-            "messages": [{"role": "user", "content": self.request.prompt}],
-        });
-        if self.request.stream && self.request.include_usage {
-            body["stream_options"] = serde_json::json!({"include_usage": true});
-        }
-        if let Some(m) = self.request.max_tokens {
-            body["max_tokens"] = m.into();
-        }
+        let r = &self.request;
+        let messages = serde_json::json!([{"role": "user", "content": r.prompt}]);
+        let body = match r.endpoint {
+            Endpoint::Chat => {
+                let mut body =
+                    serde_json::json!({"model": model, "stream": r.stream, "messages": messages});
+                if r.stream && r.include_usage {
+                    body["stream_options"] = serde_json::json!({"include_usage": true});
+                }
+                if let Some(m) = r.max_tokens {
+                    body["max_tokens"] = m.into();
+                }
+                body
+            }
+            Endpoint::Responses => {
+                let mut body =
+                    serde_json::json!({"model": model, "stream": r.stream, "input": r.prompt});
+                if let Some(m) = r.max_tokens {
+                    body["max_output_tokens"] = m.into();
+                }
+                body
+            }
+            // The Messages format requires `max_tokens`.
+            Endpoint::Messages => serde_json::json!({
+                "model": model,
+                "stream": r.stream,
+                "messages": messages,
+                "max_tokens": r.max_tokens.unwrap_or(4096),
+            }),
+        };
         bytes::Bytes::from(body.to_string())
     }
 }
