@@ -93,6 +93,8 @@ fn record(i: u64, n: u64, key_ids: &[String]) -> LedgerRecord {
         },
         http_status: 200,
         input_tokens: 120,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         output_tokens: 64,
         output_tokens_delivered: 64,
         usage_source: UsageSource::Upstream,

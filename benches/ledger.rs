@@ -86,6 +86,8 @@ fn record(i: u64) -> LedgerRecord {
         },
         http_status: if rejected { 404 } else { 200 },
         input_tokens: 120,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         output_tokens: 64,
         output_tokens_delivered: 64,
         usage_source: UsageSource::Upstream,

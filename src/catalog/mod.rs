@@ -50,6 +50,8 @@ pub fn route_views(state: &AppState, model: &Model) -> Vec<Value> {
                 "currency": bucket.map(|b| b.currency.clone()),
                 "input_per_mtok": r.input_per_mtok.normalize().to_string(),
                 "output_per_mtok": r.output_per_mtok.normalize().to_string(),
+                "cache_read_per_mtok": r.cache_read_per_mtok.normalize().to_string(),
+                "cache_write_per_mtok": r.cache_write_per_mtok.normalize().to_string(),
                 "priority": r.priority,
                 "weight": r.weight,
                 "state": st.as_str(),

@@ -309,6 +309,10 @@ pub struct Route {
     pub bucket: String,
     pub input_per_mtok: Decimal,
     pub output_per_mtok: Decimal,
+    /// Input tokens read from / written to the provider's prompt cache (`input_per_mtok` unless
+    /// the route sets them).
+    pub cache_read_per_mtok: Decimal,
+    pub cache_write_per_mtok: Decimal,
     pub priority: i64,
     pub weight: u32,
     /// Position of the route in the model's list (stable tie-break).

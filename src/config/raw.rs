@@ -256,6 +256,10 @@ pub struct RawRoute {
     pub bucket: Option<String>,
     pub input_per_mtok: Option<Amount>,
     pub output_per_mtok: Option<Amount>,
+    /// Price of input tokens read from the provider's prompt cache; default `input_per_mtok`.
+    pub cache_read_per_mtok: Option<Amount>,
+    /// Price of input tokens written to the provider's prompt cache; default `input_per_mtok`.
+    pub cache_write_per_mtok: Option<Amount>,
     pub priority: Option<i64>,
     pub weight: Option<u32>,
 }

@@ -732,6 +732,12 @@ fn check_models(
             }
             let input = input.map(|a| c.non_negative(&format!("{rp}.input_per_mtok"), a.0));
             let output = output.map(|a| c.non_negative(&format!("{rp}.output_per_mtok"), a.0));
+            let cache_read = r
+                .cache_read_per_mtok
+                .map(|a| c.non_negative(&format!("{rp}.cache_read_per_mtok"), a.0));
+            let cache_write = r
+                .cache_write_per_mtok
+                .map(|a| c.non_negative(&format!("{rp}.cache_write_per_mtok"), a.0));
             if r.weight == Some(0) {
                 c.problem(format!("{rp}.weight"), "must be >= 1");
             }
@@ -755,6 +761,8 @@ fn check_models(
                 bucket,
                 input_per_mtok: input,
                 output_per_mtok: output,
+                cache_read_per_mtok: cache_read.unwrap_or(input),
+                cache_write_per_mtok: cache_write.unwrap_or(input),
                 priority: r.priority.unwrap_or(j as i64),
                 weight: r.weight.unwrap_or(1).max(1),
                 position: j,

@@ -15,6 +15,8 @@
 //! product), `ī_k`/`ō_k` input/output tokens per request in the cell, and `a_k`/`b_k` the cell's
 //! effective price per input/output token (the priced cost of its tokens, scaled so the cell's
 //! modelled cost equals what was actually debited: shortfalls and price edits are absorbed here).
+//! A record with cached input tokens prices its input as its charge less its output, since the
+//! cache prices it was charged at are the route's, not the record's.
 //!
 //! Starting from the base period's factors, the factors are switched to the current period's one
 //! driver at a time in a fixed order — `volume` (N), `input_tokens` (ī), `output_tokens` (ō),

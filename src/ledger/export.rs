@@ -143,6 +143,11 @@ mod tests {
         let lines: Vec<&str> = text.split("\r\n").collect();
         assert_eq!(lines[0].split(',').count(), FIELDS.len());
         assert!(lines[0].starts_with("request_id,started_at,"));
+        assert!(
+            lines[0].contains(",input_tokens,cache_read_tokens,cache_write_tokens,output_tokens,"),
+            "{}",
+            lines[0]
+        );
         let row = lines[1];
         assert!(row.starts_with("r-k1-2-8,2025-01-01T00:00:00Z,"), "{row}");
         assert!(row.contains(",\"alice, \"\"the\"\" user\","), "{row}");

@@ -98,6 +98,60 @@ pub struct LedgerRecord {
     pub retries: u32,
     pub status: Status,
     pub http_status: u16,
+    /// The whole input, cached tokens included.
+    pub input_tokens: u64,
+    /// Input tokens the upstream read from its prompt cache (billed at the route's
+    /// `cache_read_per_mtok`); absent from records written before it.
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    /// Input tokens the upstream wrote to its prompt cache (billed at `cache_write_per_mtok`).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub output_tokens_delivered: u64,
+    pub usage_source: UsageSource,
+    pub upstream_usage: Option<UpstreamUsage>,
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub input_per_mtok: Option<Decimal>,
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub output_per_mtok: Option<Decimal>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub shortfall: Decimal,
+    pub ttft_ms: Option<u64>,
+    pub duration_ms: u64,
+}
+
+/// The record as stored under compact version 2, before the cache counts (postcard is
+/// positional, so such records only read with this layout). Never written any more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LedgerRecordV2 {
+    pub request_id: String,
+    #[serde(with = "time")]
+    pub started_at: DateTime<Utc>,
+    #[serde(with = "time")]
+    pub finished_at: DateTime<Utc>,
+    pub workspace: String,
+    pub key_id: String,
+    pub key_name: String,
+    pub project: String,
+    pub end_user: Option<String>,
+    pub task: Option<String>,
+    pub endpoint: String,
+    pub requested_model: String,
+    pub stream: bool,
+    pub route: Option<String>,
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub route_kind: Option<String>,
+    pub bucket: Option<String>,
+    pub currency: Option<String>,
+    pub attempts: Vec<Attempt>,
+    pub fallbacks: u32,
+    pub retries: u32,
+    pub status: Status,
+    pub http_status: u16,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub output_tokens_delivered: u64,
@@ -113,6 +167,49 @@ pub struct LedgerRecord {
     pub shortfall: Decimal,
     pub ttft_ms: Option<u64>,
     pub duration_ms: u64,
+}
+
+impl From<LedgerRecordV2> for LedgerRecord {
+    fn from(r: LedgerRecordV2) -> LedgerRecord {
+        LedgerRecord {
+            request_id: r.request_id,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            workspace: r.workspace,
+            key_id: r.key_id,
+            key_name: r.key_name,
+            project: r.project,
+            end_user: r.end_user,
+            task: r.task,
+            endpoint: r.endpoint,
+            requested_model: r.requested_model,
+            stream: r.stream,
+            route: r.route,
+            provider: r.provider,
+            upstream_model: r.upstream_model,
+            route_kind: r.route_kind,
+            bucket: r.bucket,
+            currency: r.currency,
+            attempts: r.attempts,
+            fallbacks: r.fallbacks,
+            retries: r.retries,
+            status: r.status,
+            http_status: r.http_status,
+            input_tokens: r.input_tokens,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: r.output_tokens,
+            output_tokens_delivered: r.output_tokens_delivered,
+            usage_source: r.usage_source,
+            upstream_usage: r.upstream_usage,
+            input_per_mtok: r.input_per_mtok,
+            output_per_mtok: r.output_per_mtok,
+            cost: r.cost,
+            shortfall: r.shortfall,
+            ttft_ms: r.ttft_ms,
+            duration_ms: r.duration_ms,
+        }
+    }
 }
 
 /// The record as stored under compact version 1, before `task` (postcard is positional, so
@@ -187,6 +284,8 @@ impl From<LedgerRecordV1> for LedgerRecord {
             status: r.status,
             http_status: r.http_status,
             input_tokens: r.input_tokens,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: r.output_tokens,
             output_tokens_delivered: r.output_tokens_delivered,
             usage_source: r.usage_source,
@@ -277,6 +376,8 @@ impl LedgerRecord {
             status: Status::Rejected,
             http_status: 0,
             input_tokens: 0,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: 0,
             output_tokens_delivered: 0,
             usage_source: UsageSource::Counted,
@@ -317,6 +418,8 @@ pub const FIELDS: &[&str] = &[
     "status",
     "http_status",
     "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
     "output_tokens",
     "output_tokens_delivered",
     "usage_source",

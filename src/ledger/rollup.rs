@@ -94,13 +94,21 @@ impl CellStats {
                 .and_then(|d| d.checked_div(MILLION))
                 .unwrap_or_default()
         };
+        let priced_out = priced(r.output_tokens, r.output_per_mtok);
         CellStats {
             requests: 1,
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
             cost: r.cost,
-            priced_in: priced(r.input_tokens, r.input_per_mtok),
-            priced_out: priced(r.output_tokens, r.output_per_mtok),
+            priced_in: if r.cache_read_tokens == 0 && r.cache_write_tokens == 0 {
+                priced(r.input_tokens, r.input_per_mtok)
+            } else {
+                // Cached input was charged at the route's cache prices, which the record does
+                // not carry: the input's part is the charge less the output's.
+                let charge = r.cost.checked_add(r.shortfall).unwrap_or(Decimal::MAX);
+                (charge - priced_out).max(Decimal::ZERO)
+            },
+            priced_out,
         }
     }
 

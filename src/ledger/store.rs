@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::record::{LedgerRecord, LedgerRecordV1, Status, UsageSource};
+use super::record::{LedgerRecord, LedgerRecordV1, LedgerRecordV2, Status, UsageSource};
 use super::rollup::RollupDelta;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +103,36 @@ pub(crate) struct PersistedHoldV1 {
 
 impl From<PersistedHoldV1> for PersistedHold {
     fn from(h: PersistedHoldV1) -> PersistedHold {
+        PersistedHold {
+            hold_id: h.hold_id,
+            key_id: h.key_id,
+            bucket: h.bucket,
+            granted: h.granted,
+            consumed: h.consumed,
+            consumed_tokens: h.consumed_tokens,
+            updated_at: h.updated_at,
+            draft: Box::new((*h.draft).into()),
+        }
+    }
+}
+
+/// [`PersistedHold`] as stored under compact version 2 (its draft without the cache counts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PersistedHoldV2 {
+    hold_id: u64,
+    key_id: String,
+    bucket: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    granted: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    consumed: Decimal,
+    consumed_tokens: u64,
+    updated_at: DateTime<Utc>,
+    draft: Box<LedgerRecordV2>,
+}
+
+impl From<PersistedHoldV2> for PersistedHold {
+    fn from(h: PersistedHoldV2) -> PersistedHold {
         PersistedHold {
             hold_id: h.hold_id,
             key_id: h.key_id,
@@ -266,40 +296,48 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
 /// First byte of a value stored as postcard in the layout before records had `task`; values
 /// stored as JSON start with `{`. Still read, never written.
 const POSTCARD_V1: u8 = 1;
-/// First byte of a value stored as postcard in the current layout.
+/// First byte of a value stored as postcard in the layout before records had the cache counts
+/// (`cache_read_tokens`, `cache_write_tokens`). Still read, never written.
 const POSTCARD_V2: u8 = 2;
+/// First byte of a value stored as postcard in the current layout.
+const POSTCARD_V3: u8 = 3;
 
 /// A value stored compactly. Postcard is positional, so a layout change gets a new version byte
-/// and values written in the old layout are read through the old type.
+/// and values written in an old layout are read through the old type.
 pub(crate) trait Compact: Serialize + for<'de> Deserialize<'de> {
     /// The layout written under [`POSTCARD_V1`].
     type V1: for<'de> Deserialize<'de> + Into<Self>;
+    /// The layout written under [`POSTCARD_V2`].
+    type V2: for<'de> Deserialize<'de> + Into<Self>;
 }
 
 impl Compact for LedgerRecord {
     type V1 = LedgerRecordV1;
+    type V2 = LedgerRecordV2;
 }
 
 impl Compact for PersistedHold {
     type V1 = PersistedHoldV1;
+    type V2 = PersistedHoldV2;
 }
 
 impl Compact for HoldDrawn {
     type V1 = HoldDrawn;
+    type V2 = HoldDrawn;
 }
 
 /// A ledger record or an open hold as stored: postcard behind a version byte.
 pub(crate) fn encode_compact<T: Compact>(v: &T) -> Vec<u8> {
     // Encoding plain data into a growable buffer cannot fail.
     let mut out = Vec::with_capacity(512);
-    out.push(POSTCARD_V2);
+    out.push(POSTCARD_V3);
     match postcard::to_extend(v, out) {
         Ok(out) => out,
         Err(_) => to_json(v),
     }
 }
 
-/// Reads a value written by [`encode_compact`] (in this or the previous layout), or as JSON by
+/// Reads a value written by [`encode_compact`] (in this or an earlier layout), or as JSON by
 /// earlier versions.
 pub(crate) fn decode_compact<T: Compact>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
     let corrupt = |e: postcard::Error| StoreError::Corrupt {
@@ -307,7 +345,10 @@ pub(crate) fn decode_compact<T: Compact>(key: &[u8], v: &[u8]) -> Result<T, Stor
         err: e.to_string(),
     };
     match v.split_first() {
-        Some((&POSTCARD_V2, body)) => postcard::from_bytes(body).map_err(corrupt),
+        Some((&POSTCARD_V3, body)) => postcard::from_bytes(body).map_err(corrupt),
+        Some((&POSTCARD_V2, body)) => postcard::from_bytes::<T::V2>(body)
+            .map(Into::into)
+            .map_err(corrupt),
         Some((&POSTCARD_V1, body)) => postcard::from_bytes::<T::V1>(body)
             .map(Into::into)
             .map_err(corrupt),
@@ -640,23 +681,20 @@ mod tests {
         r
     }
 
-    /// `value` in the version-1 layout (`V1` read from its JSON, which has no `task` then).
-    fn encode_v1<T: Compact, V1: Serialize + for<'de> Deserialize<'de>>(value: &T) -> Vec<u8> {
-        let old: V1 = serde_json::from_value(serde_json::to_value(value).unwrap()).unwrap();
-        let mut out = vec![POSTCARD_V1];
+    /// `value` in an earlier layout `old` (`Old` read from its JSON, which lacks the fields
+    /// that layout did not have).
+    fn encode_old<T: Compact, Old: Serialize + for<'de> Deserialize<'de>>(
+        value: &T,
+        version: u8,
+    ) -> Vec<u8> {
+        let old: Old = serde_json::from_value(serde_json::to_value(value).unwrap()).unwrap();
+        let mut out = vec![version];
         out.extend(postcard::to_allocvec(&old).unwrap());
         out
     }
 
-    /// Records and open holds written before records had `task` still read, without one; the
-    /// current layout keeps it.
-    #[test]
-    fn records_and_holds_in_the_previous_layout_still_read() {
-        let rec = record();
-        let old = encode_v1::<_, LedgerRecordV1>(&rec);
-        assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &old).unwrap(), rec);
-
-        let hold = PersistedHold {
+    fn hold(draft: LedgerRecord) -> PersistedHold {
+        PersistedHold {
             hold_id: 7,
             key_id: "key_1".into(),
             bucket: "credit".into(),
@@ -664,15 +702,26 @@ mod tests {
             consumed: Decimal::new(2, 1),
             consumed_tokens: 3,
             updated_at: Utc::now(),
-            draft: Box::new(rec.clone()),
-        };
-        let old = encode_v1::<_, PersistedHoldV1>(&hold);
+            draft: Box::new(draft),
+        }
+    }
+
+    /// Records and open holds written before records had `task` still read, without one; the
+    /// current layout keeps it.
+    #[test]
+    fn records_and_holds_in_the_previous_layout_still_read() {
+        let rec = record();
+        let old = encode_old::<_, LedgerRecordV1>(&rec, POSTCARD_V1);
+        assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &old).unwrap(), rec);
+
+        let hold = hold(rec.clone());
+        let old = encode_old::<_, PersistedHoldV1>(&hold, POSTCARD_V1);
         assert_eq!(decode_compact::<PersistedHold>(b"h/x", &old).unwrap(), hold);
 
         let mut with_task = rec;
         with_task.task = Some("run-1".into());
         let new = encode_compact(&with_task);
-        assert_eq!(new[0], POSTCARD_V2);
+        assert_eq!(new[0], POSTCARD_V3);
         assert_eq!(
             decode_compact::<LedgerRecord>(b"l/x", &new).unwrap(),
             with_task
@@ -682,5 +731,43 @@ mod tests {
         json.as_object_mut().unwrap().remove("task");
         let read: LedgerRecord = decode_compact(b"l/x", &to_json(&json)).unwrap();
         assert_eq!(read.task, None);
+    }
+
+    /// Records and open holds written before the cache counts (layout 2) still read, with the
+    /// counts at 0 and everything else kept; the current layout keeps the counts, and so does
+    /// JSON, whose records from before them read with 0.
+    #[test]
+    fn records_and_holds_before_the_cache_counts_still_read() {
+        let mut rec = record();
+        rec.task = Some("run-2".into());
+        rec.input_tokens = 900;
+        rec.output_tokens = 12;
+        let old = encode_old::<_, LedgerRecordV2>(&rec, POSTCARD_V2);
+        assert_eq!(decode_compact::<LedgerRecord>(b"l/x", &old).unwrap(), rec);
+        let open = hold(rec.clone());
+        let old = encode_old::<_, PersistedHoldV2>(&open, POSTCARD_V2);
+        assert_eq!(decode_compact::<PersistedHold>(b"h/x", &old).unwrap(), open);
+
+        let mut cached = rec;
+        cached.cache_read_tokens = 700;
+        cached.cache_write_tokens = 150;
+        let new = encode_compact(&cached);
+        assert_eq!(new[0], POSTCARD_V3);
+        assert_eq!(
+            decode_compact::<LedgerRecord>(b"l/x", &new).unwrap(),
+            cached
+        );
+        let json = to_json(&cached);
+        assert_eq!(
+            decode_compact::<LedgerRecord>(b"l/x", &json).unwrap(),
+            cached
+        );
+        let mut before = serde_json::to_value(&cached).unwrap();
+        let fields = before.as_object_mut().unwrap();
+        fields.remove("cache_read_tokens");
+        fields.remove("cache_write_tokens");
+        let read: LedgerRecord = decode_compact(b"l/x", &to_json(&before)).unwrap();
+        assert_eq!((read.cache_read_tokens, read.cache_write_tokens), (0, 0));
+        assert_eq!(read.input_tokens, 900);
     }
 }

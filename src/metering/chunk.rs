@@ -20,7 +20,8 @@ use serde::Deserialize;
 /// Token usage as reported by an upstream (`usage.prompt_tokens` / `usage.completion_tokens`,
 /// or the same counts of the Responses and Messages formats). `prompt_tokens` is the whole
 /// input, cached tokens included; the cache counts say how much of it was read from or written
-/// to the provider's prompt cache (0 when the upstream does not say).
+/// to the provider's prompt cache (0 when the upstream does not say; chat reports reads only,
+/// as `usage.prompt_tokens_details.cached_tokens`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 pub struct Usage {
     pub prompt_tokens: u64,
@@ -148,15 +149,37 @@ struct RawUsage {
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<RawPromptDetails>,
+}
+
+/// `usage.prompt_tokens_details`: the cached part of the prompt. Read leniently: a detail
+/// that is not a count leaves the input uncached rather than failing the chunk.
+#[derive(Debug)]
+struct RawPromptDetails {
+    cached_tokens: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for RawPromptDetails {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawPromptDetails, D::Error> {
+        let details = serde_json::Value::deserialize(d)?;
+        Ok(RawPromptDetails {
+            cached_tokens: details
+                .get("cached_tokens")
+                .and_then(serde_json::Value::as_u64),
+        })
+    }
 }
 
 impl RawUsage {
     /// Chat usage needs both counts; embeddings usage only `prompt_tokens` (completion 0).
     fn counts(&self, chat: bool) -> Option<Usage> {
+        let cached = self.prompt_tokens_details.as_ref();
         Some(Usage {
             prompt_tokens: self.prompt_tokens?,
             completion_tokens: if chat { self.completion_tokens? } else { 0 },
-            ..Usage::default()
+            cache_read_tokens: cached.and_then(|d| d.cached_tokens).unwrap_or(0),
+            cache_write_tokens: 0,
         })
     }
 }
@@ -417,12 +440,17 @@ impl<'a> UpstreamBody<'a> {
 }
 
 /// `usage` of a chat completion body, when it has both `prompt_tokens` and `completion_tokens`.
+/// Its `prompt_tokens_details.cached_tokens`, when a count, is the cached part of the input.
 pub fn chat_usage(body: &serde_json::Value) -> Option<Usage> {
     let usage = body.get("usage")?;
     Some(Usage {
         prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
         completion_tokens: usage.get("completion_tokens")?.as_u64()?,
-        ..Usage::default()
+        cache_read_tokens: usage
+            .pointer("/prompt_tokens_details/cached_tokens")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        cache_write_tokens: 0,
     })
 }
 
@@ -431,7 +459,6 @@ pub fn embeddings_usage(body: &serde_json::Value) -> Option<Usage> {
     let usage = body.get("usage")?;
     Some(Usage {
         prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
-        completion_tokens: 0,
         ..Usage::default()
     })
 }
@@ -776,8 +803,9 @@ mod scan {
             let mut usage = RawUsage {
                 prompt_tokens: None,
                 completion_tokens: None,
+                prompt_tokens_details: None,
             };
-            let (mut prompt, mut completion) = (false, false);
+            let (mut prompt, mut completion, mut details) = (false, false, false);
             self.object(|s, key| {
                 match key {
                     "prompt_tokens" => {
@@ -788,11 +816,32 @@ mod scan {
                         once(&mut completion)?;
                         usage.completion_tokens = s.nullable(|s| s.unsigned())?;
                     }
+                    "prompt_tokens_details" => {
+                        once(&mut details)?;
+                        usage.prompt_tokens_details = s.nullable(|s| s.prompt_details())?;
+                    }
                     _ => s.skip_value(2)?,
                 }
                 Some(())
             })?;
             Some(usage)
+        }
+
+        fn prompt_details(&mut self) -> Option<RawPromptDetails> {
+            let mut details = RawPromptDetails {
+                cached_tokens: None,
+            };
+            let mut seen = false;
+            self.object(|s, key| {
+                if key == "cached_tokens" {
+                    once(&mut seen)?;
+                    details.cached_tokens = s.nullable(|s| s.unsigned())?;
+                } else {
+                    s.skip_value(3)?;
+                }
+                Some(())
+            })?;
+            Some(details)
         }
 
         /// Skips one valid JSON value at nesting `depth`.
@@ -1079,16 +1128,72 @@ mod tests {
     }
 
     #[test]
-    fn usage_serialises_as_the_ledger_expects() {
+    fn usage_serialises_with_its_cache_counts() {
         let usage = Usage {
             prompt_tokens: 1,
             completion_tokens: 2,
-            ..Usage::default()
+            cache_read_tokens: 3,
+            cache_write_tokens: 0,
         };
         assert_eq!(
             serde_json::to_value(usage).unwrap(),
-            json!({"prompt_tokens": 1, "completion_tokens": 2, "cache_read_tokens": 0, "cache_write_tokens": 0})
+            json!({"prompt_tokens": 1, "completion_tokens": 2, "cache_read_tokens": 3, "cache_write_tokens": 0})
         );
+        let old: Usage =
+            serde_json::from_value(json!({"prompt_tokens": 1, "completion_tokens": 2})).unwrap();
+        assert_eq!((old.cache_read_tokens, old.cache_write_tokens), (0, 0));
+    }
+
+    /// Chat reports its cached prompt tokens as `usage.prompt_tokens_details.cached_tokens`:
+    /// read as cache reads on both parsing paths, in chunks and whole bodies; a detail that is
+    /// not a count leaves the input uncached and the usage intact.
+    #[test]
+    fn cached_prompt_tokens_are_cache_reads() {
+        let cached = |prompt, completion, read| Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cache_read_tokens: read,
+            cache_write_tokens: 0,
+        };
+        let data = r#"{"choices":[],"usage":{"prompt_tokens":1200,"completion_tokens":34,"total_tokens":1234,"prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0}}}"#;
+        assert!(scan::chunk(data).is_some(), "the fast path reads it");
+        assert_eq!(
+            parse_chunk(data).unwrap().usage(),
+            Some(cached(1200, 34, 1024))
+        );
+        assert_eq!(
+            serde_view(data).unwrap().usage(),
+            Some(cached(1200, 34, 1024))
+        );
+        for (details, read) in [
+            ("null", 0),
+            ("{}", 0),
+            (r#"{"cached_tokens":null}"#, 0),
+            (r#"{"cached_tokens":-5}"#, 0),
+            (r#"{"cached_tokens":2.5}"#, 0),
+            (r#""many""#, 0),
+            ("7", 0),
+            (r#"{"cached_tokens":1,"cached_tokens":9}"#, 9),
+        ] {
+            let data = format!(
+                r#"{{"choices":[],"usage":{{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{details}}}}}"#
+            );
+            let chunk = parse_chunk(&data).unwrap_or_else(|e| panic!("{data}: {e}"));
+            assert_eq!(chunk.usage(), Some(cached(12, 3, read)), "{data}");
+            let body = format!(
+                r#"{{"choices":[{{"message":{{"content":"hi"}}}}],"usage":{{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{details}}}}}"#
+            );
+            let (_, usage) = UpstreamBody::parse(body.as_bytes())
+                .unwrap()
+                .completion_output();
+            assert_eq!(usage, Some(cached(12, 3, read)), "{body}");
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                completion_output(&value).1,
+                Some(cached(12, 3, read)),
+                "{body}"
+            );
+        }
     }
 
     // ---- the fast scanner agrees with serde_json ----

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use super::chunk::Usage;
-use super::meter::{add_cost, cost, Meter};
+use super::meter::{Billed, Meter, Prices};
 use super::sse::{SseEvent, SseParser};
 use super::tokenizer::Tokenizer;
 use super::wire::{Closing, EventReader, Keep, Wire};
@@ -490,6 +490,7 @@ impl MeteredStream {
         }
         let charge = fill_record(
             &mut rec,
+            &meter.prices,
             meter.tokens,
             status,
             self.final_usage(e, meter.tokens),
@@ -626,43 +627,53 @@ fn terminated(raw: Bytes) -> Bytes {
     out.freeze()
 }
 
-/// Fills the billing fields of `rec` for an ending and returns the charge (R6, docs/ledger.md).
+/// Fills the billing fields of `rec` for an ending and returns the charge at the serving
+/// route's `prices` (R6, docs/ledger.md). Cached input is billed at the cache prices only when
+/// the upstream's usage says so; a count of our own bills the whole input at the input price.
 pub fn fill_record(
     rec: &mut LedgerRecord,
+    prices: &Prices,
     delivered: u64,
     status: Status,
     upstream: Option<Usage>,
     first_token_at: Option<Instant>,
     started: Instant,
 ) -> Decimal {
-    let in_price = rec.input_per_mtok.unwrap_or_default();
-    let out_price = rec.output_per_mtok.unwrap_or_default();
     rec.status = status;
     rec.http_status = 200;
     rec.finished_at = chrono::Utc::now();
     rec.duration_ms = started.elapsed().as_millis() as u64;
     rec.ttft_ms = first_token_at.map(|t| t.duration_since(started).as_millis() as u64);
     rec.output_tokens_delivered = delivered;
-    match upstream {
+    let billed = match upstream {
         Some(u) => {
             rec.usage_source = UsageSource::Upstream;
             rec.upstream_usage = Some(UpstreamUsage {
                 prompt_tokens: u.prompt_tokens,
                 completion_tokens: u.completion_tokens,
             });
-            rec.input_tokens = u.prompt_tokens;
-            rec.output_tokens = u.completion_tokens;
-            add_cost(
-                cost(u.prompt_tokens, in_price),
-                cost(u.completion_tokens, out_price),
-            )
+            Billed {
+                input: u.prompt_tokens,
+                cache_read: u.cache_read_tokens,
+                cache_write: u.cache_write_tokens,
+                output: u.completion_tokens,
+            }
+            .clamped()
         }
         None => {
             rec.usage_source = UsageSource::Counted;
-            rec.output_tokens = delivered;
-            add_cost(cost(rec.input_tokens, in_price), cost(delivered, out_price))
+            Billed {
+                input: rec.input_tokens,
+                output: delivered,
+                ..Billed::default()
+            }
         }
-    }
+    };
+    rec.input_tokens = billed.input;
+    rec.cache_read_tokens = billed.cache_read;
+    rec.cache_write_tokens = billed.cache_write;
+    rec.output_tokens = billed.output;
+    prices.charge(billed)
 }
 
 /// After a settlement: count the request's metrics, and its billed input and output in place of
@@ -690,6 +701,8 @@ pub struct TollgateObject<'a> {
     currency: Option<&'a str>,
     cost: String,
     input_tokens: u64,
+    cache_read_tokens: u64,
+    cache_write_tokens: u64,
     output_tokens: u64,
     fallbacks: u32,
     retries: u32,
@@ -706,6 +719,8 @@ pub fn tollgate_object(rec: &LedgerRecord) -> TollgateObject<'_> {
         currency: rec.currency.as_deref(),
         cost: rec.cost.normalize().to_string(),
         input_tokens: rec.input_tokens,
+        cache_read_tokens: rec.cache_read_tokens,
+        cache_write_tokens: rec.cache_write_tokens,
         output_tokens: rec.output_tokens,
         fallbacks: rec.fallbacks,
         retries: rec.retries,
@@ -731,6 +746,7 @@ impl Drop for MeteredStream {
         let delivered = meter.tokens - self.out_tokens;
         let charge = fill_record(
             &mut rec,
+            &meter.prices,
             delivered,
             Status::ClientDisconnected,
             None,
@@ -744,5 +760,88 @@ impl Drop for MeteredStream {
             .increment(1);
         self.leave_gauge();
         meter.hold.settle_detached(charge, Some(rec));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn prices() -> Prices {
+        Prices {
+            input: Decimal::from(3),
+            cache_read: Decimal::new(3, 1),
+            cache_write: Decimal::new(375, 2),
+            output: Decimal::from(15),
+        }
+    }
+
+    /// The upstream's usage bills its cache counts at the cache prices; a report of more cached
+    /// tokens than input tokens raises the billed input to them, and `upstream_usage` keeps
+    /// what the upstream said.
+    #[test]
+    fn the_record_carries_the_billed_cache_counts() {
+        let mut rec = LedgerRecord::empty("req_1".into(), chrono::Utc::now());
+        let usage = Usage {
+            prompt_tokens: 196,
+            completion_tokens: 9,
+            cache_read_tokens: 64,
+            cache_write_tokens: 32,
+        };
+        let started = Instant::now();
+        let charge = fill_record(
+            &mut rec,
+            &prices(),
+            9,
+            Status::Completed,
+            Some(usage),
+            None,
+            started,
+        );
+        // 100 × 3 + 64 × 0.3 + 32 × 3.75 + 9 × 15 = 574.2 per million.
+        assert_eq!(charge, "0.0005742".parse::<Decimal>().unwrap());
+        assert_eq!(
+            (
+                rec.input_tokens,
+                rec.cache_read_tokens,
+                rec.cache_write_tokens,
+                rec.output_tokens
+            ),
+            (196, 64, 32, 9)
+        );
+
+        let odd = Usage {
+            prompt_tokens: 10,
+            cache_read_tokens: 50,
+            ..usage
+        };
+        let charge = fill_record(
+            &mut rec,
+            &prices(),
+            9,
+            Status::Completed,
+            Some(odd),
+            None,
+            started,
+        );
+        assert_eq!((rec.input_tokens, rec.cache_read_tokens), (82, 50));
+        assert_eq!(rec.upstream_usage.map(|u| u.prompt_tokens), Some(10));
+        // Nothing uncached: 50 × 0.3 + 32 × 3.75 + 9 × 15 = 270 per million.
+        assert_eq!(charge, "0.00027".parse::<Decimal>().unwrap());
+
+        // Without the upstream's usage: the input estimate at the input price, no cache counts.
+        rec.input_tokens = 100;
+        let charge = fill_record(
+            &mut rec,
+            &prices(),
+            4,
+            Status::BalanceExhausted,
+            None,
+            None,
+            started,
+        );
+        assert_eq!((rec.cache_read_tokens, rec.cache_write_tokens), (0, 0));
+        assert_eq!(charge, "0.00036".parse::<Decimal>().unwrap());
     }
 }

@@ -365,17 +365,40 @@ impl EventReader {
                 m
             }
         };
-        chunk.insert(
-            "usage".into(),
-            json!({
-                "prompt_tokens": rec.input_tokens,
-                "completion_tokens": rec.output_tokens,
-                "total_tokens": rec.input_tokens.saturating_add(rec.output_tokens),
-            }),
-        );
+        let usage = billed_chat_usage(chunk.remove("usage"), rec);
+        chunk.insert("usage".into(), usage);
         chunk.insert("tollgate".into(), tollgate);
         Value::Object(chunk)
     }
+}
+
+/// Chat's `usage` with the billed numbers (R23): the upstream's other members are kept (its
+/// details), the counts replaced, and `prompt_tokens_details.cached_tokens` set to the billed
+/// cache reads when there are any.
+fn billed_chat_usage(upstream: Option<Value>, rec: &LedgerRecord) -> Value {
+    let mut usage = match upstream {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    usage.insert("prompt_tokens".into(), json!(rec.input_tokens));
+    usage.insert("completion_tokens".into(), json!(rec.output_tokens));
+    usage.insert(
+        "total_tokens".into(),
+        json!(rec.input_tokens.saturating_add(rec.output_tokens)),
+    );
+    match usage.get_mut("prompt_tokens_details") {
+        Some(Value::Object(details)) => {
+            details.insert("cached_tokens".into(), json!(rec.cache_read_tokens));
+        }
+        _ if rec.cache_read_tokens > 0 => {
+            usage.insert(
+                "prompt_tokens_details".into(),
+                json!({ "cached_tokens": rec.cache_read_tokens }),
+            );
+        }
+        _ => {}
+    }
+    Value::Object(usage)
 }
 
 fn push_event(out: &mut BytesMut, event: Option<&str>, data: &str) {

@@ -964,3 +964,67 @@ fn options_parse_as_cli_flags_and_toml_table() {
     assert_eq!(opts.tokens, 3);
     assert_eq!(opts.ttft_ms, 50);
 }
+
+/// `x-mock-cache-read-tokens` reports that many more prompt tokens, as cached, in the stream's
+/// usage chunk and in a whole answer's usage, and only when asked; a value that is not a count
+/// is a 400 naming the header.
+#[tokio::test]
+async fn chat_reports_cache_reads_when_asked() {
+    let server = start(fast());
+    let http = client();
+    let mut body = chat_body(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = http
+        .post(url(&server, "/v1/chat/completions"))
+        .header("x-mock-cache-read-tokens", "2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (chunks, done) = parse_sse(&text);
+    assert!(done);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens"], 5, "{usage}");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 2,
+        "{usage}"
+    );
+
+    let whole: Value = http
+        .post(url(&server, "/v1/chat/completions"))
+        .header("x-mock-cache-read-tokens", "3")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 3);
+    assert_eq!(whole["usage"]["prompt_tokens"], 6);
+
+    let plain: Value = http
+        .post(url(&server, "/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(plain["usage"].get("prompt_tokens_details").is_none());
+
+    let bad = http
+        .post(url(&server, "/v1/chat/completions"))
+        .header("x-mock-cache-read-tokens", "some")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let v: Value = bad.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "x-mock-cache-read-tokens");
+}

@@ -23,7 +23,7 @@ use crate::app::AppState;
 use crate::config::{Endpoint, Route};
 use crate::ledger::{Attempt, LedgerRecord, Status};
 use crate::metering::chunk::UpstreamBody;
-use crate::metering::meter::Meter;
+use crate::metering::meter::{Meter, Prices};
 use crate::metering::stream::{account, fill_record, tollgate_object, MeteredStream, StreamParts};
 use crate::metering::wire::{complete_output, Wire};
 use crate::route::AttemptReporter;
@@ -206,7 +206,7 @@ async fn respond_stream(
         .saturating_mul(call.max_tokens.unwrap_or(u64::MAX / 4));
     let meter = Meter::new(
         hold,
-        on.route.output_per_mtok,
+        Prices::of(on.route),
         settlement.initial_output_hold_tokens,
         settlement.max_output_hold_tokens,
         limit,
@@ -314,6 +314,7 @@ async fn respond_complete(
     draft.attempts.push(ok);
     let charge = fill_record(
         &mut draft,
+        &Prices::of(on.route),
         counted_out,
         Status::Completed,
         usage,

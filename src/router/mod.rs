@@ -669,6 +669,8 @@ mod tests {
                 bucket: "b".into(),
                 input_per_mtok: Decimal::ONE,
                 output_per_mtok: Decimal::ONE,
+                cache_read_per_mtok: Decimal::ONE,
+                cache_write_per_mtok: Decimal::ONE,
                 priority,
                 weight,
                 position,

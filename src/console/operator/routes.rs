@@ -58,7 +58,13 @@ pub async fn index(op: Operator, state: web::Data<AppState>) -> HttpResponse {
                         td { strong { (r.id) } br; span.muted { (m.name) " via " (r.provider) " · priority " (r.priority) } }
                         td { code { (r.upstream_model) } }
                         td { (r.bucket) " " span.muted { "(" (kind) ")" } }
-                        td.num { (layout::per_mtok(r.input_per_mtok, cur, scale)) br; (layout::per_mtok(r.output_per_mtok, cur, scale)) }
+                        td.num {
+                            (layout::per_mtok(r.input_per_mtok, cur, scale)) br; (layout::per_mtok(r.output_per_mtok, cur, scale))
+                            @if r.cache_read_per_mtok != r.input_per_mtok || r.cache_write_per_mtok != r.input_per_mtok {
+                                br; span.muted { "cache read " (layout::per_mtok(r.cache_read_per_mtok, cur, scale)) } br;
+                                span.muted { "cache write " (layout::per_mtok(r.cache_write_per_mtok, cur, scale)) }
+                            }
+                        }
                         td class=(format!("state-{st}")) { (st) }
                         td.num { (s.consecutive_failures) }
                         td.num { (s.requests) }
