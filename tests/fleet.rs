@@ -46,6 +46,8 @@ struct FleetConfig<'a> {
     /// Prices of model `m` per million tokens (input, output), in USD.
     prices: (&'a str, &'a str),
     lease_ttl_ms: u64,
+    /// Declare the bootstrap key `demo` (secret `DEMO_KEY`, 7 USD) in every instance's config.
+    bootstrap: bool,
 }
 
 /// Three gateways on one database; dropping it kills the gateways, then stops the cluster.
@@ -60,10 +62,7 @@ impl Fleet {
     fn start(cfg: FleetConfig<'_>) -> Fleet {
         let pg = PgCluster::start();
         let url = pg.url();
-        let bodies: Vec<String> = INSTANCES
-            .iter()
-            .map(|id| fleet_body(id, &cfg))
-            .collect();
+        let bodies: Vec<String> = INSTANCES.iter().map(|id| fleet_body(id, &cfg)).collect();
         let gws = std::thread::scope(|s| {
             let handles: Vec<_> = bodies
                 .iter()
@@ -98,7 +97,10 @@ impl Fleet {
 
     /// Every instance still running.
     fn live(&self) -> impl Iterator<Item = (usize, &Gateway)> {
-        self.gws.iter().enumerate().filter(|(_, g)| g.pid().is_some())
+        self.gws
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.pid().is_some())
     }
 
     fn assert_no_panic(&self) {
@@ -133,9 +135,16 @@ retry = {{ max_retries = 0, backoff_base_ms = 5, backoff_max_ms = 50 }}
 routes = [
   {{ provider = "p1", upstream_model = "up-m1", bucket = "credit", input_per_mtok = "{pin}", output_per_mtok = "{pout}" }},
 ]
-"#,
+{keys}"#,
         ttl = cfg.lease_ttl_ms,
         settlement = cfg.settlement,
+        keys = if cfg.bootstrap {
+            format!(
+                "\n[[keys]]\nname = \"demo\"\nsecret = \"{DEMO_KEY}\"\ntopup = {{ credit = \"7\" }}\n"
+            )
+        } else {
+            String::new()
+        },
     )
 }
 
@@ -158,7 +167,8 @@ async fn topup(g: &Gateway, key: &str, amount: &str, reference: Option<&str>) ->
     if let Some(r) = reference {
         body["reference"] = r.into();
     }
-    g.admin_post(&format!("/admin/keys/{key}/topup"), body).await
+    g.admin_post(&format!("/admin/keys/{key}/topup"), body)
+        .await
 }
 
 /// (balance, held, available) of the key's `credit` bucket as `g` sees it.
@@ -434,9 +444,11 @@ async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered
     let _serial = SERIAL.lock().await;
     // Input free, one output token = 1 USD: the key pays for 300 tokens; 300 streams ask 20 each.
     let f = Fleet::start(FleetConfig {
-        settlement: "flush_interval_ms = 50\ninitial_output_hold_tokens = 4\nmax_output_hold_tokens = 16",
+        settlement:
+            "flush_interval_ms = 50\ninitial_output_hold_tokens = 4\nmax_output_hold_tokens = 16",
         prices: ("0", "1000000"),
         lease_ttl_ms: 10_000,
+        bootstrap: false,
     });
     let (key, secret) = create_key(f.a(), "drain", json!({})).await;
     let (s, v) = topup(f.a(), &key, "300", Some("drain-fund")).await;
@@ -467,10 +479,9 @@ async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered
     let records = by_id(&recs);
     let (mut completed, mut cut, mut refused, mut delivered_total) = (0, 0, 0, 0u64);
     for s in &seen {
-        let id = s
-            .id
-            .as_ref()
-            .unwrap_or_else(|| panic!("no request id: {s:?}"));
+        let id =
+            s.id.as_ref()
+                .unwrap_or_else(|| panic!("no request id: {s:?}"));
         let rec = records
             .get(id)
             .unwrap_or_else(|| panic!("{id} ({}) has no ledger record", INSTANCES[s.instance]));
@@ -519,7 +530,10 @@ async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered
          delivered, served by {} instances, {polls} wallet polls",
         served.len()
     );
-    assert!(completed + cut > 0 && refused > 0, "the key was not drained");
+    assert!(
+        completed + cut > 0 && refused > 0,
+        "the key was not drained"
+    );
     assert!(delivered_total <= 300);
     assert_conservation(&f, &key, funded, &recs).await;
 
@@ -560,6 +574,7 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
         settlement: &format!("flush_interval_ms = {FLUSH_MS}"),
         prices: (pin, pout),
         lease_ttl_ms: TTL_MS,
+        bootstrap: false,
     });
     let (key, secret) = create_key(f.a(), "kill", json!({})).await;
     assert_eq!(topup(f.a(), &key, "100", None).await.0, 200);
@@ -586,7 +601,11 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
             let id = request_id(&r).unwrap();
             tx.send(id.clone()).await.unwrap();
             let events = read_events(r).await.unwrap_or_else(|ev| ev);
-            assert_ne!(events.last().map(String::as_str), Some("[DONE]"), "{id} ended");
+            assert_ne!(
+                events.last().map(String::as_str),
+                Some("[DONE]"),
+                "{id} ended"
+            );
             (id, content_deltas(&events))
         });
     }
@@ -617,10 +636,7 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
         let held_b = wallet(&f.gws[1], &key).await.1;
         let held_c = wallet(&f.gws[2], &key).await.1;
         let recs = f.gws[1].all_records(&format!("&key_id={key}")).await;
-        let interrupted = recs
-            .iter()
-            .filter(|r| r["status"] == "interrupted")
-            .count();
+        let interrupted = recs.iter().filter(|r| r["status"] == "interrupted").count();
         if held_b.is_zero() && held_c.is_zero() && interrupted >= 50 {
             break killed.elapsed();
         }
@@ -651,7 +667,11 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
         .iter()
         .filter(|r| r["status"] == "interrupted")
         .collect();
-    assert_eq!(interrupted.len(), 50, "one interrupted record per open stream");
+    assert_eq!(
+        interrupted.len(),
+        50,
+        "one interrupted record per open stream"
+    );
     let per_token = d(pout) / Decimal::from(1_000_000);
     let per_input = d(pin) / Decimal::from(1_000_000);
     for id in &open {
@@ -665,7 +685,10 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
         // Billed is the consumption persisted at the last flush: never more than the client
         // received, and short of it by about one flush interval of streaming at most (25
         // tokens = 250 ms at this pace, for a busy machine).
-        assert!(billed <= received, "{id}: billed {billed} > received {received}");
+        assert!(
+            billed <= received,
+            "{id}: billed {billed} > received {received}"
+        );
         assert!(billed > 0, "{id}: its consumption was never persisted");
         assert!(
             billed + 25 >= received,
@@ -733,6 +756,7 @@ async fn database_restart_under_load_loses_nothing_and_recovers_by_itself() {
         settlement: "flush_interval_ms = 50\ninitial_output_hold_tokens = 32",
         prices: ("0", "1000"),
         lease_ttl_ms: 10_000,
+        bootstrap: false,
     });
     let (key, secret) = create_key(f.a(), "restart", json!({})).await;
     assert_eq!(topup(f.a(), &key, "10", None).await.0, 200);
@@ -920,9 +944,38 @@ async fn keys_and_topups_made_on_one_instance_work_on_the_others_at_once() {
         settlement: "flush_interval_ms = 50",
         prices: ("0", "1000000"),
         lease_ttl_ms: 10_000,
+        bootstrap: true,
     });
     let client = http();
     let (a, b, c) = (&f.gws[0], &f.gws[1], &f.gws[2]);
+
+    // The bootstrap key in all three configs is one key of the fleet, funded once (R11).
+    let (_, v) = a.admin_get("/admin/keys").await;
+    let demos: Vec<&Value> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["name"] == "demo")
+        .collect();
+    assert_eq!(
+        demos.len(),
+        1,
+        "the bootstrap key is listed {} times: {v}",
+        demos.len()
+    );
+    let demo = demos[0]["id"].as_str().unwrap().to_string();
+    for (i, g) in f.gws.iter().enumerate() {
+        assert_eq!(
+            wallet(g, &demo).await.0,
+            d("7"),
+            "{}: the bootstrap top-up of 7 was not applied exactly once",
+            INSTANCES[i]
+        );
+    }
+    for (i, g) in f.gws.iter().enumerate() {
+        let s = request(&client, i, &g.client_url, DEMO_KEY, false, 1, 1).await;
+        assert_eq!(s.status, 200, "{}: the bootstrap key: {s:?}", INSTANCES[i]);
+    }
 
     // A key created on A is known on B at once (unfunded: 402, not 401).
     let (key, secret) = create_key(a, "cross", json!({})).await;
@@ -954,7 +1007,10 @@ async fn keys_and_topups_made_on_one_instance_work_on_the_others_at_once() {
     let before = wallet(a, &key).await.0;
     for n in 0..10 {
         let reference = format!("race-{n}");
-        let calls = f.gws.iter().map(|g| topup(g, &key, "0.25", Some(&reference)));
+        let calls = f
+            .gws
+            .iter()
+            .map(|g| topup(g, &key, "0.25", Some(&reference)));
         for (i, (status, v)) in futures_util::future::join_all(calls)
             .await
             .into_iter()
@@ -968,7 +1024,11 @@ async fn keys_and_topups_made_on_one_instance_work_on_the_others_at_once() {
     assert_eq!(v["error"]["code"], "reference_conflict", "{v}");
     let recs = quiesce(&f, &key).await;
     let after = wallet(a, &key).await.0;
-    assert_eq!(after - before, d("2.5"), "ten references of 0.25, each once");
+    assert_eq!(
+        after - before,
+        d("2.5"),
+        "ten references of 0.25, each once"
+    );
     assert_conservation(&f, &key, d("5") + d("3") + d("2.5"), &recs).await;
 
     // Revoked on C: refused everywhere.
@@ -1011,6 +1071,7 @@ async fn every_instance_admin_api_answers_for_the_whole_fleet() {
         settlement: "flush_interval_ms = 50",
         prices: ("1000", "2000"),
         lease_ttl_ms: 10_000,
+        bootstrap: false,
     });
     let client = http();
     let (key, secret) = create_key(&f.gws[2], "admin", json!({"project": "fleet-admin"})).await;
@@ -1088,7 +1149,11 @@ async fn every_instance_admin_api_answers_for_the_whole_fleet() {
         // Keys, wallets, explain, catalog.
         let (_, v) = g.admin_get("/admin/keys").await;
         assert!(
-            v["keys"].as_array().unwrap().iter().any(|k| k["id"] == key.as_str()),
+            v["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["id"] == key.as_str()),
             "{name}: the key created on gw-c is not listed"
         );
         wallets.push(g.admin_get(&format!("/admin/keys/{key}/wallet")).await.1);
@@ -1107,7 +1172,10 @@ async fn every_instance_admin_api_answers_for_the_whole_fleet() {
     assert!(wallets.windows(2).all(|w| w[0] == w[1]), "{wallets:?}");
     assert!(explains.windows(2).all(|w| w[0] == w[1]), "{explains:?}");
     let cost: Decimal = recs.iter().map(|r| dec(&r["cost"])).sum();
-    assert_eq!(dec(&wallets[0]["buckets"]["credit"]["balance"]), d("50") - cost);
+    assert_eq!(
+        dec(&wallets[0]["buckets"]["credit"]["balance"]),
+        d("50") - cost
+    );
     f.assert_no_panic();
 }
 
@@ -1121,6 +1189,7 @@ async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
         settlement: "flush_interval_ms = 50",
         prices: ("0", "1"),
         lease_ttl_ms: 10_000,
+        bootstrap: false,
     });
     let client = http();
 
@@ -1187,3 +1256,28 @@ async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
 const FLEET_RPM_SLACK: u64 = 0;
 /// The documented bound for `max_concurrent_streams` (docs/fleet.md).
 const FLEET_STREAMS_SLACK: u64 = 0;
+
+// ---------------------------------------------------------------------------------------------
+// 0. The harness itself
+
+#[test]
+fn the_throwaway_cluster_serves_restarts_and_is_removed_on_drop() {
+    let mut pg = PgCluster::start();
+    pg.query("CREATE TABLE t (x numeric)");
+    pg.query("INSERT INTO t VALUES (1.000000000000000001)");
+    pg.stop(StopMode::Fast);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", pg.port)).is_err(),
+        "the server still listens after a stop"
+    );
+    pg.restart();
+    assert_eq!(pg.query("SELECT sum(x) FROM t"), "1.000000000000000001");
+    let (port, dir) = (pg.port, pg.dir());
+    assert!(dir.exists());
+    drop(pg);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the server outlived its cluster"
+    );
+}

@@ -75,7 +75,9 @@ pub fn find_bindir() -> Option<PathBuf> {
 
 /// This process's effective uid (the owner of `/proc/self`).
 fn euid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 /// The uid and gid of a system user, from `/etc/passwd`.
@@ -170,10 +172,12 @@ impl PgCluster {
 
     /// `postgres://tollgate@127.0.0.1:PORT/tollgate_fleet`.
     pub fn url(&self) -> String {
-        format!(
-            "postgres://{PG_USER}@127.0.0.1:{}/{PG_DATABASE}",
-            self.port
-        )
+        format!("postgres://{PG_USER}@127.0.0.1:{}/{PG_DATABASE}", self.port)
+    }
+
+    /// The temporary directory (data, socket, log); removed on drop.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -211,7 +215,10 @@ impl PgCluster {
     fn try_start(&mut self) -> Result<(), String> {
         let data = self.data_dir().display().to_string();
         let log = self.log_path().display().to_string();
-        let out = self.tool("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "60", "start"]);
+        let out = self.tool(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-w", "-t", "60", "start"],
+        );
         if !out.status.success() {
             return Err(format!("pg_ctl start: {}\n{}", show(&out), self.log()));
         }
@@ -239,7 +246,16 @@ impl PgCluster {
     /// Runs one SQL statement with `psql` and returns its unaligned output (`-At`).
     pub fn query(&self, sql: &str) -> String {
         let out = Command::new(self.bindir.join("psql"))
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", &self.url(), "-c", sql])
+            .args([
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url(),
+                "-c",
+                sql,
+            ])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -258,7 +274,11 @@ impl PgCluster {
             if out.status.success() {
                 return;
             }
-            assert!(Instant::now() < deadline, "postgres not ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "postgres not ready:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
