@@ -550,8 +550,8 @@ async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered
     } else {
         assert_eq!(last.status, 402, "{last:?}");
     }
-    for i in 0..2 {
-        let s = request(&client, i, &f.gws[i].client_url, &secret, true, 20, 1).await;
+    for (i, g) in f.gws.iter().enumerate().take(2) {
+        let s = request(&client, i, &g.client_url, &secret, true, 20, 1).await;
         assert_eq!(s.status, 402, "{}: {s:?}", INSTANCES[i]);
         assert_eq!(s.error.as_deref(), Some("insufficient_balance"));
     }
@@ -700,8 +700,8 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
     }
 
     // The survivors serve the key, and the money still adds up.
-    for i in 1..3 {
-        let s = request(&client, i, &f.gws[i].client_url, &secret, true, 5, 1).await;
+    for (i, g) in f.gws.iter().enumerate().skip(1) {
+        let s = request(&client, i, &g.client_url, &secret, true, 5, 1).await;
         assert_eq!(s.status, 200, "{}: {s:?}", INSTANCES[i]);
         assert!(s.done);
     }
