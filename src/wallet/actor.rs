@@ -114,7 +114,9 @@ where
                     let _ = tx.send(v);
                 }
             }
-            Answer::Later(r) => r.handle(ctx, tx),
+            Answer::Later(r) => {
+                <AtomicResponse<WalletActor, T> as actix::dev::MessageResponse<WalletActor, M>>::handle(r, ctx, tx)
+            }
         }
     }
 }

@@ -113,8 +113,9 @@ pub fn open(
     };
     let ttl = Duration::from_millis(cfg.lease_ttl_ms);
     let instance = cfg.instance_id.clone();
+    let start_pool = pool.clone();
     let epoch = store
-        .wait(async move { migrate_and_register(&pg, &instance, ttl).await })
+        .wait(async move { migrate_and_register(&start_pool, &instance, ttl).await })
         .map_err(|e| format!("store: {e}"))?;
     tracing::info!(instance_id = %cfg.instance_id, epoch, "registered with the shared database");
     let failing = Arc::new(AtomicBool::new(false));
@@ -139,13 +140,24 @@ pub fn open(
 /// An earlier registration under the same name is reaped once it has expired (a restart after
 /// a crash); one that is still renewed is another live instance, which is an error.
 async fn migrate_and_register(
-    pg: &tokio_postgres::Config,
+    pool: &Pool,
     instance: &str,
     ttl: Duration,
 ) -> Result<u64, StoreError> {
-    let (mut client, conn) = pg.connect(NoTls).await.map_err(db_err)?;
-    let conn = tokio::spawn(conn);
-    // A session lock: released when this connection closes, whatever happens.
+    let mut client = pool.get().await.map_err(db_err)?;
+    let r = migrate_and_register_on(&mut client, instance, ttl).await;
+    // The connection holds the session's advisory lock: closing it (rather than handing it
+    // back to the pool) releases the lock whatever happened.
+    drop(deadpool_postgres::Object::take(client));
+    r
+}
+
+async fn migrate_and_register_on(
+    client: &mut deadpool_postgres::Object,
+    instance: &str,
+    ttl: Duration,
+) -> Result<u64, StoreError> {
+    // A session lock, held until the connection closes.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -228,8 +240,6 @@ async fn migrate_and_register(
         tx.commit().await.map_err(db_err)?;
         break epoch;
     };
-    drop(client);
-    let _ = conn.await;
     Ok(epoch)
 }
 
@@ -300,7 +310,7 @@ impl PgStore {
     ) -> Result<Vec<(Vec<u8>, LedgerRecord)>, StoreError> {
         let rows = match key_id {
             Some(k) => self.query(
-                "SELECT record FROM tg_ledger
+                "SELECT record, instance_id FROM tg_ledger
                  WHERE key_id = $1 AND started_at >= $2 AND started_at < $3
                    AND (started_at, request_id) < ($4, $5)
                  ORDER BY started_at DESC, request_id DESC LIMIT $6",
@@ -314,7 +324,7 @@ impl PgStore {
                 ],
             )?,
             None => self.query(
-                "SELECT record FROM tg_ledger
+                "SELECT record, instance_id FROM tg_ledger
                  WHERE started_at >= $1 AND started_at < $2
                    AND (started_at, request_id) < ($3, $4)
                  ORDER BY started_at DESC, request_id DESC LIMIT $5",
@@ -329,12 +339,18 @@ impl PgStore {
         };
         rows.iter()
             .map(|r| {
-                let bytes: &[u8] = r.get(0);
-                let rec: LedgerRecord = decode_compact(b"tg_ledger", bytes)?;
+                let rec = record_from_row(r)?;
                 Ok((key_l(&rec), rec))
             })
             .collect()
     }
+}
+
+/// A ledger row (`record, instance_id`) as the record the admin API shows.
+fn record_from_row(row: &tokio_postgres::Row) -> Result<LedgerRecord, StoreError> {
+    let mut rec: LedgerRecord = decode_compact(b"tg_ledger", row.get::<_, &[u8]>(0))?;
+    rec.instance_id = row.get(1);
+    Ok(rec)
 }
 
 fn key_from_row(row: &tokio_postgres::Row) -> Result<ApiKeyRecord, StoreError> {
@@ -412,11 +428,11 @@ impl WalletStore for PgStore {
 impl LedgerStore for PgStore {
     fn record(&self, request_id: &str) -> Result<Option<LedgerRecord>, StoreError> {
         let rows = self.query(
-            "SELECT record FROM tg_ledger WHERE request_id = $1",
+            "SELECT record, instance_id FROM tg_ledger WHERE request_id = $1",
             vec![Box::new(request_id.to_string())],
         )?;
         match rows.first() {
-            Some(r) => Ok(Some(decode_compact(b"tg_ledger", r.get::<_, &[u8]>(0))?)),
+            Some(r) => Ok(Some(record_from_row(r)?)),
             None => Ok(None),
         }
     }
@@ -452,7 +468,7 @@ impl LedgerStore for PgStore {
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError> {
         let rows = self.query(
-            "SELECT record FROM tg_ledger
+            "SELECT record, instance_id FROM tg_ledger
              WHERE task = $1 AND started_at >= $2 AND started_at < $3
              ORDER BY started_at, request_id",
             vec![
@@ -463,7 +479,7 @@ impl LedgerStore for PgStore {
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            let rec: LedgerRecord = decode_compact(b"tg_ledger", r.get::<_, &[u8]>(0))?;
+            let rec = record_from_row(r)?;
             if key_id.is_none_or(|k| rec.key_id == k) {
                 out.push(rec);
             }

@@ -500,14 +500,14 @@ async fn apply(
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
     latest.reverse();
-    write_records(&tx, &latest, false).await?;
+    write_records(&tx, &latest, false, me).await?;
     let absent: Vec<&LedgerRecord> = p
         .if_absent
         .iter()
         .map(|r| &**r)
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
-    write_records(&tx, &absent, true).await?;
+    write_records(&tx, &absent, true, me).await?;
     if !p.holds_done.is_empty() {
         let ids: Vec<i64> = p.holds_done.iter().map(|h| *h as i64).collect();
         let stmt = tx
@@ -524,6 +524,7 @@ async fn write_records(
     tx: &Transaction<'_>,
     recs: &[&LedgerRecord],
     if_absent: bool,
+    instance: &str,
 ) -> Result<(), StoreError> {
     if recs.is_empty() {
         return Ok(());
@@ -534,18 +535,18 @@ async fn write_records(
     let tasks: Vec<Option<&str>> = recs.iter().map(|r| r.task.as_deref()).collect();
     let bytes: Vec<Vec<u8>> = recs.iter().map(|r| encode_compact(*r)).collect();
     let sql = if if_absent {
-        "INSERT INTO tg_ledger (request_id, started_at, key_id, task, record)
-         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bytea[])
+        "INSERT INTO tg_ledger (request_id, started_at, key_id, task, record, instance_id)
+         SELECT *, $6 FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bytea[])
          ON CONFLICT (request_id) DO NOTHING"
     } else {
-        "INSERT INTO tg_ledger (request_id, started_at, key_id, task, record)
-         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bytea[])
+        "INSERT INTO tg_ledger (request_id, started_at, key_id, task, record, instance_id)
+         SELECT *, $6 FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bytea[])
          ON CONFLICT (request_id) DO UPDATE
          SET started_at = EXCLUDED.started_at, key_id = EXCLUDED.key_id, task = EXCLUDED.task,
-             record = EXCLUDED.record"
+             record = EXCLUDED.record, instance_id = EXCLUDED.instance_id"
     };
     let stmt = tx.prepare_cached(sql).await.map_err(db_err)?;
-    tx.execute(&stmt, &[&ids, &started, &keys, &tasks, &bytes])
+    tx.execute(&stmt, &[&ids, &started, &keys, &tasks, &bytes, &instance])
         .await
         .map_err(db_err)?;
     Ok(())
@@ -565,7 +566,7 @@ async fn settle_lost(
     let prev = match record {
         Some(r) => tx
             .query_opt(
-                "SELECT record FROM tg_ledger WHERE request_id = $1",
+                "SELECT record, instance_id FROM tg_ledger WHERE request_id = $1",
                 &[&r.request_id],
             )
             .await
@@ -1076,7 +1077,7 @@ pub(super) async fn reap(tx: &Transaction<'_>, instance: &str) -> Result<usize, 
         }
     }
     let refs: Vec<&LedgerRecord> = records.iter().collect();
-    write_records(tx, &refs, true).await?;
+    write_records(tx, &refs, true, instance).await?;
     for table in [
         "DELETE FROM tg_holds WHERE instance_id = $1",
         "DELETE FROM tg_leases WHERE instance_id = $1",

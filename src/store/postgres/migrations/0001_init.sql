@@ -86,6 +86,8 @@ CREATE TABLE tg_ledger (
     started_at timestamptz NOT NULL,
     key_id     text NOT NULL,
     task       text,
+    -- The instance that served the request (not part of the record's bytes).
+    instance_id text,
     record     bytea NOT NULL
 );
 CREATE INDEX tg_ledger_time ON tg_ledger (started_at, request_id);
