@@ -212,6 +212,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         writer,
         thread: writer_thread,
         instance_id,
+        instances,
     } = crate::store::open(&config)?;
     let keys = Keys::load(store.clone(), writer.clone()).map_err(|e| e.to_string())?;
     let wallets = Wallets::new(
@@ -276,7 +277,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         redactor: Redactor::new(secrets),
         ready: AtomicBool::new(false),
         provider_keys,
-        limits: crate::limits::Limits::new(),
+        limits: crate::limits::Limits::shared(instances),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
         console: Default::default(),

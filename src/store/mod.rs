@@ -72,6 +72,9 @@ pub struct Opened {
     pub thread: WriterThread,
     /// What this instance is called in shared state (`None` for a store one process owns).
     pub instance_id: Option<String>,
+    /// How many instances share the store (1 for one process), kept current while it runs:
+    /// each instance enforces its share of a key's rate limits.
+    pub instances: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// Opens the configured store: sled in `server.data_dir` (settling the holds a crash left), or
@@ -96,6 +99,7 @@ pub fn open(config: &Config) -> Result<Opened, String> {
                 writer,
                 thread,
                 instance_id: None,
+                instances: Arc::new(std::sync::atomic::AtomicU32::new(1)),
             })
         }
         StoreConfig::Postgres(pg) => {
@@ -105,12 +109,14 @@ pub fn open(config: &Config) -> Result<Opened, String> {
                     pg.url_env
                 )
             })?;
-            let (store, writer, thread) = postgres::open(&url, pg, flush)?;
+            let instances = Arc::new(std::sync::atomic::AtomicU32::new(1));
+            let (store, writer, thread) = postgres::open(&url, pg, flush, instances.clone())?;
             Ok(Opened {
                 store: Arc::new(store),
                 writer,
                 thread,
                 instance_id: Some(pg.instance_id.clone()),
+                instances,
             })
         }
     }

@@ -511,7 +511,10 @@ impl Message for Extend {
 impl Handler<Extend> for WalletActor {
     type Result = Answer<Decimal>;
     fn handle(&mut self, m: Extend, _: &mut Context<Self>) -> Self::Result {
-        let bucket = self.holds.get(&m.hold_id).map(|h| h.bucket.clone());
+        let bucket = match self.lease {
+            Some(_) => self.holds.get(&m.hold_id).map(|h| h.bucket.clone()),
+            None => None,
+        };
         if let Some(bucket) = bucket {
             if let Some(more) = self.lease_shortfall(&bucket, m.want) {
                 return self.with_more_lease(bucket, more, move |act| {

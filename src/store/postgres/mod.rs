@@ -73,6 +73,7 @@ pub fn open(
     url: &str,
     cfg: &PostgresStore,
     flush_interval: Duration,
+    instances: Arc<std::sync::atomic::AtomicU32>,
 ) -> Result<(PgStore, LedgerWriter, WriterThread), String> {
     let mut pg: tokio_postgres::Config = url
         .parse()
@@ -128,6 +129,7 @@ pub fn open(
             instance_id: cfg.instance_id.clone(),
             ttl,
             epoch,
+            instances,
         },
         flush_interval,
         failing,

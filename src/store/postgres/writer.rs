@@ -42,6 +42,8 @@ pub(super) struct Shared {
     pub ttl: Duration,
     /// This instance's registration epoch (see [`LedgerWriter::epoch`]).
     pub epoch: Arc<AtomicU64>,
+    /// The live instances, counted at every renewal (rate limits are shared among them).
+    pub instances: Arc<std::sync::atomic::AtomicU32>,
 }
 
 const MAX_BATCH: usize = 4096;
@@ -190,12 +192,15 @@ struct Health {
 fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &AtomicBool) {
     let window = (flush_interval / 10).min(Duration::from_millis(10));
     let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
-    let tick = (shared.ttl / 4).max(Duration::from_millis(25));
+    // At most a second: the count of live instances (the rate limits' shares) follows too.
+    let tick = (shared.ttl / 4)
+        .min(Duration::from_secs(1))
+        .max(Duration::from_millis(25));
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
         connected_since: Some(Instant::now()),
-        next_renewal: Instant::now() + tick,
+        next_renewal: Instant::now(),
         next_reap: Instant::now() + tick,
     };
     let mut stopping = false;
@@ -910,6 +915,17 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
             )
             .await
             .map_err(db_err)?;
+        let live = |client: deadpool_postgres::Object| async move {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM tg_instances WHERE expires_at > now()",
+                    &[],
+                )
+                .await
+                .map_err(db_err)?
+                .get(0);
+            Ok::<_, StoreError>(n)
+        };
         if n == 1 {
             client
                 .execute(
@@ -918,7 +934,7 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
                 )
                 .await
                 .map_err(db_err)?;
-            return Ok(None);
+            return Ok((None, live(client).await?));
         }
         let fresh = new_epoch();
         client
@@ -932,10 +948,12 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
             )
             .await
             .map_err(db_err)?;
-        Ok(Some(fresh))
+        Ok((Some(fresh), live(client).await?))
     });
     match r {
-        Ok(fresh) => {
+        Ok((fresh, live)) => {
+            let live = u32::try_from(live).unwrap_or(u32::MAX).max(1);
+            shared.instances.store(live, Ordering::Relaxed);
             if let Some(e) = fresh {
                 tracing::error!(
                     instance_id = %shared.instance_id,
