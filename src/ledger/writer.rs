@@ -55,12 +55,14 @@ pub enum StoreOp {
         hold_id: Option<u64>,
         record: Option<Box<LedgerRecord>>,
     },
-    /// Leases up to `want` more of `bucket` to this instance (never more than the bucket's
-    /// balance not leased elsewhere). Stores without leases answer zero: the wallet actor holds
-    /// the whole balance already.
+    /// Leases more of `bucket` to this instance: `need` if the balance no lease covers has it,
+    /// up to `want` as long as that leaves half of it to the other instances; never more than
+    /// that balance. Stores without leases answer zero: the wallet actor holds the whole
+    /// balance already.
     Lease {
         key_id: String,
         bucket: String,
+        need: Decimal,
         want: Decimal,
         reply: oneshot::Sender<Result<LeaseGrant, StoreError>>,
     },

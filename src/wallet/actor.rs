@@ -72,10 +72,9 @@ impl SpendRate {
         self.spent += amount;
     }
 
-    /// What to lease when `short` more is needed now.
+    /// What to lease when `short` more is needed now: that, plus a horizon of recent spending.
     fn chunk(&self, short: Decimal) -> Decimal {
-        let recent = self.per_horizon.max(self.spent);
-        (short * Decimal::from(4)).max(recent + short)
+        self.per_horizon.max(self.spent) + short
     }
 }
 
@@ -348,9 +347,9 @@ impl Handler<Reserve> for WalletActor {
 }
 
 impl WalletActor {
-    /// With a lease that cannot grant `want` in `bucket`: how much more to ask the store for
-    /// (sized to the bucket's recent spending, see [`SpendRate`]).
-    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<Decimal> {
+    /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
+    /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
+    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
         let lease = self.lease.as_ref()?;
         let short = want.checked_sub(self.available(bucket))?;
         if short <= Decimal::ZERO {
@@ -358,9 +357,9 @@ impl WalletActor {
         }
         let chunk = match lease.spend.get(bucket) {
             Some(s) => s.chunk(short),
-            None => SpendRate::default().chunk(short),
+            None => short,
         };
-        Some(chunk)
+        Some((short, chunk))
     }
 
     /// Asks the store to lease `amount` more of `bucket`, then runs `then`; the actor handles
@@ -369,7 +368,7 @@ impl WalletActor {
     fn with_more_lease<T: 'static>(
         &mut self,
         bucket: String,
-        amount: Decimal,
+        (need, want): (Decimal, Decimal),
         then: impl FnOnce(&mut Self) -> T + 'static,
     ) -> Answer<T> {
         let writer = self.writer.clone();
@@ -381,7 +380,8 @@ impl WalletActor {
                     .ask(|reply| StoreOp::Lease {
                         key_id,
                         bucket: asked,
-                        want: amount,
+                        need,
+                        want,
                         reply,
                     })
                     .await

@@ -196,12 +196,17 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     let tick = (shared.ttl / 4)
         .min(Duration::from_secs(1))
         .max(Duration::from_millis(25));
+    // Expired registrations are looked for more often than they are renewed, so that a dead
+    // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
+    let reap_tick = (shared.ttl / 8)
+        .min(Duration::from_millis(250))
+        .max(Duration::from_millis(10));
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
         connected_since: Some(Instant::now()),
         next_renewal: Instant::now(),
-        next_reap: Instant::now() + tick,
+        next_reap: Instant::now() + reap_tick,
     };
     let mut stopping = false;
     while !stopping {
@@ -260,7 +265,7 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
             renew(&shared, &mut health, failing, p.is_empty());
         }
         if now >= health.next_reap {
-            health.next_reap = now + tick;
+            health.next_reap = now + reap_tick;
             if health
                 .connected_since
                 .is_some_and(|t| t.elapsed() >= shared.ttl)
@@ -623,12 +628,13 @@ fn answer(shared: &Shared, op: StoreOp, committed: Result<(), StoreError>) {
         StoreOp::Lease {
             key_id,
             bucket,
+            need,
             want,
             reply,
         } => {
             let r = match &committed {
                 Err(e) => Err(pending_failed(e)),
-                Ok(()) => block(shared, lease(shared, key_id, bucket, want)),
+                Ok(()) => block(shared, lease(shared, key_id, bucket, need, want)),
             };
             let _ = reply.send(r);
         }
@@ -690,11 +696,13 @@ fn answer(shared: &Shared, op: StoreOp, committed: Result<(), StoreError>) {
     }
 }
 
-/// Leases up to `want` of the bucket's balance that no lease covers yet to this instance.
+/// Leases to this instance what [`StoreOp::Lease`] says of the bucket's balance that no lease
+/// covers yet.
 async fn lease(
     shared: &Shared,
     key_id: String,
     bucket: String,
+    need: Decimal,
     want: Decimal,
 ) -> Result<LeaseGrant, StoreError> {
     let epoch = shared.epoch.load(Ordering::Acquire);
@@ -717,8 +725,9 @@ async fn lease(
     }
     let stmt = tx
         .prepare_cached(
-            "WITH w AS (SELECT LEAST($3::numeric, balance - leased) AS g FROM tg_wallets
-                        WHERE key_id = $1 AND bucket = $2 FOR UPDATE)
+            "WITH w AS (SELECT LEAST(balance - leased,
+                                     GREATEST($3::numeric, LEAST($4::numeric, (balance - leased) / 2))) AS g
+                        FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE)
              UPDATE tg_wallets SET leased = tg_wallets.leased + w.g FROM w
              WHERE tg_wallets.key_id = $1 AND tg_wallets.bucket = $2 AND w.g > 0
              RETURNING w.g",
@@ -726,7 +735,15 @@ async fn lease(
         .await
         .map_err(db_err)?;
     let granted: Decimal = tx
-        .query_opt(&stmt, &[&key_id, &bucket, &want.max(Decimal::ZERO)])
+        .query_opt(
+            &stmt,
+            &[
+                &key_id,
+                &bucket,
+                &need.max(Decimal::ZERO),
+                &want.max(Decimal::ZERO),
+            ],
+        )
         .await
         .map_err(db_err)?
         .map_or(Decimal::ZERO, |r| r.get(0));
