@@ -48,9 +48,16 @@ struct Lease {
 struct SpendRate {
     since: Option<Instant>,
     spent: Decimal,
+    settles: u32,
     /// Spent per [`LEASE_HORIZON`], from the last full window.
     per_horizon: Decimal,
+    /// Settlements in the last full window.
+    settles_per_horizon: u32,
 }
+
+/// Settlements per [`LEASE_HORIZON`] from which a key counts as busy: its lease then keeps a
+/// horizon of spending between requests instead of going back after each one.
+const BUSY_SETTLES: u32 = 8;
 
 /// The spending a lease is sized to cover.
 const LEASE_HORIZON: Duration = Duration::from_secs(1);
@@ -66,15 +73,26 @@ impl SpendRate {
         let since = *self.since.get_or_insert(now);
         if now.duration_since(since) >= LEASE_HORIZON {
             self.per_horizon = self.spent;
+            self.settles_per_horizon = self.settles;
             self.spent = Decimal::ZERO;
+            self.settles = 0;
             self.since = Some(now);
         }
         self.spent += amount;
+        self.settles = self.settles.saturating_add(1);
+    }
+
+    fn busy(&self) -> bool {
+        self.settles.max(self.settles_per_horizon) >= BUSY_SETTLES
+    }
+
+    fn recent(&self) -> Decimal {
+        self.per_horizon.max(self.spent)
     }
 
     /// What to lease when `short` more is needed now: that, plus a horizon of recent spending.
     fn chunk(&self, short: Decimal) -> Decimal {
-        self.per_horizon.max(self.spent) + short
+        self.recent() + short
     }
 }
 
@@ -422,20 +440,58 @@ impl WalletActor {
         }
     }
 
+    /// After a settlement: a key that is not busy gives its unused lease back as soon as no
+    /// hold is open on the bucket (so that another instance can spend it at once); a busy one
+    /// keeps about two horizons of its spending.
+    fn trim_lease(&mut self, bucket: &str) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let Some(rate) = lease.spend.get(bucket) else {
+            return;
+        };
+        let unused = self.balance(bucket) - self.held(bucket);
+        let keep = match (rate.busy(), self.held.contains_key(bucket)) {
+            (true, _) => rate.recent() * Decimal::from(2),
+            (false, false) => Decimal::ZERO,
+            // Holds still open: the periodic check gives it back once the key is idle.
+            (false, true) => return,
+        };
+        if unused > keep {
+            self.give_back(bucket.to_string(), unused - keep);
+        }
+    }
+
+    /// Returns `amount` of the lease on `bucket` to the store.
+    fn give_back(&mut self, bucket: String, amount: Decimal) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let epoch = lease.epoch;
+        if let Some(b) = self.balances.get_mut(&bucket) {
+            *b -= amount;
+        }
+        let op = StoreOp::ReleaseLease {
+            key_id: self.key_id.to_string(),
+            bucket,
+            amount,
+            epoch,
+        };
+        if let Err(e) = self.writer.send(op) {
+            tracing::error!(error = %e, key_id = %self.key_id, "cannot return lease");
+        }
+    }
+
     /// Gives unused lease back to the store: all of it when `idle`, else what exceeds a few
     /// horizons of the bucket's recent spending.
     fn return_lease(&mut self, idle: bool) {
         let Some(lease) = &self.lease else {
             return;
         };
-        let epoch = lease.epoch;
         let mut give = Vec::new();
         for (bucket, balance) in &self.balances {
             let unused = *balance - self.held(bucket);
-            let recent = lease
-                .spend
-                .get(bucket)
-                .map_or(Decimal::ZERO, |s| s.per_horizon.max(s.spent));
+            let recent = lease.spend.get(bucket).map_or(Decimal::ZERO, SpendRate::recent);
             let amount = if idle {
                 unused
             } else if unused > recent * Decimal::from(3) {
@@ -448,18 +504,7 @@ impl WalletActor {
             }
         }
         for (bucket, amount) in give {
-            if let Some(b) = self.balances.get_mut(&bucket) {
-                *b -= amount;
-            }
-            let op = StoreOp::ReleaseLease {
-                key_id: self.key_id.to_string(),
-                bucket,
-                amount,
-                epoch,
-            };
-            if let Err(e) = self.writer.send(op) {
-                tracing::error!(error = %e, key_id = %self.key_id, "cannot return lease");
-            }
+            self.give_back(bucket, amount);
         }
         self.balances.retain(|b, v| !v.is_zero() || self.held.contains_key(b));
     }
@@ -624,9 +669,10 @@ impl WalletActor {
         let shortfall = m.charge.max(Decimal::ZERO) - debited;
         if !debited.is_zero() {
             self.balances.insert(bucket.clone(), balance - debited);
-            if let Some(l) = &mut self.lease {
-                l.spend.entry(bucket.clone()).or_default().add(debited);
-            }
+        }
+        if let Some(l) = &mut self.lease {
+            l.spend.entry(bucket.clone()).or_default().add(debited);
+            self.trim_lease(&bucket);
         }
         let record = m.record.map(|mut r| {
             r.cost = debited.normalize();
