@@ -31,6 +31,8 @@ pub enum TopupOutcome {
 pub struct LeaseGrant {
     pub amount: Decimal,
     pub epoch: u64,
+    /// What other instances lease of the bucket right now (zero without leases).
+    pub elsewhere: Decimal,
 }
 
 /// What a settlement took from the balance: the store that keeps balances itself (PostgreSQL)
@@ -575,6 +577,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
             let _ = reply.send(Ok(LeaseGrant {
                 amount: Decimal::ZERO,
                 epoch: 0,
+                elsewhere: Decimal::ZERO,
             }));
         }
         StoreOp::ReleaseLease { .. } => {}

@@ -66,6 +66,10 @@ const LEASE_HORIZON: Duration = Duration::from_secs(1);
 const LEASE_IDLE: Duration = Duration::from_millis(1000);
 /// How often a leased wallet checks whether to give lease back.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
+/// A lease that falls short while other instances lease the bucket is asked for again this
+/// many times, this far apart (F2: the balance leased elsewhere may be on its way back).
+const LEASE_RETRIES: u32 = 4;
+const LEASE_RETRY_WAIT: Duration = Duration::from_millis(25);
 
 impl SpendRate {
     fn add(&mut self, amount: Decimal) {
@@ -394,15 +398,37 @@ impl WalletActor {
         let asked = bucket.clone();
         Answer::Later(AtomicResponse::new(Box::pin(
             async move {
-                writer
-                    .ask(|reply| StoreOp::Lease {
-                        key_id,
-                        bucket: asked,
-                        need,
-                        want,
-                        reply,
-                    })
-                    .await
+                // What other instances lease may come back in a moment (their streams end and
+                // return what they did not use): ask again a few times before giving up.
+                let mut got: Option<LeaseGrant> = None;
+                for attempt in 0..=LEASE_RETRIES {
+                    if attempt > 0 {
+                        tokio::time::sleep(LEASE_RETRY_WAIT).await;
+                    }
+                    let (key_id, bucket) = (key_id.clone(), asked.clone());
+                    let left = need - got.map_or(Decimal::ZERO, |g| g.amount);
+                    let grant = writer
+                        .ask(|reply| StoreOp::Lease {
+                            key_id,
+                            bucket,
+                            need: left,
+                            want: want.max(left),
+                            reply,
+                        })
+                        .await?;
+                    let total = match got {
+                        Some(g) if g.epoch == grant.epoch => g.amount + grant.amount,
+                        _ => grant.amount,
+                    };
+                    got = Some(LeaseGrant {
+                        amount: total,
+                        ..grant
+                    });
+                    if total >= need || grant.elsewhere.is_zero() {
+                        break;
+                    }
+                }
+                got.ok_or(StoreError::WriterGone)
             }
             .into_actor(self)
             .map(move |res, act, _| {

@@ -723,31 +723,40 @@ async fn lease(
             "this instance's registration lapsed; it registers again at its next renewal",
         ));
     }
-    let stmt = tx
-        .prepare_cached(
-            "WITH w AS (SELECT LEAST(balance - leased,
-                                     GREATEST($3::numeric, LEAST($4::numeric, (balance - leased) / 2))) AS g
-                        FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE)
-             UPDATE tg_wallets SET leased = tg_wallets.leased + w.g FROM w
-             WHERE tg_wallets.key_id = $1 AND tg_wallets.bucket = $2 AND w.g > 0
-             RETURNING w.g",
+    let wallet = tx
+        .query_opt(
+            "SELECT balance, leased FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE",
+            &[&key_id, &bucket],
         )
         .await
         .map_err(db_err)?;
-    let granted: Decimal = tx
+    let Some(wallet) = wallet else {
+        return Ok(LeaseGrant {
+            amount: Decimal::ZERO,
+            epoch,
+            elsewhere: Decimal::ZERO,
+        });
+    };
+    let (balance, leased): (Decimal, Decimal) = (wallet.get(0), wallet.get(1));
+    let own: Decimal = tx
         .query_opt(
-            &stmt,
-            &[
-                &key_id,
-                &bucket,
-                &need.max(Decimal::ZERO),
-                &want.max(Decimal::ZERO),
-            ],
+            "SELECT amount FROM tg_leases WHERE instance_id = $1 AND key_id = $2 AND bucket = $3",
+            &[me, &key_id, &bucket],
         )
         .await
         .map_err(db_err)?
         .map_or(Decimal::ZERO, |r| r.get(0));
+    let free = (balance - leased).max(Decimal::ZERO);
+    // What is needed if it is there; more, up to `want`, only while half the free balance
+    // stays for the other instances.
+    let granted = free.min(need.max(want.min(free / Decimal::TWO)).max(Decimal::ZERO));
     if granted > Decimal::ZERO {
+        tx.execute(
+            "UPDATE tg_wallets SET leased = leased + $3 WHERE key_id = $1 AND bucket = $2",
+            &[&key_id, &bucket, &granted],
+        )
+        .await
+        .map_err(db_err)?;
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO tg_leases (instance_id, key_id, bucket, amount) VALUES ($1, $2, $3, $4)
@@ -764,6 +773,7 @@ async fn lease(
     Ok(LeaseGrant {
         amount: granted,
         epoch,
+        elsewhere: (leased - own).max(Decimal::ZERO),
     })
 }
 
