@@ -132,27 +132,31 @@ impl Keys {
 
     /// The slow path of [`Keys::authenticate`].
     fn look_up(&self, hash: [u8; 32]) -> Option<Arc<ApiKey>> {
+        if self
+            .misses
+            .lock()
+            .get(&hash)
+            .is_some_and(|t| t.elapsed() < MISS_TTL)
         {
-            let mut misses = self.misses.lock();
-            if misses.get(&hash).is_some_and(|t| t.elapsed() < MISS_TTL) {
-                return None;
-            }
-            if misses.len() >= MISS_CAP {
-                misses.retain(|_, t| t.elapsed() < MISS_TTL);
-            }
-            if misses.len() < MISS_CAP {
-                misses.insert(hash, std::time::Instant::now());
-            }
+            return None;
         }
         let rec = match self.store.key_by_secret_hash(&hex::encode(hash)) {
             Ok(Some(rec)) => rec,
-            Ok(None) => return None,
+            Ok(None) => {
+                let mut misses = self.misses.lock();
+                if misses.len() >= MISS_CAP {
+                    misses.retain(|_, t| t.elapsed() < MISS_TTL);
+                }
+                if misses.len() < MISS_CAP {
+                    misses.insert(hash, std::time::Instant::now());
+                }
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look a key up in the store");
                 return None;
             }
         };
-        self.misses.lock().remove(&hash);
         self.publish(rec);
         self.by_hash.load().get(&hash).cloned()
     }
@@ -167,11 +171,36 @@ impl Keys {
         }
     }
 
+    /// The key with this id, revoked or not. One this process does not know is looked up in
+    /// the store (a fleet's other instances may have created it).
     pub fn get(&self, id: &str) -> Option<Arc<ApiKey>> {
-        self.by_id.load().get(id).cloned()
+        if let Some(k) = self.by_id.load().get(id) {
+            return Some(k.clone());
+        }
+        match self.store.key(id) {
+            Ok(Some(rec)) => {
+                self.publish(rec);
+                self.by_id.load().get(id).cloned()
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look a key up in the store");
+                None
+            }
+        }
     }
 
+    /// Every key, oldest first, as the store has them (a fleet's keys, whichever instance
+    /// created them); the keys this process knows when the store cannot answer.
     pub fn list(&self) -> Vec<ApiKeyRecord> {
+        match self.store.keys() {
+            Ok(records) => return records,
+            Err(e) => tracing::warn!(error = %e, "cannot list the keys in the store"),
+        }
+        self.list_known()
+    }
+
+    fn list_known(&self) -> Vec<ApiKeyRecord> {
         let mut v: Vec<ApiKeyRecord> = self
             .by_id
             .load()

@@ -572,6 +572,9 @@ impl crate::store::WalletStore for Store {
     fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         Store::keys(self)
     }
+    fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Store::get_key(self, id)
+    }
     fn key_by_secret_hash(&self, _: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         // One process owns this store: every key it has is in memory already.
         Ok(None)

@@ -31,6 +31,8 @@ pub enum TopupOutcome {
 pub struct LeaseGrant {
     pub amount: Decimal,
     pub epoch: u64,
+    /// What other instances lease of the bucket right now (zero without leases).
+    pub elsewhere: Decimal,
 }
 
 /// What a settlement took from the balance: the store that keeps balances itself (PostgreSQL)
@@ -55,12 +57,14 @@ pub enum StoreOp {
         hold_id: Option<u64>,
         record: Option<Box<LedgerRecord>>,
     },
-    /// Leases up to `want` more of `bucket` to this instance (never more than the bucket's
-    /// balance not leased elsewhere). Stores without leases answer zero: the wallet actor holds
-    /// the whole balance already.
+    /// Leases more of `bucket` to this instance: `need` if the balance no lease covers has it,
+    /// up to `want` as long as that leaves half of it to the other instances; never more than
+    /// that balance. Stores without leases answer zero: the wallet actor holds the whole
+    /// balance already.
     Lease {
         key_id: String,
         bucket: String,
+        need: Decimal,
         want: Decimal,
         reply: oneshot::Sender<Result<LeaseGrant, StoreError>>,
     },
@@ -573,6 +577,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
             let _ = reply.send(Ok(LeaseGrant {
                 amount: Decimal::ZERO,
                 epoch: 0,
+                elsewhere: Decimal::ZERO,
             }));
         }
         StoreOp::ReleaseLease { .. } => {}

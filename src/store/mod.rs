@@ -21,6 +21,8 @@ use crate::ledger::{LedgerRecord, LedgerWriter, StoreError};
 pub trait WalletStore: Send + Sync {
     /// Every key, oldest first.
     fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// One key by id, revoked or not.
+    fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// The key whose secret hashes to `secret_sha256` (hex), revoked or not. A store that one
     /// process owns answers `None`: its keys are all in memory already.
     fn key_by_secret_hash(&self, secret_sha256: &str) -> Result<Option<ApiKeyRecord>, StoreError>;

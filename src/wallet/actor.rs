@@ -48,9 +48,16 @@ struct Lease {
 struct SpendRate {
     since: Option<Instant>,
     spent: Decimal,
+    settles: u32,
     /// Spent per [`LEASE_HORIZON`], from the last full window.
     per_horizon: Decimal,
+    /// Settlements in the last full window.
+    settles_per_horizon: u32,
 }
+
+/// Settlements per [`LEASE_HORIZON`] from which a key counts as busy: its lease then keeps a
+/// horizon of spending between requests instead of going back after each one.
+const BUSY_SETTLES: u32 = 8;
 
 /// The spending a lease is sized to cover.
 const LEASE_HORIZON: Duration = Duration::from_secs(1);
@@ -59,6 +66,10 @@ const LEASE_HORIZON: Duration = Duration::from_secs(1);
 const LEASE_IDLE: Duration = Duration::from_millis(1000);
 /// How often a leased wallet checks whether to give lease back.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
+/// A lease that falls short while other instances lease the bucket is asked for again this
+/// many times, this far apart (F2: the balance leased elsewhere may be on its way back).
+const LEASE_RETRIES: u32 = 4;
+const LEASE_RETRY_WAIT: Duration = Duration::from_millis(25);
 
 impl SpendRate {
     fn add(&mut self, amount: Decimal) {
@@ -66,16 +77,26 @@ impl SpendRate {
         let since = *self.since.get_or_insert(now);
         if now.duration_since(since) >= LEASE_HORIZON {
             self.per_horizon = self.spent;
+            self.settles_per_horizon = self.settles;
             self.spent = Decimal::ZERO;
+            self.settles = 0;
             self.since = Some(now);
         }
         self.spent += amount;
+        self.settles = self.settles.saturating_add(1);
     }
 
-    /// What to lease when `short` more is needed now.
+    fn busy(&self) -> bool {
+        self.settles.max(self.settles_per_horizon) >= BUSY_SETTLES
+    }
+
+    fn recent(&self) -> Decimal {
+        self.per_horizon.max(self.spent)
+    }
+
+    /// What to lease when `short` more is needed now: that, plus a horizon of recent spending.
     fn chunk(&self, short: Decimal) -> Decimal {
-        let recent = self.per_horizon.max(self.spent);
-        (short * Decimal::from(4)).max(recent + short)
+        self.recent() + short
     }
 }
 
@@ -348,9 +369,9 @@ impl Handler<Reserve> for WalletActor {
 }
 
 impl WalletActor {
-    /// With a lease that cannot grant `want` in `bucket`: how much more to ask the store for
-    /// (sized to the bucket's recent spending, see [`SpendRate`]).
-    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<Decimal> {
+    /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
+    /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
+    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
         let lease = self.lease.as_ref()?;
         let short = want.checked_sub(self.available(bucket))?;
         if short <= Decimal::ZERO {
@@ -358,9 +379,9 @@ impl WalletActor {
         }
         let chunk = match lease.spend.get(bucket) {
             Some(s) => s.chunk(short),
-            None => SpendRate::default().chunk(short),
+            None => short,
         };
-        Some(chunk)
+        Some((short, chunk))
     }
 
     /// Asks the store to lease `amount` more of `bucket`, then runs `then`; the actor handles
@@ -369,7 +390,7 @@ impl WalletActor {
     fn with_more_lease<T: 'static>(
         &mut self,
         bucket: String,
-        amount: Decimal,
+        (need, want): (Decimal, Decimal),
         then: impl FnOnce(&mut Self) -> T + 'static,
     ) -> Answer<T> {
         let writer = self.writer.clone();
@@ -377,14 +398,37 @@ impl WalletActor {
         let asked = bucket.clone();
         Answer::Later(AtomicResponse::new(Box::pin(
             async move {
-                writer
-                    .ask(|reply| StoreOp::Lease {
-                        key_id,
-                        bucket: asked,
-                        want: amount,
-                        reply,
-                    })
-                    .await
+                // What other instances lease may come back in a moment (their streams end and
+                // return what they did not use): ask again a few times before giving up.
+                let mut got: Option<LeaseGrant> = None;
+                for attempt in 0..=LEASE_RETRIES {
+                    if attempt > 0 {
+                        tokio::time::sleep(LEASE_RETRY_WAIT).await;
+                    }
+                    let (key_id, bucket) = (key_id.clone(), asked.clone());
+                    let left = need - got.map_or(Decimal::ZERO, |g| g.amount);
+                    let grant = writer
+                        .ask(|reply| StoreOp::Lease {
+                            key_id,
+                            bucket,
+                            need: left,
+                            want: want.max(left),
+                            reply,
+                        })
+                        .await?;
+                    let total = match got {
+                        Some(g) if g.epoch == grant.epoch => g.amount + grant.amount,
+                        _ => grant.amount,
+                    };
+                    got = Some(LeaseGrant {
+                        amount: total,
+                        ..grant
+                    });
+                    if total >= need || grant.elsewhere.is_zero() {
+                        break;
+                    }
+                }
+                got.ok_or(StoreError::WriterGone)
             }
             .into_actor(self)
             .map(move |res, act, _| {
@@ -422,20 +466,58 @@ impl WalletActor {
         }
     }
 
+    /// After a settlement: a key that is not busy gives its unused lease back as soon as no
+    /// hold is open on the bucket (so that another instance can spend it at once); a busy one
+    /// keeps about two horizons of its spending.
+    fn trim_lease(&mut self, bucket: &str) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let Some(rate) = lease.spend.get(bucket) else {
+            return;
+        };
+        let unused = self.balance(bucket) - self.held(bucket);
+        let keep = match (rate.busy(), self.held.contains_key(bucket)) {
+            (true, _) => rate.recent() * Decimal::from(2),
+            (false, false) => Decimal::ZERO,
+            // Holds still open: the periodic check gives it back once the key is idle.
+            (false, true) => return,
+        };
+        if unused > keep {
+            self.give_back(bucket.to_string(), unused - keep);
+        }
+    }
+
+    /// Returns `amount` of the lease on `bucket` to the store.
+    fn give_back(&mut self, bucket: String, amount: Decimal) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let epoch = lease.epoch;
+        if let Some(b) = self.balances.get_mut(&bucket) {
+            *b -= amount;
+        }
+        let op = StoreOp::ReleaseLease {
+            key_id: self.key_id.to_string(),
+            bucket,
+            amount,
+            epoch,
+        };
+        if let Err(e) = self.writer.send(op) {
+            tracing::error!(error = %e, key_id = %self.key_id, "cannot return lease");
+        }
+    }
+
     /// Gives unused lease back to the store: all of it when `idle`, else what exceeds a few
     /// horizons of the bucket's recent spending.
     fn return_lease(&mut self, idle: bool) {
         let Some(lease) = &self.lease else {
             return;
         };
-        let epoch = lease.epoch;
         let mut give = Vec::new();
         for (bucket, balance) in &self.balances {
             let unused = *balance - self.held(bucket);
-            let recent = lease
-                .spend
-                .get(bucket)
-                .map_or(Decimal::ZERO, |s| s.per_horizon.max(s.spent));
+            let recent = lease.spend.get(bucket).map_or(Decimal::ZERO, SpendRate::recent);
             let amount = if idle {
                 unused
             } else if unused > recent * Decimal::from(3) {
@@ -448,18 +530,7 @@ impl WalletActor {
             }
         }
         for (bucket, amount) in give {
-            if let Some(b) = self.balances.get_mut(&bucket) {
-                *b -= amount;
-            }
-            let op = StoreOp::ReleaseLease {
-                key_id: self.key_id.to_string(),
-                bucket,
-                amount,
-                epoch,
-            };
-            if let Err(e) = self.writer.send(op) {
-                tracing::error!(error = %e, key_id = %self.key_id, "cannot return lease");
-            }
+            self.give_back(bucket, amount);
         }
         self.balances.retain(|b, v| !v.is_zero() || self.held.contains_key(b));
     }
@@ -624,9 +695,10 @@ impl WalletActor {
         let shortfall = m.charge.max(Decimal::ZERO) - debited;
         if !debited.is_zero() {
             self.balances.insert(bucket.clone(), balance - debited);
-            if let Some(l) = &mut self.lease {
-                l.spend.entry(bucket.clone()).or_default().add(debited);
-            }
+        }
+        if let Some(l) = &mut self.lease {
+            l.spend.entry(bucket.clone()).or_default().add(debited);
+            self.trim_lease(&bucket);
         }
         let record = m.record.map(|mut r| {
             r.cost = debited.normalize();

@@ -372,6 +372,14 @@ impl WalletStore for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let rows = self.query(
+            "SELECT record FROM tg_keys WHERE id = $1",
+            vec![Box::new(id.to_string())],
+        )?;
+        rows.first().map(key_from_row).transpose()
+    }
+
     fn key_by_secret_hash(&self, secret_sha256: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let rows = self.query(
             "SELECT record FROM tg_keys WHERE secret_sha256 = $1 ORDER BY created_at LIMIT 1",

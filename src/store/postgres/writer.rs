@@ -196,12 +196,17 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     let tick = (shared.ttl / 4)
         .min(Duration::from_secs(1))
         .max(Duration::from_millis(25));
+    // Expired registrations are looked for more often than they are renewed, so that a dead
+    // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
+    let reap_tick = (shared.ttl / 8)
+        .min(Duration::from_millis(250))
+        .max(Duration::from_millis(10));
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
         connected_since: Some(Instant::now()),
         next_renewal: Instant::now(),
-        next_reap: Instant::now() + tick,
+        next_reap: Instant::now() + reap_tick,
     };
     let mut stopping = false;
     while !stopping {
@@ -260,7 +265,7 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
             renew(&shared, &mut health, failing, p.is_empty());
         }
         if now >= health.next_reap {
-            health.next_reap = now + tick;
+            health.next_reap = now + reap_tick;
             if health
                 .connected_since
                 .is_some_and(|t| t.elapsed() >= shared.ttl)
@@ -623,12 +628,13 @@ fn answer(shared: &Shared, op: StoreOp, committed: Result<(), StoreError>) {
         StoreOp::Lease {
             key_id,
             bucket,
+            need,
             want,
             reply,
         } => {
             let r = match &committed {
                 Err(e) => Err(pending_failed(e)),
-                Ok(()) => block(shared, lease(shared, key_id, bucket, want)),
+                Ok(()) => block(shared, lease(shared, key_id, bucket, need, want)),
             };
             let _ = reply.send(r);
         }
@@ -690,11 +696,13 @@ fn answer(shared: &Shared, op: StoreOp, committed: Result<(), StoreError>) {
     }
 }
 
-/// Leases up to `want` of the bucket's balance that no lease covers yet to this instance.
+/// Leases to this instance what [`StoreOp::Lease`] says of the bucket's balance that no lease
+/// covers yet.
 async fn lease(
     shared: &Shared,
     key_id: String,
     bucket: String,
+    need: Decimal,
     want: Decimal,
 ) -> Result<LeaseGrant, StoreError> {
     let epoch = shared.epoch.load(Ordering::Acquire);
@@ -715,22 +723,40 @@ async fn lease(
             "this instance's registration lapsed; it registers again at its next renewal",
         ));
     }
-    let stmt = tx
-        .prepare_cached(
-            "WITH w AS (SELECT LEAST($3::numeric, balance - leased) AS g FROM tg_wallets
-                        WHERE key_id = $1 AND bucket = $2 FOR UPDATE)
-             UPDATE tg_wallets SET leased = tg_wallets.leased + w.g FROM w
-             WHERE tg_wallets.key_id = $1 AND tg_wallets.bucket = $2 AND w.g > 0
-             RETURNING w.g",
+    let wallet = tx
+        .query_opt(
+            "SELECT balance, leased FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE",
+            &[&key_id, &bucket],
         )
         .await
         .map_err(db_err)?;
-    let granted: Decimal = tx
-        .query_opt(&stmt, &[&key_id, &bucket, &want.max(Decimal::ZERO)])
+    let Some(wallet) = wallet else {
+        return Ok(LeaseGrant {
+            amount: Decimal::ZERO,
+            epoch,
+            elsewhere: Decimal::ZERO,
+        });
+    };
+    let (balance, leased): (Decimal, Decimal) = (wallet.get(0), wallet.get(1));
+    let own: Decimal = tx
+        .query_opt(
+            "SELECT amount FROM tg_leases WHERE instance_id = $1 AND key_id = $2 AND bucket = $3",
+            &[me, &key_id, &bucket],
+        )
         .await
         .map_err(db_err)?
         .map_or(Decimal::ZERO, |r| r.get(0));
+    let free = (balance - leased).max(Decimal::ZERO);
+    // What is needed if it is there; more, up to `want`, only while half the free balance
+    // stays for the other instances.
+    let granted = free.min(need.max(want.min(free / Decimal::TWO)).max(Decimal::ZERO));
     if granted > Decimal::ZERO {
+        tx.execute(
+            "UPDATE tg_wallets SET leased = leased + $3 WHERE key_id = $1 AND bucket = $2",
+            &[&key_id, &bucket, &granted],
+        )
+        .await
+        .map_err(db_err)?;
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO tg_leases (instance_id, key_id, bucket, amount) VALUES ($1, $2, $3, $4)
@@ -747,6 +773,7 @@ async fn lease(
     Ok(LeaseGrant {
         amount: granted,
         epoch,
+        elsewhere: (leased - own).max(Decimal::ZERO),
     })
 }
 
