@@ -288,6 +288,8 @@ struct Seen {
     error: Option<String>,
     /// The connection failed before any response.
     unsent: bool,
+    /// From sending to the response head.
+    head: Duration,
 }
 
 /// Sends one request and reads all of it.
@@ -304,6 +306,7 @@ async fn request(
         instance,
         ..Seen::default()
     };
+    let sent = Instant::now();
     let r = match chat(client, client_url, secret, stream, tokens, interval_ms).await {
         Ok(r) => r,
         Err(_) => {
@@ -311,6 +314,7 @@ async fn request(
             return seen;
         }
     };
+    seen.head = sent.elapsed();
     seen.status = r.status().as_u16();
     seen.id = request_id(&r);
     if seen.status != 200 {
@@ -397,17 +401,19 @@ fn by_id(recs: &[Value]) -> HashMap<String, Value> {
 
 /// Polls the wallet through every live instance in turn until `stop`: balance, held and
 /// available are never negative and held never exceeds the balance (invariant 2). Returns the
-/// number of polls.
+/// number of polls and the slowest answer.
 fn watch_wallet(
     urls: Vec<String>,
     key: String,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<u64> {
+) -> tokio::task::JoinHandle<(u64, Duration)> {
     tokio::spawn(async move {
         let client = http();
         let mut polls = 0u64;
+        let mut slowest = Duration::ZERO;
         while !stop.load(Ordering::Relaxed) && polls < 5000 {
             let url = &urls[polls as usize % urls.len()];
+            let asked = Instant::now();
             let r = client
                 .get(format!("{url}/admin/keys/{key}/wallet"))
                 .bearer_auth(ADMIN_TOKEN)
@@ -422,10 +428,11 @@ fn watch_wallet(
             assert!(avail >= Decimal::ZERO, "{url}: available {avail} < 0");
             assert!(held >= Decimal::ZERO, "{url}: held {held} < 0");
             assert!(held <= bal, "{url}: held {held} > balance {bal}");
+            slowest = slowest.max(asked.elapsed());
             polls += 1;
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
-        polls
+        (polls, slowest)
     })
 }
 
@@ -442,7 +449,8 @@ async fn ready_status(g: &Gateway) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered() {
     let _serial = SERIAL.lock().await;
-    // Input free, one output token = 1 USD: the key pays for 300 tokens; 300 streams ask 20 each.
+    // Input free, one output token = 1 USD: the key pays for 300 tokens; 300 streams ask 20 each
+    // (one every 25 ms, so that the wallet is watched while they run).
     let f = Fleet::start(FleetConfig {
         settlement:
             "flush_interval_ms = 50\ninitial_output_hold_tokens = 4\nmax_output_hold_tokens = 16",
@@ -464,16 +472,23 @@ async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered
     for i in 0..300usize {
         let (client, secret) = (client.clone(), secret.clone());
         let url = f.gws[i % 3].client_url.clone();
-        set.spawn(async move { request(&client, i % 3, &url, &secret, true, 20, 5).await });
+        set.spawn(async move { request(&client, i % 3, &url, &secret, true, 20, 25).await });
     }
+    let started = Instant::now();
     let mut seen = Vec::new();
     while let Some(r) = set.join_next().await {
         seen.push(r.unwrap());
     }
     let ended = Instant::now();
+    let took = ended - started;
     stop.store(true, Ordering::Relaxed);
-    let polls = watcher.await.unwrap();
-    assert!(polls >= 3, "the wallet was observed only {polls} times");
+    let (polls, slowest_poll) = watcher.await.unwrap();
+    assert!(
+        polls >= 3,
+        "the wallet was observed only {polls} times in {} ms (the slowest answer took {} ms)",
+        took.as_millis(),
+        slowest_poll.as_millis()
+    );
 
     let recs = quiesce(&f, &key).await;
     let records = by_id(&recs);
@@ -525,10 +540,22 @@ async fn drain_300_streams_over_three_instances_bills_exactly_what_was_delivered
         .filter(|s| s.status == 200)
         .map(|s| s.instance)
         .collect();
+    let slowest = |status: u16| {
+        seen.iter()
+            .filter(|s| s.status == status)
+            .map(|s| s.head.as_millis())
+            .max()
+            .unwrap_or(0)
+    };
     eprintln!(
         "drain: {completed} completed, {cut} cut, {refused} refused, {delivered_total} tokens \
-         delivered, served by {} instances, {polls} wallet polls",
-        served.len()
+         delivered, served by {} instances in {} ms; slowest response head: 200 after {} ms, \
+         402 after {} ms; {polls} wallet polls, the slowest {} ms",
+        served.len(),
+        took.as_millis(),
+        slowest(200),
+        slowest(402),
+        slowest_poll.as_millis()
     );
     assert!(
         completed + cut > 0 && refused > 0,
@@ -1192,6 +1219,9 @@ async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
         bootstrap: false,
     });
     let client = http();
+    // Each instance learns the fleet's size at its registration renewals, at most a second
+    // apart (docs/fleet.md): wait until all three have seen the others.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // rpm = 30 over three instances: 90 requests round robin within a few seconds.
     const RPM: u64 = 30;
