@@ -11,8 +11,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{AdminToken, Config, ProviderKind};
 use crate::keys::Keys;
-use crate::ledger::writer::{self, TopupOutcome, WriterThread};
-use crate::ledger::{LedgerWriter, Store};
+use crate::ledger::writer::{TopupOutcome, WriterThread};
+use crate::ledger::LedgerWriter;
 use crate::metering::tokenizer::Tokenizer;
 use crate::mock::{MockOptions, MockServer};
 use crate::route::RouteTable;
@@ -22,7 +22,10 @@ use crate::wallet::Wallets;
 
 pub struct AppState {
     pub config: Arc<Config>,
-    pub store: Store,
+    /// Reads of keys, wallets and the ledger: sled, or the database a fleet shares.
+    pub store: Arc<dyn crate::store::StateStore>,
+    /// This instance's name in a fleet (`store.instance_id`); `None` with sled.
+    pub instance_id: Option<String>,
     pub writer: LedgerWriter,
     pub keys: Keys,
     pub wallets: Wallets,
@@ -203,27 +206,35 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         tokenizers.insert(m.name.clone(), t);
     }
 
-    let store = Store::open(&config.server.data_dir).map_err(|e| e.to_string())?;
-    let recovered = store.recover_holds().map_err(|e| e.to_string())?;
-    if recovered > 0 {
-        tracing::warn!(
-            holds = recovered,
-            "settled holds left by a crash as interrupted records"
-        );
-    }
     let flush = Duration::from_millis(config.settlement.flush_interval_ms);
-    let (writer, writer_thread) = writer::start(store.clone(), flush).map_err(|e| e.to_string())?;
-    let keys = Keys::load(&store, writer.clone()).map_err(|e| e.to_string())?;
+    let crate::store::Opened {
+        store,
+        writer,
+        thread: writer_thread,
+        instance_id,
+        instances,
+    } = crate::store::open(&config)?;
+    let keys = Keys::load(store.clone(), writer.clone()).map_err(|e| e.to_string())?;
     let wallets = Wallets::new(
         2,
         writer.clone(),
         flush,
         Duration::from_secs(config.settlement.wallet_idle_s.max(1)),
     );
-    let boot = keys
-        .bootstrap(&config, &store)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Instances of a fleet starting together may race to create the same bootstrap key (its
+    // name is unique in the store): the loser reads the winner's and goes on.
+    let mut tries = 0;
+    let boot = loop {
+        match keys.bootstrap(&config).await {
+            Ok(b) => break b,
+            Err(e) if tries < 3 && instance_id.is_some() => {
+                tries += 1;
+                tracing::warn!(error = %e, "bootstrap keys raced another instance; reading them again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
     for (key_id, topups, name) in boot {
         for (bucket, amount) in topups {
             let reference = format!("bootstrap:{name}:{bucket}");
@@ -252,6 +263,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
     let state = Arc::new(AppState {
         config: Arc::new(config),
         store,
+        instance_id,
         writer,
         keys,
         wallets,
@@ -265,7 +277,7 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         redactor: Redactor::new(secrets),
         ready: AtomicBool::new(false),
         provider_keys,
-        limits: crate::limits::Limits::new(),
+        limits: crate::limits::Limits::shared(instances),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
         console: Default::default(),
@@ -278,6 +290,9 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         _mocks: mocks,
     })
 }
+
+/// How often an instance of a fleet reads the shared keys again.
+const KEY_SYNC: Duration = Duration::from_secs(1);
 
 /// Runs both listeners until SIGINT/SIGTERM, then drains, settles and flushes.
 pub async fn serve(config: Config) -> Result<(), String> {
@@ -361,6 +376,22 @@ pub async fn serve(config: Config) -> Result<(), String> {
         cfg.ledger.retention_days,
     ));
     let stopper = actix_rt::spawn(stop_on_signal(state.clone(), client.handle()));
+    // In a fleet, keys created, changed or revoked through another instance take effect here
+    // within a second (a new key's first request looks it up at once).
+    let key_sync = state.instance_id.is_some().then(|| {
+        let st = state.clone();
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(KEY_SYNC).await;
+                let store = st.store.clone();
+                match web::block(move || store.keys()).await {
+                    Ok(Ok(records)) => st.keys.sync(records),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the fleet's keys"),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the fleet's keys"),
+                }
+            }
+        })
+    });
     let admin_handle = admin.handle();
     let admin = actix_rt::spawn(admin);
     // The admin listener keeps answering (`/readyz` 503, `/metrics`) while the client drains.
@@ -371,6 +402,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
     stopper.abort();
     retention.abort();
+    if let Some(k) = key_sync {
+        k.abort();
+    }
     state.ready.store(false, Ordering::Release);
     tracing::info!("listeners stopped; settling open holds and flushing the ledger");
     // Connections, and the streams in them, may be dropped after the listeners report stopped:

@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 use crate::config::{BootstrapKey, Config};
 use crate::ledger::store::ApiKeyRecord;
 use crate::ledger::writer::StoreOp;
-use crate::ledger::{LedgerWriter, Store, StoreError};
+use crate::ledger::{LedgerWriter, StoreError};
+use crate::store::StateStore;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -69,16 +70,27 @@ pub struct Keys {
     by_hash: ArcSwap<HashMap<[u8; 32], Arc<ApiKey>>>,
     by_id: ArcSwap<HashMap<String, Arc<ApiKey>>>,
     writer: LedgerWriter,
+    store: Arc<dyn StateStore>,
+    /// Secrets recently looked up in the store and not found there, with when: a store shared
+    /// by a fleet is asked about an unknown secret at most once per [`MISS_TTL`].
+    misses: Mutex<HashMap<[u8; 32], std::time::Instant>>,
     /// Serializes mutations of the published maps.
     mutate: Mutex<()>,
 }
 
+/// How long an unknown secret is remembered as unknown.
+const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most unknown secrets remembered at once.
+const MISS_CAP: usize = 10_000;
+
 impl Keys {
-    pub fn load(store: &Store, writer: LedgerWriter) -> Result<Keys, StoreError> {
+    pub fn load(store: Arc<dyn StateStore>, writer: LedgerWriter) -> Result<Keys, StoreError> {
         let keys = Keys {
             by_hash: ArcSwap::from_pointee(HashMap::new()),
             by_id: ArcSwap::from_pointee(HashMap::new()),
             writer,
+            store: store.clone(),
+            misses: Mutex::new(HashMap::new()),
             mutate: Mutex::new(()),
         };
         for rec in store.keys()? {
@@ -107,16 +119,88 @@ impl Keys {
         self.by_id.store(Arc::new(by_id));
     }
 
-    /// The live key for a bearer secret; revoked and unknown keys are `None`.
+    /// The live key for a bearer secret; revoked and unknown keys are `None`. A secret this
+    /// process does not know is looked up in the store, which, shared by a fleet, may have it
+    /// from another instance.
     pub fn authenticate(&self, secret: &str) -> Option<Arc<ApiKey>> {
-        self.by_hash.load().get(&hash_secret(secret)).cloned()
+        let hash = hash_secret(secret);
+        if let Some(k) = self.by_hash.load().get(&hash) {
+            return Some(k.clone());
+        }
+        self.look_up(hash)
     }
 
+    /// The slow path of [`Keys::authenticate`].
+    fn look_up(&self, hash: [u8; 32]) -> Option<Arc<ApiKey>> {
+        if self
+            .misses
+            .lock()
+            .get(&hash)
+            .is_some_and(|t| t.elapsed() < MISS_TTL)
+        {
+            return None;
+        }
+        let rec = match self.store.key_by_secret_hash(&hex::encode(hash)) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                let mut misses = self.misses.lock();
+                if misses.len() >= MISS_CAP {
+                    misses.retain(|_, t| t.elapsed() < MISS_TTL);
+                }
+                if misses.len() < MISS_CAP {
+                    misses.insert(hash, std::time::Instant::now());
+                }
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look a key up in the store");
+                return None;
+            }
+        };
+        self.publish(rec);
+        self.by_hash.load().get(&hash).cloned()
+    }
+
+    /// Takes over the store's keys where they differ from the ones published (a fleet's keys
+    /// changed through other instances).
+    pub fn sync(&self, records: Vec<ApiKeyRecord>) {
+        for rec in records {
+            if self.get(&rec.id).map(|k| &k.record != &rec).unwrap_or(true) {
+                self.publish(rec);
+            }
+        }
+    }
+
+    /// The key with this id, revoked or not. One this process does not know is looked up in
+    /// the store (a fleet's other instances may have created it).
     pub fn get(&self, id: &str) -> Option<Arc<ApiKey>> {
-        self.by_id.load().get(id).cloned()
+        if let Some(k) = self.by_id.load().get(id) {
+            return Some(k.clone());
+        }
+        match self.store.key(id) {
+            Ok(Some(rec)) => {
+                self.publish(rec);
+                self.by_id.load().get(id).cloned()
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look a key up in the store");
+                None
+            }
+        }
     }
 
+    /// Every key, oldest first, as the store has them (a fleet's keys, whichever instance
+    /// created them); the keys this process knows when the store cannot answer.
     pub fn list(&self) -> Vec<ApiKeyRecord> {
+        match self.store.keys() {
+            Ok(records) => return records,
+            Err(e) => tracing::warn!(error = %e, "cannot list the keys in the store"),
+        }
+        self.list_known()
+    }
+
+    fn list_known(&self) -> Vec<ApiKeyRecord> {
         let mut v: Vec<ApiKeyRecord> = self
             .by_id
             .load()
@@ -188,11 +272,15 @@ impl Keys {
     pub async fn bootstrap(
         &self,
         config: &Config,
-        store: &Store,
     ) -> Result<Vec<(String, BTreeMap<String, Decimal>, String)>, StoreError> {
         let mut out = Vec::new();
+        if !config.keys.is_empty() {
+            // Another instance of a fleet may have created them since this one loaded.
+            self.sync(self.store.keys()?);
+        }
         for bk in &config.keys {
-            let existing = store
+            let existing = self
+                .store
                 .bootstrap_key_id(&bk.name)?
                 .and_then(|id| self.get(&id));
             let mut rec = new_record(&bootstrap_fields(bk), &bk.secret);

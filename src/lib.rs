@@ -3,7 +3,8 @@
 //!
 //! Request path, in module order: `api` (authenticate, check input) → `router` (plan, reserve,
 //! attempt, retry/fall back) → `route` (health, breaker, probes) → `wallet` (holds) → `metering`
-//! (SSE parse, count, draw) → `ledger` (settle and record). `catalog` answers what a key can call
+//! (SSE parse, count, draw) → `ledger` (settle and record) → `store` (sled, or the PostgreSQL
+//! database a fleet shares). `catalog` answers what a key can call
 //! now; `mock` is the built-in upstream for the demo, tests and load tests.
 #![forbid(unsafe_code)]
 
@@ -20,4 +21,5 @@ pub mod metrics;
 pub mod mock;
 pub mod route;
 pub mod router;
+pub mod store;
 pub mod wallet;

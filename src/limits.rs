@@ -283,6 +283,24 @@ impl KeyLimits {
     fn unlimited(&self) -> bool {
         self.rpm.is_none() && self.tpm.is_none() && self.max_streams.is_none()
     }
+
+    /// This instance's share of the key's limits in a fleet of `instances`: each limit divided
+    /// evenly (rounded down, but at least 1 where the limit is), so that the instances together
+    /// never admit more than the limit, or than one each where the limit is below their number.
+    pub fn share(self, instances: u32) -> KeyLimits {
+        if instances <= 1 {
+            return self;
+        }
+        let n = u64::from(instances);
+        let part = |v: u64| (v / n).max(v.min(1));
+        KeyLimits {
+            rpm: self.rpm.map(part),
+            tpm: self.tpm.map(part),
+            max_streams: self
+                .max_streams
+                .map(|v| u32::try_from(part(u64::from(v))).unwrap_or(v)),
+        }
+    }
 }
 
 /// A request that passed `rpm`: the later steps' limits and the key's windows (none when the
@@ -323,6 +341,8 @@ impl Gate {
 pub struct Limits {
     shards: Vec<Mutex<HashMap<String, Arc<KeyWindows>>>>,
     hasher: std::collections::hash_map::RandomState,
+    /// The instances sharing every key's limits (1 for one process; a fleet's live instances).
+    instances: Arc<AtomicU32>,
 }
 
 impl Default for Limits {
@@ -333,9 +353,15 @@ impl Default for Limits {
 
 impl Limits {
     pub fn new() -> Limits {
+        Limits::shared(Arc::new(AtomicU32::new(1)))
+    }
+
+    /// Limits that this instance shares evenly with `instances` (kept current by the store).
+    pub fn shared(instances: Arc<AtomicU32>) -> Limits {
         Limits {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
+            instances,
         }
     }
 
@@ -357,7 +383,7 @@ impl Limits {
     /// The first step, before the body is read: counts the request against the key's `rpm`
     /// (refused or not) and says whether it may go on.
     pub fn admit_request(&self, key: &ApiKey) -> Result<Gate, Refusal> {
-        let limits = KeyLimits::of(key);
+        let limits = KeyLimits::of(key).share(self.instances.load(Ordering::Relaxed));
         if limits.unlimited() {
             return Ok(Gate {
                 limits,
@@ -387,6 +413,28 @@ mod tests {
             },
             windows: Some(w.clone()),
         }
+    }
+
+    /// In a fleet each instance takes an even share, so the fleet never admits more than the
+    /// limit (or one per instance where the limit is smaller than the fleet).
+    #[test]
+    fn a_fleet_shares_each_limit_evenly() {
+        let l = KeyLimits {
+            rpm: Some(30),
+            tpm: Some(1000),
+            max_streams: Some(2),
+        };
+        let one = l.share(1);
+        assert_eq!((one.rpm, one.tpm, one.max_streams), (Some(30), Some(1000), Some(2)));
+        let three = l.share(3);
+        assert_eq!((three.rpm, three.tpm, three.max_streams), (Some(10), Some(333), Some(1)));
+        let zero = KeyLimits {
+            rpm: Some(0),
+            tpm: None,
+            max_streams: None,
+        }
+        .share(4);
+        assert_eq!((zero.rpm, zero.tpm), (Some(0), None), "0 still refuses everything");
     }
 
     #[test]

@@ -20,11 +20,12 @@ const EXAMPLE_MARKER: &str = "<!-- check-config:";
 
 /// The configuration's top-level sections: a reference-table row names a key when its first
 /// cell starts with one of them.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "server",
     "settlement",
     "ledger",
     "routing",
+    "store",
     "buckets",
     "providers",
     "models",

@@ -2,6 +2,8 @@
 //! task, and a minimal SSE scan that times every content event without parsing JSON, in the
 //! chat, Responses or Messages format.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,12 +31,15 @@ pub fn build_client(max_idle: usize) -> HttpClient {
         .build(connector)
 }
 
-/// Where requests go: the endpoint's URL and the bearer token.
+/// Where requests go: the endpoint's URL (several for a fleet: taken in turn) and the bearer
+/// token.
 #[derive(Clone, Debug)]
 pub struct Target {
     /// `direct` or `gateway` in reports.
     pub label: &'static str,
-    pub chat_url: Uri,
+    pub chat_urls: Arc<[Uri]>,
+    /// The next URL to take, shared by every clone: requests go round robin over the fleet.
+    next: Arc<AtomicUsize>,
     pub auth: Option<HeaderValue>,
     pub endpoint: Endpoint,
 }
@@ -47,12 +52,29 @@ impl Target {
         key: Option<&str>,
         endpoint: Endpoint,
     ) -> Result<Target, String> {
-        let url = format!("{}{}", base.trim_end_matches('/'), endpoint.path());
-        let chat_url: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
-        if chat_url.scheme_str() != Some("http") {
-            return Err(format!(
-                "{url}: only plain http is supported (put a TLS terminator in front if needed)"
-            ));
+        Target::fleet(label, &[base.to_string()], key, endpoint)
+    }
+
+    /// Several base URLs (the instances of a fleet), taken round robin.
+    pub fn fleet(
+        label: &'static str,
+        bases: &[String],
+        key: Option<&str>,
+        endpoint: Endpoint,
+    ) -> Result<Target, String> {
+        if bases.is_empty() {
+            return Err("no base URL".into());
+        }
+        let mut urls = Vec::new();
+        for base in bases {
+            let url = format!("{}{}", base.trim_end_matches('/'), endpoint.path());
+            let chat_url: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+            if chat_url.scheme_str() != Some("http") {
+                return Err(format!(
+                    "{url}: only plain http is supported (put a TLS terminator in front if needed)"
+                ));
+            }
+            urls.push(chat_url);
         }
         let auth = match key {
             Some(k) => Some(
@@ -63,10 +85,17 @@ impl Target {
         };
         Ok(Target {
             label,
-            chat_url,
+            chat_urls: urls.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             auth,
             endpoint,
         })
+    }
+
+    /// The URL for the next request (round robin).
+    pub fn next_url(&self) -> Uri {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.chat_urls.len();
+        self.chat_urls[i].clone()
     }
 }
 
@@ -108,7 +137,7 @@ async fn exchange(
 ) -> Result<(), String> {
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(target.chat_url.clone())
+        .uri(target.next_url())
         .header(CONTENT_TYPE, "application/json");
     if let Some(auth) = &target.auth {
         req = req.header(AUTHORIZATION, auth.clone());
@@ -413,5 +442,23 @@ mod tests {
             completion_tokens(b"{\"usage\":{\"completion_tokens\": 17}}"),
             Some(17)
         );
+    }
+
+    #[test]
+    fn a_fleet_target_takes_its_urls_in_turn_across_clones() {
+        let bases = [
+            "http://127.0.0.1:1/v1".to_string(),
+            "http://127.0.0.1:2/v1/".to_string(),
+        ];
+        let t = Target::fleet("gateway", &bases, Some("k"), Endpoint::Chat).unwrap();
+        let clone = t.clone();
+        let ports: Vec<u16> = [&t, &clone, &t, &clone]
+            .iter()
+            .map(|t| t.next_url().port_u16().unwrap())
+            .collect();
+        assert_eq!(ports, [1, 2, 1, 2]);
+        assert_eq!(t.chat_urls[1].path(), "/v1/chat/completions");
+        assert!(Target::fleet("gateway", &[], None, Endpoint::Chat).is_err());
+        assert!(Target::new("gateway", "https://x/v1", None, Endpoint::Chat).is_err());
     }
 }

@@ -2,10 +2,14 @@
 //! `--key`), optionally side by side with the mock upstream directly (`--direct-url`), measures
 //! SSE timing in HDR histograms, reads the gateway process's cost from `/proc` (`--gateway-pid`),
 //! checks tollgate's money invariants (`--verify-ledger`), and writes JSON, Markdown and SVG.
-//! It starts nothing itself; `loadtest/run.sh` starts a mock and a gateway for the standard runs.
+//! A fleet is several `--base-url`s (requests round robin), `--gateway-pid`s (cost summed) and
+//! `--admin-url`s (each must show the same wallet), with `--pg-url` for the database's
+//! transactions per request. It starts nothing itself; `loadtest/run.sh` starts a mock and a
+//! gateway for the standard runs, `loadtest/fleet.sh` a database and three instances.
 
 mod admin;
 mod client;
+mod dbstat;
 mod procstat;
 mod report;
 mod runner;
@@ -31,9 +35,10 @@ struct Cli {
     /// Scenario file (see loadtest/scenarios/).
     #[arg(long)]
     scenario: PathBuf,
-    /// OpenAI base URL of the endpoint under test, e.g. http://127.0.0.1:8080/v1.
-    #[arg(long)]
-    base_url: String,
+    /// OpenAI base URL of the endpoint under test, e.g. http://127.0.0.1:8080/v1. Repeat it for
+    /// the instances of a fleet: requests go to them round robin.
+    #[arg(long, required = true)]
+    base_url: Vec<String>,
     /// API key for --base-url (sent as a bearer token).
     #[arg(long, env = "LOADTEST_KEY")]
     key: Option<String>,
@@ -44,9 +49,10 @@ struct Cli {
     /// /_mock/options` before each round and for its token counters. Repeatable.
     #[arg(long = "mock", value_parser = parse_mock)]
     mocks: Vec<(String, String)>,
-    /// tollgate admin API, for --verify-ledger and scenario keys.
+    /// tollgate admin API, for --verify-ledger and scenario keys. Repeat it for a fleet: the
+    /// first creates keys and reads the ledger, and every one must show the same wallet.
     #[arg(long)]
-    admin_url: Option<String>,
+    admin_url: Vec<String>,
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN")]
     admin_token: Option<String>,
     /// After the run, check the money invariants through the admin API.
@@ -55,9 +61,12 @@ struct Cli {
     /// The key to verify (default: found from a warm-up request's ledger record).
     #[arg(long)]
     key_id: Option<String>,
-    /// PID of the gateway process, for CPU and RSS from /proc.
+    /// PID of the gateway process, for CPU and RSS from /proc. Repeat it for a fleet (summed).
     #[arg(long)]
-    gateway_pid: Option<u32>,
+    gateway_pid: Vec<u32>,
+    /// The fleet's PostgreSQL URL: the database's transactions per request (read with psql).
+    #[arg(long)]
+    pg_url: Option<String>,
     /// Directory for <name>.json, <name>.md and <name>.svg.
     #[arg(long, default_value = "loadtest/results")]
     out: PathBuf,
@@ -152,14 +161,19 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .max()
         .unwrap_or(64) as usize;
     let client = build_client(max_conc.max(16));
-    let admin = match (&cli.admin_url, &cli.admin_token) {
-        (Some(url), Some(token)) => Some(Admin {
-            url: url.clone(),
-            token: token.clone(),
-        }),
-        (Some(_), None) => return Err("--admin-url needs --admin-token".into()),
-        _ => None,
+    let admins: Vec<Admin> = match &cli.admin_token {
+        Some(token) => cli
+            .admin_url
+            .iter()
+            .map(|url| Admin {
+                url: url.clone(),
+                token: token.clone(),
+            })
+            .collect(),
+        None if !cli.admin_url.is_empty() => return Err("--admin-url needs --admin-token".into()),
+        None => Vec::new(),
     };
+    let admin = admins.first().cloned();
     if cli.verify_ledger && admin.is_none() {
         return Err("--verify-ledger needs --admin-url and --admin-token".into());
     }
@@ -180,7 +194,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         key_id = Some(id);
     }
     let endpoint = scenario.request.endpoint;
-    let gateway = Target::new("gateway", &cli.base_url, key.as_deref(), endpoint)?;
+    let gateway = Target::fleet("gateway", &cli.base_url, key.as_deref(), endpoint)?;
     let direct = match &cli.direct_url {
         Some(u) => Some(Target::new("direct", u, None, endpoint)?),
         None => None,
@@ -229,7 +243,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
         gateway,
         direct,
         mocks: cli.mocks.clone(),
-        gateway_pid: cli.gateway_pid,
+        gateway_pids: cli.gateway_pid.clone(),
+        pg_url: cli.pg_url.clone(),
         progress: !cli.no_progress,
     };
     let run_start = Instant::now();
@@ -265,7 +280,15 @@ async fn run(cli: Cli) -> Result<bool, String> {
                     (a, None) => a,
                 };
             }
-            Some(verify::verify(&id, &before, &after, &records, &side)?)
+            let mut report = verify::verify(&id, &before, &after, &records, &side)?;
+            if admins.len() > 1 {
+                let mut views = Vec::new();
+                for a in &admins {
+                    views.push((a.url.clone(), a.wallet(&client, &id).await?));
+                }
+                report.add(verify::same_everywhere(&views));
+            }
+            Some(report)
         }
         _ => None,
     };
@@ -274,7 +297,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         tool: "tollgate-loadtest",
         version: env!("CARGO_PKG_VERSION"),
         started_at,
-        base_url: cli.base_url.clone(),
+        base_url: cli.base_url.join(" "),
         direct_url: cli.direct_url.clone().filter(|_| scenario.compare),
         conditions: format!("{before_conditions} (before), {} (after)", conditions()),
         phases: runs.iter().map(report::phase_report).collect(),

@@ -1,4 +1,4 @@
-//! Cost of the process under test, read from `/proc/PID`: CPU time (utime + stime from `stat`,
+//! Cost of the process (or fleet of processes) under test, read from `/proc/PID`: CPU time (utime + stime from `stat`,
 //! in clock ticks, assumed 100 per second — the Linux `USER_HZ` on every mainstream build; we
 //! avoid libc to stay free of `unsafe`) and resident memory (`VmRSS`, `VmHWM` from `status`).
 
@@ -33,6 +33,18 @@ pub fn sample(pid: u32) -> Result<ProcSample, String> {
         rss_kib: status_kib(&status, "VmRSS:").unwrap_or(0),
         hwm_kib: status_kib(&status, "VmHWM:").unwrap_or(0),
     })
+}
+
+/// The sum over several processes (the instances of a fleet): CPU, RSS and VmHWM added up.
+pub fn sample_all(pids: &[u32]) -> Result<ProcSample, String> {
+    let mut sum = ProcSample::default();
+    for pid in pids {
+        let s = sample(*pid)?;
+        sum.cpu_ticks += s.cpu_ticks;
+        sum.rss_kib += s.rss_kib;
+        sum.hwm_kib += s.hwm_kib;
+    }
+    Ok(sum)
 }
 
 /// Fields 14 (utime) and 15 (stime) of `/proc/PID/stat`; `comm` (field 2) may hold spaces and

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::dbstat::DbCost;
 use crate::runner::{Cost, PhaseRun};
 use crate::scenario::{Mode, Scenario};
 use crate::stats::{timeline_points, Point, Summary};
@@ -39,6 +40,8 @@ pub struct PhaseReport {
     pub overhead: Option<Overhead>,
     pub gateway_cost: Option<Cost>,
     pub mock_tokens: Option<u64>,
+    /// A fleet's database transactions at steady state (`--pg-url`).
+    pub db: Option<DbCost>,
     /// Per target (`direct`, `gateway`): one point per second with completions.
     pub timeline: BTreeMap<String, Vec<Point>>,
 }
@@ -97,6 +100,7 @@ pub fn phase_report(run: &PhaseRun) -> PhaseReport {
         gateway,
         gateway_cost: run.cost.clone(),
         mock_tokens: run.mock_tokens,
+        db: run.db.clone(),
         timeline,
     }
 }
@@ -201,6 +205,17 @@ pub fn markdown(r: &Report) -> String {
                 c.peak_rss_kib,
                 c.peak_open,
                 c.hwm_kib
+            );
+        }
+        if let Some(db) = &p.db {
+            let _ = writeln!(
+                md,
+                "\nDatabase at steady state (after warm-up, under load): {} transactions ({} writing) for {} requests → {:.3} transactions per request ({:.3} writing).",
+                db.transactions,
+                db.write_transactions,
+                db.requests,
+                db.transactions_per_request,
+                db.write_transactions_per_request
             );
         }
         let _ = writeln!(md);
@@ -489,6 +504,7 @@ duration_s = 1
             gateway,
             cost: None,
             mock_tokens: None,
+            db: None,
         };
         Report {
             tool: "tollgate-loadtest",
@@ -548,6 +564,31 @@ duration_s = 1
         let md = markdown(&r);
         assert!(
             md.contains("with 500 open → 10.0 KiB per open request"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn reports_the_database_per_request() {
+        let mut r = sample_report();
+        let md = markdown(&r);
+        assert!(!md.contains("Database at steady state"), "{md}");
+        let mut db = DbCost::default();
+        db.add(
+            crate::dbstat::DbSample {
+                transactions: 10,
+                next_xid: 100,
+            },
+            crate::dbstat::DbSample {
+                transactions: 70,
+                next_xid: 130,
+            },
+            1000,
+        );
+        r.phases[0].db = Some(db);
+        let md = markdown(&r);
+        assert!(
+            md.contains("60 transactions (30 writing) for 1000 requests → 0.060 transactions per request (0.030 writing)"),
             "{md}"
         );
     }

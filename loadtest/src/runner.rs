@@ -1,8 +1,8 @@
 //! Drives a scenario: phase by phase, round by round, alternating the direct target (the mock)
 //! and the gateway (direct, gateway, gateway, direct, ... so slow drift cancels), in closed loop
 //! (fixed concurrency) or open loop (fixed start rate, latency from the scheduled start). Around
-//! each gateway round it reads the gateway's CPU and RSS from `/proc` and the mocks' token
-//! counters.
+//! each gateway round it reads the gateway's CPU and RSS from `/proc` (summed over a fleet's
+//! processes), the mocks' token counters and, for a fleet, the database's transactions.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::admin;
 use crate::client::{send, HttpClient, Target};
+use crate::dbstat::{self, DbCost, DbSample};
 use crate::procstat::{self, ProcSample};
 use crate::scenario::{Mode, Phase, Scenario};
 use crate::stats::{Outcome, Recorder};
@@ -31,7 +32,10 @@ pub struct Runner {
     pub direct: Option<Target>,
     /// `--mock NAME=URL`: mock control URLs.
     pub mocks: Vec<(String, String)>,
-    pub gateway_pid: Option<u32>,
+    /// The gateway's processes (one, or each instance of a fleet); empty: no process cost.
+    pub gateway_pids: Vec<u32>,
+    /// The fleet's PostgreSQL, for its transactions per request.
+    pub pg_url: Option<String>,
     pub progress: bool,
 }
 
@@ -64,6 +68,8 @@ pub struct PhaseRun {
     pub cost: Option<Cost>,
     /// Tokens the mocks emitted during the gateway rounds (all `--mock`s summed).
     pub mock_tokens: Option<u64>,
+    /// The database's transactions over the gateway rounds' steady state (`--pg-url`).
+    pub db: Option<DbCost>,
 }
 
 fn lock(r: &Mutex<Recorder>) -> MutexGuard<'_, Recorder> {
@@ -88,6 +94,8 @@ struct Load {
     warm_count: u64,
     /// Start of the first measured (non-warm-up) request: rates count from here.
     measured_from: Mutex<Option<Instant>>,
+    /// Requests finished so far in this round.
+    finished: AtomicU64,
 }
 
 impl Load {
@@ -117,6 +125,7 @@ impl Load {
             }
         }
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.finished.fetch_add(1, Ordering::Relaxed);
         lock(&self.recorder).record(&outcome);
         self.progress.inc(1);
     }
@@ -180,6 +189,7 @@ impl Runner {
         let mut cost_ticks = 0u64;
         let mut cost: Option<Cost> = None;
         let mut mock_tokens: Option<u64> = None;
+        let mut db: Option<DbCost> = None;
         let compare = self.targets() == 2;
         for round in 0..self.scenario.rounds {
             // ABBA: direct first on even rounds, gateway first on odd ones.
@@ -227,14 +237,20 @@ impl Runner {
                 } else {
                     self.mock_token_total().await
                 };
-                let proc_before = match (is_direct, self.gateway_pid) {
-                    (false, Some(pid)) => Some(procstat::sample(pid)?),
-                    _ => None,
+                let pids = if is_direct {
+                    Vec::new()
+                } else {
+                    self.gateway_pids.clone()
+                };
+                let proc_before = if pids.is_empty() {
+                    None
+                } else {
+                    Some(procstat::sample_all(&pids)?)
                 };
                 let in_flight = Arc::new(AtomicU64::new(0));
-                let sampler = proc_before.and(self.gateway_pid).map(|pid| {
+                let sampler = proc_before.map(|_| {
                     let (stop, stopped) = oneshot::channel();
-                    let task = tokio::spawn(sample_rss(pid, in_flight.clone(), stopped));
+                    let task = tokio::spawn(sample_rss(pids.clone(), in_flight.clone(), stopped));
                     (stop, task)
                 });
                 let began = Instant::now();
@@ -251,7 +267,17 @@ impl Runner {
                     warm_until: began + warmup,
                     warm_count: self.per_round(phase).0 / 10,
                     measured_from: Mutex::new(None),
+                    finished: AtomicU64::new(0),
                 });
+                // The database's steady state: from the end of the warm-up to the end of the load.
+                let db_start = match (&self.pg_url, is_direct) {
+                    (Some(url), false) => Some(tokio::spawn(db_sample_at(
+                        url.clone(),
+                        began + warmup,
+                        load.clone(),
+                    ))),
+                    _ => None,
+                };
                 let (count, time) = self.per_round(phase);
                 match phase.mode {
                     Mode::Closed => {
@@ -270,8 +296,18 @@ impl Runner {
                     lock(&recorder).active += from.elapsed();
                 }
                 events.abort_all();
-                if let (Some(before), Some(pid)) = (proc_before, self.gateway_pid) {
-                    let after = procstat::sample(pid)?;
+                if let (Some(task), Some(url)) = (db_start, &self.pg_url) {
+                    let (before, done_before) =
+                        task.await.map_err(|e| format!("database sampler: {e}"))??;
+                    let (after, done_after) = db_sample(url.clone(), &load).await?;
+                    db.get_or_insert_with(DbCost::default).add(
+                        before,
+                        after,
+                        done_after.saturating_sub(done_before),
+                    );
+                }
+                if let Some(before) = proc_before {
+                    let after = procstat::sample_all(&pids)?;
                     let (peak_rss, peak_open) = match sampler {
                         Some((stop, task)) => {
                             let _ = stop.send(());
@@ -304,6 +340,7 @@ impl Runner {
             gateway,
             cost,
             mock_tokens,
+            db,
         })
     }
 
@@ -397,10 +434,29 @@ fn finish_cost(c: &mut Cost, ticks: u64, gateway: &Recorder) {
     }
 }
 
-/// Samples RSS and requests in flight until `stop` fires (or its sender is dropped); returns
-/// (peak RSS KiB, most requests in flight).
+/// The database's counters and the requests finished so far, read together.
+async fn db_sample(url: String, load: &Load) -> Result<(DbSample, u64), String> {
+    let done = load.finished.load(Ordering::Relaxed);
+    let sample = tokio::task::spawn_blocking(move || dbstat::sample(&url))
+        .await
+        .map_err(|e| format!("database sampler: {e}"))??;
+    Ok((sample, done))
+}
+
+/// [`db_sample`] at `at` (the end of the warm-up).
+async fn db_sample_at(
+    url: String,
+    at: Instant,
+    load: Arc<Load>,
+) -> Result<(DbSample, u64), String> {
+    tokio::time::sleep_until(at.into()).await;
+    db_sample(url, &load).await
+}
+
+/// Samples RSS (summed over `pids`) and requests in flight until `stop` fires (or its sender is
+/// dropped); returns (peak RSS KiB, most requests in flight).
 async fn sample_rss(
-    pid: u32,
+    pids: Vec<u32>,
     in_flight: Arc<AtomicU64>,
     mut stop: oneshot::Receiver<()>,
 ) -> (u64, u64) {
@@ -412,7 +468,7 @@ async fn sample_rss(
             _ = &mut stop => return (peak_rss, peak_open),
             _ = tick.tick() => {
                 peak_open = peak_open.max(in_flight.load(Ordering::Relaxed));
-                if let Ok(s) = procstat::sample(pid) {
+                if let Ok(s) = procstat::sample_all(&pids) {
                     peak_rss = peak_rss.max(s.rss_kib);
                 }
             }

@@ -180,6 +180,35 @@ pub fn verify(
     Ok(r)
 }
 
+impl VerifyReport {
+    /// Adds a check (and fails the report when it failed).
+    pub fn add(&mut self, check: Check) {
+        self.passed &= check.ok;
+        self.checks.push(check);
+    }
+}
+
+/// A fleet: every instance's admin API shows the key's wallet alike (they share one database).
+pub fn same_everywhere(views: &[(String, BTreeMap<String, BucketView>)]) -> Check {
+    let ok = views.windows(2).all(|w| w[0].1 == w[1].1);
+    let detail = views
+        .iter()
+        .map(|(url, w)| {
+            let buckets: Vec<String> = w
+                .iter()
+                .map(|(b, v)| format!("{b} {}/{}", v.balance, v.held))
+                .collect();
+            format!("{url}: {}", buckets.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Check {
+        name: "same_wallet_on_every_instance".into(),
+        ok,
+        detail: format!("balance/held: {detail}"),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -215,5 +244,23 @@ mod tests {
         let r = verify("k", &before, &wrong, &records, &client).unwrap();
         assert!(!r.passed);
         assert!(!r.checks[0].ok);
+    }
+
+    #[test]
+    fn a_fleet_must_agree_on_the_wallet() {
+        let one = BTreeMap::from([("credit".to_string(), view("1.5"))]);
+        let other = BTreeMap::from([("credit".to_string(), view("1.4"))]);
+        let mut r = VerifyReport {
+            passed: true,
+            ..VerifyReport::default()
+        };
+        r.add(same_everywhere(&[
+            ("a".into(), one.clone()),
+            ("b".into(), one.clone()),
+        ]));
+        assert!(r.passed);
+        r.add(same_everywhere(&[("a".into(), one), ("b".into(), other)]));
+        assert!(!r.passed);
+        assert_eq!(r.checks.len(), 2);
     }
 }

@@ -737,7 +737,8 @@ async fn routes_view(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             "last_failure": s.last_failure,
         }));
     }
-    Ok(HttpResponse::Ok().json(json!({"routes": out})))
+    // Route health is each instance's own (F5): the answer names the instance asked.
+    Ok(HttpResponse::Ok().json(json!({"instance_id": state.instance_id, "routes": out})))
 }
 
 #[derive(Deserialize)]

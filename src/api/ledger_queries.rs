@@ -19,7 +19,8 @@ use crate::ledger::explain::{self, Period};
 use crate::ledger::export::Format;
 use crate::ledger::rollup::{CellStats, RollupCell, Scope};
 use crate::ledger::usage::{parse_group_by, Usage};
-use crate::ledger::{LedgerRecord, Store, StoreError};
+use crate::ledger::{LedgerRecord, StoreError};
+use crate::store::StateStore;
 
 /// Records per export batch (one `web::block` each).
 const EXPORT_BATCH: usize = 500;
@@ -34,7 +35,7 @@ pub struct ExportQuery {
 
 /// Where an export stands between batches.
 struct ExportCursor {
-    store: Store,
+    store: Arc<dyn StateStore>,
     filter: Arc<Filter>,
     format: Format,
     /// The `l/` key of the last record scanned; `None` before the first batch.
@@ -52,7 +53,7 @@ struct Batch {
 
 /// One batch: up to `EXPORT_BATCH` matching records after `after`, formatted.
 fn export_batch(
-    store: &Store,
+    store: &dyn StateStore,
     f: &Filter,
     format: Format,
     after: Option<&[u8]>,
@@ -123,7 +124,7 @@ pub async fn export_response(
         }
         let (store, filter, after) = (c.store.clone(), c.filter.clone(), c.after.take());
         let format = c.format;
-        let res = web::block(move || export_batch(&store, &filter, format, after.as_deref()))
+        let res = web::block(move || export_batch(&*store, &filter, format, after.as_deref()))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));

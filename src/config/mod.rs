@@ -23,6 +23,7 @@ pub struct Config {
     pub settlement: Settlement,
     pub ledger: Ledger,
     pub routing: Routing,
+    pub store: StoreConfig,
     pub buckets: BTreeMap<String, Arc<Bucket>>,
     pub providers: Vec<Arc<Provider>>,
     pub models: Vec<Arc<Model>>,
@@ -136,6 +137,25 @@ pub struct Settlement {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pub retention_days: u32,
+}
+
+/// `[store]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    /// The embedded store in `server.data_dir`: one process owns it.
+    Sled,
+    /// A PostgreSQL database shared by every instance of a fleet.
+    Postgres(PostgresStore),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresStore {
+    /// The environment variable that holds the connection URL (read at start).
+    pub url_env: String,
+    pub pool_size: usize,
+    /// Names this instance in leases, open holds and `/admin/routes`.
+    pub instance_id: String,
+    pub lease_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +385,72 @@ impl std::fmt::Debug for BootstrapKey {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    const MINIMAL: &str = r#"
+[server]
+admin_token = "admin-0123456789"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "demo"
+kind = "mock"
+
+[[models]]
+name = "m"
+routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }]
+"#;
+
+    #[test]
+    fn the_store_is_sled_unless_postgres_is_asked_for() {
+        let c = super::parse_str(MINIMAL).unwrap();
+        assert_eq!(c.store, super::StoreConfig::Sled);
+        let pg = format!(
+            "{MINIMAL}\n[store]\nkind = \"postgres\"\nurl_env = \"DB_URL\"\ninstance_id = \"gw-1\"\n"
+        );
+        match super::parse_str(&pg).unwrap().store {
+            super::StoreConfig::Postgres(p) => {
+                assert_eq!(p.url_env, "DB_URL");
+                assert_eq!(p.instance_id, "gw-1");
+                assert_eq!(p.pool_size, 16);
+                assert_eq!(p.lease_ttl_ms, 10_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        let defaulted = format!("{MINIMAL}\n[store]\nkind = \"postgres\"\nurl_env = \"DB_URL\"\n");
+        match super::parse_str(&defaulted).unwrap().store {
+            super::StoreConfig::Postgres(p) => {
+                assert!(
+                    p.instance_id.ends_with(&format!("-{}", std::process::id())),
+                    "{}",
+                    p.instance_id
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn store_problems_are_named_by_key() {
+        let problems = |store: &str| {
+            super::parse_str(&format!("{MINIMAL}\n[store]\n{store}\n"))
+                .unwrap_err()
+                .0
+        };
+        let p = problems("kind = \"postgres\"");
+        assert!(p.iter().any(|l| l.starts_with("store.url_env: missing")), "{p:?}");
+        let p = problems("kind = \"mysql\"");
+        assert!(p.iter().any(|l| l.starts_with("store.kind: unknown store")), "{p:?}");
+        let p = problems("kind = \"postgres\"\nurl_env = \"U\"\npool_size = 0\nlease_ttl_ms = 50\ninstance_id = \"a b\"");
+        for key in ["store.pool_size", "store.lease_ttl_ms", "store.instance_id"] {
+            assert!(p.iter().any(|l| l.starts_with(key)), "{key}: {p:?}");
+        }
+        let p = problems("url_env = \"U\"");
+        assert!(p.iter().any(|l| l.starts_with("store.url_env: only used")), "{p:?}");
+        let p = problems("kind = \"sled\"\nlease_ttls = 5");
+        assert!(p.iter().any(|l| l.starts_with("store:") && l.contains("lease_ttls")), "{p:?}");
+    }
 
     #[test]
     fn debug_output_carries_no_secret() {

@@ -110,6 +110,33 @@ impl Default for RawLedger {
     }
 }
 
+/// `[store]`: where keys, wallets and the ledger live (sled in `server.data_dir`, or a
+/// PostgreSQL database shared by a fleet).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(default = "d_store_kind")]
+    pub kind: String,
+    pub url_env: Option<String>,
+    #[serde(default = "d_pool_size")]
+    pub pool_size: u32,
+    pub instance_id: Option<String>,
+    #[serde(default = "d_lease_ttl")]
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            kind: d_store_kind(),
+            url_env: None,
+            pool_size: d_pool_size(),
+            instance_id: None,
+            lease_ttl_ms: d_lease_ttl(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouting {
@@ -339,6 +366,15 @@ fn d_wallet_idle() -> u64 {
 }
 fn d_retention() -> u32 {
     90
+}
+fn d_store_kind() -> String {
+    "sled".into()
+}
+fn d_pool_size() -> u32 {
+    16
+}
+fn d_lease_ttl() -> u64 {
+    10_000
 }
 fn d_budget_ratio() -> f64 {
     0.2

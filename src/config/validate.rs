@@ -51,6 +51,7 @@ const TOP_LEVEL: &[&str] = &[
     "settlement",
     "ledger",
     "routing",
+    "store",
     "buckets",
     "providers",
     "models",
@@ -183,6 +184,7 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
     let settlement: RawSettlement = c.section(&table, "settlement");
     let ledger: RawLedger = c.section(&table, "ledger");
     let routing: RawRouting = c.section(&table, "routing");
+    let store: RawStore = c.section(&table, "store");
     let raw_buckets: BTreeMap<String, Option<RawBucket>> = match table.get("buckets") {
         None => BTreeMap::new(),
         Some(Value::Table(t)) => t
@@ -200,6 +202,7 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
 
     let server = check_server(&mut c, server);
     let settlement = check_settlement(&mut c, settlement);
+    let store = check_store(&mut c, store, settlement.as_ref());
     if !(routing.retry_budget_ratio >= 0.0 && routing.retry_budget_ratio.is_finite()) {
         c.problem("routing.retry_budget_ratio", "must be a number >= 0");
     }
@@ -215,7 +218,7 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
     if !c.problems.is_empty() {
         return Err(ConfigProblems(c.problems));
     }
-    let (Some(server), Some(settlement)) = (server, settlement) else {
+    let (Some(server), Some(settlement), Some(store)) = (server, settlement, store) else {
         return Err(ConfigProblems(vec!["config: invalid".into()]));
     };
     Ok(Config {
@@ -228,6 +231,7 @@ pub fn parse_str(text: &str) -> Result<Config, ConfigProblems> {
             retry_budget_ratio: routing.retry_budget_ratio,
             retry_budget_min_per_s: routing.retry_budget_min_per_s,
         },
+        store,
         buckets,
         providers,
         models,
@@ -314,6 +318,103 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
         max_messages: usize::try_from(s.max_messages).unwrap_or(usize::MAX),
         console_session_ttl_s: s.console_session_ttl_s,
     })
+}
+
+/// The longest `store.instance_id`: it is written into every lease and open hold.
+const MAX_INSTANCE_ID: usize = 64;
+
+fn check_store(
+    c: &mut Checker,
+    s: RawStore,
+    settlement: Option<&Settlement>,
+) -> Option<StoreConfig> {
+    match s.kind.as_str() {
+        "sled" => {
+            // The PostgreSQL keys mean nothing to sled: setting them is a mistake worth naming.
+            if s.url_env.is_some() {
+                c.problem("store.url_env", "only used with kind = \"postgres\"");
+            }
+            if s.instance_id.is_some() {
+                c.problem("store.instance_id", "only used with kind = \"postgres\"");
+            }
+            Some(StoreConfig::Sled)
+        }
+        "postgres" => {
+            let url_env = match s.url_env {
+                Some(v) if !v.trim().is_empty() => Some(v),
+                Some(_) => {
+                    c.problem("store.url_env", "must name an environment variable");
+                    None
+                }
+                None => {
+                    c.problem(
+                        "store.url_env",
+                        "missing (required with kind = \"postgres\": the environment variable that holds the connection URL)",
+                    );
+                    None
+                }
+            };
+            if s.pool_size == 0 || s.pool_size > 1024 {
+                c.problem("store.pool_size", "must be between 1 and 1024");
+            }
+            let instance_id = match s.instance_id {
+                Some(id) => {
+                    let printable = id.bytes().all(|b| b.is_ascii_graphic());
+                    if id.is_empty() || id.len() > MAX_INSTANCE_ID || !printable {
+                        c.problem(
+                            "store.instance_id",
+                            format!("must be 1 to {MAX_INSTANCE_ID} printable ASCII characters without spaces"),
+                        );
+                    }
+                    id
+                }
+                None => default_instance_id(),
+            };
+            if s.lease_ttl_ms < 100 {
+                c.problem("store.lease_ttl_ms", "must be >= 100");
+            }
+            c.duration_ms("store.lease_ttl_ms", s.lease_ttl_ms);
+            if let Some(st) = settlement {
+                // Leases are renewed at a third of their TTL and holds persisted every flush:
+                // a TTL shorter than a few flushes would reap live instances.
+                if s.lease_ttl_ms < st.flush_interval_ms.saturating_mul(4) {
+                    c.problem(
+                        "store.lease_ttl_ms",
+                        format!(
+                            "must be at least 4 × settlement.flush_interval_ms ({})",
+                            st.flush_interval_ms.saturating_mul(4)
+                        ),
+                    );
+                }
+            }
+            Some(StoreConfig::Postgres(PostgresStore {
+                url_env: url_env?,
+                pool_size: s.pool_size as usize,
+                instance_id,
+                lease_ttl_ms: s.lease_ttl_ms,
+            }))
+        }
+        other => {
+            c.problem(
+                "store.kind",
+                format!("unknown store \"{other}\" (expected sled or postgres)"),
+            );
+            None
+        }
+    }
+}
+
+/// `hostname-pid`: unique among the instances of a fleet that run on distinct hosts or as
+/// distinct processes.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "tollgate".into());
+    let host: String = host.chars().filter(|c| c.is_ascii_graphic()).take(48).collect();
+    format!("{host}-{}", std::process::id())
 }
 
 fn check_settlement(c: &mut Checker, s: RawSettlement) -> Option<Settlement> {

@@ -167,6 +167,32 @@ pub(crate) struct LedgerRecordV2 {
     pub shortfall: Decimal,
     pub ttft_ms: Option<u64>,
     pub duration_ms: u64,
+    /// The fleet instance that served the request (`store.instance_id`); absent with sled.
+    /// Not part of the compact encoding (a shared store keeps it in a column of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "instance")]
+    pub instance_id: Option<String>,
+}
+
+/// [`LedgerRecord::instance_id`]: as itself in JSON, as nothing at all in the compact storage
+/// encoding (postcard writes a unit as zero bytes), so that stored layouts stay as they are.
+mod instance {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            v.serialize(s)
+        } else {
+            s.serialize_unit()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        if d.is_human_readable() {
+            Option::<String>::deserialize(d)
+        } else {
+            <()>::deserialize(d).map(|()| None)
+        }
+    }
 }
 
 impl From<LedgerRecordV2> for LedgerRecord {
@@ -296,6 +322,7 @@ impl From<LedgerRecordV1> for LedgerRecord {
             shortfall: r.shortfall,
             ttft_ms: r.ttft_ms,
             duration_ms: r.duration_ms,
+            instance_id: None,
         }
     }
 }
@@ -388,6 +415,7 @@ impl LedgerRecord {
             shortfall: Decimal::ZERO,
             ttft_ms: None,
             duration_ms: 0,
+            instance_id: None,
         }
     }
 }

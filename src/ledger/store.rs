@@ -39,6 +39,9 @@ pub enum StoreError {
     NotDurable(String),
     #[error("cannot prepare data directory {path}: {err}")]
     DataDir { path: String, err: String },
+    /// The shared database (fleet mode) refused or could not be reached.
+    #[error("database: {0}")]
+    Database(String),
 }
 
 /// Balances per bucket name, exact.
@@ -598,17 +601,7 @@ impl Store {
             let balance = wallet.get(&h.bucket).copied().unwrap_or_default();
             let debit = h.consumed.min(balance).max(Decimal::ZERO);
             wallet.insert(h.bucket.clone(), balance - debit);
-            let mut rec = (*h.draft).clone();
-            rec.status = Status::Interrupted;
-            rec.finished_at = h.updated_at;
-            rec.output_tokens = h.consumed_tokens;
-            rec.output_tokens_delivered = h.consumed_tokens;
-            rec.usage_source = UsageSource::Counted;
-            rec.upstream_usage = None;
-            rec.cost = debit;
-            rec.shortfall = h.consumed - debit;
-            rec.duration_ms =
-                u64::try_from((h.updated_at - rec.started_at).num_milliseconds()).unwrap_or(0);
+            let rec = interrupted_record(h, debit);
             let mut batch = sled::Batch::default();
             batch.insert(
                 key_w(&h.key_id),
@@ -636,6 +629,72 @@ impl Store {
         }
         Ok(holds.len())
     }
+}
+
+impl crate::store::WalletStore for Store {
+    fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        Store::keys(self)
+    }
+    fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Store::get_key(self, id)
+    }
+    fn key_by_secret_hash(&self, _: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        // One process owns this store: every key it has is in memory already.
+        Ok(None)
+    }
+    fn bootstrap_key_id(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Store::bootstrap_key_id(self, name)
+    }
+    fn wallet(&self, key_id: &str) -> Result<WalletState, StoreError> {
+        Store::wallet(self, key_id)
+    }
+    fn topups(&self) -> Result<Vec<TopupRecord>, StoreError> {
+        Store::topups(self)
+    }
+    fn holds(&self) -> Result<Vec<PersistedHold>, StoreError> {
+        Store::holds(self)
+    }
+}
+
+impl crate::store::LedgerStore for Store {
+    fn record(&self, request_id: &str) -> Result<Option<LedgerRecord>, StoreError> {
+        Store::record(self, request_id)
+    }
+    fn scan_records<'a>(
+        &'a self,
+        key_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        cursor: Option<&[u8]>,
+    ) -> crate::store::RecordScan<'a> {
+        Box::new(Store::scan_records(self, key_id, since, until, cursor))
+    }
+    fn task_records(
+        &self,
+        task: &str,
+        key_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<LedgerRecord>, StoreError> {
+        Store::task_records(self, task, key_id, since, until)
+    }
+}
+
+/// The `interrupted` record of an open hold left by a crash, billed `debit` of its persisted
+/// consumption (R9): the output tokens it had drawn, counted by the gateway.
+pub(crate) fn interrupted_record(h: &PersistedHold, debit: Decimal) -> LedgerRecord {
+    let mut rec = (*h.draft).clone();
+    rec.status = Status::Interrupted;
+    rec.finished_at = h.updated_at;
+    rec.output_tokens = h.consumed_tokens;
+    rec.output_tokens_delivered = h.consumed_tokens;
+    rec.usage_source = UsageSource::Counted;
+    rec.upstream_usage = None;
+    rec.cost = debit;
+    rec.shortfall = h.consumed - debit;
+    rec.duration_ms =
+        u64::try_from((h.updated_at - rec.started_at).num_milliseconds()).unwrap_or(0);
+    rec
 }
 
 /// Folders 0700, files 0600, below (and including) the store's own folder. Files sled creates

@@ -252,6 +252,7 @@ pub(crate) mod tests {
             output_per_mtok: route.map(|_| d("2")),
             cost: d(cost),
             duration_ms: 1,
+            instance_id: None,
             ..LedgerRecord::empty(format!("r-{key}-{input}-{output}"), t)
         }
     }

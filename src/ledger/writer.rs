@@ -26,14 +26,62 @@ pub enum TopupOutcome {
     Conflict(TopupRef),
 }
 
+/// A lease on part of a bucket's balance, granted to this instance by a shared store
+/// (`lease_epoch` names the instance's registration it belongs to, see [`LedgerWriter::epoch`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeaseGrant {
+    pub amount: Decimal,
+    pub epoch: u64,
+    /// What other instances lease of the bucket right now (zero without leases).
+    pub elsewhere: Decimal,
+}
+
+/// What a settlement took from the balance: the store that keeps balances itself (PostgreSQL)
+/// applies the debit; sled writes the wallet's `balances` instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Debit {
+    pub bucket: String,
+    pub amount: Decimal,
+    /// The charge asked for (the record's cost plus its shortfall).
+    pub charge: Decimal,
+    /// The lease epoch the hold was granted under.
+    pub epoch: u64,
+}
+
 pub enum StoreOp {
     /// A request's settlement: the wallet's balances after the debit, the hold it closes and the
     /// record that explains it, in one atomic batch.
     Settle {
         key_id: String,
         balances: Balances,
+        debit: Debit,
         hold_id: Option<u64>,
         record: Option<Box<LedgerRecord>>,
+    },
+    /// Leases more of `bucket` to this instance: `need` if the balance no lease covers has it,
+    /// up to `want` as long as that leaves half of it to the other instances; never more than
+    /// that balance. Stores without leases answer zero: the wallet actor holds the whole
+    /// balance already.
+    Lease {
+        key_id: String,
+        bucket: String,
+        need: Decimal,
+        want: Decimal,
+        reply: oneshot::Sender<Result<LeaseGrant, StoreError>>,
+    },
+    /// Returns `amount` of this instance's lease on `bucket` to the balance (unused lease of an
+    /// idle key). A no-op without leases.
+    ReleaseLease {
+        key_id: String,
+        bucket: String,
+        amount: Decimal,
+        epoch: u64,
+    },
+    /// The balances and the amounts held by other instances, as the shared store has them
+    /// (`None` from a store that one process owns: its wallet actor knows it all).
+    SharedWallet {
+        key_id: String,
+        reply: oneshot::Sender<Result<Option<SharedWallet>, StoreError>>,
     },
     /// A record without a wallet change (rejected requests).
     Record(Box<LedgerRecord>),
@@ -74,6 +122,14 @@ pub enum StoreOp {
     },
 }
 
+/// A wallet as a shared store sees it: every instance's debits, and the holds other instances
+/// keep open (as they last persisted them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SharedWallet {
+    pub balances: Balances,
+    pub held_elsewhere: Balances,
+}
+
 /// Sends operations to the writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct LedgerWriter {
@@ -81,9 +137,11 @@ pub struct LedgerWriter {
     /// Set while the store refuses writes: from a failed commit or fsync until an fsync
     /// succeeds again.
     failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when wallet actors spend leases from a shared store instead of whole balances.
+    leases: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
-enum Msg {
+pub(crate) enum Msg {
     Op(StoreOp),
     Stop,
 }
@@ -91,6 +149,35 @@ enum Msg {
 pub struct WriterThread {
     handle: Option<JoinHandle<()>>,
     tx: SyncSender<Msg>,
+}
+
+/// The channel between the wallets and a writer thread of another backend: the senders' side,
+/// and the receiver that backend's thread reads. `leases` is the backend's lease epoch, for a
+/// store whose wallets spend leases (see [`LedgerWriter::epoch`]).
+pub(crate) fn channel(
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    leases: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) -> (LedgerWriter, SyncSender<Msg>, Receiver<Msg>) {
+    let (tx, rx) = sync_channel(QUEUE);
+    (
+        LedgerWriter {
+            tx: tx.clone(),
+            failing,
+            leases,
+        },
+        tx,
+        rx,
+    )
+}
+
+impl WriterThread {
+    /// Wraps another backend's writer thread, stopped through the same channel.
+    pub(crate) fn new(handle: JoinHandle<()>, tx: SyncSender<Msg>) -> WriterThread {
+        WriterThread {
+            handle: Some(handle),
+            tx,
+        }
+    }
 }
 
 impl WriterThread {
@@ -195,6 +282,7 @@ fn spawn(
         LedgerWriter {
             tx: tx.clone(),
             failing,
+            leases: None,
         },
         WriterThread {
             handle: Some(handle),
@@ -209,6 +297,20 @@ impl LedgerWriter {
     /// served that the ledger cannot keep.
     pub fn failing(&self) -> bool {
         self.failing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether wallet actors spend leases on a shared store (a fleet) rather than the whole
+    /// balance (one process and its sled store).
+    pub fn leases(&self) -> bool {
+        self.leases.is_some()
+    }
+
+    /// The current lease epoch: it changes when the shared store has reaped this instance's
+    /// leases (it was silent too long), so that leases granted before no longer count.
+    pub fn epoch(&self) -> u64 {
+        self.leases
+            .as_ref()
+            .map_or(0, |e| e.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Queues an operation. Blocks only when the writer is `QUEUE` operations behind
@@ -459,6 +561,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
         StoreOp::Settle {
             key_id,
             balances,
+            debit: _,
             hold_id,
             record,
         } => {
@@ -474,6 +577,18 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                 write_record(store, p, rec);
             }
             p.ops += 1;
+        }
+        // The wallet actor owns the whole balance: there is nothing more to lease or return.
+        StoreOp::Lease { reply, .. } => {
+            let _ = reply.send(Ok(LeaseGrant {
+                amount: Decimal::ZERO,
+                epoch: 0,
+                elsewhere: Decimal::ZERO,
+            }));
+        }
+        StoreOp::ReleaseLease { .. } => {}
+        StoreOp::SharedWallet { reply, .. } => {
+            let _ = reply.send(Ok(None));
         }
         StoreOp::Record(rec) => {
             write_record(store, p, rec);
@@ -689,6 +804,7 @@ mod tests {
         let w = LedgerWriter {
             tx,
             failing: Default::default(),
+            leases: None,
         };
         let record = || StoreOp::Record(Box::new(rec("k1", None, 1, 1, "0")));
         assert!(w.try_send(record()));

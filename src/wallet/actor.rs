@@ -13,7 +13,7 @@ use super::{Drawn, WalletError};
 use crate::ledger::store::{
     decode_compact, encode_compact, Balances, HoldDrawn, PersistedHold, StoreError,
 };
-use crate::ledger::writer::{StoreOp, TopupOutcome};
+use crate::ledger::writer::{Debit, LeaseGrant, StoreOp, TopupOutcome};
 use crate::ledger::{LedgerRecord, LedgerWriter};
 
 struct OpenHold {
@@ -27,6 +27,77 @@ struct OpenHold {
     draft: Box<[u8]>,
     /// An `h/` entry was queued for this hold: the settlement must remove it (and its `c/`).
     persisted: bool,
+    /// The lease epoch the hold was granted under (0 without leases).
+    epoch: u64,
+}
+
+/// How a wallet actor gets money to grant holds from. With sled, one process owns the store
+/// and the actor holds the whole balance. In a fleet the actor holds a lease: a part of the
+/// balance the shared store set aside for this instance; it asks for more when the lease runs
+/// short, and gives back what it does not use.
+struct Lease {
+    /// The epoch the actor's balances were leased under (see [`LedgerWriter::epoch`]).
+    epoch: u64,
+    /// Spending per bucket, to size the next lease.
+    spend: BTreeMap<String, SpendRate>,
+}
+
+/// A bucket's recent spending, to size leases: about [`LEASE_HORIZON`] of it, so that a busy
+/// key takes one lease per horizon instead of one per request, and an idle one holds little.
+#[derive(Default)]
+struct SpendRate {
+    since: Option<Instant>,
+    spent: Decimal,
+    settles: u32,
+    /// Spent per [`LEASE_HORIZON`], from the last full window.
+    per_horizon: Decimal,
+    /// Settlements in the last full window.
+    settles_per_horizon: u32,
+}
+
+/// Settlements per [`LEASE_HORIZON`] from which a key counts as busy: its lease then keeps a
+/// horizon of spending between requests instead of going back after each one.
+const BUSY_SETTLES: u32 = 8;
+
+/// The spending a lease is sized to cover.
+const LEASE_HORIZON: Duration = Duration::from_secs(1);
+/// A leased wallet idle this long gives its unused lease back (well within the 2 s that F2
+/// allows, with the check's own period).
+const LEASE_IDLE: Duration = Duration::from_millis(1000);
+/// How often a leased wallet checks whether to give lease back.
+const LEASE_CHECK: Duration = Duration::from_millis(250);
+/// A lease that falls short while other instances lease the bucket is asked for again this
+/// many times, this far apart (F2: the balance leased elsewhere may be on its way back).
+const LEASE_RETRIES: u32 = 4;
+const LEASE_RETRY_WAIT: Duration = Duration::from_millis(25);
+
+impl SpendRate {
+    fn add(&mut self, amount: Decimal) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= LEASE_HORIZON {
+            self.per_horizon = self.spent;
+            self.settles_per_horizon = self.settles;
+            self.spent = Decimal::ZERO;
+            self.settles = 0;
+            self.since = Some(now);
+        }
+        self.spent += amount;
+        self.settles = self.settles.saturating_add(1);
+    }
+
+    fn busy(&self) -> bool {
+        self.settles.max(self.settles_per_horizon) >= BUSY_SETTLES
+    }
+
+    fn recent(&self) -> Decimal {
+        self.per_horizon.max(self.spent)
+    }
+
+    /// What to lease when `short` more is needed now: that, plus a horizon of recent spending.
+    fn chunk(&self, short: Decimal) -> Decimal {
+        self.recent() + short
+    }
 }
 
 pub struct WalletActor {
@@ -40,6 +111,35 @@ pub struct WalletActor {
     idle_timeout: Duration,
     last_activity: Instant,
     loaded: bool,
+    /// `Some` when balances are leased from a shared store (a fleet).
+    lease: Option<Lease>,
+}
+
+/// A handler's answer: at once, or after a round trip to the store during which the actor
+/// handles no other message (so that, e.g., a release for a reservation still waiting for its
+/// lease cannot overtake it).
+pub enum Answer<T: 'static> {
+    Now(T),
+    Later(AtomicResponse<WalletActor, T>),
+}
+
+impl<M, T> actix::dev::MessageResponse<WalletActor, M> for Answer<T>
+where
+    M: Message<Result = T>,
+    T: 'static,
+{
+    fn handle(self, ctx: &mut Context<WalletActor>, tx: Option<actix::dev::OneshotSender<T>>) {
+        match self {
+            Answer::Now(v) => {
+                if let Some(tx) = tx {
+                    let _ = tx.send(v);
+                }
+            }
+            Answer::Later(r) => {
+                <AtomicResponse<WalletActor, T> as actix::dev::MessageResponse<WalletActor, M>>::handle(r, ctx, tx)
+            }
+        }
+    }
 }
 
 impl WalletActor {
@@ -50,11 +150,16 @@ impl WalletActor {
         flush_interval: Duration,
         idle_timeout: Duration,
     ) -> Self {
+        let lease = writer.leases().then(|| Lease {
+            epoch: writer.epoch(),
+            spend: BTreeMap::new(),
+        });
         WalletActor {
             key_id,
             balances: Balances::new(),
             held: BTreeMap::new(),
             holds: HashMap::new(),
+            lease,
             writer,
             shard,
             flush_interval,
@@ -160,6 +265,7 @@ impl WalletActor {
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         if self.holds.is_empty() && self.last_activity.elapsed() >= self.idle_timeout {
+            self.return_lease(true);
             // Leave the registry first, so new requests start a fresh actor, which loads the
             // state through the writer queue after everything this one sent.
             self.shard.forget(&self.key_id, &ctx.address());
@@ -188,6 +294,9 @@ impl Actor for WalletActor {
                 Ok(state) => {
                     act.balances = state.balances();
                     act.loaded = true;
+                    if let Some(l) = &mut act.lease {
+                        l.epoch = act.writer.epoch();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, key_id = %act.key_id, "cannot load wallet");
@@ -200,6 +309,12 @@ impl Actor for WalletActor {
         let idle_check =
             (self.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         ctx.run_interval(idle_check, |act, ctx| act.check_idle(ctx));
+        if self.lease.is_some() {
+            ctx.run_interval(LEASE_CHECK, |act, _| {
+                let idle = act.last_activity.elapsed() >= LEASE_IDLE;
+                act.return_lease(idle);
+            });
+        }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -234,12 +349,190 @@ impl Message for Reserve {
 }
 
 impl Handler<Reserve> for WalletActor {
-    type Result = Result<Decimal, WalletError>;
+    type Result = Answer<Result<Decimal, WalletError>>;
     fn handle(&mut self, m: Reserve, _: &mut Context<Self>) -> Self::Result {
-        let failed = Err(WalletError::Unavailable(
-            "the wallet failed to reserve".into(),
-        ));
-        self.guarded("reserve", failed, |act| act.reserve(m))
+        let failed = || {
+            Err(WalletError::Unavailable(
+                "the wallet failed to reserve".into(),
+            ))
+        };
+        if self.loaded {
+            if let Some(more) = self.lease_shortfall(&m.bucket, m.want.max(m.min)) {
+                let bucket = m.bucket.clone();
+                return self.with_more_lease(bucket, more, move |act| {
+                    act.guarded("reserve", failed(), |act| act.reserve(m))
+                });
+            }
+        }
+        Answer::Now(self.guarded("reserve", failed(), |act| act.reserve(m)))
+    }
+}
+
+impl WalletActor {
+    /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
+    /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
+    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
+        let lease = self.lease.as_ref()?;
+        let short = want.checked_sub(self.available(bucket))?;
+        if short <= Decimal::ZERO {
+            return None;
+        }
+        let chunk = match lease.spend.get(bucket) {
+            Some(s) => s.chunk(short),
+            None => short,
+        };
+        Some((short, chunk))
+    }
+
+    /// Asks the store to lease `amount` more of `bucket`, then runs `then`; the actor handles
+    /// no other message meanwhile. When the store cannot answer, `then` grants from what is
+    /// leased already (open streams go on while the database is away, F6).
+    fn with_more_lease<T: 'static>(
+        &mut self,
+        bucket: String,
+        (need, want): (Decimal, Decimal),
+        then: impl FnOnce(&mut Self) -> T + 'static,
+    ) -> Answer<T> {
+        let writer = self.writer.clone();
+        let key_id = self.key_id.to_string();
+        let asked = bucket.clone();
+        Answer::Later(AtomicResponse::new(Box::pin(
+            async move {
+                // What other instances lease may come back in a moment (their streams end and
+                // return what they did not use): ask again a few times before giving up.
+                let mut got: Option<LeaseGrant> = None;
+                for attempt in 0..=LEASE_RETRIES {
+                    if attempt > 0 {
+                        tokio::time::sleep(LEASE_RETRY_WAIT).await;
+                    }
+                    let (key_id, bucket) = (key_id.clone(), asked.clone());
+                    let left = need - got.map_or(Decimal::ZERO, |g| g.amount);
+                    let grant = writer
+                        .ask(|reply| StoreOp::Lease {
+                            key_id,
+                            bucket,
+                            need: left,
+                            want: want.max(left),
+                            reply,
+                        })
+                        .await?;
+                    let total = match got {
+                        Some(g) if g.epoch == grant.epoch => g.amount + grant.amount,
+                        _ => grant.amount,
+                    };
+                    got = Some(LeaseGrant {
+                        amount: total,
+                        ..grant
+                    });
+                    if total >= need || grant.elsewhere.is_zero() {
+                        break;
+                    }
+                }
+                got.ok_or(StoreError::WriterGone)
+            }
+            .into_actor(self)
+            .map(move |res, act, _| {
+                match res {
+                    Ok(grant) => act.add_lease(&bucket, grant),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        key_id = %act.key_id,
+                        bucket,
+                        "cannot lease more of the balance; granting from this instance's lease"
+                    ),
+                }
+                then(act)
+            }),
+        )))
+    }
+
+    /// Adds a lease granted by the store. A grant of a new epoch means the store reaped the
+    /// earlier lease (this instance was silent too long): of it, only what open holds were
+    /// granted stays, for them to settle.
+    fn add_lease(&mut self, bucket: &str, grant: LeaseGrant) {
+        let Some(lease) = &mut self.lease else {
+            return;
+        };
+        if grant.epoch != lease.epoch {
+            lease.epoch = grant.epoch;
+            self.balances = self.held.clone();
+        }
+        if grant.amount > Decimal::ZERO {
+            let b = self.balances.entry(bucket.to_string()).or_default();
+            match b.checked_add(grant.amount) {
+                Some(v) => *b = v,
+                None => tracing::error!(key_id = %self.key_id, bucket, "lease overflow"),
+            }
+        }
+    }
+
+    /// After a settlement: a key that is not busy gives its unused lease back as soon as no
+    /// hold is open on the bucket (so that another instance can spend it at once); a busy one
+    /// keeps about two horizons of its spending.
+    fn trim_lease(&mut self, bucket: &str) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let Some(rate) = lease.spend.get(bucket) else {
+            return;
+        };
+        let unused = self.balance(bucket) - self.held(bucket);
+        let keep = match (rate.busy(), self.held.contains_key(bucket)) {
+            (true, _) => rate.recent() * Decimal::from(2),
+            (false, false) => Decimal::ZERO,
+            // Holds still open: the periodic check gives it back once the key is idle.
+            (false, true) => return,
+        };
+        if unused > keep {
+            self.give_back(bucket.to_string(), unused - keep);
+        }
+    }
+
+    /// Returns `amount` of the lease on `bucket` to the store.
+    fn give_back(&mut self, bucket: String, amount: Decimal) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let epoch = lease.epoch;
+        if let Some(b) = self.balances.get_mut(&bucket) {
+            *b -= amount;
+        }
+        let op = StoreOp::ReleaseLease {
+            key_id: self.key_id.to_string(),
+            bucket,
+            amount,
+            epoch,
+        };
+        if let Err(e) = self.writer.send(op) {
+            tracing::error!(error = %e, key_id = %self.key_id, "cannot return lease");
+        }
+    }
+
+    /// Gives unused lease back to the store: all of it when `idle`, else what exceeds a few
+    /// horizons of the bucket's recent spending.
+    fn return_lease(&mut self, idle: bool) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let mut give = Vec::new();
+        for (bucket, balance) in &self.balances {
+            let unused = *balance - self.held(bucket);
+            let recent = lease.spend.get(bucket).map_or(Decimal::ZERO, SpendRate::recent);
+            let amount = if idle {
+                unused
+            } else if unused > recent * Decimal::from(3) {
+                unused - recent
+            } else {
+                Decimal::ZERO
+            };
+            if amount > Decimal::ZERO {
+                give.push((bucket.clone(), amount));
+            }
+        }
+        for (bucket, amount) in give {
+            self.give_back(bucket, amount);
+        }
+        self.balances.retain(|b, v| !v.is_zero() || self.held.contains_key(b));
     }
 }
 
@@ -268,6 +561,7 @@ impl WalletActor {
                 saved: (Decimal::ZERO, 0),
                 draft: m.draft,
                 persisted: false,
+                epoch: self.lease.as_ref().map_or(0, |l| l.epoch),
             },
         );
         crate::metrics::hot(|m| m.holds_active.increment(1.0));
@@ -286,9 +580,20 @@ impl Message for Extend {
 }
 
 impl Handler<Extend> for WalletActor {
-    type Result = MessageResult<Extend>;
+    type Result = Answer<Decimal>;
     fn handle(&mut self, m: Extend, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.guarded("extend", Decimal::ZERO, |act| act.extend(m)))
+        let bucket = match self.lease {
+            Some(_) => self.holds.get(&m.hold_id).map(|h| h.bucket.clone()),
+            None => None,
+        };
+        if let Some(bucket) = bucket {
+            if let Some(more) = self.lease_shortfall(&bucket, m.want) {
+                return self.with_more_lease(bucket, more, move |act| {
+                    act.guarded("extend", Decimal::ZERO, |act| act.extend(m))
+                });
+            }
+        }
+        Answer::Now(self.guarded("extend", Decimal::ZERO, |act| act.extend(m)))
     }
 }
 
@@ -354,10 +659,12 @@ impl WalletActor {
         self.last_activity = Instant::now();
         let mut charge = m.charge.max(Decimal::ZERO);
         let mut persisted = false;
+        let mut epoch = self.lease.as_ref().map_or(0, |l| l.epoch);
         let (bucket, granted) = match self.holds.remove(&m.hold_id) {
             Some(h) => {
                 crate::metrics::hot(|m| m.holds_active.decrement(1.0));
                 persisted = h.persisted;
+                epoch = h.epoch;
                 (h.bucket, h.granted)
             }
             None => match &m.record {
@@ -389,6 +696,10 @@ impl WalletActor {
         if !debited.is_zero() {
             self.balances.insert(bucket.clone(), balance - debited);
         }
+        if let Some(l) = &mut self.lease {
+            l.spend.entry(bucket.clone()).or_default().add(debited);
+            self.trim_lease(&bucket);
+        }
         let record = m.record.map(|mut r| {
             r.cost = debited.normalize();
             r.shortfall = shortfall.normalize();
@@ -401,6 +712,12 @@ impl WalletActor {
         let op = StoreOp::Settle {
             key_id: self.key_id.to_string(),
             balances: self.balances.clone(),
+            debit: Debit {
+                bucket,
+                amount: debited,
+                charge: m.charge.max(Decimal::ZERO),
+                epoch,
+            },
             // A hold settled before its first flush left nothing on disk to remove.
             hold_id: persisted.then_some(m.hold_id),
             record,
@@ -459,8 +776,12 @@ impl Handler<TopUp> for WalletActor {
             }
             .into_actor(self)
             .map(|(asked, after), act, _| match asked {
+                // With a lease, the top-up went to the shared balance: the lease grows only
+                // when this instance asks for more.
                 Ok(TopupOutcome::Applied) => {
-                    act.balances = after;
+                    if act.lease.is_none() {
+                        act.balances = after;
+                    }
                     Ok(TopupOutcome::Applied)
                 }
                 Ok(other) => Ok(other),
@@ -470,7 +791,9 @@ impl Handler<TopUp> for WalletActor {
                 // nothing else meanwhile. (Reloading from the store instead would undo debits
                 // the writer still holds unwritten.)
                 Err(StoreError::NotDurable(e)) => {
-                    act.balances = after;
+                    if act.lease.is_none() {
+                        act.balances = after;
+                    }
                     Err(WalletError::Unavailable(format!(
                         "the top-up was applied but could not be made durable ({e}); retry with the same reference to confirm it"
                     )))

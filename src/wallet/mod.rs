@@ -18,7 +18,7 @@ use actor::{Extend, Inflight, Reserve, Settle, Snapshot, TopUp, WalletActor};
 pub use actor::{OpenRequest, Settled, WalletSnapshot};
 use registry::Registry;
 
-use crate::ledger::{LedgerRecord, LedgerWriter, TopupOutcome};
+use crate::ledger::{LedgerRecord, LedgerWriter, StoreOp, TopupOutcome};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum WalletError {
@@ -163,8 +163,28 @@ impl Wallets {
         .await?
     }
 
+    /// The key's balances and holds. In a fleet, the balances are the shared store's and the
+    /// holds those of every instance (this one's as they are, the others' as last persisted).
     pub async fn snapshot(&self, key_id: &str) -> Result<WalletSnapshot, WalletError> {
-        self.send(key_id, || Snapshot).await
+        let writer = self.registry.writer();
+        if !writer.leases() {
+            return self.send(key_id, || Snapshot).await;
+        }
+        // The shared figures first, then this instance's holds: holds granted since come from
+        // leases that the balance read covered already, so held never exceeds that balance.
+        let key = key_id.to_string();
+        let shared = writer
+            .ask(|reply| StoreOp::SharedWallet { key_id: key, reply })
+            .await
+            .map_err(|e| WalletError::Unavailable(e.to_string()))?;
+        let mut snap = self.send(key_id, || Snapshot).await?;
+        if let Some(shared) = shared {
+            for (bucket, elsewhere) in shared.held_elsewhere {
+                *snap.held.entry(bucket).or_default() += elsewhere;
+            }
+            snap.balances = shared.balances;
+        }
+        Ok(snap)
     }
 
     /// The requests open right now (one entry per open hold), newest first; with `key_id`, only

@@ -117,6 +117,11 @@ impl Registry {
         tokio::time::timeout(limit, all).await.is_ok()
     }
 
+    /// The writer the wallets send their operations to.
+    pub fn writer(&self) -> &LedgerWriter {
+        &self.writer
+    }
+
     /// Whether the store behind the wallets refuses writes (see [`LedgerWriter::failing`]).
     pub fn store_failing(&self) -> bool {
         self.writer.failing()

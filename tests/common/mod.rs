@@ -2,6 +2,8 @@
 //! config whose providers are built-in mocks (also on known loopback ports), and kills it on drop.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pg;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

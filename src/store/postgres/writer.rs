@@ -1,0 +1,1134 @@
+//! The PostgreSQL writer: one thread that takes the wallets' [`StoreOp`]s from the same bounded
+//! channel as the sled writer and commits what has queued up in one transaction (group
+//! commit): debits with the records that explain them, open holds and their consumption,
+//! returned leases. Operations that answer (leases, top-ups, keys, loads) run after everything
+//! queued before them is committed. A batch whose commit fails is kept, later operations join
+//! it, and it is tried again until it commits; `tg_batches` makes sure a batch whose COMMIT was
+//! cut off is never applied twice.
+//!
+//! The thread also renews this instance's registration (every quarter of `lease_ttl_ms`) and,
+//! once it has been connected for a whole TTL, reaps instances whose registration expired:
+//! their open holds are billed at the consumption they last persisted, as `interrupted`
+//! records, and the rest of their leases returns to the balances.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Pool, Transaction};
+use rust_decimal::Decimal;
+
+use super::{db_err, new_epoch, Runtime};
+use crate::ledger::store::{
+    decode_compact, encode_compact, interrupted_record, ApiKeyRecord, HoldDrawn, PersistedHold,
+    TopupRef,
+};
+use crate::ledger::writer::{
+    channel, Debit, LeaseGrant, LedgerWriter, Msg, SharedWallet, StoreOp, TopupOutcome,
+    WriterThread,
+};
+use crate::ledger::{LedgerRecord, StoreError};
+
+/// What the writer thread shares with the rest of the store.
+pub(super) struct Shared {
+    pub pool: Pool,
+    pub handle: tokio::runtime::Handle,
+    /// Kept alive as long as the thread runs.
+    pub runtime: Arc<Runtime>,
+    pub instance_id: String,
+    pub ttl: Duration,
+    /// This instance's registration epoch (see [`LedgerWriter::epoch`]).
+    pub epoch: Arc<AtomicU64>,
+    /// The live instances, counted at every renewal (rate limits are shared among them).
+    pub instances: Arc<std::sync::atomic::AtomicU32>,
+}
+
+const MAX_BATCH: usize = 4096;
+/// How long a stopping writer keeps trying to commit what is pending.
+const STOP_RETRY: Duration = Duration::from_secs(5);
+/// How long one database round (a commit, a query) may take before it counts as failed.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) fn start(
+    shared: Shared,
+    flush_interval: Duration,
+    failing: Arc<AtomicBool>,
+) -> Result<(LedgerWriter, WriterThread), StoreError> {
+    let (writer, tx, rx) = channel(failing.clone(), Some(shared.epoch.clone()));
+    let handle = std::thread::Builder::new()
+        .name("tollgate-pg-writer".into())
+        .spawn(move || run(shared, rx, flush_interval, &failing))
+        .map_err(|e| db_err(format!("cannot start the writer thread: {e}")))?;
+    Ok((writer, WriterThread::new(handle, tx)))
+}
+
+/// One settlement whose debit came out of this instance's lease.
+struct LeasedSettle {
+    amount: Decimal,
+    charge: Decimal,
+    record: Option<Box<LedgerRecord>>,
+}
+
+/// What is taken from the queue and not committed yet.
+#[derive(Default)]
+struct Pending {
+    /// Debits per (key, bucket) from the current epoch's leases, with their settlements.
+    debits: BTreeMap<(String, String), (Decimal, Vec<LeasedSettle>)>,
+    /// Settlements whose lease is gone (reaped, or an earlier epoch's): settled from the free
+    /// balance, on top of what the reaper billed.
+    lost: Vec<(String, Debit, Option<Box<LedgerRecord>>)>,
+    /// Unused lease returned per (key, bucket).
+    releases: BTreeMap<(String, String), Decimal>,
+    /// Records to write (a later one for the same request wins).
+    records: Vec<Box<LedgerRecord>>,
+    /// Records written only when the request has none.
+    if_absent: Vec<Box<LedgerRecord>>,
+    holds_new: HashMap<u64, PersistedHold>,
+    holds_drawn: HashMap<u64, HoldDrawn>,
+    holds_done: HashSet<u64>,
+    ops: usize,
+    /// The batch's (epoch, number) once a commit of it was tried (see `tg_batches`).
+    seq: Option<(i64, i64)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
+    fn add(&mut self, op: StoreOp, epoch: u64) {
+        self.ops += 1;
+        match op {
+            StoreOp::Settle {
+                key_id,
+                debit,
+                hold_id,
+                record,
+                ..
+            } => {
+                if let Some(h) = hold_id {
+                    // A hold written and settled within this batch needs no row at all.
+                    if self.holds_new.remove(&h).is_none() {
+                        self.holds_done.insert(h);
+                    }
+                    self.holds_drawn.remove(&h);
+                }
+                if debit.epoch != epoch {
+                    self.lost.push((key_id, debit, record));
+                } else if debit.amount.is_zero() {
+                    self.records.extend(record);
+                } else {
+                    let group = self
+                        .debits
+                        .entry((key_id, debit.bucket.clone()))
+                        .or_default();
+                    group.0 += debit.amount;
+                    group.1.push(LeasedSettle {
+                        amount: debit.amount,
+                        charge: debit.charge,
+                        record,
+                    });
+                }
+            }
+            StoreOp::Record(rec) => self.records.push(rec),
+            StoreOp::RecordIfAbsent(rec) => self.if_absent.push(rec),
+            StoreOp::Holds { new, drawn } => {
+                for h in new {
+                    self.holds_new.insert(h.hold_id, h);
+                }
+                for d in drawn {
+                    match self.holds_new.get_mut(&d.hold_id) {
+                        Some(h) => {
+                            h.consumed = d.consumed;
+                            h.consumed_tokens = d.consumed_tokens;
+                            h.updated_at = d.updated_at;
+                        }
+                        None => {
+                            self.holds_drawn.insert(d.hold_id, d);
+                        }
+                    }
+                }
+            }
+            StoreOp::ReleaseLease {
+                key_id,
+                bucket,
+                amount,
+                epoch: e,
+            } => {
+                // A lease of an earlier epoch was reaped with its instance: nothing to return.
+                if e == epoch && amount > Decimal::ZERO {
+                    *self.releases.entry((key_id, bucket)).or_default() += amount;
+                }
+            }
+            // Operations that answer never reach here (see `run`).
+            _ => self.ops -= 1,
+        }
+    }
+}
+
+/// Whether an operation waits for an answer (it runs after the pending batch commits).
+fn answers(op: &StoreOp) -> bool {
+    !matches!(
+        op,
+        StoreOp::Settle { .. }
+            | StoreOp::Record(_)
+            | StoreOp::RecordIfAbsent(_)
+            | StoreOp::Holds { .. }
+            | StoreOp::ReleaseLease { .. }
+    )
+}
+
+/// The writer's view of its connection, for the registration and the reaper.
+struct Health {
+    /// When the database last answered a renewal, if it did since the last failure.
+    connected_since: Option<Instant>,
+    next_renewal: Instant,
+    next_reap: Instant,
+}
+
+fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &AtomicBool) {
+    let window = (flush_interval / 10).min(Duration::from_millis(10));
+    let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    // At most a second: the count of live instances (the rate limits' shares) follows too.
+    let tick = (shared.ttl / 4)
+        .min(Duration::from_secs(1))
+        .max(Duration::from_millis(25));
+    // Expired registrations are looked for more often than they are renewed, so that a dead
+    // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
+    let reap_tick = (shared.ttl / 8)
+        .min(Duration::from_millis(250))
+        .max(Duration::from_millis(10));
+    let mut p = Pending::default();
+    let mut seq: i64 = 0;
+    let mut health = Health {
+        connected_since: Some(Instant::now()),
+        next_renewal: Instant::now(),
+        next_reap: Instant::now() + reap_tick,
+    };
+    let mut stopping = false;
+    while !stopping {
+        let now = Instant::now();
+        let mut wait = health.next_renewal.min(health.next_reap).saturating_duration_since(now);
+        if !p.is_empty() {
+            wait = wait.min(retry);
+        }
+        let first = match rx.recv_timeout(wait) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Msg::Stop),
+        };
+        if let Some(Msg::Op(op)) = &first {
+            if !answers(op) {
+                // Group commit: let settlements gather for a short window.
+                std::thread::sleep(window);
+            }
+        }
+        let mut msgs: Vec<Msg> = first.into_iter().collect();
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        for m in msgs {
+            match m {
+                Msg::Stop => stopping = true,
+                Msg::Op(op) if answers(&op) => {
+                    // Everything sent before it is committed first, as the sled writer does.
+                    let committed = commit(&shared, &mut p, &mut seq, failing);
+                    answer(&shared, op, committed);
+                }
+                Msg::Op(op) => p.add(op, shared.epoch.load(Ordering::Acquire)),
+            }
+        }
+        let _ = commit(&shared, &mut p, &mut seq, failing);
+        if stopping {
+            let until = Instant::now() + STOP_RETRY;
+            while !p.is_empty() && Instant::now() < until {
+                std::thread::sleep(retry);
+                let _ = commit(&shared, &mut p, &mut seq, failing);
+            }
+            if !p.is_empty() {
+                tracing::error!(
+                    operations = p.ops,
+                    "database writes still failing at stop: this instance's leases and open holds are reaped by another instance, billing what they persisted"
+                );
+            }
+            break;
+        }
+        let now = Instant::now();
+        if now >= health.next_renewal {
+            health.next_renewal = now + tick;
+            renew(&shared, &mut health, failing, p.is_empty());
+        }
+        if now >= health.next_reap {
+            health.next_reap = now + reap_tick;
+            if health
+                .connected_since
+                .is_some_and(|t| t.elapsed() >= shared.ttl)
+            {
+                reap_expired(&shared);
+            }
+        }
+    }
+    if p.is_empty() {
+        // A clean stop: what this instance still leases goes back to the balances (open holds
+        // left by a stream cut at the very end are billed as interrupted).
+        let r = block(&shared, {
+            let pool = shared.pool.clone();
+            let instance = shared.instance_id.clone();
+            async move {
+                let mut client = pool.get().await.map_err(db_err)?;
+                let tx = client.transaction().await.map_err(db_err)?;
+                let n = reap(&tx, &instance).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(n)
+            }
+        });
+        match r {
+            Ok(0) => tracing::info!("returned this instance's leases to the shared balances"),
+            Ok(n) => tracing::warn!(
+                holds = n,
+                "returned this instance's leases; open holds billed as interrupted"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot return this instance's leases at stop; another instance reaps them"),
+        }
+    }
+    drop(shared.runtime);
+}
+
+/// Runs `f` on the store's runtime from the writer thread, bounded by [`ROUND_TIMEOUT`].
+fn block<T>(
+    shared: &Shared,
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    shared.handle.block_on(async {
+        tokio::time::timeout(ROUND_TIMEOUT, f)
+            .await
+            .unwrap_or_else(|_| Err(db_err("timed out")))
+    })
+}
+
+/// Commits what is pending in one transaction. On failure everything stays pending.
+fn commit(
+    shared: &Shared,
+    p: &mut Pending,
+    seq: &mut i64,
+    failing: &AtomicBool,
+) -> Result<(), StoreError> {
+    if p.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let retried = p.seq.is_some();
+    let (epoch, batch) = *p.seq.get_or_insert_with(|| {
+        *seq += 1;
+        (shared.epoch.load(Ordering::Acquire) as i64, *seq)
+    });
+    let r = block(shared, apply(shared, p, epoch, batch, retried));
+    match r {
+        Ok(()) => {
+            *p = Pending::default();
+            failing.store(false, Ordering::Release);
+            metrics::histogram!(crate::metrics::LEDGER_FLUSH_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Err(e) => {
+            if !failing.swap(true, Ordering::AcqRel) {
+                tracing::error!(error = %e, operations = p.ops, "database write failed; kept and retried");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn apply(
+    shared: &Shared,
+    p: &Pending,
+    epoch: i64,
+    batch: i64,
+    retried: bool,
+) -> Result<(), StoreError> {
+    let me = &shared.instance_id;
+    let mut client = shared.pool.get().await.map_err(db_err)?;
+    let tx = client.transaction().await.map_err(db_err)?;
+    if retried {
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM tg_batches WHERE instance_id = $1 AND epoch = $2 AND seq = $3",
+                &[me, &epoch, &batch],
+            )
+            .await
+            .map_err(db_err)?;
+        if done.is_some() {
+            // The earlier try committed; only its acknowledgement was lost.
+            return Ok(());
+        }
+    }
+    tx.execute(
+        "INSERT INTO tg_batches (instance_id, epoch, seq) VALUES ($1, $2, $3)",
+        &[me, &epoch, &batch],
+    )
+    .await
+    .map_err(db_err)?;
+
+    if !p.holds_new.is_empty() {
+        let holds: Vec<&PersistedHold> = p.holds_new.values().collect();
+        let ids: Vec<i64> = holds.iter().map(|h| h.hold_id as i64).collect();
+        let keys: Vec<&str> = holds.iter().map(|h| h.key_id.as_str()).collect();
+        let buckets: Vec<&str> = holds.iter().map(|h| h.bucket.as_str()).collect();
+        let granted: Vec<Decimal> = holds.iter().map(|h| h.granted).collect();
+        let consumed: Vec<Decimal> = holds.iter().map(|h| h.consumed).collect();
+        let tokens: Vec<i64> = holds.iter().map(|h| h.consumed_tokens as i64).collect();
+        let at: Vec<DateTime<Utc>> = holds.iter().map(|h| h.updated_at).collect();
+        let drafts: Vec<Vec<u8>> = holds.iter().map(|h| encode_compact(&*h.draft)).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
+                                       consumed_tokens, updated_at, draft)
+                 SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::numeric[],
+                                          $6::numeric[], $7::bigint[], $8::timestamptz[], $9::bytea[])
+                 ON CONFLICT (instance_id, hold_id) DO UPDATE
+                 SET consumed = EXCLUDED.consumed, consumed_tokens = EXCLUDED.consumed_tokens,
+                     updated_at = EXCLUDED.updated_at",
+            )
+            .await
+            .map_err(db_err)?;
+        tx.execute(
+            &stmt,
+            &[
+                me, &ids, &keys, &buckets, &granted, &consumed, &tokens, &at, &drafts,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    if !p.holds_drawn.is_empty() {
+        let drawn: Vec<&HoldDrawn> = p.holds_drawn.values().collect();
+        let ids: Vec<i64> = drawn.iter().map(|d| d.hold_id as i64).collect();
+        let consumed: Vec<Decimal> = drawn.iter().map(|d| d.consumed).collect();
+        let tokens: Vec<i64> = drawn.iter().map(|d| d.consumed_tokens as i64).collect();
+        let at: Vec<DateTime<Utc>> = drawn.iter().map(|d| d.updated_at).collect();
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
+                 FROM UNNEST($2::bigint[], $3::numeric[], $4::bigint[], $5::timestamptz[])
+                      AS d(id, c, t, u)
+                 WHERE h.instance_id = $1 AND h.hold_id = d.id",
+            )
+            .await
+            .map_err(db_err)?;
+        tx.execute(&stmt, &[me, &ids, &consumed, &tokens, &at])
+            .await
+            .map_err(db_err)?;
+    }
+
+    let mut records: Vec<LedgerRecord> = p.records.iter().map(|r| (**r).clone()).collect();
+    let mut lost: Vec<(String, Debit, Option<LedgerRecord>)> = p
+        .lost
+        .iter()
+        .map(|(k, d, r)| (k.clone(), d.clone(), r.as_deref().cloned()))
+        .collect();
+    if !p.debits.is_empty() {
+        let keys: Vec<&str> = p.debits.keys().map(|(k, _)| k.as_str()).collect();
+        let buckets: Vec<&str> = p.debits.keys().map(|(_, b)| b.as_str()).collect();
+        let amounts: Vec<Decimal> = p.debits.values().map(|(a, _)| *a).collect();
+        // Each debit comes out of this instance's lease and the balance together; a lease that
+        // no longer covers it (reaped) leaves the wallet as it is, and its settlements are
+        // settled as lost below.
+        let stmt = tx
+            .prepare_cached(
+                "WITH d AS (SELECT * FROM UNNEST($2::text[], $3::text[], $4::numeric[])
+                            AS d(key_id, bucket, amount)),
+                      l AS (UPDATE tg_leases SET amount = tg_leases.amount - d.amount FROM d
+                            WHERE tg_leases.instance_id = $1 AND tg_leases.key_id = d.key_id
+                              AND tg_leases.bucket = d.bucket AND tg_leases.amount >= d.amount
+                            RETURNING tg_leases.key_id, tg_leases.bucket, d.amount)
+                 UPDATE tg_wallets w SET balance = w.balance - l.amount, leased = w.leased - l.amount
+                 FROM l WHERE w.key_id = l.key_id AND w.bucket = l.bucket
+                 RETURNING w.key_id, w.bucket",
+            )
+            .await
+            .map_err(db_err)?;
+        let rows = tx
+            .query(&stmt, &[me, &keys, &buckets, &amounts])
+            .await
+            .map_err(db_err)?;
+        let applied: HashSet<(String, String)> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for ((key, bucket), (_, settles)) in &p.debits {
+            if applied.contains(&(key.clone(), bucket.clone())) {
+                records.extend(settles.iter().filter_map(|s| s.record.as_deref().cloned()));
+            } else {
+                for s in settles {
+                    let debit = Debit {
+                        bucket: bucket.clone(),
+                        amount: s.amount,
+                        charge: s.charge,
+                        epoch: 0,
+                    };
+                    lost.push((key.clone(), debit, s.record.as_deref().cloned()));
+                }
+            }
+        }
+    }
+    for (key, debit, record) in &lost {
+        if let Some(rec) = settle_lost(&tx, key, debit, record.as_ref()).await? {
+            records.push(rec);
+        }
+    }
+    if !p.releases.is_empty() {
+        let keys: Vec<&str> = p.releases.keys().map(|(k, _)| k.as_str()).collect();
+        let buckets: Vec<&str> = p.releases.keys().map(|(_, b)| b.as_str()).collect();
+        let amounts: Vec<Decimal> = p.releases.values().copied().collect();
+        let stmt = tx
+            .prepare_cached(
+                "WITH d AS (SELECT * FROM UNNEST($2::text[], $3::text[], $4::numeric[])
+                            AS d(key_id, bucket, amount)),
+                      l AS (UPDATE tg_leases SET amount = tg_leases.amount - d.amount FROM d
+                            WHERE tg_leases.instance_id = $1 AND tg_leases.key_id = d.key_id
+                              AND tg_leases.bucket = d.bucket AND tg_leases.amount >= d.amount
+                            RETURNING tg_leases.key_id, tg_leases.bucket, d.amount)
+                 UPDATE tg_wallets w SET leased = w.leased - l.amount
+                 FROM l WHERE w.key_id = l.key_id AND w.bucket = l.bucket",
+            )
+            .await
+            .map_err(db_err)?;
+        tx.execute(&stmt, &[me, &keys, &buckets, &amounts])
+            .await
+            .map_err(db_err)?;
+    }
+    // The last record of a request in this batch wins, as in the sled writer.
+    let mut seen = HashSet::new();
+    let mut latest: Vec<&LedgerRecord> = records
+        .iter()
+        .rev()
+        .filter(|r| seen.insert(r.request_id.clone()))
+        .collect();
+    latest.reverse();
+    write_records(&tx, &latest, false, me).await?;
+    let absent: Vec<&LedgerRecord> = p
+        .if_absent
+        .iter()
+        .map(|r| &**r)
+        .filter(|r| seen.insert(r.request_id.clone()))
+        .collect();
+    write_records(&tx, &absent, true, me).await?;
+    if !p.holds_done.is_empty() {
+        let ids: Vec<i64> = p.holds_done.iter().map(|h| *h as i64).collect();
+        let stmt = tx
+            .prepare_cached("DELETE FROM tg_holds WHERE instance_id = $1 AND hold_id = ANY($2)")
+            .await
+            .map_err(db_err)?;
+        tx.execute(&stmt, &[me, &ids]).await.map_err(db_err)?;
+    }
+    tx.commit().await.map_err(db_err)
+}
+
+/// Writes ledger records; `if_absent`: only those whose request has none yet.
+async fn write_records(
+    tx: &Transaction<'_>,
+    recs: &[&LedgerRecord],
+    if_absent: bool,
+    instance: &str,
+) -> Result<(), StoreError> {
+    if recs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = recs.iter().map(|r| r.request_id.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = recs.iter().map(|r| r.started_at).collect();
+    let keys: Vec<&str> = recs.iter().map(|r| r.key_id.as_str()).collect();
+    let tasks: Vec<Option<&str>> = recs.iter().map(|r| r.task.as_deref()).collect();
+    let bytes: Vec<Vec<u8>> = recs.iter().map(|r| encode_compact(*r)).collect();
+    let sql = if if_absent {
+        "INSERT INTO tg_ledger (request_id, started_at, key_id, task, record, instance_id)
+         SELECT *, $6 FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bytea[])
+         ON CONFLICT (request_id) DO NOTHING"
+    } else {
+        "INSERT INTO tg_ledger (request_id, started_at, key_id, task, record, instance_id)
+         SELECT *, $6 FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bytea[])
+         ON CONFLICT (request_id) DO UPDATE
+         SET started_at = EXCLUDED.started_at, key_id = EXCLUDED.key_id, task = EXCLUDED.task,
+             record = EXCLUDED.record, instance_id = EXCLUDED.instance_id"
+    };
+    let stmt = tx.prepare_cached(sql).await.map_err(db_err)?;
+    tx.execute(&stmt, &[&ids, &started, &keys, &tasks, &bytes, &instance])
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// A settlement whose lease is gone: its instance was reaped meanwhile (silent for longer than
+/// the TTL), which billed the hold's persisted consumption in an `interrupted` record. The rest
+/// of the debit comes from the balance no lease covers, as far as it goes; the record replaces
+/// the interrupted one with the whole amount debited for the request, and the unpaid rest as
+/// shortfall. Returns the record to write.
+async fn settle_lost(
+    tx: &Transaction<'_>,
+    key_id: &str,
+    debit: &Debit,
+    record: Option<&LedgerRecord>,
+) -> Result<Option<LedgerRecord>, StoreError> {
+    let prev = match record {
+        Some(r) => tx
+            .query_opt(
+                "SELECT record, instance_id FROM tg_ledger WHERE request_id = $1",
+                &[&r.request_id],
+            )
+            .await
+            .map_err(db_err)?
+            .map(|row| decode_compact::<LedgerRecord>(b"tg_ledger", row.get::<_, &[u8]>(0)))
+            .transpose()?
+            .map_or(Decimal::ZERO, |r| r.cost),
+        None => Decimal::ZERO,
+    };
+    let want = (debit.amount - prev).max(Decimal::ZERO);
+    let mut took = Decimal::ZERO;
+    if want > Decimal::ZERO {
+        let row = tx
+            .query_opt(
+                "WITH w AS (SELECT LEAST($3::numeric, GREATEST(balance - leased, 0)) AS g
+                            FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE)
+                 UPDATE tg_wallets SET balance = tg_wallets.balance - w.g FROM w
+                 WHERE tg_wallets.key_id = $1 AND tg_wallets.bucket = $2
+                 RETURNING w.g",
+                &[&key_id, &debit.bucket, &want],
+            )
+            .await
+            .map_err(db_err)?;
+        took = row.map_or(Decimal::ZERO, |r| r.get(0));
+    }
+    tracing::warn!(
+        key_id,
+        bucket = %debit.bucket,
+        debit = %debit.amount,
+        already_billed = %prev,
+        taken = %took,
+        "settled a request whose lease had been reaped"
+    );
+    Ok(record.map(|r| {
+        let mut r = r.clone();
+        r.cost = (prev + took).normalize();
+        r.shortfall = (debit.charge - prev - took).max(Decimal::ZERO).normalize();
+        r
+    }))
+}
+
+/// Answers an operation that waits for its answer, once what came before it is committed.
+fn answer(shared: &Shared, op: StoreOp, committed: Result<(), StoreError>) {
+    let pending_failed = |e: &StoreError| db_err(format!("earlier writes are not committed: {e}"));
+    match op {
+        StoreOp::Flush(reply) | StoreOp::Barrier(reply) => {
+            let _ = reply.send(committed);
+        }
+        StoreOp::Lease {
+            key_id,
+            bucket,
+            need,
+            want,
+            reply,
+        } => {
+            let r = match &committed {
+                Err(e) => Err(pending_failed(e)),
+                Ok(()) => block(shared, lease(shared, key_id, bucket, need, want)),
+            };
+            let _ = reply.send(r);
+        }
+        StoreOp::LoadWallet { key_id, reply } => {
+            let r = match &committed {
+                Err(e) => Err(pending_failed(e)),
+                Ok(()) => block(shared, load_lease(shared, key_id)),
+            };
+            let _ = reply.send(r);
+        }
+        StoreOp::SharedWallet { key_id, reply } => {
+            let r = match &committed {
+                Err(e) => Err(pending_failed(e)),
+                Ok(()) => block(shared, shared_wallet(shared, key_id)).map(Some),
+            };
+            let _ = reply.send(r);
+        }
+        StoreOp::TopUp {
+            key_id,
+            bucket,
+            amount,
+            reference,
+            reply,
+            ..
+        } => {
+            let r = match &committed {
+                Err(e) => Err(pending_failed(e)),
+                Ok(()) => block(shared, topup(shared, key_id, bucket, amount, reference)),
+            };
+            let _ = reply.send(r);
+        }
+        StoreOp::PutKey {
+            record,
+            bootstrap_name,
+            reply,
+        } => {
+            let r = match &committed {
+                Err(e) => Err(pending_failed(e)),
+                Ok(()) => block(shared, put_key(shared, *record, bootstrap_name)),
+            };
+            let _ = reply.send(r);
+        }
+        StoreOp::Prune {
+            before_micros,
+            reply,
+        } => {
+            let r = match &committed {
+                Err(e) => Err(pending_failed(e)),
+                Ok(()) => block(shared, prune(shared, before_micros)),
+            };
+            let _ = reply.send(r);
+        }
+        // Writes are added to the pending batch, never answered here.
+        StoreOp::Settle { .. }
+        | StoreOp::Record(_)
+        | StoreOp::RecordIfAbsent(_)
+        | StoreOp::Holds { .. }
+        | StoreOp::ReleaseLease { .. } => {}
+    }
+}
+
+/// Leases to this instance what [`StoreOp::Lease`] says of the bucket's balance that no lease
+/// covers yet.
+async fn lease(
+    shared: &Shared,
+    key_id: String,
+    bucket: String,
+    need: Decimal,
+    want: Decimal,
+) -> Result<LeaseGrant, StoreError> {
+    let epoch = shared.epoch.load(Ordering::Acquire);
+    let me = &shared.instance_id;
+    let mut client = shared.pool.get().await.map_err(db_err)?;
+    let tx = client.transaction().await.map_err(db_err)?;
+    // A lease belongs to this instance's registration: without it (reaped, not registered
+    // again yet) nobody would ever reap the lease.
+    let registered = tx
+        .query_opt(
+            "SELECT 1 FROM tg_instances WHERE instance_id = $1 AND epoch = $2 FOR SHARE",
+            &[me, &(epoch as i64)],
+        )
+        .await
+        .map_err(db_err)?;
+    if registered.is_none() {
+        return Err(db_err(
+            "this instance's registration lapsed; it registers again at its next renewal",
+        ));
+    }
+    let wallet = tx
+        .query_opt(
+            "SELECT balance, leased FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE",
+            &[&key_id, &bucket],
+        )
+        .await
+        .map_err(db_err)?;
+    let Some(wallet) = wallet else {
+        return Ok(LeaseGrant {
+            amount: Decimal::ZERO,
+            epoch,
+            elsewhere: Decimal::ZERO,
+        });
+    };
+    let (balance, leased): (Decimal, Decimal) = (wallet.get(0), wallet.get(1));
+    let own: Decimal = tx
+        .query_opt(
+            "SELECT amount FROM tg_leases WHERE instance_id = $1 AND key_id = $2 AND bucket = $3",
+            &[me, &key_id, &bucket],
+        )
+        .await
+        .map_err(db_err)?
+        .map_or(Decimal::ZERO, |r| r.get(0));
+    let free = (balance - leased).max(Decimal::ZERO);
+    // What is needed if it is there; more, up to `want`, only while half the free balance
+    // stays for the other instances.
+    let granted = free.min(need.max(want.min(free / Decimal::TWO)).max(Decimal::ZERO));
+    if granted > Decimal::ZERO {
+        tx.execute(
+            "UPDATE tg_wallets SET leased = leased + $3 WHERE key_id = $1 AND bucket = $2",
+            &[&key_id, &bucket, &granted],
+        )
+        .await
+        .map_err(db_err)?;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO tg_leases (instance_id, key_id, bucket, amount) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (instance_id, key_id, bucket)
+                 DO UPDATE SET amount = tg_leases.amount + EXCLUDED.amount",
+            )
+            .await
+            .map_err(db_err)?;
+        tx.execute(&stmt, &[me, &key_id, &bucket, &granted])
+            .await
+            .map_err(db_err)?;
+    }
+    tx.commit().await.map_err(db_err)?;
+    Ok(LeaseGrant {
+        amount: granted,
+        epoch,
+        elsewhere: (leased - own).max(Decimal::ZERO),
+    })
+}
+
+/// What this instance leases of a key's buckets (a wallet actor starting again after an idle
+/// stop finds what its predecessor had not returned yet).
+async fn load_lease(
+    shared: &Shared,
+    key_id: String,
+) -> Result<crate::ledger::store::WalletState, StoreError> {
+    let client = shared.pool.get().await.map_err(db_err)?;
+    let rows = client
+        .query(
+            "SELECT bucket, amount FROM tg_leases WHERE instance_id = $1 AND key_id = $2",
+            &[&shared.instance_id, &key_id],
+        )
+        .await
+        .map_err(db_err)?;
+    let balances = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Decimal>(1)))
+        .collect();
+    Ok(crate::ledger::store::WalletState::from_balances(&balances))
+}
+
+async fn shared_wallet(shared: &Shared, key_id: String) -> Result<SharedWallet, StoreError> {
+    let client = shared.pool.get().await.map_err(db_err)?;
+    let balances = client
+        .query(
+            "SELECT bucket, balance FROM tg_wallets WHERE key_id = $1",
+            &[&key_id],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Decimal>(1)))
+        .collect();
+    let held_elsewhere = client
+        .query(
+            "SELECT bucket, sum(granted) FROM tg_holds
+             WHERE key_id = $1 AND instance_id <> $2 GROUP BY bucket",
+            &[&key_id, &shared.instance_id],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Decimal>(1)))
+        .collect();
+    Ok(SharedWallet {
+        balances,
+        held_elsewhere,
+    })
+}
+
+/// A top-up: applied once per reference (the reference's primary key settles a race between
+/// instances, F7), durably when this answers.
+async fn topup(
+    shared: &Shared,
+    key_id: String,
+    bucket: String,
+    amount: Decimal,
+    reference: Option<String>,
+) -> Result<TopupOutcome, StoreError> {
+    let mut client = shared.pool.get().await.map_err(db_err)?;
+    let tx = client.transaction().await.map_err(db_err)?;
+    if let Some(r) = &reference {
+        let inserted = tx
+            .execute(
+                "INSERT INTO tg_topup_refs (key_id, reference, bucket, amount)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (key_id, reference) DO NOTHING",
+                &[&key_id, r, &bucket, &amount],
+            )
+            .await
+            .map_err(db_err)?;
+        if inserted == 0 {
+            let row = tx
+                .query_one(
+                    "SELECT bucket, amount FROM tg_topup_refs WHERE key_id = $1 AND reference = $2",
+                    &[&key_id, r],
+                )
+                .await
+                .map_err(db_err)?;
+            let prev = TopupRef {
+                bucket: row.get(0),
+                amount: row.get(1),
+            };
+            return Ok(if prev.bucket == bucket && prev.amount == amount {
+                TopupOutcome::Duplicate
+            } else {
+                TopupOutcome::Conflict(prev)
+            });
+        }
+    }
+    tx.execute(
+        "INSERT INTO tg_wallets (key_id, bucket, balance, leased) VALUES ($1, $2, $3, 0)
+         ON CONFLICT (key_id, bucket) DO UPDATE SET balance = tg_wallets.balance + EXCLUDED.balance",
+        &[&key_id, &bucket, &amount],
+    )
+    .await
+    .map_err(db_err)?;
+    tx.execute(
+        "INSERT INTO tg_topups (key_id, bucket, amount, reference, at) VALUES ($1, $2, $3, $4, now())",
+        &[&key_id, &bucket, &amount, &reference],
+    )
+    .await
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(TopupOutcome::Applied)
+}
+
+async fn put_key(
+    shared: &Shared,
+    record: ApiKeyRecord,
+    bootstrap_name: Option<String>,
+) -> Result<(), StoreError> {
+    let client = shared.pool.get().await.map_err(db_err)?;
+    let json = serde_json::to_value(&record).map_err(db_err)?;
+    client
+        .execute(
+            "INSERT INTO tg_keys (id, secret_sha256, bootstrap_name, created_at, record)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE
+             SET secret_sha256 = EXCLUDED.secret_sha256, record = EXCLUDED.record,
+                 bootstrap_name = COALESCE(EXCLUDED.bootstrap_name, tg_keys.bootstrap_name)",
+            &[
+                &record.id,
+                &record.secret_sha256,
+                &bootstrap_name,
+                &record.created_at,
+                &json,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+async fn prune(shared: &Shared, before_micros: u64) -> Result<usize, StoreError> {
+    let before = DateTime::<Utc>::from_timestamp_micros(before_micros as i64)
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+    let client = shared.pool.get().await.map_err(db_err)?;
+    let n = client
+        .execute(
+            "DELETE FROM tg_ledger WHERE request_id IN
+               (SELECT request_id FROM tg_ledger WHERE started_at < $1 LIMIT $2)",
+            &[&before, &(crate::ledger::writer::PRUNE_MAX as i64)],
+        )
+        .await
+        .map_err(db_err)?;
+    Ok(n as usize)
+}
+
+/// Renews this instance's registration; registers again (with a new epoch, so that leases
+/// granted before no longer count) if another instance reaped it meanwhile.
+fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool) {
+    let me = shared.instance_id.clone();
+    let ttl_ms = shared.ttl.as_millis() as f64;
+    let epoch = shared.epoch.load(Ordering::Acquire) as i64;
+    let pool = shared.pool.clone();
+    let r = block(shared, async move {
+        let client = pool.get().await.map_err(db_err)?;
+        let n = client
+            .execute(
+                "UPDATE tg_instances SET expires_at = now() + $3::float8 * interval '1 millisecond'
+                 WHERE instance_id = $1 AND epoch = $2",
+                &[&me, &epoch, &ttl_ms],
+            )
+            .await
+            .map_err(db_err)?;
+        let live = |client: deadpool_postgres::Object| async move {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM tg_instances WHERE expires_at > now()",
+                    &[],
+                )
+                .await
+                .map_err(db_err)?
+                .get(0);
+            Ok::<_, StoreError>(n)
+        };
+        if n == 1 {
+            client
+                .execute(
+                    "DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0",
+                    &[&me],
+                )
+                .await
+                .map_err(db_err)?;
+            return Ok((None, live(client).await?));
+        }
+        let fresh = new_epoch();
+        client
+            .execute(
+                "INSERT INTO tg_instances (instance_id, epoch, started_at, expires_at)
+                 VALUES ($1, $2, now(), now() + $3::float8 * interval '1 millisecond')
+                 ON CONFLICT (instance_id) DO UPDATE
+                 SET epoch = EXCLUDED.epoch, started_at = EXCLUDED.started_at,
+                     expires_at = EXCLUDED.expires_at",
+                &[&me, &(fresh as i64), &ttl_ms],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok((Some(fresh), live(client).await?))
+    });
+    match r {
+        Ok((fresh, live)) => {
+            let live = u32::try_from(live).unwrap_or(u32::MAX).max(1);
+            shared.instances.store(live, Ordering::Relaxed);
+            if let Some(e) = fresh {
+                tracing::error!(
+                    instance_id = %shared.instance_id,
+                    "this instance's registration had lapsed and its leases were reaped; registered again"
+                );
+                shared.epoch.store(e, Ordering::Release);
+            }
+            if health.connected_since.is_none() {
+                tracing::info!("the database answers again");
+                health.connected_since = Some(Instant::now());
+            }
+            if idle {
+                failing.store(false, Ordering::Release);
+            }
+        }
+        Err(e) => {
+            if health.connected_since.take().is_some() {
+                tracing::error!(error = %e, "cannot renew this instance's registration: the database is unreachable");
+            }
+            failing.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Reaps the instances whose registration expired (a few per round).
+fn reap_expired(shared: &Shared) {
+    let me = shared.instance_id.clone();
+    let pool = shared.pool.clone();
+    let r = block(shared, async move {
+        let mut client = pool.get().await.map_err(db_err)?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let dead: Vec<String> = tx
+            .query(
+                "SELECT instance_id FROM tg_instances
+                 WHERE expires_at < now() AND instance_id <> $1
+                 ORDER BY expires_at LIMIT 8 FOR UPDATE SKIP LOCKED",
+                &[&me],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = Vec::new();
+        for d in dead {
+            let n = reap(&tx, &d).await?;
+            out.push((d, n));
+        }
+        tx.execute(
+            "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    });
+    match r {
+        Ok(reaped) => {
+            for (instance, holds) in reaped {
+                tracing::warn!(
+                    reaped_instance = %instance,
+                    holds,
+                    "reaped an instance whose registration expired: open holds billed as interrupted, leases returned"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reaping expired instances failed; tried again"),
+    }
+}
+
+pub(super) fn hold_from_row(r: &tokio_postgres::Row) -> Result<PersistedHold, StoreError> {
+    let draft: LedgerRecord = decode_compact(b"tg_holds", r.get::<_, &[u8]>(7))?;
+    Ok(PersistedHold {
+        hold_id: r.get::<_, i64>(0) as u64,
+        key_id: r.get(1),
+        bucket: r.get(2),
+        granted: r.get(3),
+        consumed: r.get(4),
+        consumed_tokens: r.get::<_, i64>(5).max(0) as u64,
+        updated_at: r.get(6),
+        draft: Box::new(draft),
+    })
+}
+
+/// Settles everything `instance` left: each open hold at its persisted consumption (as far as
+/// its lease covers it) with an `interrupted` record, then the rest of its leases back to the
+/// balances; removes its registration. Returns the number of holds billed. Runs inside the
+/// caller's transaction.
+pub(super) async fn reap(tx: &Transaction<'_>, instance: &str) -> Result<usize, StoreError> {
+    let mut leases: BTreeMap<(String, String), Decimal> = tx
+        .query(
+            "SELECT key_id, bucket, amount FROM tg_leases WHERE instance_id = $1 FOR UPDATE",
+            &[&instance],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let holds: Vec<PersistedHold> = tx
+        .query(
+            "SELECT hold_id, key_id, bucket, granted, consumed, consumed_tokens, updated_at, draft
+             FROM tg_holds WHERE instance_id = $1 ORDER BY hold_id FOR UPDATE",
+            &[&instance],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(hold_from_row)
+        .collect::<Result<_, _>>()?;
+    let mut records = Vec::with_capacity(holds.len());
+    for h in &holds {
+        let lease = leases
+            .entry((h.key_id.clone(), h.bucket.clone()))
+            .or_default();
+        let debit = h.consumed.min(*lease).max(Decimal::ZERO);
+        *lease -= debit;
+        if debit > Decimal::ZERO {
+            tx.execute(
+                "UPDATE tg_wallets SET balance = balance - $3, leased = GREATEST(leased - $3, 0)
+                 WHERE key_id = $1 AND bucket = $2",
+                &[&h.key_id, &h.bucket, &debit],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+        records.push(interrupted_record(h, debit));
+    }
+    for ((key, bucket), amount) in &leases {
+        if *amount > Decimal::ZERO {
+            tx.execute(
+                "UPDATE tg_wallets SET leased = GREATEST(leased - $3, 0)
+                 WHERE key_id = $1 AND bucket = $2",
+                &[key, bucket, amount],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+    }
+    let refs: Vec<&LedgerRecord> = records.iter().collect();
+    write_records(tx, &refs, true, instance).await?;
+    for table in [
+        "DELETE FROM tg_holds WHERE instance_id = $1",
+        "DELETE FROM tg_leases WHERE instance_id = $1",
+        "DELETE FROM tg_instances WHERE instance_id = $1",
+    ] {
+        tx.execute(table, &[&instance]).await.map_err(db_err)?;
+    }
+    Ok(holds.len())
+}
