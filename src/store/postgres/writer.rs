@@ -190,7 +190,10 @@ struct Health {
 }
 
 fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &AtomicBool) {
-    let window = (flush_interval / 10).min(Duration::from_millis(10));
+    // Settlements gather for half a flush interval (at most 50 ms) before they commit: a
+    // record is in the database within about one flush interval, and a busy fleet commits a
+    // few dozen transactions per second rather than one per request.
+    let window = (flush_interval / 2).min(Duration::from_millis(50));
     let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
     // At most a second: the count of live instances (the rate limits' shares) follows too.
     let tick = (shared.ttl / 4)
@@ -198,9 +201,7 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
         .max(Duration::from_millis(25));
     // Expired registrations are looked for more often than they are renewed, so that a dead
     // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
-    let reap_tick = (shared.ttl / 8)
-        .min(Duration::from_millis(250))
-        .max(Duration::from_millis(10));
+    let reap_tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
@@ -346,6 +347,56 @@ fn commit(
     }
 }
 
+/// The statements of a batch, prepared once per connection.
+const HOLDS_UPSERT: &str = "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
+                               consumed_tokens, updated_at, draft)
+         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::numeric[],
+                                  $6::numeric[], $7::bigint[], $8::timestamptz[], $9::bytea[])
+         ON CONFLICT (instance_id, hold_id) DO UPDATE
+         SET consumed = EXCLUDED.consumed, consumed_tokens = EXCLUDED.consumed_tokens,
+             updated_at = EXCLUDED.updated_at";
+const HOLDS_DRAWN: &str = "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
+         FROM UNNEST($2::bigint[], $3::numeric[], $4::bigint[], $5::timestamptz[])
+              AS d(id, c, t, u)
+         WHERE h.instance_id = $1 AND h.hold_id = d.id";
+/// Each debit comes out of this instance's lease and the balance together; a lease that no
+/// longer covers it (reaped) leaves the wallet as it is: its settlements are settled as lost.
+const DEBITS: &str = "WITH d AS (SELECT * FROM UNNEST($2::text[], $3::text[], $4::numeric[])
+                    AS d(key_id, bucket, amount)),
+              l AS (UPDATE tg_leases SET amount = tg_leases.amount - d.amount FROM d
+                    WHERE tg_leases.instance_id = $1 AND tg_leases.key_id = d.key_id
+                      AND tg_leases.bucket = d.bucket AND tg_leases.amount >= d.amount
+                    RETURNING tg_leases.key_id, tg_leases.bucket, d.amount)
+         UPDATE tg_wallets w SET balance = w.balance - l.amount, leased = w.leased - l.amount
+         FROM l WHERE w.key_id = l.key_id AND w.bucket = l.bucket
+         RETURNING w.key_id, w.bucket";
+const RELEASES: &str = "WITH d AS (SELECT * FROM UNNEST($2::text[], $3::text[], $4::numeric[])
+                    AS d(key_id, bucket, amount)),
+              l AS (UPDATE tg_leases SET amount = tg_leases.amount - d.amount FROM d
+                    WHERE tg_leases.instance_id = $1 AND tg_leases.key_id = d.key_id
+                      AND tg_leases.bucket = d.bucket AND tg_leases.amount >= d.amount
+                    RETURNING tg_leases.key_id, tg_leases.bucket, d.amount)
+         UPDATE tg_wallets w SET leased = w.leased - l.amount
+         FROM l WHERE w.key_id = l.key_id AND w.bucket = l.bucket";
+const HOLDS_DONE: &str = "DELETE FROM tg_holds WHERE instance_id = $1 AND hold_id = ANY($2)";
+const BATCH_MARK: &str = "INSERT INTO tg_batches (instance_id, epoch, seq) VALUES ($1, $2, $3)";
+
+/// A statement of the batch, or nothing when its part of the batch is empty.
+async fn maybe<F: std::future::Future<Output = Result<T, tokio_postgres::Error>>, T>(
+    run: bool,
+    f: impl FnOnce() -> F,
+) -> Result<Option<T>, StoreError> {
+    if run {
+        f().await.map(Some).map_err(db_err)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Commits a batch in one transaction, in two pipelined rounds (the statements of a round go
+/// out together on the connection and their answers come back together): first the batch
+/// mark, the open holds, the debits and the returned leases; then the records, which depend on
+/// which debits found their lease.
 async fn apply(
     shared: &Shared,
     p: &Pending,
@@ -369,63 +420,63 @@ async fn apply(
             return Ok(());
         }
     }
-    tx.execute(
-        "INSERT INTO tg_batches (instance_id, epoch, seq) VALUES ($1, $2, $3)",
-        &[me, &epoch, &batch],
-    )
+    let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) = futures_util::future::try_join_all([
+        tx.prepare_cached(BATCH_MARK),
+        tx.prepare_cached(HOLDS_UPSERT),
+        tx.prepare_cached(HOLDS_DRAWN),
+        tx.prepare_cached(DEBITS),
+        tx.prepare_cached(RELEASES),
+        tx.prepare_cached(HOLDS_DONE),
+    ])
     .await
-    .map_err(db_err)?;
+    .map_err(db_err)
+    .and_then(|v| {
+        let mut it = v.into_iter();
+        match (it.next(), it.next(), it.next(), it.next(), it.next(), it.next()) {
+            (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)) => Ok((a, b, c, d, e, f)),
+            _ => Err(db_err("statement preparation")),
+        }
+    })?;
 
-    if !p.holds_new.is_empty() {
-        let holds: Vec<&PersistedHold> = p.holds_new.values().collect();
-        let ids: Vec<i64> = holds.iter().map(|h| h.hold_id as i64).collect();
-        let keys: Vec<&str> = holds.iter().map(|h| h.key_id.as_str()).collect();
-        let buckets: Vec<&str> = holds.iter().map(|h| h.bucket.as_str()).collect();
-        let granted: Vec<Decimal> = holds.iter().map(|h| h.granted).collect();
-        let consumed: Vec<Decimal> = holds.iter().map(|h| h.consumed).collect();
-        let tokens: Vec<i64> = holds.iter().map(|h| h.consumed_tokens as i64).collect();
-        let at: Vec<DateTime<Utc>> = holds.iter().map(|h| h.updated_at).collect();
-        let drafts: Vec<Vec<u8>> = holds.iter().map(|h| encode_compact(&*h.draft)).collect();
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
-                                       consumed_tokens, updated_at, draft)
-                 SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::numeric[],
-                                          $6::numeric[], $7::bigint[], $8::timestamptz[], $9::bytea[])
-                 ON CONFLICT (instance_id, hold_id) DO UPDATE
-                 SET consumed = EXCLUDED.consumed, consumed_tokens = EXCLUDED.consumed_tokens,
-                     updated_at = EXCLUDED.updated_at",
-            )
-            .await
-            .map_err(db_err)?;
-        tx.execute(
-            &stmt,
-            &[
-                me, &ids, &keys, &buckets, &granted, &consumed, &tokens, &at, &drafts,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
-    }
-    if !p.holds_drawn.is_empty() {
-        let drawn: Vec<&HoldDrawn> = p.holds_drawn.values().collect();
-        let ids: Vec<i64> = drawn.iter().map(|d| d.hold_id as i64).collect();
-        let consumed: Vec<Decimal> = drawn.iter().map(|d| d.consumed).collect();
-        let tokens: Vec<i64> = drawn.iter().map(|d| d.consumed_tokens as i64).collect();
-        let at: Vec<DateTime<Utc>> = drawn.iter().map(|d| d.updated_at).collect();
-        let stmt = tx
-            .prepare_cached(
-                "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
-                 FROM UNNEST($2::bigint[], $3::numeric[], $4::bigint[], $5::timestamptz[])
-                      AS d(id, c, t, u)
-                 WHERE h.instance_id = $1 AND h.hold_id = d.id",
-            )
-            .await
-            .map_err(db_err)?;
-        tx.execute(&stmt, &[me, &ids, &consumed, &tokens, &at])
-            .await
-            .map_err(db_err)?;
-    }
+    let holds: Vec<&PersistedHold> = p.holds_new.values().collect();
+    let h_ids: Vec<i64> = holds.iter().map(|h| h.hold_id as i64).collect();
+    let h_keys: Vec<&str> = holds.iter().map(|h| h.key_id.as_str()).collect();
+    let h_buckets: Vec<&str> = holds.iter().map(|h| h.bucket.as_str()).collect();
+    let h_granted: Vec<Decimal> = holds.iter().map(|h| h.granted).collect();
+    let h_consumed: Vec<Decimal> = holds.iter().map(|h| h.consumed).collect();
+    let h_tokens: Vec<i64> = holds.iter().map(|h| h.consumed_tokens as i64).collect();
+    let h_at: Vec<DateTime<Utc>> = holds.iter().map(|h| h.updated_at).collect();
+    let h_drafts: Vec<Vec<u8>> = holds.iter().map(|h| encode_compact(&*h.draft)).collect();
+    let drawn: Vec<&HoldDrawn> = p.holds_drawn.values().collect();
+    let d_ids: Vec<i64> = drawn.iter().map(|d| d.hold_id as i64).collect();
+    let d_consumed: Vec<Decimal> = drawn.iter().map(|d| d.consumed).collect();
+    let d_tokens: Vec<i64> = drawn.iter().map(|d| d.consumed_tokens as i64).collect();
+    let d_at: Vec<DateTime<Utc>> = drawn.iter().map(|d| d.updated_at).collect();
+    let g_keys: Vec<&str> = p.debits.keys().map(|(k, _)| k.as_str()).collect();
+    let g_buckets: Vec<&str> = p.debits.keys().map(|(_, b)| b.as_str()).collect();
+    let g_amounts: Vec<Decimal> = p.debits.values().map(|(a, _)| *a).collect();
+    let r_keys: Vec<&str> = p.releases.keys().map(|(k, _)| k.as_str()).collect();
+    let r_buckets: Vec<&str> = p.releases.keys().map(|(_, b)| b.as_str()).collect();
+    let r_amounts: Vec<Decimal> = p.releases.values().copied().collect();
+    let done_ids: Vec<i64> = p.holds_done.iter().map(|h| *h as i64).collect();
+
+    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let mark_p: [Param; 3] = [me, &epoch, &batch];
+    let upsert_p: [Param; 9] = [
+        me, &h_ids, &h_keys, &h_buckets, &h_granted, &h_consumed, &h_tokens, &h_at, &h_drafts,
+    ];
+    let drawn_p: [Param; 5] = [me, &d_ids, &d_consumed, &d_tokens, &d_at];
+    let debits_p: [Param; 4] = [me, &g_keys, &g_buckets, &g_amounts];
+    let releases_p: [Param; 4] = [me, &r_keys, &r_buckets, &r_amounts];
+    let done_p: [Param; 2] = [me, &done_ids];
+    let (_, _, _, debited, _, _) = tokio::try_join!(
+        maybe(true, || tx.execute(&mark, &mark_p)),
+        maybe(!holds.is_empty(), || tx.execute(&upsert, &upsert_p)),
+        maybe(!drawn.is_empty(), || tx.execute(&drawn_stmt, &drawn_p)),
+        maybe(!p.debits.is_empty(), || tx.query(&debits_stmt, &debits_p)),
+        maybe(!p.releases.is_empty(), || tx.execute(&releases_stmt, &releases_p)),
+        maybe(!done_ids.is_empty(), || tx.execute(&done_stmt, &done_p)),
+    )?;
 
     let mut records: Vec<LedgerRecord> = p.records.iter().map(|r| (**r).clone()).collect();
     let mut lost: Vec<(String, Debit, Option<LedgerRecord>)> = p
@@ -433,46 +484,23 @@ async fn apply(
         .iter()
         .map(|(k, d, r)| (k.clone(), d.clone(), r.as_deref().cloned()))
         .collect();
-    if !p.debits.is_empty() {
-        let keys: Vec<&str> = p.debits.keys().map(|(k, _)| k.as_str()).collect();
-        let buckets: Vec<&str> = p.debits.keys().map(|(_, b)| b.as_str()).collect();
-        let amounts: Vec<Decimal> = p.debits.values().map(|(a, _)| *a).collect();
-        // Each debit comes out of this instance's lease and the balance together; a lease that
-        // no longer covers it (reaped) leaves the wallet as it is, and its settlements are
-        // settled as lost below.
-        let stmt = tx
-            .prepare_cached(
-                "WITH d AS (SELECT * FROM UNNEST($2::text[], $3::text[], $4::numeric[])
-                            AS d(key_id, bucket, amount)),
-                      l AS (UPDATE tg_leases SET amount = tg_leases.amount - d.amount FROM d
-                            WHERE tg_leases.instance_id = $1 AND tg_leases.key_id = d.key_id
-                              AND tg_leases.bucket = d.bucket AND tg_leases.amount >= d.amount
-                            RETURNING tg_leases.key_id, tg_leases.bucket, d.amount)
-                 UPDATE tg_wallets w SET balance = w.balance - l.amount, leased = w.leased - l.amount
-                 FROM l WHERE w.key_id = l.key_id AND w.bucket = l.bucket
-                 RETURNING w.key_id, w.bucket",
-            )
-            .await
-            .map_err(db_err)?;
-        let rows = tx
-            .query(&stmt, &[me, &keys, &buckets, &amounts])
-            .await
-            .map_err(db_err)?;
-        let applied: HashSet<(String, String)> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for ((key, bucket), (_, settles)) in &p.debits {
-            if applied.contains(&(key.clone(), bucket.clone())) {
-                records.extend(settles.iter().filter_map(|s| s.record.as_deref().cloned()));
-            } else {
-                for s in settles {
-                    let debit = Debit {
-                        bucket: bucket.clone(),
-                        amount: s.amount,
-                        charge: s.charge,
-                        epoch: 0,
-                    };
-                    lost.push((key.clone(), debit, s.record.as_deref().cloned()));
-                }
+    let applied: HashSet<(String, String)> = debited
+        .unwrap_or_default()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for ((key, bucket), (_, settles)) in &p.debits {
+        if applied.contains(&(key.clone(), bucket.clone())) {
+            records.extend(settles.iter().filter_map(|s| s.record.as_deref().cloned()));
+        } else {
+            for s in settles {
+                let debit = Debit {
+                    bucket: bucket.clone(),
+                    amount: s.amount,
+                    charge: s.charge,
+                    epoch: 0,
+                };
+                lost.push((key.clone(), debit, s.record.as_deref().cloned()));
             }
         }
     }
@@ -480,27 +508,6 @@ async fn apply(
         if let Some(rec) = settle_lost(&tx, key, debit, record.as_ref()).await? {
             records.push(rec);
         }
-    }
-    if !p.releases.is_empty() {
-        let keys: Vec<&str> = p.releases.keys().map(|(k, _)| k.as_str()).collect();
-        let buckets: Vec<&str> = p.releases.keys().map(|(_, b)| b.as_str()).collect();
-        let amounts: Vec<Decimal> = p.releases.values().copied().collect();
-        let stmt = tx
-            .prepare_cached(
-                "WITH d AS (SELECT * FROM UNNEST($2::text[], $3::text[], $4::numeric[])
-                            AS d(key_id, bucket, amount)),
-                      l AS (UPDATE tg_leases SET amount = tg_leases.amount - d.amount FROM d
-                            WHERE tg_leases.instance_id = $1 AND tg_leases.key_id = d.key_id
-                              AND tg_leases.bucket = d.bucket AND tg_leases.amount >= d.amount
-                            RETURNING tg_leases.key_id, tg_leases.bucket, d.amount)
-                 UPDATE tg_wallets w SET leased = w.leased - l.amount
-                 FROM l WHERE w.key_id = l.key_id AND w.bucket = l.bucket",
-            )
-            .await
-            .map_err(db_err)?;
-        tx.execute(&stmt, &[me, &keys, &buckets, &amounts])
-            .await
-            .map_err(db_err)?;
     }
     // The last record of a request in this batch wins, as in the sled writer.
     let mut seen = HashSet::new();
@@ -510,22 +517,17 @@ async fn apply(
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
     latest.reverse();
-    write_records(&tx, &latest, false, me).await?;
     let absent: Vec<&LedgerRecord> = p
         .if_absent
         .iter()
         .map(|r| &**r)
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
-    write_records(&tx, &absent, true, me).await?;
-    if !p.holds_done.is_empty() {
-        let ids: Vec<i64> = p.holds_done.iter().map(|h| *h as i64).collect();
-        let stmt = tx
-            .prepare_cached("DELETE FROM tg_holds WHERE instance_id = $1 AND hold_id = ANY($2)")
-            .await
-            .map_err(db_err)?;
-        tx.execute(&stmt, &[me, &ids]).await.map_err(db_err)?;
-    }
+    futures_util::future::try_join(
+        write_records(&tx, &latest, false, me),
+        write_records(&tx, &absent, true, me),
+    )
+    .await?;
     tx.commit().await.map_err(db_err)
 }
 
@@ -934,34 +936,22 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
     let pool = shared.pool.clone();
     let r = block(shared, async move {
         let client = pool.get().await.map_err(db_err)?;
-        let n = client
-            .execute(
-                "UPDATE tg_instances SET expires_at = now() + $3::float8 * interval '1 millisecond'
-                 WHERE instance_id = $1 AND epoch = $2",
+        // One round trip: renew, drop the lease rows spent to zero, count the live instances.
+        let row = client
+            .query_one(
+                "WITH r AS (UPDATE tg_instances
+                            SET expires_at = now() + $3::float8 * interval '1 millisecond'
+                            WHERE instance_id = $1 AND epoch = $2 RETURNING 1),
+                      z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
+                 SELECT (SELECT count(*) FROM r),
+                        (SELECT count(*) FROM tg_instances WHERE expires_at > now())",
                 &[&me, &epoch, &ttl_ms],
             )
             .await
             .map_err(db_err)?;
-        let live = |client: deadpool_postgres::Object| async move {
-            let n: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM tg_instances WHERE expires_at > now()",
-                    &[],
-                )
-                .await
-                .map_err(db_err)?
-                .get(0);
-            Ok::<_, StoreError>(n)
-        };
-        if n == 1 {
-            client
-                .execute(
-                    "DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0",
-                    &[&me],
-                )
-                .await
-                .map_err(db_err)?;
-            return Ok((None, live(client).await?));
+        let (renewed, live): (i64, i64) = (row.get(0), row.get(1));
+        if renewed == 1 {
+            return Ok((None, live));
         }
         let fresh = new_epoch();
         client
@@ -975,7 +965,7 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
             )
             .await
             .map_err(db_err)?;
-        Ok((Some(fresh), live(client).await?))
+        Ok((Some(fresh), live + 1))
     });
     match r {
         Ok((fresh, live)) => {
@@ -1029,12 +1019,15 @@ fn reap_expired(shared: &Shared) {
             let n = reap(&tx, &d).await?;
             out.push((d, n));
         }
-        tx.execute(
-            "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
-            &[],
-        )
-        .await
-        .map_err(db_err)?;
+        if !out.is_empty() || rand::random::<u8>() == 0 {
+            // Now and then: the marks of batches long committed.
+            tx.execute(
+                "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)?;
         Ok(out)
     });
