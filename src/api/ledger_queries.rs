@@ -194,7 +194,7 @@ pub async fn fold_records<T: Send + 'static>(
 pub async fn fold_span<T: Send + 'static>(
     state: &AppState,
     f: Filter,
-    mut acc: T,
+    acc: T,
     add: impl Fn(&mut T, &LedgerRecord) + Send + 'static,
     add_cell: impl Fn(&mut T, u64, &RollupCell, &CellStats) + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -205,8 +205,9 @@ pub async fn fold_span<T: Send + 'static>(
     let store = state.store.clone();
     web::block(move || -> Result<T, StoreError> {
         let scope = Scope::of(f.key_id.as_deref(), f.project.as_deref());
-        store.fold_span(scope, f.since, f.until, &mut acc, add, add_cell)?;
-        Ok(acc)
+        let mut visit = Folder { acc, add, add_cell };
+        store.fold_span(scope, f.since, f.until, &mut visit)?;
+        Ok(visit.acc)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
@@ -333,4 +334,24 @@ pub async fn explain(
         "current": bounds(&e.current),
         "currencies": e.currencies,
     })))
+}
+
+/// Folds records and rollup cells into one accumulator (a [`crate::store::SpanVisitor`]).
+struct Folder<T, R, C> {
+    acc: T,
+    add: R,
+    add_cell: C,
+}
+
+impl<T, R, C> crate::store::SpanVisitor for Folder<T, R, C>
+where
+    R: Fn(&mut T, &LedgerRecord),
+    C: Fn(&mut T, u64, &RollupCell, &CellStats),
+{
+    fn record(&mut self, rec: &LedgerRecord) {
+        (self.add)(&mut self.acc, rec)
+    }
+    fn cell(&mut self, hour: u64, cell: &RollupCell, sums: &CellStats) {
+        (self.add_cell)(&mut self.acc, hour, cell, sums)
+    }
 }

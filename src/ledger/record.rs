@@ -121,6 +121,10 @@ pub struct LedgerRecord {
     pub shortfall: Decimal,
     pub ttft_ms: Option<u64>,
     pub duration_ms: u64,
+    /// The fleet instance that served the request (`store.instance_id`); absent with sled.
+    /// Not part of the compact encoding (a shared store keeps it in a column of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "instance")]
+    pub instance_id: Option<String>,
 }
 
 /// The record as stored under compact version 2, before the cache counts (postcard is
@@ -167,10 +171,6 @@ pub(crate) struct LedgerRecordV2 {
     pub shortfall: Decimal,
     pub ttft_ms: Option<u64>,
     pub duration_ms: u64,
-    /// The fleet instance that served the request (`store.instance_id`); absent with sled.
-    /// Not part of the compact encoding (a shared store keeps it in a column of its own).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "instance")]
-    pub instance_id: Option<String>,
 }
 
 /// [`LedgerRecord::instance_id`]: as itself in JSON, as nothing at all in the compact storage
@@ -234,6 +234,7 @@ impl From<LedgerRecordV2> for LedgerRecord {
             shortfall: r.shortfall,
             ttft_ms: r.ttft_ms,
             duration_ms: r.duration_ms,
+            instance_id: None,
         }
     }
 }

@@ -576,6 +576,12 @@ mod tests {
                     w.send(StoreOp::Settle {
                         key_id: r.key_id.clone(),
                         balances: Default::default(),
+                        debit: writer::Debit {
+                            bucket: r.bucket.clone().unwrap_or_default(),
+                            amount: r.cost,
+                            charge: r.cost,
+                            epoch: 0,
+                        },
                         hold_id: None,
                         record: Some(Box::new(r)),
                     })

@@ -678,6 +678,24 @@ impl crate::store::LedgerStore for Store {
     ) -> Result<Vec<LedgerRecord>, StoreError> {
         Store::task_records(self, task, key_id, since, until)
     }
+    fn fold_span(
+        &self,
+        scope: super::rollup::Scope<'_>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        visit: &mut dyn crate::store::SpanVisitor,
+    ) -> Result<(), StoreError> {
+        let mut visit = visit;
+        Store::fold_span(
+            self,
+            scope,
+            since,
+            until,
+            &mut visit,
+            |v, r| v.record(r),
+            |v, hour, cell, sums| v.cell(hour, cell, sums),
+        )
+    }
 }
 
 /// The `interrupted` record of an open hold left by a crash, billed `debit` of its persisted

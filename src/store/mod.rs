@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, StoreConfig};
+use crate::ledger::rollup::{CellStats, RollupCell, Scope};
 use crate::ledger::store::{ApiKeyRecord, PersistedHold, TopupRecord, WalletState};
 use crate::ledger::writer::{self, WriterThread};
 use crate::ledger::{LedgerRecord, LedgerWriter, StoreError};
@@ -61,6 +62,35 @@ pub trait LedgerStore: Send + Sync {
         since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError>;
+    /// Folds the records of `scope` started in `[since, until)` into `visit`. A store that keeps
+    /// hourly rollups hands whole hours over as rollup cells; this default walks every record.
+    fn fold_span(
+        &self,
+        scope: Scope<'_>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        visit: &mut dyn SpanVisitor,
+    ) -> Result<(), StoreError> {
+        let (key_id, project) = match scope {
+            Scope::All => (None, None),
+            Scope::Key(k, p) => (Some(k), p),
+            Scope::Project(p) => (None, Some(p)),
+        };
+        for item in self.scan_records(key_id, since, until, None) {
+            let (_, rec) = item?;
+            if project.is_none_or(|p| rec.project == p) {
+                visit.record(&rec);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`LedgerStore::fold_span`] hands over: single records, or the sums of a rollup cell
+/// over one whole hour (hours since the epoch).
+pub trait SpanVisitor {
+    fn record(&mut self, rec: &LedgerRecord);
+    fn cell(&mut self, hour: u64, cell: &RollupCell, sums: &CellStats);
 }
 
 /// Both halves of a store, as the app holds it.
@@ -95,7 +125,8 @@ pub fn open(config: &Config) -> Result<Opened, String> {
                     "settled holds left by a crash as interrupted records"
                 );
             }
-            let (writer, thread) = writer::start(store.clone(), flush).map_err(|e| e.to_string())?;
+            let (writer, thread) =
+                writer::start(store.clone(), flush).map_err(|e| e.to_string())?;
             Ok(Opened {
                 store: Arc::new(store),
                 writer,

@@ -212,7 +212,10 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     let mut stopping = false;
     while !stopping {
         let now = Instant::now();
-        let mut wait = health.next_renewal.min(health.next_reap).saturating_duration_since(now);
+        let mut wait = health
+            .next_renewal
+            .min(health.next_reap)
+            .saturating_duration_since(now);
         if !p.is_empty() {
             wait = wait.min(retry);
         }
@@ -295,7 +298,9 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
                 holds = n,
                 "returned this instance's leases; open holds billed as interrupted"
             ),
-            Err(e) => tracing::error!(error = %e, "cannot return this instance's leases at stop; another instance reaps them"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot return this instance's leases at stop; another instance reaps them")
+            }
         }
     }
     drop(shared.runtime);
@@ -348,14 +353,16 @@ fn commit(
 }
 
 /// The statements of a batch, prepared once per connection.
-const HOLDS_UPSERT: &str = "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
+const HOLDS_UPSERT: &str =
+    "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
                                consumed_tokens, updated_at, draft)
          SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::numeric[],
                                   $6::numeric[], $7::bigint[], $8::timestamptz[], $9::bytea[])
          ON CONFLICT (instance_id, hold_id) DO UPDATE
          SET consumed = EXCLUDED.consumed, consumed_tokens = EXCLUDED.consumed_tokens,
              updated_at = EXCLUDED.updated_at";
-const HOLDS_DRAWN: &str = "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
+const HOLDS_DRAWN: &str =
+    "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
          FROM UNNEST($2::bigint[], $3::numeric[], $4::bigint[], $5::timestamptz[])
               AS d(id, c, t, u)
          WHERE h.instance_id = $1 AND h.hold_id = d.id";
@@ -420,23 +427,31 @@ async fn apply(
             return Ok(());
         }
     }
-    let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) = futures_util::future::try_join_all([
-        tx.prepare_cached(BATCH_MARK),
-        tx.prepare_cached(HOLDS_UPSERT),
-        tx.prepare_cached(HOLDS_DRAWN),
-        tx.prepare_cached(DEBITS),
-        tx.prepare_cached(RELEASES),
-        tx.prepare_cached(HOLDS_DONE),
-    ])
-    .await
-    .map_err(db_err)
-    .and_then(|v| {
-        let mut it = v.into_iter();
-        match (it.next(), it.next(), it.next(), it.next(), it.next(), it.next()) {
-            (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)) => Ok((a, b, c, d, e, f)),
-            _ => Err(db_err("statement preparation")),
-        }
-    })?;
+    let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) =
+        futures_util::future::try_join_all([
+            tx.prepare_cached(BATCH_MARK),
+            tx.prepare_cached(HOLDS_UPSERT),
+            tx.prepare_cached(HOLDS_DRAWN),
+            tx.prepare_cached(DEBITS),
+            tx.prepare_cached(RELEASES),
+            tx.prepare_cached(HOLDS_DONE),
+        ])
+        .await
+        .map_err(db_err)
+        .and_then(|v| {
+            let mut it = v.into_iter();
+            match (
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+            ) {
+                (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)) => Ok((a, b, c, d, e, f)),
+                _ => Err(db_err("statement preparation")),
+            }
+        })?;
 
     let holds: Vec<&PersistedHold> = p.holds_new.values().collect();
     let h_ids: Vec<i64> = holds.iter().map(|h| h.hold_id as i64).collect();
@@ -463,7 +478,15 @@ async fn apply(
     type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
     let mark_p: [Param; 3] = [me, &epoch, &batch];
     let upsert_p: [Param; 9] = [
-        me, &h_ids, &h_keys, &h_buckets, &h_granted, &h_consumed, &h_tokens, &h_at, &h_drafts,
+        me,
+        &h_ids,
+        &h_keys,
+        &h_buckets,
+        &h_granted,
+        &h_consumed,
+        &h_tokens,
+        &h_at,
+        &h_drafts,
     ];
     let drawn_p: [Param; 5] = [me, &d_ids, &d_consumed, &d_tokens, &d_at];
     let debits_p: [Param; 4] = [me, &g_keys, &g_buckets, &g_amounts];
@@ -474,7 +497,8 @@ async fn apply(
         maybe(!holds.is_empty(), || tx.execute(&upsert, &upsert_p)),
         maybe(!drawn.is_empty(), || tx.execute(&drawn_stmt, &drawn_p)),
         maybe(!p.debits.is_empty(), || tx.query(&debits_stmt, &debits_p)),
-        maybe(!p.releases.is_empty(), || tx.execute(&releases_stmt, &releases_p)),
+        maybe(!p.releases.is_empty(), || tx
+            .execute(&releases_stmt, &releases_p)),
         maybe(!done_ids.is_empty(), || tx.execute(&done_stmt, &done_p)),
     )?;
 
