@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SCENARIOS=${SCENARIOS:-"nonstream steady-streams burst ramp mixed fallback-storm drain-to-zero slow-streams"}
+SCENARIOS=${SCENARIOS:-"nonstream steady-streams steady-responses steady-messages burst ramp mixed fallback-storm drain-to-zero slow-streams"}
 SCALE=${SCALE:-1}
 OUT=${OUT:-loadtest/results}
 BASE_PORT=${BASE_PORT:-18080}

@@ -1,9 +1,9 @@
-//! Client endpoints (docs/api.md): chat completions, embeddings, and the agent formats
-//! (OpenAI Responses, Anthropic Messages, §4.5) on the same path: authenticate → the key's request rate → read the body within
-//! the size limit and deadline → check the fields the gateway reads (R25) → a stream's slot →
-//! resolve the model and the key's permission → tokenise → the key's token rate → hand over to
-//! the router. Checks that need no body come before it is read (R28, R41); every refusal after
-//! authentication leaves a `rejected` record (R15).
+//! Client endpoints (docs/api.md): chat completions, embeddings, and the agent formats (OpenAI
+//! Responses, Anthropic Messages), all on the same path: authenticate → the key's request rate →
+//! read the body within the size limit and deadline → check the fields the gateway reads (R25) →
+//! a stream's slot → resolve the model and the key's permission → tokenise → the key's token
+//! rate → hand over to the router. Checks that need no body come before it is read (R28, R41);
+//! every refusal after authentication leaves a `rejected` record (R15).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -494,7 +494,7 @@ async fn handle(
         }
     };
     // For the upstream: `x-mock-*` (the client sender decides whether a provider gets them),
-    // and the Messages format's version and beta headers (§4.5).
+    // and the Messages format's version and beta headers.
     let mut forward_headers = HeaderMap::new();
     for (k, v) in req.headers() {
         let name = k.as_str();

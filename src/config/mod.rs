@@ -209,7 +209,7 @@ pub struct Probe {
     pub kind: ProbeKind,
 }
 
-/// The wire format a provider speaks (§4.5): which client endpoints its routes can serve.
+/// The wire format a provider speaks: which client endpoints its routes can serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
     /// OpenAI's: chat completions, embeddings, responses.

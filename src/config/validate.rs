@@ -701,7 +701,7 @@ fn check_models(
                         format!("{rp}.provider"),
                         format!("unknown provider \"{p}\" (declare it under [[providers]])"),
                     ),
-                    // §4.5: a route serves an endpoint only in its provider's wire format.
+                    // A route serves an endpoint only in its provider's wire format.
                     Some(x) => {
                         for e in endpoints.iter().filter(|e| !x.api.serves(**e)) {
                             c.problem(

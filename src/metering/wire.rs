@@ -274,7 +274,12 @@ impl EventReader {
                     push_event(&mut out, None, &chunk.to_string());
                 }
                 if let Some(e) = error {
-                    let body = json!({"error": {"message": e.message, "type": e.kind, "code": e.code, "param": null}});
+                    let body = json!({"error": {
+                        "message": e.message,
+                        "type": e.kind,
+                        "code": e.code,
+                        "param": null,
+                    }});
                     push_event(&mut out, None, &body.to_string());
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
@@ -299,7 +304,12 @@ impl EventReader {
                     push_event(&mut out, Some(&kind), &Value::Object(event).to_string());
                 }
                 Some(e) => {
-                    let mut event = json!({"type": "error", "code": e.code, "message": e.message, "param": null});
+                    let mut event = json!({
+                        "type": "error",
+                        "code": e.code,
+                        "message": e.message,
+                        "param": null,
+                    });
                     if let Some(n) = self.sequence {
                         event["sequence_number"] = json!(n.saturating_add(1));
                     }
@@ -338,7 +348,11 @@ impl EventReader {
                     }
                 }
                 Some(e) => {
-                    let event = json!({"type": "error", "error": {"type": e.code, "message": e.message}, "tollgate": tollgate});
+                    let event = json!({
+                        "type": "error",
+                        "error": {"type": e.code, "message": e.message},
+                        "tollgate": tollgate,
+                    });
                     push_event(&mut out, Some("error"), &event.to_string());
                 }
             },
@@ -519,7 +533,7 @@ impl MessagesUsage {
     }
 
     /// The usage once both the input and the output count are known. The whole input is the
-    /// uncached input plus the cache writes and reads (§4.5).
+    /// uncached input plus the cache writes and reads.
     fn counts(&self) -> Option<Usage> {
         anthropic_usage(
             self.input?,
