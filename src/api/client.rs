@@ -350,9 +350,11 @@ async fn messages(
         .map_err(ApiError::anthropic)
 }
 
-fn header_str(req: &HttpRequest, name: &str) -> Option<String> {
+fn header_str(req: &HttpRequest, name: &'static str) -> Option<String> {
+    // A name made from a static string: looking up by `&str` parses a name that is not a
+    // standard one into a fresh copy, on every request.
     req.headers()
-        .get(name)
+        .get(actix_web::http::header::HeaderName::from_static(name))
         .and_then(|v| v.to_str().ok())
         .map(|s| bounded(s.trim()))
         .filter(|s| !s.is_empty())
@@ -366,8 +368,7 @@ const MAX_TASK_CHARS: usize = 128;
 /// [`MAX_TASK_CHARS`] printable ASCII characters (0x20–0x7E); an empty header is no task.
 fn task_header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     const NAME: &str = "x-tollgate-task";
-    // A name made from a static string: looking up by `&str` parses a name that is not a
-    // standard one into a fresh copy, on every request.
+    // A static name, as in `header_str`.
     let name = actix_web::http::header::HeaderName::from_static(NAME);
     let Some(v) = req.headers().get(&name) else {
         return Ok(None);
