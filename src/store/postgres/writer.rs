@@ -47,6 +47,9 @@ pub(super) struct Shared {
 }
 
 const MAX_BATCH: usize = 4096;
+/// For how long after start, and how often, the registration is renewed early (see `run`).
+const EARLY_RENEWALS: Duration = Duration::from_secs(3);
+const EARLY_TICK: Duration = Duration::from_millis(100);
 /// How long a stopping writer keeps trying to commit what is pending.
 const STOP_RETRY: Duration = Duration::from_secs(5);
 /// How long one database round (a commit, a query) may take before it counts as failed.
@@ -83,9 +86,9 @@ struct Pending {
     /// Unused lease returned per (key, bucket).
     releases: BTreeMap<(String, String), Decimal>,
     /// Records to write (a later one for the same request wins).
-    records: Vec<Box<LedgerRecord>>,
+    records: Vec<LedgerRecord>,
     /// Records written only when the request has none.
-    if_absent: Vec<Box<LedgerRecord>>,
+    if_absent: Vec<LedgerRecord>,
     holds_new: HashMap<u64, PersistedHold>,
     holds_drawn: HashMap<u64, HoldDrawn>,
     holds_done: HashSet<u64>,
@@ -119,7 +122,7 @@ impl Pending {
                 if debit.epoch != epoch {
                     self.lost.push((key_id, debit, record));
                 } else if debit.amount.is_zero() {
-                    self.records.extend(record);
+                    self.records.extend(record.map(|r| *r));
                 } else {
                     let group = self
                         .debits
@@ -133,8 +136,8 @@ impl Pending {
                     });
                 }
             }
-            StoreOp::Record(rec) => self.records.push(rec),
-            StoreOp::RecordIfAbsent(rec) => self.if_absent.push(rec),
+            StoreOp::Record(rec) => self.records.push(*rec),
+            StoreOp::RecordIfAbsent(rec) => self.if_absent.push(*rec),
             StoreOp::Holds { new, drawn } => {
                 for h in new {
                     self.holds_new.insert(h.hold_id, h);
@@ -202,6 +205,7 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     // Expired registrations are looked for more often than they are renewed, so that a dead
     // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
     let reap_tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let born = Instant::now();
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
@@ -212,7 +216,10 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     let mut stopping = false;
     while !stopping {
         let now = Instant::now();
-        let mut wait = health.next_renewal.min(health.next_reap).saturating_duration_since(now);
+        let mut wait = health
+            .next_renewal
+            .min(health.next_reap)
+            .saturating_duration_since(now);
         if !p.is_empty() {
             wait = wait.min(retry);
         }
@@ -262,7 +269,10 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
         }
         let now = Instant::now();
         if now >= health.next_renewal {
-            health.next_renewal = now + tick;
+            // Instances of a fleet often start together: renew (and count the live instances)
+            // every 100 ms for the first seconds, so that the rate limits' shares settle soon.
+            let early = now.duration_since(born) < EARLY_RENEWALS;
+            health.next_renewal = now + if early { tick.min(EARLY_TICK) } else { tick };
             renew(&shared, &mut health, failing, p.is_empty());
         }
         if now >= health.next_reap {
@@ -295,7 +305,9 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
                 holds = n,
                 "returned this instance's leases; open holds billed as interrupted"
             ),
-            Err(e) => tracing::error!(error = %e, "cannot return this instance's leases at stop; another instance reaps them"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot return this instance's leases at stop; another instance reaps them")
+            }
         }
     }
     drop(shared.runtime);
@@ -348,14 +360,16 @@ fn commit(
 }
 
 /// The statements of a batch, prepared once per connection.
-const HOLDS_UPSERT: &str = "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
+const HOLDS_UPSERT: &str =
+    "INSERT INTO tg_holds (instance_id, hold_id, key_id, bucket, granted, consumed,
                                consumed_tokens, updated_at, draft)
          SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::numeric[],
                                   $6::numeric[], $7::bigint[], $8::timestamptz[], $9::bytea[])
          ON CONFLICT (instance_id, hold_id) DO UPDATE
          SET consumed = EXCLUDED.consumed, consumed_tokens = EXCLUDED.consumed_tokens,
              updated_at = EXCLUDED.updated_at";
-const HOLDS_DRAWN: &str = "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
+const HOLDS_DRAWN: &str =
+    "UPDATE tg_holds h SET consumed = d.c, consumed_tokens = d.t, updated_at = d.u
          FROM UNNEST($2::bigint[], $3::numeric[], $4::bigint[], $5::timestamptz[])
               AS d(id, c, t, u)
          WHERE h.instance_id = $1 AND h.hold_id = d.id";
@@ -420,23 +434,31 @@ async fn apply(
             return Ok(());
         }
     }
-    let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) = futures_util::future::try_join_all([
-        tx.prepare_cached(BATCH_MARK),
-        tx.prepare_cached(HOLDS_UPSERT),
-        tx.prepare_cached(HOLDS_DRAWN),
-        tx.prepare_cached(DEBITS),
-        tx.prepare_cached(RELEASES),
-        tx.prepare_cached(HOLDS_DONE),
-    ])
-    .await
-    .map_err(db_err)
-    .and_then(|v| {
-        let mut it = v.into_iter();
-        match (it.next(), it.next(), it.next(), it.next(), it.next(), it.next()) {
-            (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)) => Ok((a, b, c, d, e, f)),
-            _ => Err(db_err("statement preparation")),
-        }
-    })?;
+    let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) =
+        futures_util::future::try_join_all([
+            tx.prepare_cached(BATCH_MARK),
+            tx.prepare_cached(HOLDS_UPSERT),
+            tx.prepare_cached(HOLDS_DRAWN),
+            tx.prepare_cached(DEBITS),
+            tx.prepare_cached(RELEASES),
+            tx.prepare_cached(HOLDS_DONE),
+        ])
+        .await
+        .map_err(db_err)
+        .and_then(|v| {
+            let mut it = v.into_iter();
+            match (
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+                it.next(),
+            ) {
+                (Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)) => Ok((a, b, c, d, e, f)),
+                _ => Err(db_err("statement preparation")),
+            }
+        })?;
 
     let holds: Vec<&PersistedHold> = p.holds_new.values().collect();
     let h_ids: Vec<i64> = holds.iter().map(|h| h.hold_id as i64).collect();
@@ -463,7 +485,15 @@ async fn apply(
     type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
     let mark_p: [Param; 3] = [me, &epoch, &batch];
     let upsert_p: [Param; 9] = [
-        me, &h_ids, &h_keys, &h_buckets, &h_granted, &h_consumed, &h_tokens, &h_at, &h_drafts,
+        me,
+        &h_ids,
+        &h_keys,
+        &h_buckets,
+        &h_granted,
+        &h_consumed,
+        &h_tokens,
+        &h_at,
+        &h_drafts,
     ];
     let drawn_p: [Param; 5] = [me, &d_ids, &d_consumed, &d_tokens, &d_at];
     let debits_p: [Param; 4] = [me, &g_keys, &g_buckets, &g_amounts];
@@ -474,11 +504,12 @@ async fn apply(
         maybe(!holds.is_empty(), || tx.execute(&upsert, &upsert_p)),
         maybe(!drawn.is_empty(), || tx.execute(&drawn_stmt, &drawn_p)),
         maybe(!p.debits.is_empty(), || tx.query(&debits_stmt, &debits_p)),
-        maybe(!p.releases.is_empty(), || tx.execute(&releases_stmt, &releases_p)),
+        maybe(!p.releases.is_empty(), || tx
+            .execute(&releases_stmt, &releases_p)),
         maybe(!done_ids.is_empty(), || tx.execute(&done_stmt, &done_p)),
     )?;
 
-    let mut records: Vec<LedgerRecord> = p.records.iter().map(|r| (**r).clone()).collect();
+    let mut records: Vec<LedgerRecord> = p.records.clone();
     let mut lost: Vec<(String, Debit, Option<LedgerRecord>)> = p
         .lost
         .iter()
@@ -520,7 +551,6 @@ async fn apply(
     let absent: Vec<&LedgerRecord> = p
         .if_absent
         .iter()
-        .map(|r| &**r)
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
     futures_util::future::try_join(
