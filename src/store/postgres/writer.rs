@@ -1155,3 +1155,101 @@ pub(super) async fn reap(tx: &Transaction<'_>, instance: &str) -> Result<usize, 
     }
     Ok(holds.len())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn d(n: i64) -> Decimal {
+        Decimal::from(n)
+    }
+
+    fn hold(id: u64) -> PersistedHold {
+        PersistedHold {
+            hold_id: id,
+            key_id: "k".into(),
+            bucket: "credit".into(),
+            granted: d(4),
+            consumed: d(1),
+            consumed_tokens: 1,
+            updated_at: Utc::now(),
+            draft: Box::new(LedgerRecord::empty(format!("req-{id}"), Utc::now())),
+        }
+    }
+
+    fn settle(hold_id: u64, amount: i64, epoch: u64) -> StoreOp {
+        let mut rec = LedgerRecord::empty(format!("req-{hold_id}"), Utc::now());
+        rec.cost = d(amount);
+        StoreOp::Settle {
+            key_id: "k".into(),
+            balances: Default::default(),
+            debit: Debit {
+                bucket: "credit".into(),
+                amount: d(amount),
+                charge: d(amount),
+                epoch,
+            },
+            hold_id: Some(hold_id),
+            record: Some(Box::new(rec)),
+        }
+    }
+
+    /// What a batch commits: debits grouped per wallet with their records, holds written and
+    /// settled within the batch never written, settlements and returns of an earlier lease
+    /// epoch kept apart (their lease was reaped).
+    #[test]
+    fn a_batch_groups_debits_and_keeps_reaped_leases_apart() {
+        let mut p = Pending::default();
+        p.add(
+            StoreOp::Holds {
+                new: vec![hold(1), hold(2)],
+                drawn: vec![],
+            },
+            7,
+        );
+        p.add(
+            StoreOp::Holds {
+                new: vec![],
+                drawn: vec![HoldDrawn {
+                    hold_id: 2,
+                    consumed: d(3),
+                    consumed_tokens: 3,
+                    updated_at: Utc::now(),
+                }],
+            },
+            7,
+        );
+        // Hold 1 settles in the same batch: no row for it at all; hold 9 was written before.
+        p.add(settle(1, 2, 7), 7);
+        p.add(settle(9, 3, 7), 7);
+        // A settlement of an earlier epoch, and a return of one: the lease is gone.
+        p.add(settle(5, 1, 6), 7);
+        for epoch in [7, 6] {
+            p.add(
+                StoreOp::ReleaseLease {
+                    key_id: "k".into(),
+                    bucket: "credit".into(),
+                    amount: d(2),
+                    epoch,
+                },
+                7,
+            );
+        }
+        assert_eq!(p.ops, 7);
+        assert_eq!(p.holds_new.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(p.holds_new[&2].consumed, d(3), "drawn merged into the new hold");
+        assert!(p.holds_drawn.is_empty());
+        assert_eq!(
+            p.holds_done.iter().copied().collect::<HashSet<_>>(),
+            [9, 5].into()
+        );
+        let key = ("k".to_string(), "credit".to_string());
+        let (total, settles) = &p.debits[&key];
+        assert_eq!(*total, d(5));
+        assert_eq!(settles.len(), 2);
+        assert_eq!(p.lost.len(), 1);
+        assert_eq!(p.lost[0].1.amount, d(1));
+        assert_eq!(p.releases[&key], d(2), "only the current epoch's return counts");
+    }
+}
