@@ -47,6 +47,9 @@ pub(super) struct Shared {
 }
 
 const MAX_BATCH: usize = 4096;
+/// For how long after start, and how often, the registration is renewed early (see `run`).
+const EARLY_RENEWALS: Duration = Duration::from_secs(3);
+const EARLY_TICK: Duration = Duration::from_millis(100);
 /// How long a stopping writer keeps trying to commit what is pending.
 const STOP_RETRY: Duration = Duration::from_secs(5);
 /// How long one database round (a commit, a query) may take before it counts as failed.
@@ -83,9 +86,9 @@ struct Pending {
     /// Unused lease returned per (key, bucket).
     releases: BTreeMap<(String, String), Decimal>,
     /// Records to write (a later one for the same request wins).
-    records: Vec<Box<LedgerRecord>>,
+    records: Vec<LedgerRecord>,
     /// Records written only when the request has none.
-    if_absent: Vec<Box<LedgerRecord>>,
+    if_absent: Vec<LedgerRecord>,
     holds_new: HashMap<u64, PersistedHold>,
     holds_drawn: HashMap<u64, HoldDrawn>,
     holds_done: HashSet<u64>,
@@ -119,7 +122,7 @@ impl Pending {
                 if debit.epoch != epoch {
                     self.lost.push((key_id, debit, record));
                 } else if debit.amount.is_zero() {
-                    self.records.extend(record);
+                    self.records.extend(record.map(|r| *r));
                 } else {
                     let group = self
                         .debits
@@ -133,8 +136,8 @@ impl Pending {
                     });
                 }
             }
-            StoreOp::Record(rec) => self.records.push(rec),
-            StoreOp::RecordIfAbsent(rec) => self.if_absent.push(rec),
+            StoreOp::Record(rec) => self.records.push(*rec),
+            StoreOp::RecordIfAbsent(rec) => self.if_absent.push(*rec),
             StoreOp::Holds { new, drawn } => {
                 for h in new {
                     self.holds_new.insert(h.hold_id, h);
@@ -202,6 +205,7 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     // Expired registrations are looked for more often than they are renewed, so that a dead
     // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
     let reap_tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let born = Instant::now();
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
@@ -265,7 +269,10 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
         }
         let now = Instant::now();
         if now >= health.next_renewal {
-            health.next_renewal = now + tick;
+            // Instances of a fleet often start together: renew (and count the live instances)
+            // every 100 ms for the first seconds, so that the rate limits' shares settle soon.
+            let early = now.duration_since(born) < EARLY_RENEWALS;
+            health.next_renewal = now + if early { tick.min(EARLY_TICK) } else { tick };
             renew(&shared, &mut health, failing, p.is_empty());
         }
         if now >= health.next_reap {
@@ -502,7 +509,7 @@ async fn apply(
         maybe(!done_ids.is_empty(), || tx.execute(&done_stmt, &done_p)),
     )?;
 
-    let mut records: Vec<LedgerRecord> = p.records.iter().map(|r| (**r).clone()).collect();
+    let mut records: Vec<LedgerRecord> = p.records.clone();
     let mut lost: Vec<(String, Debit, Option<LedgerRecord>)> = p
         .lost
         .iter()
@@ -544,7 +551,6 @@ async fn apply(
     let absent: Vec<&LedgerRecord> = p
         .if_absent
         .iter()
-        .map(|r| &**r)
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
     futures_util::future::try_join(
@@ -1148,4 +1154,110 @@ pub(super) async fn reap(tx: &Transaction<'_>, instance: &str) -> Result<usize, 
         tx.execute(table, &[&instance]).await.map_err(db_err)?;
     }
     Ok(holds.len())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn d(n: i64) -> Decimal {
+        Decimal::from(n)
+    }
+
+    fn hold(id: u64) -> PersistedHold {
+        PersistedHold {
+            hold_id: id,
+            key_id: "k".into(),
+            bucket: "credit".into(),
+            granted: d(4),
+            consumed: d(1),
+            consumed_tokens: 1,
+            updated_at: Utc::now(),
+            draft: Box::new(LedgerRecord::empty(format!("req-{id}"), Utc::now())),
+        }
+    }
+
+    fn settle(hold_id: u64, amount: i64, epoch: u64) -> StoreOp {
+        let mut rec = LedgerRecord::empty(format!("req-{hold_id}"), Utc::now());
+        rec.cost = d(amount);
+        StoreOp::Settle {
+            key_id: "k".into(),
+            balances: Default::default(),
+            debit: Debit {
+                bucket: "credit".into(),
+                amount: d(amount),
+                charge: d(amount),
+                epoch,
+            },
+            hold_id: Some(hold_id),
+            record: Some(Box::new(rec)),
+        }
+    }
+
+    /// What a batch commits: debits grouped per wallet with their records, holds written and
+    /// settled within the batch never written, settlements and returns of an earlier lease
+    /// epoch kept apart (their lease was reaped).
+    #[test]
+    fn a_batch_groups_debits_and_keeps_reaped_leases_apart() {
+        let mut p = Pending::default();
+        p.add(
+            StoreOp::Holds {
+                new: vec![hold(1), hold(2)],
+                drawn: vec![],
+            },
+            7,
+        );
+        p.add(
+            StoreOp::Holds {
+                new: vec![],
+                drawn: vec![HoldDrawn {
+                    hold_id: 2,
+                    consumed: d(3),
+                    consumed_tokens: 3,
+                    updated_at: Utc::now(),
+                }],
+            },
+            7,
+        );
+        // Hold 1 settles in the same batch: no row for it at all; hold 9 was written before.
+        p.add(settle(1, 2, 7), 7);
+        p.add(settle(9, 3, 7), 7);
+        // A settlement of an earlier epoch, and a return of one: the lease is gone.
+        p.add(settle(5, 1, 6), 7);
+        for epoch in [7, 6] {
+            p.add(
+                StoreOp::ReleaseLease {
+                    key_id: "k".into(),
+                    bucket: "credit".into(),
+                    amount: d(2),
+                    epoch,
+                },
+                7,
+            );
+        }
+        assert_eq!(p.ops, 7);
+        assert_eq!(p.holds_new.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            p.holds_new[&2].consumed,
+            d(3),
+            "drawn merged into the new hold"
+        );
+        assert!(p.holds_drawn.is_empty());
+        assert_eq!(
+            p.holds_done.iter().copied().collect::<HashSet<_>>(),
+            [9, 5].into()
+        );
+        let key = ("k".to_string(), "credit".to_string());
+        let (total, settles) = &p.debits[&key];
+        assert_eq!(*total, d(5));
+        assert_eq!(settles.len(), 2);
+        assert_eq!(p.lost.len(), 1);
+        assert_eq!(p.lost[0].1.amount, d(1));
+        assert_eq!(
+            p.releases[&key],
+            d(2),
+            "only the current epoch's return counts"
+        );
+    }
 }
