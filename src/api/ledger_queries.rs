@@ -17,7 +17,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::ledger::explain::{self, Period};
 use crate::ledger::export::Format;
-use crate::ledger::rollup::{CellStats, RollupCell, Scope};
+use crate::ledger::rollup::{Scope, Sums};
 use crate::ledger::usage::{parse_group_by, Usage};
 use crate::ledger::{LedgerRecord, Store, StoreError};
 
@@ -60,7 +60,7 @@ fn export_batch(
     let mut out = Vec::with_capacity(64 * 1024);
     let (mut matched, mut scanned) = (0, 0);
     let mut last = None;
-    for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, after) {
+    for item in store.scan_index(f.index(), f.since, f.until, after) {
         let (k, rec) = item?;
         scanned += 1;
         if f.matches(&rec) {
@@ -172,7 +172,7 @@ pub async fn fold_records<T: Send + 'static>(
     state.settle_reads().await;
     let store = state.store.clone();
     web::block(move || -> Result<T, StoreError> {
-        for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, None) {
+        for item in store.scan_index(f.index(), f.since, f.until, None) {
             let (_, rec) = item?;
             if f.matches(&rec) {
                 add(&mut acc, &rec);
@@ -186,7 +186,7 @@ pub async fn fold_records<T: Send + 'static>(
 }
 
 /// Folds the records `f` selects like [`fold_records`], but takes whole hours from the ledger's
-/// hourly rollups (`add_cell(hour, cell, sums)`, billed records only) and only the records of
+/// hourly rollups (`add_hour(hour, sums)`: see `Store::fold_span`) and only the records of
 /// the partial hours at either end one by one (`add`): the cost grows with the hours of the
 /// range, not its records. For the filters the rollups are kept by (key and project); with any
 /// other filter every record goes to `add`.
@@ -195,7 +195,7 @@ pub async fn fold_span<T: Send + 'static>(
     f: Filter,
     mut acc: T,
     add: impl Fn(&mut T, &LedgerRecord) + Send + 'static,
-    add_cell: impl Fn(&mut T, u64, &RollupCell, &CellStats) + Send + 'static,
+    add_hour: impl Fn(&mut T, u64, Sums<'_>) + Send + 'static,
 ) -> Result<T, ApiError> {
     if f.task.is_some() || f.model.is_some() || f.status.is_some() {
         return fold_records(state, f, acc, add).await;
@@ -204,7 +204,7 @@ pub async fn fold_span<T: Send + 'static>(
     let store = state.store.clone();
     web::block(move || -> Result<T, StoreError> {
         let scope = Scope::of(f.key_id.as_deref(), f.project.as_deref());
-        store.fold_span(scope, f.since, f.until, &mut acc, add, add_cell)?;
+        store.fold_span(scope, f.since, f.until, &mut acc, add, add_hour)?;
         Ok(acc)
     })
     .await
@@ -306,7 +306,11 @@ pub async fn explain_periods(state: &AppState, q: &ExplainQuery) -> Result<Expla
             f,
             Period::default(),
             |p, r| p.add(r),
-            |p, _, cell, sums| p.add_cell(cell, sums),
+            |p, _, sums| {
+                if let Sums::Cell(cell, sums) = sums {
+                    p.add_cell(cell, sums)
+                }
+            },
         )
     };
     let base = fold(base).await?;
