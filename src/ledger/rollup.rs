@@ -784,9 +784,13 @@ mod tests {
             delta.plus[&keys_of(&r)[0].0].tallies.values().sum::<u64>(),
             2
         );
-        // A record without a bucket counts nowhere.
+        // A record without a bucket is tallied for all keys, and in no cell.
         let mut delta = RollupDelta::default();
-        delta.add(&crate::ledger::usage::tests::rec("k1", None, 3, 7, "0"));
-        assert!(delta.plus.is_empty() && delta.minus.is_empty());
+        let rejected = crate::ledger::usage::tests::rec("k1", None, 3, 7, "0");
+        delta.add(&rejected);
+        assert_eq!(delta.plus.len(), 1);
+        let all = &delta.plus[&keys_of(&rejected)[0].0];
+        assert!(all.parts.is_empty());
+        assert_eq!(all.tallies.values().sum::<u64>(), 1);
     }
 }
