@@ -45,8 +45,10 @@ pub struct AppState {
     /// Turns true at the drain deadline (minus a margin): open streams end themselves with the
     /// `shutting_down` error event and settle (R34).
     pub shutdown: tokio::sync::watch::Sender<bool>,
-    /// Operator console sessions and failed logins.
-    pub console: crate::console::operator::session::Sessions,
+    /// The console's sessions: operators' and marketplace key holders'.
+    pub sessions: crate::console::session::SessionStore,
+    /// Failed operator logins per client address.
+    pub login_failures: crate::console::operator::session::LoginFailures,
 }
 
 impl AppState {
@@ -280,7 +282,8 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
         limits: crate::limits::Limits::shared(instances),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
-        console: Default::default(),
+        sessions: Default::default(),
+        login_failures: Default::default(),
     });
     Ok(Running {
         client_addr: state.config.server.listen,

@@ -332,7 +332,7 @@ async fn the_live_tail_returns_newer_records() {
         page.contains("data-tail=\"/console/ledger/tail?\""),
         "{page}"
     );
-    assert!(page.contains("<script src=\"/console/assets/live.js\">"));
+    assert!(page.contains("<script src=\"/console/assets/console.js\">"));
     let newest = rec["started_at"].as_str().unwrap();
     let new = chat(&g).await;
     let r = c
@@ -353,7 +353,7 @@ async fn the_live_tail_returns_newer_records() {
     assert_eq!(v["rows"][0]["chain"], "m/p1 ✓");
     assert!(v["rows"][0]["cost"].as_str().unwrap().ends_with(" USD"));
     // The script is ours, served from the binary.
-    let r = c.get_raw("/console/assets/live.js").await;
+    let r = c.get_raw("/console/assets/console.js").await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -408,7 +408,7 @@ async fn the_console_is_not_on_the_client_listener() {
         "/console",
         "/console/ledger",
         "/console/login",
-        "/console/assets/live.js",
+        "/console/assets/console.js",
     ] {
         let r = client
             .get(format!("{}{path}", g.client_url))

@@ -237,3 +237,89 @@ async fn the_console_is_not_served_on_the_client_listener() {
         assert_eq!(r.status(), 404, "{path}");
     }
 }
+
+/// The operators' and the key holders' sessions live in one store, but a session of one kind is
+/// no session of the other; session cookies are `Secure` when the request came over TLS (here
+/// as a proxy in front says, `X-Forwarded-Proto: https`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_session_is_no_operator_session_and_cookies_are_secure_over_tls() {
+    let g = Gateway::start(Setup {
+        mocks: vec![("p1", ""), ("p2", "")],
+        body: standard_body("", "1", "1"),
+        data_dir: None,
+    });
+    let r = http()
+        .post(format!("{}/key", g.client_url))
+        .form(&[("key", DEMO_KEY)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let (market, line) = set_cookie(&r, "tg_market").unwrap();
+    assert!(!line.to_ascii_lowercase().contains("secure"), "{line}");
+    let key_page = http()
+        .get(format!("{}/", g.client_url))
+        .header("cookie", &market)
+        .send()
+        .await
+        .unwrap();
+    assert!(key_page.text().await.unwrap().contains("id=\"key-view\""));
+    // The key holder's session id as an operator's cookie: no console.
+    let id = market.split_once('=').unwrap().1;
+    let r = http()
+        .get(format!("{}/console", g.admin_url))
+        .header("cookie", format!("tollgate_console={id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(location(&r), "/console/login");
+
+    // An operator's session id as a key holder's cookie: the public page.
+    let r = login(&g, ADMIN_TOKEN).await;
+    let (session, _) = set_cookie(&r, "tollgate_console").unwrap();
+    let id = session.split_once('=').unwrap().1;
+    let page = http()
+        .get(format!("{}/", g.client_url))
+        .header("cookie", format!("tg_market={id}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("id=\"key-view\""));
+    assert!(page.contains("id=\"key-form\""));
+
+    // Over TLS, both kinds of cookie are Secure.
+    let r = http()
+        .post(format!("{}/key", g.client_url))
+        .header("x-forwarded-proto", "https")
+        .form(&[("key", DEMO_KEY)])
+        .send()
+        .await
+        .unwrap();
+    let (_, line) = set_cookie(&r, "tg_market").unwrap();
+    assert!(line.to_ascii_lowercase().contains("; secure"), "{line}");
+    let form = http()
+        .get(format!("{}/console/login", g.admin_url))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let (login_cookie, line) = set_cookie(&form, "tollgate_console_login").unwrap();
+    assert!(line.to_ascii_lowercase().contains("; secure"), "{line}");
+    let csrf = csrf_in(&form.text().await.unwrap());
+    let r = http()
+        .post(format!("{}/console/login", g.admin_url))
+        .header("x-forwarded-proto", "https")
+        .header("cookie", login_cookie)
+        .form(&[("_csrf", csrf.as_str()), ("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let (_, line) = set_cookie(&r, "tollgate_console").unwrap();
+    assert!(line.to_ascii_lowercase().contains("; secure"), "{line}");
+    g.assert_no_panic();
+}

@@ -15,7 +15,7 @@ use super::ledger_queries;
 use crate::app::AppState;
 use crate::config::{Model, Route};
 use crate::keys::{KeyLimits, NewKey};
-use crate::ledger::store::ApiKeyRecord;
+use crate::ledger::store::{ApiKeyRecord, Index};
 use crate::ledger::{LedgerRecord, Status, TopupOutcome};
 use crate::wallet::{OpenRequest, WalletError};
 
@@ -586,6 +586,16 @@ impl Filter {
             until: parse_time("until", &q.until)?,
         })
     }
+    /// The index that walks the fewest records for this filter: a workflow run's (`task`), else
+    /// the key's, else the whole ledger. [`Filter::matches`] still decides each record.
+    pub fn index(&self) -> Index<'_> {
+        match (&self.task, &self.key_id) {
+            (Some(t), _) => Index::Task(t),
+            (None, Some(k)) => Index::Key(k),
+            (None, None) => Index::All,
+        }
+    }
+
     pub fn matches(&self, r: &LedgerRecord) -> bool {
         self.project.as_ref().is_none_or(|p| &r.project == p)
             && self
@@ -640,10 +650,9 @@ pub async fn ledger_page(
             let mut out = Vec::new();
             let mut last_key = None;
             let mut more = false;
-            for item in
-                state2
-                    .store
-                    .scan_records(f.key_id.as_deref(), f.since, f.until, cursor.as_deref())
+            for item in state2
+                .store
+                .scan_index(f.index(), f.since, f.until, cursor.as_deref())
             {
                 let (k, rec) = item.map_err(|e| e.to_string())?;
                 if !f.matches(&rec) {

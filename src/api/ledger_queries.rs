@@ -17,7 +17,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::ledger::explain::{self, Period};
 use crate::ledger::export::Format;
-use crate::ledger::rollup::{CellStats, RollupCell, Scope};
+use crate::ledger::rollup::{Scope, Sums};
 use crate::ledger::usage::{parse_group_by, Usage};
 use crate::ledger::{LedgerRecord, StoreError};
 use crate::store::StateStore;
@@ -61,7 +61,7 @@ fn export_batch(
     let mut out = Vec::with_capacity(64 * 1024);
     let (mut matched, mut scanned) = (0, 0);
     let mut last = None;
-    for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, after) {
+    for item in store.scan_index(f.index(), f.since, f.until, after) {
         let (k, rec) = item?;
         scanned += 1;
         if f.matches(&rec) {
@@ -173,7 +173,7 @@ pub async fn fold_records<T: Send + 'static>(
     state.settle_reads().await;
     let store = state.store.clone();
     web::block(move || -> Result<T, StoreError> {
-        for item in store.scan_records(f.key_id.as_deref(), f.since, f.until, None) {
+        for item in store.scan_index(f.index(), f.since, f.until, None) {
             let (_, rec) = item?;
             if f.matches(&rec) {
                 add(&mut acc, &rec);
@@ -187,7 +187,7 @@ pub async fn fold_records<T: Send + 'static>(
 }
 
 /// Folds the records `f` selects like [`fold_records`], but takes whole hours from the ledger's
-/// hourly rollups (`add_cell(hour, cell, sums)`, billed records only) and only the records of
+/// hourly rollups (`add_hour(hour, sums)`: see `Store::fold_span`) and only the records of
 /// the partial hours at either end one by one (`add`): the cost grows with the hours of the
 /// range, not its records. For the filters the rollups are kept by (key and project); with any
 /// other filter every record goes to `add`.
@@ -196,7 +196,7 @@ pub async fn fold_span<T: Send + 'static>(
     f: Filter,
     acc: T,
     add: impl Fn(&mut T, &LedgerRecord) + Send + 'static,
-    add_cell: impl Fn(&mut T, u64, &RollupCell, &CellStats) + Send + 'static,
+    add_hour: impl Fn(&mut T, u64, Sums<'_>) + Send + 'static,
 ) -> Result<T, ApiError> {
     if f.task.is_some() || f.model.is_some() || f.status.is_some() {
         return fold_records(state, f, acc, add).await;
@@ -205,7 +205,7 @@ pub async fn fold_span<T: Send + 'static>(
     let store = state.store.clone();
     web::block(move || -> Result<T, StoreError> {
         let scope = Scope::of(f.key_id.as_deref(), f.project.as_deref());
-        let mut visit = Folder { acc, add, add_cell };
+        let mut visit = Folder { acc, add, add_hour };
         store.fold_span(scope, f.since, f.until, &mut visit)?;
         Ok(visit.acc)
     })
@@ -308,7 +308,11 @@ pub async fn explain_periods(state: &AppState, q: &ExplainQuery) -> Result<Expla
             f,
             Period::default(),
             |p, r| p.add(r),
-            |p, _, cell, sums| p.add_cell(cell, sums),
+            |p, _, sums| {
+                if let Sums::Cell(cell, sums) = sums {
+                    p.add_cell(cell, sums)
+                }
+            },
         )
     };
     let base = fold(base).await?;
@@ -336,22 +340,22 @@ pub async fn explain(
     })))
 }
 
-/// Folds records and rollup cells into one accumulator (a [`crate::store::SpanVisitor`]).
-struct Folder<T, R, C> {
+/// Folds records and rollup hours into one accumulator (a [`crate::store::SpanVisitor`]).
+struct Folder<T, R, H> {
     acc: T,
     add: R,
-    add_cell: C,
+    add_hour: H,
 }
 
-impl<T, R, C> crate::store::SpanVisitor for Folder<T, R, C>
+impl<T, R, H> crate::store::SpanVisitor for Folder<T, R, H>
 where
     R: Fn(&mut T, &LedgerRecord),
-    C: Fn(&mut T, u64, &RollupCell, &CellStats),
+    H: Fn(&mut T, u64, Sums<'_>),
 {
     fn record(&mut self, rec: &LedgerRecord) {
         (self.add)(&mut self.acc, rec)
     }
-    fn cell(&mut self, hour: u64, cell: &RollupCell, sums: &CellStats) {
-        (self.add_cell)(&mut self.acc, hour, cell, sums)
+    fn hour(&mut self, hour: u64, sums: Sums<'_>) {
+        (self.add_hour)(&mut self.acc, hour, sums)
     }
 }

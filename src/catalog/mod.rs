@@ -9,6 +9,7 @@ use crate::app::AppState;
 use crate::config::{Endpoint, Model};
 use crate::keys::ApiKey;
 use crate::route::breaker::State;
+use crate::wallet::WalletSnapshot;
 
 pub struct CatalogModel {
     pub id: String,
@@ -72,6 +73,16 @@ pub async fn for_key(
     include_not_allowed: bool,
 ) -> Vec<CatalogModel> {
     let wallet = state.wallets.snapshot(key.id()).await.ok();
+    for_key_with(state, key, wallet.as_ref(), include_not_allowed)
+}
+
+/// [`for_key`] with the key's wallet already read (`None`: no balance anywhere).
+pub fn for_key_with(
+    state: &AppState,
+    key: &ApiKey,
+    wallet: Option<&WalletSnapshot>,
+    include_not_allowed: bool,
+) -> Vec<CatalogModel> {
     let available = |bucket: &str| -> Decimal {
         wallet
             .as_ref()

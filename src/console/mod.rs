@@ -9,6 +9,7 @@
 pub mod layout;
 pub mod market;
 pub mod operator;
+pub mod session;
 
 use actix_web::web;
 

@@ -10,7 +10,9 @@
 //! - `r/p/{hex(project)}/{hour:016x}`: one project's.
 //!
 //! (`hour` counts hours since the Unix epoch; names are hex-encoded so that no name can run into
-//! another's prefix.) Only records with a bucket are counted: the others were never billed.
+//! another's prefix.) Cells count only records with a bucket: the others were never billed. The
+//! all-keys rollup also tallies every record of the hour by status and whether it fell back or
+//! retried ([`Tally`]), for the overview's rates and cut-offs.
 //!
 //! The ledger writer updates the rollups of the records it writes in the same sled batch, so
 //! they are exact and survive a crash together: per batch it sums its records per rollup key in
@@ -135,13 +137,35 @@ impl CellStats {
 /// The cells of one hour.
 pub type Cells = BTreeMap<RollupCell, CellStats>;
 
-/// One rollup entry: cells per project in a key's rollup, under `""` in the others.
+/// What every record (billed or not) of an hour is tallied by, in the all-keys rollup.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Tally {
+    /// The record's status (`Status::as_str`).
+    pub status: String,
+    pub fell_back: bool,
+    pub retried: bool,
+}
+
+/// What a rollup gives for an hour: a cell's sums, or how many records share a tally.
+#[derive(Debug, Clone, Copy)]
+pub enum Sums<'a> {
+    Cell(&'a RollupCell, &'a CellStats),
+    Tally(&'a Tally, u64),
+}
+
+/// One rollup entry: cells per project in a key's rollup, under `""` in the others; tallies in
+/// the all-keys rollup.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Rollup {
     parts: BTreeMap<String, Cells>,
+    tallies: BTreeMap<Tally, u64>,
 }
 
 impl Rollup {
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty() && self.tallies.is_empty()
+    }
+
     fn add(&mut self, part: &str, cell: &RollupCell, s: &CellStats) {
         let cells = match self.parts.get_mut(part) {
             Some(c) => c,
@@ -161,6 +185,10 @@ impl Rollup {
                 self.add(part, cell, s);
             }
         }
+        for (t, n) in &o.tallies {
+            let e = self.tallies.entry(t.clone()).or_default();
+            *e = e.saturating_add(*n);
+        }
     }
 
     /// Takes out `o`'s counts; cells left without requests go.
@@ -179,6 +207,14 @@ impl Rollup {
             }
             if mine.is_empty() {
                 self.parts.remove(part);
+            }
+        }
+        for (t, n) in &o.tallies {
+            if let Some(e) = self.tallies.get_mut(t) {
+                *e = e.saturating_sub(*n);
+                if *e == 0 {
+                    self.tallies.remove(t);
+                }
             }
         }
     }
@@ -229,6 +265,13 @@ fn with_hour(mut prefix: Vec<u8>, hour: u64) -> Vec<u8> {
     prefix
 }
 
+/// When an hour (since the epoch) starts.
+pub fn hour_start(hour: u64) -> Option<DateTime<Utc>> {
+    i64::try_from(hour.checked_mul(HOUR)?)
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+}
+
 /// The hour (since the epoch) a record counts in.
 pub fn hour_of(r: &LedgerRecord) -> u64 {
     micros(r.started_at) / HOUR
@@ -256,11 +299,25 @@ pub(crate) struct RollupDelta {
 
 impl RollupDelta {
     fn put(map: &mut HashMap<Vec<u8>, Rollup>, r: &LedgerRecord) {
+        let keys = keys_of(r);
+        let tally = Tally {
+            status: r.status.as_str().to_string(),
+            fell_back: r.fallbacks > 0,
+            retried: r.retries > 0,
+        };
+        let [(all, _), ..] = &keys;
+        let n = map
+            .entry(all.clone())
+            .or_default()
+            .tallies
+            .entry(tally)
+            .or_default();
+        *n = n.saturating_add(1);
         let Some(cell) = RollupCell::of(r) else {
             return;
         };
         let s = CellStats::of(r);
-        for (k, part) in keys_of(r) {
+        for (k, part) in keys {
             map.entry(k).or_default().add(part, &cell, &s);
         }
     }
@@ -289,7 +346,7 @@ impl RollupDelta {
             };
             value.merge(self.plus.get(k).unwrap_or(&empty));
             value.take_out(self.minus.get(k).unwrap_or(&empty));
-            if value.parts.is_empty() {
+            if value.is_empty() {
                 batch.remove(k.as_slice());
             } else {
                 batch.insert(k.as_slice(), encode(&value));
@@ -325,14 +382,14 @@ impl Scope<'_> {
 }
 
 impl Store {
-    /// Calls `f(hour, cell, sums)` for every rollup cell of the hours `[from, to)` (hours since
-    /// the epoch) within `scope`, hour by hour in order.
+    /// Calls `f(hour, sums)` for every rollup cell (and, for all keys, tally) of the hours
+    /// `[from, to)` (hours since the epoch) within `scope`, hour by hour in order.
     pub fn rollup_hours(
         &self,
         scope: Scope<'_>,
         from: u64,
         to: u64,
-        mut f: impl FnMut(u64, &RollupCell, &CellStats),
+        mut f: impl FnMut(u64, Sums<'_>),
     ) -> Result<(), StoreError> {
         let (p, part) = match scope {
             Scope::All => (prefix(b'a', None), None),
@@ -357,15 +414,19 @@ impl Store {
                     continue;
                 }
                 for (cell, s) in cells {
-                    f(hour, cell, s);
+                    f(hour, Sums::Cell(cell, s));
                 }
+            }
+            for (t, n) in &rollup.tallies {
+                f(hour, Sums::Tally(t, *n));
             }
         }
         Ok(())
     }
 
     /// Folds the records of `scope` that started in `[since, until)`: the whole hours from the
-    /// rollups (`on_cell(hour, cell, sums)`, billed records only), the records of the partial
+    /// rollups (`on_hour(hour, sums)`: cells of billed records, and for all keys the tallies of
+    /// every record), the records of the partial
     /// hours at either end one by one (`on_record`, every record of the scope there). Together
     /// the same sums as every record of the range, at the cost of one entry per hour.
     pub fn fold_span<T>(
@@ -375,7 +436,7 @@ impl Store {
         until: Option<DateTime<Utc>>,
         acc: &mut T,
         on_record: impl Fn(&mut T, &LedgerRecord),
-        on_cell: impl Fn(&mut T, u64, &RollupCell, &CellStats),
+        on_hour: impl Fn(&mut T, u64, Sums<'_>),
     ) -> Result<(), StoreError> {
         let lo = since.map(micros).unwrap_or(0);
         let hi = until.map(micros);
@@ -399,20 +460,15 @@ impl Store {
         if first >= end {
             return records(acc, since, until);
         }
-        let at = |hour: u64| {
-            i64::try_from(hour.saturating_mul(HOUR))
-                .ok()
-                .and_then(DateTime::from_timestamp_micros)
-        };
         if lo < first.saturating_mul(HOUR) {
-            records(acc, since, at(first))?;
+            records(acc, since, hour_start(first))?;
         }
         if let (Some(hi), Some(until)) = (hi, until) {
             if end.saturating_mul(HOUR) < hi {
-                records(acc, at(end), Some(until))?;
+                records(acc, hour_start(end), Some(until))?;
             }
         }
-        self.rollup_hours(scope, first, end, |h, c, s| on_cell(acc, h, c, s))
+        self.rollup_hours(scope, first, end, |h, s| on_hour(acc, h, s))
     }
 
     /// Builds every rollup from the records, unless the store is marked as having them
@@ -512,7 +568,11 @@ mod tests {
                     Some(until),
                     &mut p,
                     |p, r| p.add(r),
-                    |p, _, c, sums| p.add_cell(c, sums),
+                    |p, _, sums| {
+                        if let Sums::Cell(c, sums) = sums {
+                            p.add_cell(c, sums)
+                        }
+                    },
                 )
                 .unwrap();
             } else {
@@ -532,8 +592,13 @@ mod tests {
     fn hourly(s: &Store, rollups: bool) -> BTreeMap<(u64, String), Decimal> {
         let mut out: BTreeMap<(u64, String), Decimal> = BTreeMap::new();
         if rollups {
-            s.rollup_hours(Scope::All, 0, u64::MAX, |h, c, sums| {
-                *out.entry((h, c.bucket.clone())).or_default() += sums.cost;
+            s.rollup_hours(Scope::All, 0, u64::MAX, |h, sums| match sums {
+                Sums::Cell(c, sums) => {
+                    *out.entry((h, c.bucket.clone())).or_default() += sums.cost;
+                }
+                Sums::Tally(t, n) => {
+                    *out.entry((h, t.status.clone())).or_default() += Decimal::from(n);
+                }
             })
             .unwrap();
         } else {
@@ -542,6 +607,8 @@ mod tests {
                 if let Some(b) = &r.bucket {
                     *out.entry((hour_of(&r), b.clone())).or_default() += r.cost;
                 }
+                let status = r.status.as_str().to_string();
+                *out.entry((hour_of(&r), status)).or_default() += Decimal::ONE;
             }
         }
         out.retain(|_, v| !v.is_zero());
@@ -727,9 +794,17 @@ mod tests {
         assert_eq!(value.parts[&r.project].values().next().unwrap().requests, 1);
         value.take_out(&once.plus[&keys_of(&r)[1].0]);
         assert!(value.parts.is_empty());
-        // A record without a bucket counts nowhere.
+        assert_eq!(
+            delta.plus[&keys_of(&r)[0].0].tallies.values().sum::<u64>(),
+            2
+        );
+        // A record without a bucket is tallied for all keys, and in no cell.
         let mut delta = RollupDelta::default();
-        delta.add(&crate::ledger::usage::tests::rec("k1", None, 3, 7, "0"));
-        assert!(delta.plus.is_empty() && delta.minus.is_empty());
+        let rejected = crate::ledger::usage::tests::rec("k1", None, 3, 7, "0");
+        delta.add(&rejected);
+        assert_eq!(delta.plus.len(), 1);
+        let all = &delta.plus[&keys_of(&rejected)[0].0];
+        assert!(all.parts.is_empty());
+        assert_eq!(all.tallies.values().sum::<u64>(), 1);
     }
 }

@@ -8,7 +8,9 @@
 //! - `w/{key_id}` wallet balances per bucket
 //! - `h/{hold_id:016x}` an open hold with its consumption and its draft ledger record, written
 //!   once; `c/{hold_id:016x}` its latest consumption, rewritten every flush while it draws (R9)
-//! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log
+//! - `t/{key_id}/{reference}` applied top-up reference; `u/{micros:016x}{seq:08x}` top-up log;
+//!   `v/{key_id}/{micros:016x}{seq:08x}` its index by key (empty value: the `u/` key is `u/` +
+//!   its tail; built at open for stores from before it, marked by `m/topup_index`)
 //! - `l/{micros:016x}{request_id}` ledger record; `x/{key_id}/{micros:016x}{request_id}` key
 //!   index (empty value: the `l/` key is its tail); `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
 //!   time (see [`new_request_id`]); `a/{task}\0{micros:016x}{request_id}` task index (empty
@@ -209,6 +211,18 @@ pub(crate) fn key_c(hold: u64) -> Vec<u8> {
 pub(crate) fn key_t(key_id: &str, reference: &str) -> Vec<u8> {
     format!("t/{key_id}/{reference}").into_bytes()
 }
+/// The key index entry of a top-up log entry (`u/` key).
+pub(crate) fn key_v(key_id: &str, log: &[u8]) -> Vec<u8> {
+    [
+        &b"v/"[..],
+        key_id.as_bytes(),
+        b"/",
+        log.get(2..).unwrap_or_default(),
+    ]
+    .concat()
+}
+/// Present once every top-up log entry has its `v/` index entry.
+const TOPUP_INDEX_MARKER: &[u8] = b"m/topup_index";
 pub(crate) fn micros(t: DateTime<Utc>) -> u64 {
     u64::try_from(t.timestamp_micros()).unwrap_or(0)
 }
@@ -376,6 +390,14 @@ pub(crate) fn put_record(batch: &mut sled::Batch, rollups: &mut RollupDelta, rec
     batch.insert(lk, encode_compact(rec));
 }
 
+/// Which records a scan walks: all, or those of a key or of a workflow run through its index.
+#[derive(Debug, Clone, Copy)]
+pub enum Index<'a> {
+    All,
+    Key(&'a str),
+    Task(&'a str),
+}
+
 /// Read access to the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -398,6 +420,7 @@ impl Store {
             .open()?;
         restrict_tree(&dir.join("tollgate.sled")).map_err(dd)?;
         let store = Store { db };
+        store.ensure_topup_index()?;
         let started = std::time::Instant::now();
         if let Some(n) = store.ensure_rollups()? {
             if n > 0 {
@@ -456,6 +479,7 @@ impl Store {
         }
     }
 
+    /// Every top-up applied.
     pub fn topups(&self) -> Result<Vec<TopupRecord>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(b"u/") {
@@ -463,6 +487,36 @@ impl Store {
             out.push(from_json(&k, &v)?);
         }
         Ok(out)
+    }
+
+    /// One key's top-ups, oldest first, through the key's top-up index.
+    pub fn key_topups(&self, key_id: &str) -> Result<Vec<TopupRecord>, StoreError> {
+        let prefix = key_v(key_id, b"u/");
+        let mut out = Vec::new();
+        for k in self.db.scan_prefix(&prefix).keys() {
+            let k = k?;
+            let log = [&b"u/"[..], k.get(prefix.len()..).unwrap_or_default()].concat();
+            if let Some(v) = self.db.get(&log)? {
+                out.push(from_json(&log, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the top-up index by key for a store from before it (once).
+    pub(crate) fn ensure_topup_index(&self) -> Result<(), StoreError> {
+        if self.db.contains_key(TOPUP_INDEX_MARKER)? {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for kv in self.db.scan_prefix(b"u/") {
+            let (k, v) = kv?;
+            let t: TopupRecord = from_json(&k, &v)?;
+            batch.insert(key_v(&t.key_id, &k), &[][..]);
+        }
+        batch.insert(TOPUP_INDEX_MARKER, &[][..]);
+        self.db.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Every open hold persisted, with its latest persisted consumption.
@@ -517,18 +571,34 @@ impl Store {
         until: Option<DateTime<Utc>>,
         cursor: Option<&[u8]>,
     ) -> impl Iterator<Item = Result<(Vec<u8>, LedgerRecord), StoreError>> + 'a {
-        let lo_t = since.map(micros).unwrap_or(0);
-        let hi_t = until.map(micros).unwrap_or(u64::MAX);
-        let (prefix, indexed) = match key_id {
-            Some(k) => (format!("x/{k}/"), true),
-            None => ("l/".to_string(), false),
+        let index = match key_id {
+            Some(k) => Index::Key(k),
+            None => Index::All,
         };
-        let lo = format!("{prefix}{lo_t:016x}").into_bytes();
-        let mut hi = format!("{prefix}{hi_t:016x}").into_bytes();
+        self.scan_index(index, since, until, cursor)
+    }
+
+    /// Records newest first through `index`, started in `[since, until)`, after `cursor` (an
+    /// `l/` key from a previous page): each with its `l/` key.
+    pub fn scan_index<'a>(
+        &'a self,
+        index: Index<'_>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        cursor: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, LedgerRecord), StoreError>> + 'a {
+        let prefix: Vec<u8> = match index {
+            Index::All => b"l/".to_vec(),
+            Index::Key(k) => [&b"x/"[..], k.as_bytes(), b"/"].concat(),
+            Index::Task(t) => [&b"a/"[..], t.as_bytes(), b"\0"].concat(),
+        };
+        let indexed = !matches!(index, Index::All);
+        let lo = time_key(&[&prefix], since.map(micros).unwrap_or(0), "");
+        let mut hi = time_key(&[&prefix], until.map(micros).unwrap_or(u64::MAX), "");
         if let Some(c) = cursor {
             // The cursor is an `l/` key; map it into this prefix's space.
             let tail = c.get(2..).unwrap_or_default();
-            let mut ck = prefix.clone().into_bytes();
+            let mut ck = prefix.clone();
             ck.extend_from_slice(tail);
             if ck < hi {
                 hi = ck;
@@ -651,6 +721,9 @@ impl crate::store::WalletStore for Store {
     fn topups(&self) -> Result<Vec<TopupRecord>, StoreError> {
         Store::topups(self)
     }
+    fn key_topups(&self, key_id: &str) -> Result<Vec<TopupRecord>, StoreError> {
+        Store::key_topups(self, key_id)
+    }
     fn holds(&self) -> Result<Vec<PersistedHold>, StoreError> {
         Store::holds(self)
     }
@@ -678,6 +751,15 @@ impl crate::store::LedgerStore for Store {
     ) -> Result<Vec<LedgerRecord>, StoreError> {
         Store::task_records(self, task, key_id, since, until)
     }
+    fn scan_index<'a>(
+        &'a self,
+        index: Index<'_>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        cursor: Option<&[u8]>,
+    ) -> crate::store::RecordScan<'a> {
+        Box::new(Store::scan_index(self, index, since, until, cursor))
+    }
     fn fold_span(
         &self,
         scope: super::rollup::Scope<'_>,
@@ -693,7 +775,7 @@ impl crate::store::LedgerStore for Store {
             until,
             &mut visit,
             |v, r| v.record(r),
-            |v, hour, cell, sums| v.cell(hour, cell, sums),
+            |v, hour, sums| v.hour(hour, sums),
         )
     }
 }

@@ -647,8 +647,10 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
                     );
                 }
                 let seq = db.generate_id()?;
+                let log = format!("u/{:016x}{:08x}", micros(now), seq).into_bytes();
+                b.insert(key_v(&key_id, &log), &[][..]);
                 b.insert(
-                    format!("u/{:016x}{:08x}", micros(now), seq).into_bytes(),
+                    log,
                     to_json(&TopupRecord {
                         key_id: key_id.clone(),
                         bucket: bucket.clone(),
@@ -887,6 +889,23 @@ mod tests {
         assert!(got.windows(2).all(|w| w[0].started_at < w[1].started_at));
         assert!(got.iter().all(|r| r.task.as_deref() == Some("run")));
         assert_eq!(s.task_records("run/2", None, None, None).unwrap().len(), 1);
+        // Pages newest first through the task index, resumed from a cursor.
+        let page: Vec<(Vec<u8>, LedgerRecord)> = s
+            .scan_index(Index::Task("run"), None, None, None)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(page.len(), 3);
+        assert!(page
+            .windows(2)
+            .all(|w| w[0].1.started_at > w[1].1.started_at));
+        let rest: Vec<String> = s
+            .scan_index(Index::Task("run"), None, None, Some(&page[0].0))
+            .map(|r| r.unwrap().1.request_id)
+            .collect();
+        assert_eq!(
+            rest,
+            [page[1].1.request_id.clone(), page[2].1.request_id.clone()]
+        );
         assert_eq!(
             s.task_records("run", Some("k2"), None, None).unwrap().len(),
             0
@@ -900,6 +919,50 @@ mod tests {
         );
         prune(&s, s.db(), micros(chrono::Utc::now())).unwrap();
         assert_eq!(s.db().scan_prefix(b"a/").count(), 0);
+    }
+
+    /// A key's top-ups come from its own index entries, in the order applied; a store from
+    /// before the index gets it at open.
+    #[tokio::test]
+    async fn a_keys_topups_come_from_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = start(store.clone(), Duration::from_millis(10)).unwrap();
+        for (key, amount, reference) in [("k1", 5, "a"), ("k1/2", 7, "b"), ("k1", 9, "c")] {
+            let outcome = w
+                .ask(|reply| StoreOp::TopUp {
+                    key_id: key.into(),
+                    bucket: "credit".into(),
+                    amount: Decimal::from(amount),
+                    reference: Some(reference.into()),
+                    balances_after: Default::default(),
+                    reply,
+                })
+                .await
+                .unwrap();
+            assert_eq!(outcome, TopupOutcome::Applied);
+        }
+        thread.stop();
+        let refs = |s: &Store, k: &str| -> Vec<String> {
+            s.key_topups(k)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.reference.unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(refs(&store, "k1"), ["a", "c"]);
+        assert_eq!(refs(&store, "k1/2"), ["b"]);
+        assert!(refs(&store, "k2").is_empty());
+        let mut wipe = sled::Batch::default();
+        for k in store.db().scan_prefix(b"v/").keys() {
+            wipe.remove(k.unwrap());
+        }
+        wipe.remove(&b"m/topup_index"[..]);
+        store.db().apply_batch(wipe).unwrap();
+        assert!(refs(&store, "k1").is_empty());
+        store.ensure_topup_index().unwrap();
+        assert_eq!(refs(&store, "k1"), ["a", "c"]);
+        assert_eq!(refs(&store, "k1/2"), ["b"]);
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, StoreConfig};
-use crate::ledger::rollup::{CellStats, RollupCell, Scope};
-use crate::ledger::store::{ApiKeyRecord, PersistedHold, TopupRecord, WalletState};
+use crate::ledger::rollup::{Scope, Sums};
+use crate::ledger::store::{ApiKeyRecord, Index, PersistedHold, TopupRecord, WalletState};
 use crate::ledger::writer::{self, WriterThread};
 use crate::ledger::{LedgerRecord, LedgerWriter, StoreError};
 
@@ -33,6 +33,12 @@ pub trait WalletStore: Send + Sync {
     fn wallet(&self, key_id: &str) -> Result<WalletState, StoreError>;
     /// Every top-up applied, oldest first.
     fn topups(&self) -> Result<Vec<TopupRecord>, StoreError>;
+    /// One key's top-ups. This default picks them out of every top-up.
+    fn key_topups(&self, key_id: &str) -> Result<Vec<TopupRecord>, StoreError> {
+        let mut all = self.topups()?;
+        all.retain(|t| t.key_id == key_id);
+        Ok(all)
+    }
     /// Every open hold persisted (R9), with its latest persisted consumption.
     fn holds(&self) -> Result<Vec<PersistedHold>, StoreError>;
 }
@@ -62,6 +68,31 @@ pub trait LedgerStore: Send + Sync {
         since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError>;
+    /// Records newest first through `index` (every record, a key's, or a workflow run's),
+    /// started in `[since, until)`, after `cursor`. This default walks the time-ordered scan and
+    /// picks a run's records out of it.
+    fn scan_index<'a>(
+        &'a self,
+        index: Index<'_>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        cursor: Option<&[u8]>,
+    ) -> RecordScan<'a> {
+        match index {
+            Index::All => self.scan_records(None, since, until, cursor),
+            Index::Key(k) => self.scan_records(Some(k), since, until, cursor),
+            Index::Task(t) => {
+                let task = t.to_string();
+                Box::new(
+                    self.scan_records(None, since, until, cursor)
+                        .filter(move |item| match item {
+                            Ok((_, rec)) => rec.task.as_deref() == Some(task.as_str()),
+                            Err(_) => true,
+                        }),
+                )
+            }
+        }
+    }
     /// Folds the records of `scope` started in `[since, until)` into `visit`. A store that keeps
     /// hourly rollups hands whole hours over as rollup cells; this default walks every record.
     fn fold_span(
@@ -86,11 +117,11 @@ pub trait LedgerStore: Send + Sync {
     }
 }
 
-/// What [`LedgerStore::fold_span`] hands over: single records, or the sums of a rollup cell
-/// over one whole hour (hours since the epoch).
+/// What [`LedgerStore::fold_span`] hands over: single records, or what a rollup holds for one
+/// whole hour (hours since the epoch).
 pub trait SpanVisitor {
     fn record(&mut self, rec: &LedgerRecord);
-    fn cell(&mut self, hour: u64, cell: &RollupCell, sums: &CellStats);
+    fn hour(&mut self, hour: u64, sums: Sums<'_>);
 }
 
 /// Both halves of a store, as the app holds it.

@@ -33,7 +33,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource("/key")
-            .app_data(web::PayloadConfig::new(MAX_FORM_BYTES))
+            .app_data(web::FormConfig::default().limit(MAX_FORM_BYTES))
             .route(web::post().to(use_key))
             .default_service(web::to(method_not_allowed)),
     )
@@ -55,7 +55,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let key = session::key_id(&req)
+    let key = session::key_id(&req, &state)
         .and_then(|id| state.keys.get(&id))
         .filter(|k| k.record.revoked_at.is_none());
     let market = match key {
@@ -78,7 +78,11 @@ async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 
 /// `POST /key` with the form field `key`: a valid key opens a session and goes back to `/`; a
 /// wrong one gets the public page again with an error and 401, and nothing about why.
-async fn use_key(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn use_key(
+    req: HttpRequest,
+    form: Result<web::Form<Vec<(String, String)>>, actix_web::Error>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     if !same_origin(&req) {
         return refused(
             &state,
@@ -86,22 +90,19 @@ async fn use_key(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
             "This form must be sent from this page.",
         );
     }
-    let key = form_value(&body, "key")
-        .map(|k| k.trim().to_string())
-        .and_then(|k| state.keys.authenticate(&k));
+    let key = form
+        .ok()
+        .and_then(|f| f.iter().find(|(k, _)| k == "key").map(|(_, v)| v.clone()))
+        .and_then(|k| state.keys.authenticate(k.trim()));
     match key {
-        Some(k) => {
-            let id = session::open(k.id());
-            see_other(session::set_cookie(&id, secure(&state)))
-        }
+        Some(k) => see_other(session::open(&req, &state, k.id())),
         None => refused(&state, StatusCode::UNAUTHORIZED, "That key is not valid."),
     }
 }
 
 /// `POST /key/forget`: ends the session and clears the cookie.
 async fn forget_key(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    session::close(&req);
-    see_other(session::clear_cookie(secure(&state)))
+    see_other(session::close(&req, &state))
 }
 
 /// `GET /market/state`: every route's live cells and each model's public verdict (nothing
@@ -142,16 +143,12 @@ fn refused(state: &AppState, status: StatusCode, error: &str) -> HttpResponse {
     layout::respond(status, page::render(&market))
 }
 
-fn see_other(cookie: String) -> HttpResponse {
+fn see_other(cookie: actix_web::cookie::Cookie<'static>) -> HttpResponse {
     HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/"))
-        .insert_header((header::SET_COOKIE, cookie))
         .insert_header((header::CACHE_CONTROL, "no-store"))
+        .cookie(cookie)
         .finish()
-}
-
-fn secure(state: &AppState) -> bool {
-    state.config.server.tls.is_some()
 }
 
 /// A browser's cross-site form post says so (`Sec-Fetch-Site`, or another site's `Origin`):
@@ -169,49 +166,5 @@ fn same_origin(req: &HttpRequest) -> bool {
             let host = h("host").unwrap_or("");
             !host.is_empty() && origin.split_once("://").map(|(_, o)| o) == Some(host)
         }
-    }
-}
-
-/// The value of `name` in an `application/x-www-form-urlencoded` body.
-fn form_value(body: &[u8], name: &str) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    text.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k)? == name)
-            .then(|| percent_decode(v))
-            .flatten()
-    })
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hi = (bytes.next()? as char).to_digit(16)?;
-                let lo = (bytes.next()? as char).to_digit(16)?;
-                out.push(u8::try_from(hi * 16 + lo).ok()?);
-            }
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn form_values_are_decoded() {
-        assert_eq!(
-            form_value(b"a=1&key=tg-a%2Bb+c", "key").as_deref(),
-            Some("tg-a+b c")
-        );
-        assert_eq!(form_value(b"key=%zz", "key"), None);
-        assert_eq!(form_value(b"other=1", "key"), None);
     }
 }

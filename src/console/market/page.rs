@@ -109,8 +109,9 @@ pub fn public_verdict(callable: bool) -> &'static str {
 /// The view of `key`: every model with what this key may do with it, its balances and its own
 /// recent requests.
 pub async fn for_key(state: &AppState, key: &ApiKey) -> (Vec<ModelRow>, KeyView) {
-    let models = catalog::for_key(state, key, true)
-        .await
+    // One snapshot for both the verdicts and the balances, so they cannot disagree.
+    let wallet = state.wallets.snapshot(key.id()).await.ok();
+    let models = catalog::for_key_with(state, key, wallet.as_ref(), true)
         .into_iter()
         .map(|c| {
             let verdict = match c.reason {
@@ -125,7 +126,6 @@ pub async fn for_key(state: &AppState, key: &ApiKey) -> (Vec<ModelRow>, KeyView)
             }
         })
         .collect();
-    let wallet = state.wallets.snapshot(key.id()).await.ok();
     let balances = state
         .config
         .buckets

@@ -15,8 +15,6 @@ use crate::app::AppState;
 use crate::console::layout;
 use crate::wallet::OpenRequest;
 
-const SCRIPT: &str = include_str!("inflight.js");
-
 /// One open request as the page shows it.
 struct Row {
     id: String,
@@ -93,7 +91,7 @@ pub async fn page(op: Operator, state: web::Data<AppState>) -> HttpResponse {
             h1 { "In flight" }
             p.muted { "Requests open right now; refreshed every second while this page is open." }
             div #inflight-table { (table(&rows(&state, &open))) }
-            script src="/console/assets/inflight.js" {}
+            script src=(super::SCRIPT_PATH) {}
         },
         Err(e) => html! { h1 { "In flight" } p.error { "The wallets did not answer: " (e) } },
     };
@@ -120,9 +118,4 @@ pub async fn rows_json(_op: Operator, state: web::Data<AppState>) -> HttpRespons
         }
         Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e })),
     }
-}
-
-/// `GET /console/assets/inflight.js`.
-pub async fn script() -> HttpResponse {
-    layout::script(SCRIPT)
 }

@@ -208,7 +208,7 @@ fn list_page(
             }
             @if tail.is_some() { p.muted { "New records appear at the top as they are written." } }
         }
-        script src="/console/assets/live.js" {}
+        script src=(super::SCRIPT_PATH) {}
     };
     layout::ok(super::page(op, "Ledger", CURRENT, body))
 }
@@ -364,10 +364,4 @@ pub async fn one(
         p { a href=(format!("{CURRENT}?{}", parts::query_string([("key_id", rec.key_id.as_str())]))) { "This key's requests" } }
     };
     layout::ok(super::page(&op, "Request", CURRENT, body))
-}
-
-/// `GET /console/assets/live.js`: the script for the live parts (served from the binary; the
-/// pages read fine without it).
-pub async fn live_js() -> HttpResponse {
-    layout::script(include_str!("live.js"))
 }

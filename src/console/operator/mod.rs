@@ -42,6 +42,15 @@ pub fn page(op: &Operator, title: &str, current: &str, body: Markup) -> Markup {
     layout::page(title, NAV, current, body)
 }
 
+/// Where the console's one script is served: the live parts of the ledger (its tail) and the
+/// in-flight page, which poll JSON from the console; the pages read fine without it.
+pub const SCRIPT_PATH: &str = "/console/assets/console.js";
+
+/// `GET /console/assets/console.js`, compiled into the binary.
+async fn script() -> actix_web::HttpResponse {
+    layout::script(include_str!("console.js"))
+}
+
 /// `GET` of a path under `/console` that is no page.
 async fn unknown_page(op: Operator, req: actix_web::HttpRequest) -> actix_web::HttpResponse {
     parts::not_found(
@@ -60,10 +69,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/console/logout").route(web::post().to(session::logout)))
     .service(web::resource("/console/inflight").route(web::get().to(inflight::page)))
     .service(web::resource("/console/inflight.json").route(web::get().to(inflight::rows_json)))
-    .service(web::resource("/console/assets/inflight.js").route(web::get().to(inflight::script)))
+    .service(web::resource(SCRIPT_PATH).route(web::get().to(script)))
     .service(web::resource("/console/tasks/{task}").route(web::get().to(tasks::page)))
     .service(web::resource("/console").route(web::get().to(overview::index)))
-    .service(web::resource("/console/assets/live.js").route(web::get().to(ledger::live_js)))
     .service(web::resource("/console/ledger").route(web::get().to(ledger::list)))
     // Before `/console/ledger/{request_id}`, so that these are not taken for ids.
     .service(web::resource("/console/ledger/export").route(web::get().to(ledger::export)))

@@ -1,8 +1,10 @@
 //! The overview, `/console`: over the last hour and the last day, requests, spend per currency
-//! (the usage aggregation, `Usage` with no grouping: one line per currency, never summed across
-//! currencies), fallback and retry rates, cut-offs by ending, and the routes' breaker states
+//! (one line per currency, never summed across currencies; a record without a bucket cost
+//! nothing), fallback and retry rates, cut-offs by ending, and the routes' breaker states
 //! (`route_states`, as `/admin/routes`), with bar charts of requests drawn as inline SVG on the
-//! server (12 five-minute bars for the hour, 24 one-hour bars for the day).
+//! server (12 five-minute bars for the hour, 24 one-hour bars for the day). The hour is read
+//! record by record; the day takes its whole UTC hours from the ledger's hourly rollups
+//! (`ledger_queries::fold_span`), so its bars are UTC hours, the first one starting 24 h ago.
 
 use std::collections::BTreeMap;
 
@@ -13,11 +15,12 @@ use maud::{html, Markup};
 use super::parts;
 use super::session::Operator;
 use crate::api::admin::{route_states, Filter};
-use crate::api::ledger_queries::fold_records;
+use crate::api::ledger_queries::{fold_records, fold_span};
 use crate::app::AppState;
 use crate::console::layout;
-use crate::ledger::usage::{Usage, UsageGroup};
+use crate::ledger::rollup::{hour_start, Sums};
 use crate::ledger::{LedgerRecord, Status};
+use rust_decimal::Decimal;
 
 const CURRENT: &str = "/console";
 
@@ -39,7 +42,8 @@ struct Window {
     with_fallback: u64,
     with_retry: u64,
     cutoffs: BTreeMap<&'static str, u64>,
-    usage: Usage,
+    /// Spend per currency.
+    spend: BTreeMap<String, Decimal>,
     bars: Vec<u64>,
 }
 
@@ -60,7 +64,7 @@ impl Window {
             with_fallback: 0,
             with_retry: 0,
             cutoffs: CUTOFFS.iter().map(|s| (s.as_str(), 0)).collect(),
-            usage: Usage::new(Vec::new()),
+            spend: BTreeMap::new(),
             bars: vec![0; usize::try_from(bins).unwrap_or(0)],
         }
     }
@@ -69,17 +73,53 @@ impl Window {
         if r.started_at < self.since {
             return;
         }
-        self.requests += 1;
-        self.with_fallback += u64::from(r.fallbacks > 0);
-        self.with_retry += u64::from(r.retries > 0);
-        if let Some(n) = self.cutoffs.get_mut(r.status.as_str()) {
-            *n += 1;
+        self.count(
+            r.started_at,
+            r.status.as_str(),
+            r.fallbacks > 0,
+            r.retries > 0,
+            1,
+        );
+        if let (Some(_), Some(c)) = (&r.bucket, &r.currency) {
+            self.spend_in(c, r.cost);
         }
-        self.usage.add(r);
+    }
+
+    /// A rollup's sums of a whole hour (`hour` since the epoch) within the window.
+    fn add_sums(&mut self, hour: u64, sums: Sums<'_>) {
+        let Some(start) = hour_start(hour).map(|t| t.max(self.since)) else {
+            return;
+        };
+        match sums {
+            Sums::Tally(t, n) => self.count(start, &t.status, t.fell_back, t.retried, n),
+            Sums::Cell(c, s) => {
+                if let Some(currency) = &c.currency {
+                    self.spend_in(currency, s.cost);
+                }
+            }
+        }
+    }
+
+    fn spend_in(&mut self, currency: &str, cost: Decimal) {
+        let e = match self.spend.get_mut(currency) {
+            Some(e) => e,
+            None => self.spend.entry(currency.to_string()).or_default(),
+        };
+        *e = e.saturating_add(cost);
+    }
+
+    /// `n` requests started at `at` (their bar's time).
+    fn count(&mut self, at: DateTime<Utc>, status: &str, fell_back: bool, retried: bool, n: u64) {
+        self.requests += n;
+        self.with_fallback += if fell_back { n } else { 0 };
+        self.with_retry += if retried { n } else { 0 };
+        if let Some(c) = self.cutoffs.get_mut(status) {
+            *c += n;
+        }
         let bin_ms = self.bin.num_milliseconds().max(1);
-        let i = (r.started_at - self.since).num_milliseconds() / bin_ms;
+        let i = (at - self.since).num_milliseconds() / bin_ms;
         if let Some(b) = usize::try_from(i).ok().and_then(|i| self.bars.get_mut(i)) {
-            *b += 1;
+            *b += n;
         }
     }
 }
@@ -114,12 +154,6 @@ fn bar_chart(id: &str, bars: &[u64], bin_label: &str) -> Markup {
 }
 
 fn window_view(state: &AppState, w: Window, bars_label: &str) -> Markup {
-    let spend: Vec<UsageGroup> = w
-        .usage
-        .finish()
-        .into_iter()
-        .filter(|g| g.currency.is_some())
-        .collect();
     let scale = |cur: &str| {
         state
             .config
@@ -137,10 +171,9 @@ fn window_view(state: &AppState, w: Window, bars_label: &str) -> Markup {
             div.card { div.muted { "Requests" } div.v id=(format!("{n}-requests")) { (w.requests) } }
             div.card {
                 div.muted { "Spend" }
-                @if spend.is_empty() { div.v { "—" } }
-                @for g in &spend {
-                    @let cur = g.currency.as_deref().unwrap_or_default();
-                    div.v id=(format!("{n}-spend-{cur}")) { (layout::money(g.cost, cur, scale(cur))) }
+                @if w.spend.is_empty() { div.v { "—" } }
+                @for (cur, cost) in &w.spend {
+                    div.v id=(format!("{n}-spend-{cur}")) { (layout::money(*cost, cur, scale(cur))) }
                 }
             }
             div.card { div.muted { "Fallback rate" } div.v id=(format!("{n}-fallback-rate")) { (rate(w.with_fallback, w.requests)) } }
@@ -162,18 +195,21 @@ pub async fn index(op: Operator, state: web::Data<AppState>) -> HttpResponse {
     let now = Utc::now();
     let hour = Window::new("hour", "Last hour", now, Duration::minutes(5), 12);
     let day = Window::new("day", "Last day", now, Duration::hours(1), 24);
-    let filter = Filter {
-        since: Some(day.since),
+    let since = |t| Filter {
+        since: Some(t),
         ..Filter::default()
     };
-    let (hour, day) = match fold_records(&state, filter, (hour, day), |(h, d), r| {
-        h.add(r);
-        d.add(r);
-    })
-    .await
-    {
-        Ok(w) => w,
-        Err(e) => return parts::failed(&op, CURRENT, &e),
+    let hour = fold_records(&state, since(hour.since), hour, |h, r| h.add(r));
+    let day = fold_span(
+        &state,
+        since(day.since),
+        day,
+        |d, r| d.add(r),
+        |d, h, sums| d.add_sums(h, sums),
+    );
+    let (hour, day) = match (hour.await, day.await) {
+        (Ok(h), Ok(d)) => (h, d),
+        (Err(e), _) | (_, Err(e)) => return parts::failed(&op, CURRENT, &e),
     };
     let instant = std::time::Instant::now();
     let mut breakers: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();

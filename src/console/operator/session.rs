@@ -1,25 +1,26 @@
-//! Operator login: the admin token is exchanged for a session (a random id in an HttpOnly,
-//! SameSite=Strict cookie scoped to `/console`, expiring after `server.console_session_ttl_s`);
-//! logout ends it. Each session carries its own CSRF token, which every state-changing form
-//! sends back (`_csrf`); a POST without it is refused with 403. The login form itself is guarded
-//! by a double-submit token (a cookie and a hidden field that must match). Failed logins are
-//! limited per client address: after [`MAX_FAILURES`] in [`FAILURE_WINDOW`], 429 until the
-//! window passes. Sessions live in memory: a restart asks operators to log in again.
+//! Operator login: the admin token is exchanged for a session (in the console's one session
+//! store, `console::session`: a random id in an HttpOnly, SameSite=Strict cookie scoped to
+//! `/console`, `Secure` over TLS, expiring after `server.console_session_ttl_s`); logout ends
+//! it. Each session carries its own CSRF token, which every state-changing form sends back
+//! (`_csrf`); a POST without it is refused with 403. The login form itself is guarded by a
+//! double-submit token (a cookie and a hidden field that must match). Failed logins are limited
+//! per client address: after [`MAX_FAILURES`] in [`FAILURE_WINDOW`], 429 until the window
+//! passes. Sessions live in memory: a restart asks operators to log in again.
 
 use std::collections::HashMap;
 use std::future::{ready, Ready};
 use std::time::{Duration, Instant};
 
-use actix_web::cookie::{Cookie, SameSite};
+use actix_web::cookie::Cookie;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse, ResponseError};
 use maud::{html, Markup};
 use parking_lot::Mutex;
-use rand::RngCore;
 use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
 use crate::console::layout;
+use crate::console::session::{over_tls, random_token, Holder};
 
 /// The session cookie.
 pub const COOKIE: &str = "tollgate_console";
@@ -28,69 +29,29 @@ const LOGIN_COOKIE: &str = "tollgate_console_login";
 /// Failed logins allowed per client address within [`FAILURE_WINDOW`].
 pub const MAX_FAILURES: usize = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Sessions kept at most; the oldest go first (a flood of logins cannot grow memory).
-const MAX_SESSIONS: usize = 10_000;
+/// Client addresses tracked at most for failed logins.
+const MAX_TRACKED: usize = 10_000;
 
-struct Session {
-    csrf: String,
-    expires: Instant,
-}
-
-/// Every console session, and recent failed logins per client address.
+/// Recent failed logins per client address.
 #[derive(Default)]
-pub struct Sessions {
-    sessions: Mutex<HashMap<String, Session>>,
+pub struct LoginFailures {
     failures: Mutex<HashMap<String, Vec<Instant>>>,
-}
-
-fn random_token() -> String {
-    let mut b = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
 }
 
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
-impl Sessions {
-    /// Opens a session; returns (session id, CSRF token).
-    fn open(&self, ttl: Duration) -> (String, String) {
-        let (id, csrf) = (random_token(), random_token());
-        let now = Instant::now();
-        let mut m = self.sessions.lock();
-        m.retain(|_, s| s.expires > now);
-        if m.len() >= MAX_SESSIONS {
-            if let Some(oldest) = m
-                .iter()
-                .min_by_key(|(_, s)| s.expires)
-                .map(|(k, _)| k.clone())
-            {
-                m.remove(&oldest);
-            }
-        }
-        m.insert(
-            id.clone(),
-            Session {
-                csrf: csrf.clone(),
-                expires: now + ttl,
-            },
-        );
-        (id, csrf)
+/// The CSRF token of the request's live operator session, with its id.
+fn operator_session(req: &HttpRequest, state: &AppState) -> Option<(String, String)> {
+    let id = req.cookie(COOKIE)?.value().to_string();
+    match state.sessions.get(&id)? {
+        (Holder::Operator, csrf) => Some((id, csrf)),
+        (Holder::Key(_), _) => None,
     }
+}
 
-    /// The CSRF token of a live session.
-    fn csrf_of(&self, id: &str) -> Option<String> {
-        let m = self.sessions.lock();
-        m.get(id)
-            .filter(|s| s.expires > Instant::now())
-            .map(|s| s.csrf.clone())
-    }
-
-    fn close(&self, id: &str) {
-        self.sessions.lock().remove(id);
-    }
-
+impl LoginFailures {
     /// Seconds until `client` may try again, when it has failed too often.
     fn locked_out(&self, client: &str) -> Option<u64> {
         let now = Instant::now();
@@ -112,7 +73,7 @@ impl Sessions {
     fn failed(&self, client: &str) {
         let now = Instant::now();
         let mut m = self.failures.lock();
-        if m.len() > MAX_SESSIONS {
+        if m.len() > MAX_TRACKED {
             m.retain(|_, f| {
                 f.last()
                     .is_some_and(|t| now.duration_since(*t) < FAILURE_WINDOW)
@@ -188,12 +149,10 @@ impl FromRequest for Operator {
     type Future = Ready<Result<Operator, Refused>>;
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let found = (|| {
-            let state = req.app_data::<web::Data<AppState>>()?;
-            let id = req.cookie(COOKIE)?.value().to_string();
-            let csrf = state.console.csrf_of(&id)?;
-            Some(Operator { session: id, csrf })
-        })();
+        let found = req
+            .app_data::<web::Data<AppState>>()
+            .and_then(|state| operator_session(req, state))
+            .map(|(session, csrf)| Operator { session, csrf });
         ready(found.ok_or(Refused::Login))
     }
 }
@@ -209,16 +168,16 @@ fn client_address(req: &HttpRequest) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn cookie<'a>(name: &'a str, value: String, max_age_s: i64) -> Cookie<'a> {
-    Cookie::build(name, value)
-        .path("/console")
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .max_age(actix_web::cookie::time::Duration::seconds(max_age_s))
-        .finish()
+fn cookie(req: &HttpRequest, name: &'static str, value: String, max_age_s: i64) -> Cookie<'static> {
+    crate::console::session::cookie(name, value, "/console", max_age_s, over_tls(req))
 }
 
-fn login_page(status: StatusCode, csrf: &str, error: Option<&str>) -> HttpResponse {
+fn login_page(
+    req: &HttpRequest,
+    status: StatusCode,
+    csrf: &str,
+    error: Option<&str>,
+) -> HttpResponse {
     let body = html! {
         h1 { "Operator console" }
         @if let Some(e) = error { p.error { (e) } }
@@ -230,21 +189,18 @@ fn login_page(status: StatusCode, csrf: &str, error: Option<&str>) -> HttpRespon
         }
     };
     let mut r = layout::respond(status, layout::page("Log in", &[], "", body));
-    let _ = r.add_cookie(&cookie(LOGIN_COOKIE, csrf.to_string(), 600));
+    let _ = r.add_cookie(&cookie(req, LOGIN_COOKIE, csrf.to_string(), 600));
     r
 }
 
 /// `GET /console/login`: the form (already logged in: to the overview).
 pub async fn login_form(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let live = req
-        .cookie(COOKIE)
-        .is_some_and(|c| state.console.csrf_of(c.value()).is_some());
-    if live {
+    if operator_session(&req, &state).is_some() {
         return HttpResponse::SeeOther()
             .insert_header((header::LOCATION, "/console"))
             .finish();
     }
-    login_page(StatusCode::OK, &random_token(), None)
+    login_page(&req, StatusCode::OK, &random_token(), None)
 }
 
 /// `POST /console/login`: the admin token for a session.
@@ -254,9 +210,14 @@ pub async fn login(
     form: web::Form<Vec<(String, String)>>,
 ) -> HttpResponse {
     let client = client_address(&req);
-    if let Some(wait) = state.console.locked_out(&client) {
+    if let Some(wait) = state.login_failures.locked_out(&client) {
         let msg = format!("Too many failed logins from this address: try again in {wait} s.");
-        let mut r = login_page(StatusCode::TOO_MANY_REQUESTS, &random_token(), Some(&msg));
+        let mut r = login_page(
+            &req,
+            StatusCode::TOO_MANY_REQUESTS,
+            &random_token(),
+            Some(&msg),
+        );
         r.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from(wait));
         return r;
@@ -268,6 +229,7 @@ pub async fn login(
         (Some(s), Some(e)) if same(&s, &e) => {}
         _ => {
             return login_page(
+                &req,
                 StatusCode::FORBIDDEN,
                 &fresh,
                 Some("The login form expired or was not sent from this page: log in again."),
@@ -276,31 +238,44 @@ pub async fn login(
     }
     let token = form_field(&form, "token").unwrap_or_default();
     if !state.admin_token_matches(token.trim()) {
-        state.console.failed(&client);
-        return login_page(StatusCode::UNAUTHORIZED, &fresh, Some("Wrong admin token."));
+        state.login_failures.failed(&client);
+        return login_page(
+            &req,
+            StatusCode::UNAUTHORIZED,
+            &fresh,
+            Some("Wrong admin token."),
+        );
     }
     let ttl = state.config.server.console_session_ttl_s;
-    let (id, _) = state.console.open(Duration::from_secs(ttl));
+    let (id, _) = state
+        .sessions
+        .open(Holder::Operator, Duration::from_secs(ttl));
     let mut r = HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/console"))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .finish();
-    let _ = r.add_cookie(&cookie(COOKIE, id, i64::try_from(ttl).unwrap_or(i64::MAX)));
-    let _ = r.add_removal_cookie(&cookie(LOGIN_COOKIE, String::new(), 0));
+    let _ = r.add_cookie(&cookie(
+        &req,
+        COOKIE,
+        id,
+        i64::try_from(ttl).unwrap_or(i64::MAX),
+    ));
+    let _ = r.add_removal_cookie(&cookie(&req, LOGIN_COOKIE, String::new(), 0));
     r
 }
 
 /// `POST /console/logout` (with the CSRF token): ends the session.
 pub async fn logout(
     op: Operator,
+    req: HttpRequest,
     state: web::Data<AppState>,
     form: web::Form<Vec<(String, String)>>,
 ) -> Result<HttpResponse, Refused> {
     op.check_csrf(form_field(&form, "_csrf").as_deref())?;
-    state.console.close(&op.session);
+    state.sessions.close(&op.session);
     let mut r = HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/console/login"))
         .finish();
-    let _ = r.add_removal_cookie(&cookie(COOKIE, String::new(), 0));
+    let _ = r.add_removal_cookie(&cookie(&req, COOKIE, String::new(), 0));
     Ok(r)
 }

@@ -2,7 +2,9 @@
 //! `X-Tollgate-Task`): its requests in time order with their route chains, the models and routes
 //! it used, fallbacks and retries, which buckets paid, and its cost per currency (never added
 //! across currencies). Read through the ledger's task index (`Store::task_records`), so the page
-//! costs what the run has, not what the ledger holds.
+//! costs what the run has, not what the ledger holds. The totals cover every request of the run;
+//! the table lists its first [`ROWS`] requests, and a longer run links to the ledger explorer
+//! filtered to it for the rest.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +17,9 @@ use super::session::Operator;
 use crate::app::AppState;
 use crate::console::layout;
 use crate::ledger::LedgerRecord;
+
+/// Requests listed in the table at most.
+pub const ROWS: usize = 500;
 
 /// What a run spent: cost per currency, and per bucket (bucket → (currency, cost)).
 fn totals(
@@ -112,13 +117,20 @@ pub async fn page(
             }
         }
         h2 { "Requests, in time order" }
+        @if recs.len() > ROWS {
+            p.muted #task-more {
+                "The first " (ROWS) " of " (recs.len()) " requests; "
+                a href=(format!("/console/ledger?task={}", super::parts::enc(&task))) { "all of them in the ledger explorer" }
+                " (newest first)."
+            }
+        }
         table #task-requests-table {
             thead { tr {
                 th { "Started" } th { "Request" } th { "Key" } th { "Model" } th { "Route chain" } th.num { "Retries" }
                 th { "Status" } th { "Paid from" } th.num { "Tokens in / out" } th.num { "Cost" }
             } }
             tbody {
-                @for r in &recs {
+                @for r in recs.iter().take(ROWS) {
                     tr data-request=(r.request_id) {
                         td { (layout::time(r.started_at)) }
                         td { a href={ "/console/ledger/" (r.request_id) } { code { (r.request_id) } } }

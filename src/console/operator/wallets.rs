@@ -20,7 +20,7 @@ use crate::api::admin::{wallet_view, Filter};
 use crate::api::ledger_queries::fold_span;
 use crate::app::AppState;
 use crate::console::layout;
-use crate::ledger::rollup::HOUR;
+use crate::ledger::rollup::{hour_start, Sums};
 
 const CURRENT: &str = "/console/wallets";
 /// Days of spend shown per wallet.
@@ -131,11 +131,8 @@ pub async fn key_page(
         Err(e) => return parts::failed(op, CURRENT, &e),
     };
     let lines = bucket_lines(&view);
-    let topups = match state.store.topups() {
-        Ok(t) => t
-            .into_iter()
-            .filter(|t| t.key_id == key_id)
-            .collect::<Vec<_>>(),
+    let topups = match state.store.key_topups(key_id) {
+        Ok(t) => t,
         Err(e) => {
             return parts::failed(
                 op,
@@ -164,10 +161,12 @@ pub async fn key_page(
                 *m.entry((r.started_at.date_naive(), b.clone())).or_default() += r.cost;
             }
         },
-        |m, hour, cell, sums| {
-            if let (Some(day), Some(_)) = (hour_start(hour), &cell.currency) {
-                *m.entry((day.date_naive(), cell.bucket.clone()))
-                    .or_default() += sums.cost;
+        |m, hour, sums| {
+            if let (Sums::Cell(cell, sums), Some(day)) = (sums, hour_start(hour)) {
+                if cell.currency.is_some() {
+                    *m.entry((day.date_naive(), cell.bucket.clone()))
+                        .or_default() += sums.cost;
+                }
             }
         },
     );
@@ -180,9 +179,11 @@ pub async fn key_page(
                 *m.entry(b.clone()).or_default() += r.cost;
             }
         },
-        |m, _, cell, sums| {
-            if cell.currency.is_some() {
-                *m.entry(cell.bucket.clone()).or_default() += sums.cost;
+        |m, _, sums| {
+            if let Sums::Cell(cell, sums) = sums {
+                if cell.currency.is_some() {
+                    *m.entry(cell.bucket.clone()).or_default() += sums.cost;
+                }
             }
         },
     );
@@ -252,13 +253,6 @@ pub async fn key_page(
         }
     };
     layout::respond(StatusCode::OK, super::page(op, "Wallet", CURRENT, body))
-}
-
-/// When an hour (since the epoch) of the rollups starts.
-fn hour_start(hour: u64) -> Option<chrono::DateTime<Utc>> {
-    i64::try_from(hour.checked_mul(HOUR)?)
-        .ok()
-        .and_then(chrono::DateTime::from_timestamp_micros)
 }
 
 /// The day the available balance runs out at `per_day`, in words.
