@@ -101,6 +101,7 @@ fn record(i: u64, n: u64, key_ids: &[String]) -> LedgerRecord {
         shortfall: Decimal::ZERO,
         ttft_ms: Some(50),
         duration_ms: 400,
+        instance_id: None,
     }
 }
 

@@ -99,6 +99,7 @@ fn record(i: u64) -> LedgerRecord {
         shortfall: Decimal::ZERO,
         ttft_ms: Some(50),
         duration_ms: 420,
+        instance_id: None,
     }
 }
 

@@ -165,7 +165,7 @@ impl Keys {
     /// changed through other instances).
     pub fn sync(&self, records: Vec<ApiKeyRecord>) {
         for rec in records {
-            if self.get(&rec.id).map(|k| &k.record != &rec).unwrap_or(true) {
+            if self.get(&rec.id).map(|k| k.record != rec).unwrap_or(true) {
                 self.publish(rec);
             }
         }

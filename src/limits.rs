@@ -425,16 +425,26 @@ mod tests {
             max_streams: Some(2),
         };
         let one = l.share(1);
-        assert_eq!((one.rpm, one.tpm, one.max_streams), (Some(30), Some(1000), Some(2)));
+        assert_eq!(
+            (one.rpm, one.tpm, one.max_streams),
+            (Some(30), Some(1000), Some(2))
+        );
         let three = l.share(3);
-        assert_eq!((three.rpm, three.tpm, three.max_streams), (Some(10), Some(333), Some(1)));
+        assert_eq!(
+            (three.rpm, three.tpm, three.max_streams),
+            (Some(10), Some(333), Some(1))
+        );
         let zero = KeyLimits {
             rpm: Some(0),
             tpm: None,
             max_streams: None,
         }
         .share(4);
-        assert_eq!((zero.rpm, zero.tpm), (Some(0), None), "0 still refuses everything");
+        assert_eq!(
+            (zero.rpm, zero.tpm),
+            (Some(0), None),
+            "0 still refuses everything"
+        );
     }
 
     #[test]

@@ -373,17 +373,30 @@ routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_pe
                 .0
         };
         let p = problems("kind = \"postgres\"");
-        assert!(p.iter().any(|l| l.starts_with("store.url_env: missing")), "{p:?}");
+        assert!(
+            p.iter().any(|l| l.starts_with("store.url_env: missing")),
+            "{p:?}"
+        );
         let p = problems("kind = \"mysql\"");
-        assert!(p.iter().any(|l| l.starts_with("store.kind: unknown store")), "{p:?}");
+        assert!(
+            p.iter().any(|l| l.starts_with("store.kind: unknown store")),
+            "{p:?}"
+        );
         let p = problems("kind = \"postgres\"\nurl_env = \"U\"\npool_size = 0\nlease_ttl_ms = 50\ninstance_id = \"a b\"");
         for key in ["store.pool_size", "store.lease_ttl_ms", "store.instance_id"] {
             assert!(p.iter().any(|l| l.starts_with(key)), "{key}: {p:?}");
         }
         let p = problems("url_env = \"U\"");
-        assert!(p.iter().any(|l| l.starts_with("store.url_env: only used")), "{p:?}");
+        assert!(
+            p.iter().any(|l| l.starts_with("store.url_env: only used")),
+            "{p:?}"
+        );
         let p = problems("kind = \"sled\"\nlease_ttls = 5");
-        assert!(p.iter().any(|l| l.starts_with("store:") && l.contains("lease_ttls")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("store:") && l.contains("lease_ttls")),
+            "{p:?}"
+        );
     }
 
     #[test]

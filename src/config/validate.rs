@@ -413,7 +413,11 @@ fn default_instance_id() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "tollgate".into());
-    let host: String = host.chars().filter(|c| c.is_ascii_graphic()).take(48).collect();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(48)
+        .collect();
     format!("{host}-{}", std::process::id())
 }
 

@@ -95,7 +95,8 @@ pub fn open(config: &Config) -> Result<Opened, String> {
                     "settled holds left by a crash as interrupted records"
                 );
             }
-            let (writer, thread) = writer::start(store.clone(), flush).map_err(|e| e.to_string())?;
+            let (writer, thread) =
+                writer::start(store.clone(), flush).map_err(|e| e.to_string())?;
             Ok(Opened {
                 store: Arc::new(store),
                 writer,

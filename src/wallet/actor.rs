@@ -135,9 +135,10 @@ where
                     let _ = tx.send(v);
                 }
             }
-            Answer::Later(r) => {
-                <AtomicResponse<WalletActor, T> as actix::dev::MessageResponse<WalletActor, M>>::handle(r, ctx, tx)
-            }
+            Answer::Later(r) => <AtomicResponse<WalletActor, T> as actix::dev::MessageResponse<
+                WalletActor,
+                M,
+            >>::handle(r, ctx, tx),
         }
     }
 }
@@ -517,7 +518,10 @@ impl WalletActor {
         let mut give = Vec::new();
         for (bucket, balance) in &self.balances {
             let unused = *balance - self.held(bucket);
-            let recent = lease.spend.get(bucket).map_or(Decimal::ZERO, SpendRate::recent);
+            let recent = lease
+                .spend
+                .get(bucket)
+                .map_or(Decimal::ZERO, SpendRate::recent);
             let amount = if idle {
                 unused
             } else if unused > recent * Decimal::from(3) {
@@ -532,7 +536,8 @@ impl WalletActor {
         for (bucket, amount) in give {
             self.give_back(bucket, amount);
         }
-        self.balances.retain(|b, v| !v.is_zero() || self.held.contains_key(b));
+        self.balances
+            .retain(|b, v| !v.is_zero() || self.held.contains_key(b));
     }
 }
 

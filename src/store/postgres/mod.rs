@@ -365,10 +365,7 @@ fn key_from_row(row: &tokio_postgres::Row) -> Result<ApiKeyRecord, StoreError> {
 
 impl WalletStore for PgStore {
     fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let rows = self.query(
-            "SELECT record FROM tg_keys ORDER BY created_at, id",
-            vec![],
-        )?;
+        let rows = self.query("SELECT record FROM tg_keys ORDER BY created_at, id", vec![])?;
         rows.iter().map(key_from_row).collect()
     }
 
