@@ -714,7 +714,7 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
         // tokens = 250 ms at this pace, for a busy machine).
         assert!(
             billed <= received,
-            "{id}: billed {billed} > received {received}"
+            "{id}: billed {billed} > received {received}: {r}"
         );
         assert!(billed > 0, "{id}: its consumption was never persisted");
         assert!(
