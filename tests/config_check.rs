@@ -193,7 +193,7 @@ routes = [
     assert_eq!(
         lines,
         [
-            "colour: unknown key (expected one of: server, settlement, ledger, routing, buckets, providers, models, keys)",
+            "colour: unknown key (expected one of: server, settlement, ledger, routing, store, buckets, providers, models, keys)",
             "server.listen: \"localhost:80\" is not a listen address (expected IP:PORT, e.g. \"127.0.0.1:8080\")",
             "server.admin_token: set either admin_token or admin_token_env, not both",
             "providers[0].base_url: missing (required for providers that are not kind \"mock\")",

@@ -1238,7 +1238,11 @@ mod tests {
         }
         assert_eq!(p.ops, 7);
         assert_eq!(p.holds_new.keys().copied().collect::<Vec<_>>(), vec![2]);
-        assert_eq!(p.holds_new[&2].consumed, d(3), "drawn merged into the new hold");
+        assert_eq!(
+            p.holds_new[&2].consumed,
+            d(3),
+            "drawn merged into the new hold"
+        );
         assert!(p.holds_drawn.is_empty());
         assert_eq!(
             p.holds_done.iter().copied().collect::<HashSet<_>>(),
@@ -1250,6 +1254,10 @@ mod tests {
         assert_eq!(settles.len(), 2);
         assert_eq!(p.lost.len(), 1);
         assert_eq!(p.lost[0].1.amount, d(1));
-        assert_eq!(p.releases[&key], d(2), "only the current epoch's return counts");
+        assert_eq!(
+            p.releases[&key],
+            d(2),
+            "only the current epoch's return counts"
+        );
     }
 }
