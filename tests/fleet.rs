@@ -714,7 +714,7 @@ async fn kill_nine_of_one_instance_its_leases_are_reaped_by_the_others() {
         // tokens = 250 ms at this pace, for a busy machine).
         assert!(
             billed <= received,
-            "{id}: billed {billed} > received {received}"
+            "{id}: billed {billed} > received {received}: {r}"
         );
         assert!(billed > 0, "{id}: its consumption was never persisted");
         assert!(
@@ -1282,9 +1282,11 @@ async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
     f.assert_no_panic();
 }
 
-/// The documented bound by which a fleet may exceed a key's `rpm` (docs/fleet.md).
+/// How far a fleet may exceed a key's `rpm` once every instance has counted the others
+/// (docs/fleet.md, "Bounds": each instance admits an even share, so none when the limit is at
+/// least the number of instances).
 const FLEET_RPM_SLACK: u64 = 0;
-/// The documented bound for `max_concurrent_streams` (docs/fleet.md).
+/// The same for `max_concurrent_streams`.
 const FLEET_STREAMS_SLACK: u64 = 0;
 
 // ---------------------------------------------------------------------------------------------
