@@ -83,13 +83,12 @@ pub trait LedgerStore: Send + Sync {
             Index::Key(k) => self.scan_records(Some(k), since, until, cursor),
             Index::Task(t) => {
                 let task = t.to_string();
-                Box::new(
-                    self.scan_records(None, since, until, cursor)
-                        .filter(move |item| match item {
-                            Ok((_, rec)) => rec.task.as_deref() == Some(task.as_str()),
-                            Err(_) => true,
-                        }),
-                )
+                Box::new(self.scan_records(None, since, until, cursor).filter(
+                    move |item| match item {
+                        Ok((_, rec)) => rec.task.as_deref() == Some(task.as_str()),
+                        Err(_) => true,
+                    },
+                ))
             }
         }
     }
