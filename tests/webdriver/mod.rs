@@ -206,6 +206,22 @@ impl Session {
         .await
     }
 
+    /// The rendered text of the first element matching `css`, or `None` while there is none or
+    /// the page cannot be asked (it is loading).
+    async fn visible_text(&self, css: &str) -> Option<String> {
+        let url = format!("{}/execute/sync", self.base);
+        let body = json!({
+            "script": "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
+            "args": [css],
+        });
+        let r = self.http.post(&url).json(&body).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let v: Value = r.json().await.ok()?;
+        v["value"].as_str().map(str::to_string)
+    }
+
     /// The text of the first element matching `css`.
     pub async fn text_of(&self, css: &str) -> String {
         self.find(css).await.text().await
@@ -221,10 +237,15 @@ impl Session {
     ) -> String {
         let deadline = Instant::now() + within;
         loop {
-            let t = self.text_of(css).await;
-            if pred(&t) {
-                return t;
+            // Read in one script, and take an error as "not yet": right after a click that loads
+            // a new page, the element may be gone (the old page) or not there yet.
+            let seen = self.visible_text(css).await;
+            if let Some(t) = &seen {
+                if pred(t) {
+                    return t.clone();
+                }
             }
+            let t = seen.unwrap_or_default();
             assert!(
                 Instant::now() < deadline,
                 "{css}: still {t:?} after {within:?}"
