@@ -17,7 +17,10 @@ bin="${TOLLGATE_BIN:-}"
 if [ -z "$bin" ]; then
   echo "== cargo build --release"
   cargo build --release --quiet --bin tollgate
-  bin="$root/target/release/tollgate"
+  # Where cargo put it: CARGO_TARGET_DIR when set (relative to the root, as cargo takes it).
+  target_dir="${CARGO_TARGET_DIR:-target}"
+  case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
+  bin="$target_dir/release/tollgate"
 fi
 
 venv="$root/target/sdk-venv"
