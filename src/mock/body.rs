@@ -290,10 +290,7 @@ impl ChatStream {
 
     /// The text of the whole answer (what the Responses closing events repeat).
     fn full_text(&self) -> String {
-        (0..self.plan.tokens as usize)
-            .map(|i| WORDS[i % WORDS.len()])
-            .flat_map(|word| [word, " "])
-            .collect()
+        answer_text(self.plan.tokens)
     }
 
     /// Responses: `response.created`, `response.in_progress`, the output item and its content
@@ -440,6 +437,14 @@ fn put_u64(buf: &mut BytesMut, mut v: u64) {
         }
     }
     buf.put_slice(&digits[i..]);
+}
+
+/// The text of an answer of `tokens` words, as the streams send it word by word.
+pub(super) fn answer_text(tokens: u32) -> String {
+    (0..tokens as usize)
+        .map(|i| WORDS[i % WORDS.len()])
+        .flat_map(|word| [word, " "])
+        .collect()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::body::{ChatStream, Dialect, MockAbort, MockBody, StreamPlan, WORDS};
+use super::body::{answer_text, ChatStream, Dialect, MockAbort, MockBody, StreamPlan};
 use super::fault::{parse_fault, Fault};
 use super::state::{bump, Effective, LastRequest, Shared};
 
@@ -278,6 +278,27 @@ async fn begin(
     })
 }
 
+/// A streamed answer (any dialect) with its event-stream headers.
+fn event_stream(plan: StreamPlan, shared: &Arc<Shared>) -> Response<MockBody> {
+    let mut response = Response::new(MockBody::Chat(Box::new(ChatStream::new(
+        plan,
+        shared.clone(),
+    ))));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Paces a whole (non-stream) answer like a stream would: first token at ttft, then one per
+/// interval.
+async fn pace_whole_answer(knobs: &Knobs, tokens: u32) {
+    let delay = knobs.ttft + knobs.interval.saturating_mul(tokens.saturating_sub(1));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
 async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
     bump(&shared.stats.chat_requests);
     let (knobs, request) = match begin(&shared, req).await? {
@@ -338,25 +359,12 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             interval: knobs.interval,
             abort_after,
         };
-        let mut response = Response::new(MockBody::Chat(Box::new(ChatStream::new(
-            plan,
-            shared.clone(),
-        ))));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(response);
+        return Ok(event_stream(plan, &shared));
     }
 
     // Pace a whole answer like a stream would: first token at ttft, then one per interval.
-    let delay = knobs.ttft + knobs.interval.saturating_mul(tokens.saturating_sub(1));
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let content: String = (0..tokens as usize)
-        .map(|i| WORDS[i % WORDS.len()])
-        .flat_map(|word| [word, " "])
-        .collect();
+    pace_whole_answer(&knobs, tokens).await;
+    let content = answer_text(tokens);
     let choices: Vec<Value> = (0..n)
         .map(|index| {
             json!({
@@ -450,23 +458,10 @@ async fn agent(shared: Arc<Shared>, req: Request<Incoming>, dialect: Dialect) ->
             interval: knobs.interval,
             abort_after,
         };
-        let mut response = Response::new(MockBody::Chat(Box::new(ChatStream::new(
-            plan,
-            shared.clone(),
-        ))));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(response);
+        return Ok(event_stream(plan, &shared));
     }
-    let delay = knobs.ttft + knobs.interval.saturating_mul(tokens.saturating_sub(1));
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let content: String = (0..tokens as usize)
-        .map(|i| WORDS[i % WORDS.len()])
-        .flat_map(|word| [word, " "])
-        .collect();
+    pace_whole_answer(&knobs, tokens).await;
+    let content = answer_text(tokens);
     let output = u64::from(tokens);
     shared
         .stats
