@@ -18,7 +18,7 @@ use crate::app::AppState;
 use crate::ledger::explain::{self, Period};
 use crate::ledger::export::Format;
 use crate::ledger::rollup::{Scope, Sums};
-use crate::ledger::usage::{parse_group_by, Usage};
+use crate::ledger::usage::{parse_group_by, GroupKey, Usage};
 use crate::ledger::{LedgerRecord, StoreError};
 use crate::store::StateStore;
 
@@ -214,6 +214,38 @@ pub async fn fold_span<T: Send + 'static>(
     .map_err(|e| ApiError::internal(e.to_string()))
 }
 
+/// The usage of the records `f` selects, grouped by `group_by`: the admin usage endpoint and the
+/// console's task page. A filter on a workflow run without time bounds is answered from the
+/// run's rollup (`LedgerStore::task_cells`, one entry whatever the run's length); any other
+/// folds the records.
+pub async fn usage_of(
+    state: &AppState,
+    f: Filter,
+    group_by: Vec<GroupKey>,
+) -> Result<Usage, ApiError> {
+    let Some(task) = f.task.clone().filter(|_| f.since.is_none() && f.until.is_none()) else {
+        return fold_records(state, f, Usage::new(group_by), |u, r| u.add(r)).await;
+    };
+    state.settle_reads().await;
+    let store = state.store.clone();
+    let cells = web::block(move || store.task_cells(&task))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let task = f.task.as_deref().unwrap_or_default();
+    let mut usage = Usage::new(group_by);
+    for (c, sums) in &cells {
+        let selected = f.key_id.as_ref().is_none_or(|k| &c.key_id == k)
+            && f.project.as_ref().is_none_or(|p| &c.project == p)
+            && f.model.as_ref().is_none_or(|m| &c.model == m)
+            && f.status.is_none_or(|s| c.status == s.as_str());
+        if selected {
+            usage.add_task_cell(task, c, sums);
+        }
+    }
+    Ok(usage)
+}
+
 /// `GET /admin/usage?since=&until=&group_by=...` (R32). Also takes the ledger's `key_id`,
 /// `project`, `task`, `model` and `status` filters.
 pub async fn usage(
@@ -239,7 +271,7 @@ pub async fn usage(
         until: q.until,
         ..LedgerQuery::default()
     })?;
-    let usage = fold_records(&state, f, Usage::new(group_by), |u, r| u.add(r)).await?;
+    let usage = usage_of(&state, f, group_by).await?;
     Ok(HttpResponse::Ok().json(json!({"groups": usage.finish()})))
 }
 

@@ -3,11 +3,14 @@
 //! a long time range (a wallet's spend per day, the spend explainer) read one entry per hour
 //! instead of every record.
 //!
-//! Three families, values postcard behind [`VERSION`]:
+//! Four families, values postcard behind [`VERSION`]:
 //! - `r/a/{hour:016x}`: every key's records of the hour;
 //! - `r/k/{hex(key_id)}/{hour:016x}`: one key's, per project (a key's records carry the project
 //!   the key had when they were written);
-//! - `r/p/{hex(project)}/{hour:016x}`: one project's.
+//! - `r/p/{hex(project)}/{hour:016x}`: one project's;
+//! - `r/t/{hex(task)}/`: every record of one workflow run, whatever its hour, per [`TaskCell`]
+//!   (key, project, model, route, bucket, currency, status): what `/admin/usage?task=` and the
+//!   console's task page add up, so that neither reads the run's records one by one.
 //!
 //! (`hour` counts hours since the Unix epoch; names are hex-encoded so that no name can run into
 //! another's prefix.) Cells count only records with a bucket: the others were never billed. The
@@ -35,7 +38,7 @@ use super::store::{micros, Store, StoreError};
 
 /// The rollup layout's version: the marker's value. A store marked with another version has its
 /// rollups built again at open.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
 /// Present (with [`VERSION`]) once the rollups cover every record in the store.
 pub(crate) const MARKER: &[u8] = b"m/rollups";
 /// Microseconds per hour.
@@ -146,6 +149,94 @@ pub struct Tally {
     pub retried: bool,
 }
 
+/// What a workflow run's rollup counts records by: every dimension the usage answer groups or
+/// filters a run's records by. Unlike the hourly cells, records without a bucket count too.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskCell {
+    pub key_id: String,
+    pub project: String,
+    /// The requested model.
+    pub model: String,
+    pub route: Option<String>,
+    pub bucket: Option<String>,
+    pub currency: Option<String>,
+    /// The record's status (`Status::as_str`).
+    pub status: String,
+}
+
+impl TaskCell {
+    pub fn of(r: &LedgerRecord) -> TaskCell {
+        TaskCell {
+            key_id: r.key_id.clone(),
+            project: r.project.clone(),
+            model: r.requested_model.clone(),
+            route: r.route.clone(),
+            bucket: r.bucket.clone(),
+            currency: r.currency.clone(),
+            status: r.status.as_str().to_string(),
+        }
+    }
+}
+
+/// Sums over the records of a [`TaskCell`]; additive like [`CellStats`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskStats {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// What was debited.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+    pub fallbacks: u64,
+    pub retries: u64,
+}
+
+impl TaskStats {
+    pub fn of(r: &LedgerRecord) -> TaskStats {
+        TaskStats {
+            requests: 1,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cost: r.cost,
+            fallbacks: u64::from(r.fallbacks),
+            retries: u64::from(r.retries),
+        }
+    }
+
+    pub fn add(&mut self, o: &TaskStats) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+        self.cost = self.cost.saturating_add(o.cost);
+        self.fallbacks = self.fallbacks.saturating_add(o.fallbacks);
+        self.retries = self.retries.saturating_add(o.retries);
+    }
+
+    fn sub(&mut self, o: &TaskStats) {
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.input_tokens = self.input_tokens.saturating_sub(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_sub(o.output_tokens);
+        self.cost = self.cost.saturating_sub(o.cost);
+        self.fallbacks = self.fallbacks.saturating_sub(o.fallbacks);
+        self.retries = self.retries.saturating_sub(o.retries);
+    }
+}
+
+/// A workflow run's cells.
+pub type TaskCells = BTreeMap<TaskCell, TaskStats>;
+
+/// Counts one record into a run's cells.
+pub fn add_to_task(cells: &mut TaskCells, r: &LedgerRecord) {
+    let s = TaskStats::of(r);
+    let cell = TaskCell::of(r);
+    match cells.get_mut(&cell) {
+        Some(c) => c.add(&s),
+        None => {
+            cells.insert(cell, s);
+        }
+    }
+}
+
 /// What a rollup gives for an hour: a cell's sums, or how many records share a tally.
 #[derive(Debug, Clone, Copy)]
 pub enum Sums<'a> {
@@ -154,16 +245,17 @@ pub enum Sums<'a> {
 }
 
 /// One rollup entry: cells per project in a key's rollup, under `""` in the others; tallies in
-/// the all-keys rollup.
+/// the all-keys rollup; a workflow run's cells in its rollup.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Rollup {
     parts: BTreeMap<String, Cells>,
     tallies: BTreeMap<Tally, u64>,
+    tasks: TaskCells,
 }
 
 impl Rollup {
     fn is_empty(&self) -> bool {
-        self.parts.is_empty() && self.tallies.is_empty()
+        self.parts.is_empty() && self.tallies.is_empty() && self.tasks.is_empty()
     }
 
     fn add(&mut self, part: &str, cell: &RollupCell, s: &CellStats) {
@@ -188,6 +280,14 @@ impl Rollup {
         for (t, n) in &o.tallies {
             let e = self.tallies.entry(t.clone()).or_default();
             *e = e.saturating_add(*n);
+        }
+        for (cell, s) in &o.tasks {
+            match self.tasks.get_mut(cell) {
+                Some(c) => c.add(s),
+                None => {
+                    self.tasks.insert(cell.clone(), s.clone());
+                }
+            }
         }
     }
 
@@ -214,6 +314,14 @@ impl Rollup {
                 *e = e.saturating_sub(*n);
                 if *e == 0 {
                     self.tallies.remove(t);
+                }
+            }
+        }
+        for (cell, s) in &o.tasks {
+            if let Some(c) = self.tasks.get_mut(cell) {
+                c.sub(s);
+                if c.requests == 0 {
+                    self.tasks.remove(cell);
                 }
             }
         }
@@ -290,6 +398,11 @@ fn keys_of(r: &LedgerRecord) -> [(Vec<u8>, &str); 3] {
     ]
 }
 
+/// The rollup key of a workflow run.
+fn task_key(task: &str) -> Vec<u8> {
+    prefix(b't', Some(task))
+}
+
 /// Changes to the rollups, summed in memory: what to add and what to take out, per rollup key.
 #[derive(Default)]
 pub(crate) struct RollupDelta {
@@ -313,6 +426,9 @@ impl RollupDelta {
             .entry(tally)
             .or_default();
         *n = n.saturating_add(1);
+        if let Some(task) = &r.task {
+            add_to_task(&mut map.entry(task_key(task)).or_default().tasks, r);
+        }
         let Some(cell) = RollupCell::of(r) else {
             return;
         };
@@ -424,6 +540,16 @@ impl Store {
         Ok(())
     }
 
+    /// What the records of workflow run `task` add up to, per cell, from its rollup (one read,
+    /// whatever the run's length). Empty for a run without records.
+    pub fn task_cells(&self, task: &str) -> Result<TaskCells, StoreError> {
+        let k = task_key(task);
+        match self.db().get(&k)? {
+            Some(v) => Ok(decode(&k, &v)?.tasks),
+            None => Ok(TaskCells::new()),
+        }
+    }
+
     /// Folds the records of `scope` that started in `[since, until)`: the whole hours from the
     /// rollups (`on_hour(hour, sums)`: cells of billed records, and for all keys the tallies of
     /// every record), the records of the partial
@@ -533,6 +659,7 @@ mod tests {
         r.started_at = t0 + chrono::Duration::microseconds(rng.gen_range(0..3 * 86_400_000_000i64));
         r.request_id = crate::ledger::new_request_id(r.started_at);
         r.project = format!("proj-{}", rng.gen_range(0..2));
+        r.task = (rng.gen_range(0..4) > 0).then(|| format!("run-{}", rng.gen_range(0..5)));
         r.requested_model = route[..1].to_string();
         r.fallbacks = rng.gen_range(0..3) / 2;
         r.retries = rng.gen_range(0..4) / 3;
@@ -674,6 +801,7 @@ mod tests {
         let mut draft = random_record(&mut rng, t0);
         draft.bucket = Some("credit".into());
         draft.currency = Some("USD".into());
+        draft.task = Some("run-2".into());
         let mut fallback = draft.clone();
         fallback.cost = Decimal::ZERO;
         let mut batch = sled::Batch::default();
@@ -704,6 +832,43 @@ mod tests {
         assert_eq!(written, hourly(&store, false));
         assert!(written.len() > 100, "{}", written.len());
         assert!(written.keys().all(|(h, _)| *h >= micros(cutoff) / HOUR));
+
+        // Each workflow run's rollup holds what its records add up to, and answers the usage
+        // endpoint as its records do, for every grouping.
+        let mut runs_seen = 0;
+        for task in ["run-0", "run-1", "run-2", "run-3", "run-4", "no-such-run"] {
+            let records = store.task_records(task, None, None, None).unwrap();
+            let mut by_records = TaskCells::new();
+            for r in &records {
+                add_to_task(&mut by_records, r);
+            }
+            let rolled = store.task_cells(task).unwrap();
+            assert_eq!(rolled, by_records, "{task}");
+            let group_by = crate::ledger::usage::GroupKey::ALL.to_vec();
+            let mut usage = crate::ledger::usage::Usage::new(group_by.clone());
+            for (c, sums) in &rolled {
+                usage.add_task_cell(task, c, sums);
+            }
+            assert_eq!(
+                usage.finish(),
+                crate::ledger::usage::aggregate(group_by, &records),
+                "{task}"
+            );
+            if !records.is_empty() {
+                runs_seen += 1;
+            }
+        }
+        assert_eq!(runs_seen, 5);
+        // The recovered run's rollup counts its interrupted record, not the fallback it replaced.
+        let recovered = store
+            .scan_records(None, None, None, None)
+            .map(|item| item.unwrap().1)
+            .find(|r| r.status == crate::ledger::Status::Interrupted && r.task.is_some())
+            .expect("an interrupted record of a run");
+        let cells = store
+            .task_cells(recovered.task.as_deref().unwrap())
+            .unwrap();
+        assert!(cells.keys().any(|c| c.status == "interrupted"));
 
         // Periods on and off the hour, whole and partial, for every filter the explainer takes.
         let at = |m: i64| t0 + chrono::Duration::minutes(m);

@@ -15,8 +15,9 @@
 //!   index (empty value: the `l/` key is its tail); `i/{request_id}` → the record's `l/` key, only for ids that do not carry their start
 //!   time (see [`new_request_id`]); `a/{task}\0{micros:016x}{request_id}` task index (empty
 //!   value), for records of a workflow run
-//! - `r/…` hourly rollups of the billed records, kept in the batch of the records they count,
-//!   and `m/rollups` the marker that they cover every record (see [`super::rollup`])
+//! - `r/…` hourly rollups of the billed records and one rollup per workflow run, kept in the
+//!   batch of the records they count, and `m/rollups` the marker that they cover every record
+//!   (see [`super::rollup`])
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -632,6 +633,43 @@ impl Store {
         })
     }
 
+    /// The first `limit` records of workflow run `task`, oldest first, and its newest record,
+    /// through the task index: `limit + 1` record reads, whatever the run's length.
+    pub fn task_ends(
+        &self,
+        task: &str,
+        limit: usize,
+    ) -> Result<(Vec<LedgerRecord>, Option<LedgerRecord>), StoreError> {
+        let bound = |t: u64| time_key(&[b"a/", task.as_bytes(), b"\0"], t, "");
+        let (lo, hi) = (bound(0), bound(u64::MAX));
+        let tail_at = lo.len() - 16;
+        let read = |k: &[u8]| -> Result<Option<LedgerRecord>, StoreError> {
+            let mut lk = b"l/".to_vec();
+            lk.extend_from_slice(k.get(tail_at..).unwrap_or_default());
+            match self.db.get(&lk)? {
+                Some(v) => Ok(Some(decode_compact(&lk, &v)?)),
+                None => Ok(None),
+            }
+        };
+        let mut first = Vec::new();
+        for kv in self.db.range(lo.clone()..hi.clone()) {
+            if first.len() >= limit {
+                break;
+            }
+            let (k, _) = kv?;
+            first.extend(read(&k)?);
+        }
+        let mut last = None;
+        for kv in self.db.range(lo..hi).rev() {
+            let (k, _) = kv?;
+            if let Some(rec) = read(&k)? {
+                last = Some(rec);
+                break;
+            }
+        }
+        Ok((first, last))
+    }
+
     /// The records of one workflow run (`task`), oldest first, among those started in
     /// `[since, until)` (and of `key_id`, if given), through the task index (`a/`): the cost
     /// grows with the task's records, not with the ledger.
@@ -750,6 +788,16 @@ impl crate::store::LedgerStore for Store {
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError> {
         Store::task_records(self, task, key_id, since, until)
+    }
+    fn task_cells(&self, task: &str) -> Result<super::rollup::TaskCells, StoreError> {
+        Store::task_cells(self, task)
+    }
+    fn task_ends(
+        &self,
+        task: &str,
+        limit: usize,
+    ) -> Result<(Vec<LedgerRecord>, Option<LedgerRecord>), StoreError> {
+        Store::task_ends(self, task, limit)
     }
     fn scan_index<'a>(
         &'a self,

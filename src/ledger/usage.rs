@@ -10,6 +10,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use super::record::{LedgerRecord, Status};
+use super::rollup::{TaskCell, TaskStats};
 
 /// A dimension usage can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,6 +131,34 @@ impl Usage {
         t.retries += u64::from(r.retries);
         if r.status == Status::BalanceExhausted {
             t.balance_exhausted += 1;
+        }
+    }
+
+    /// Adds the sums of a cell of workflow run `task`'s rollup: the same as adding each of its
+    /// records.
+    pub fn add_task_cell(&mut self, task: &str, c: &TaskCell, s: &TaskStats) {
+        let dims: Vec<Option<String>> = self
+            .group_by
+            .iter()
+            .map(|k| match k {
+                GroupKey::KeyId => Some(c.key_id.clone()),
+                GroupKey::Project => Some(c.project.clone()),
+                GroupKey::Task => Some(task.to_string()),
+                GroupKey::Model => Some(c.model.clone()),
+                GroupKey::Route => c.route.clone(),
+                GroupKey::Bucket => c.bucket.clone(),
+            })
+            .collect();
+        let currency = c.bucket.as_ref().and(c.currency.clone());
+        let t = self.groups.entry((dims, currency)).or_default();
+        t.requests += s.requests;
+        t.input_tokens += s.input_tokens;
+        t.output_tokens += s.output_tokens;
+        t.cost += s.cost;
+        t.fallbacks += s.fallbacks;
+        t.retries += s.retries;
+        if c.status == Status::BalanceExhausted.as_str() {
+            t.balance_exhausted += s.requests;
         }
     }
 

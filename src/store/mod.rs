@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, StoreConfig};
-use crate::ledger::rollup::{Scope, Sums};
+use crate::ledger::rollup::{add_to_task, Scope, Sums, TaskCells};
 use crate::ledger::store::{ApiKeyRecord, Index, PersistedHold, TopupRecord, WalletState};
 use crate::ledger::writer::{self, WriterThread};
 use crate::ledger::{LedgerRecord, LedgerWriter, StoreError};
@@ -68,6 +68,27 @@ pub trait LedgerStore: Send + Sync {
         since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<LedgerRecord>, StoreError>;
+    /// What the records of workflow run `task` add up to, per cell. A store that keeps a rollup
+    /// per run reads it; this default folds the run's records (`task_records`).
+    fn task_cells(&self, task: &str) -> Result<TaskCells, StoreError> {
+        let mut cells = TaskCells::new();
+        for rec in self.task_records(task, None, None, None)? {
+            add_to_task(&mut cells, &rec);
+        }
+        Ok(cells)
+    }
+    /// The first `limit` records of workflow run `task`, oldest first, and its newest record
+    /// (`None`: the run has none). This default reads every record of the run.
+    fn task_ends(
+        &self,
+        task: &str,
+        limit: usize,
+    ) -> Result<(Vec<LedgerRecord>, Option<LedgerRecord>), StoreError> {
+        let mut recs = self.task_records(task, None, None, None)?;
+        let last = recs.last().cloned();
+        recs.truncate(limit);
+        Ok((recs, last))
+    }
     /// Records newest first through `index` (every record, a key's, or a workflow run's),
     /// started in `[since, until)`, after `cursor`. This default walks the time-ordered scan and
     /// picks a run's records out of it.
