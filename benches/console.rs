@@ -6,8 +6,8 @@
 //! service, logged in like a browser: median and slowest of `ROUNDS` requests per page.
 //!
 //! Every page of the operator console (the ledger with each kind of filter, the live tail, both
-//! wallets pages, the explainer with and without a key or project, the in-flight rows, a task)
-//! and the marketplace with a key's session. Not timed: the ledger's CSV/JSONL export, a
+//! wallets pages, the explainer with and without a key or project, the in-flight rows, a task,
+//! and the admin usage answer the task page shares) and the marketplace with a key's session. Not timed: the ledger's CSV/JSONL export, a
 //! download that streams the whole selection.
 //!
 //! Run: `cargo bench --bench console` (about a minute to write a million records).
@@ -266,6 +266,7 @@ fn main() {
             "/console/inflight".to_string(),
             "/console/inflight.json".to_string(),
             "/console/tasks/run-7".to_string(),
+            "/admin/usage?task=run-7&group_by=model,route,bucket".to_string(),
         ];
         let pages = pages
             .iter()
@@ -277,14 +278,11 @@ fn main() {
             let mut status = 0;
             for _ in 0..ROUNDS {
                 let t = Instant::now();
-                let resp = test::call_service(
-                    &app,
-                    test::TestRequest::get()
-                        .uri(p)
-                        .cookie(cookie.clone())
-                        .to_request(),
-                )
-                .await;
+                let mut req = test::TestRequest::get().uri(p).cookie(cookie.clone());
+                if p.starts_with("/admin/") {
+                    req = req.insert_header(("authorization", "Bearer bench-admin"));
+                }
+                let resp = test::call_service(&app, req.to_request()).await;
                 status = resp.status().as_u16();
                 let _ = test::read_body(resp).await;
                 times.push(t.elapsed());

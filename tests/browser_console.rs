@@ -1,6 +1,6 @@
 //! The operator console in a real headless Chromium (WebDriver, `tests/webdriver/`): logging in
-//! and out through the forms, the in-flight page following a slow stream live, and a workflow
-//! run's page. Each test saves a screenshot of its page to `docs/screenshots/`.
+//! and out through the forms, the in-flight page following a slow stream live, a workflow run's
+//! page, the overview, wallets, explainer and routes pages. Each test saves a screenshot of its page to `docs/screenshots/`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -460,6 +460,97 @@ async fn an_expired_session_lands_on_the_login_page() {
         s.current_url().await.ends_with("/console/login"),
         "an expired session still reached the page"
     );
+    b.session.close().await;
+}
+
+/// Sends a chat request as the demo key; returns its request id.
+async fn chat(g: &Gateway) -> String {
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.headers()["x-tollgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The overview, the wallets, the spend explainer and the routes page, in the browser: each
+/// shows the requests just sent, the charts are drawn by the server (SVG in the page, whatever
+/// the script does), and each page is pictured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_wallets_explainer_and_routes_show_the_traffic() {
+    let _one = BROWSER.lock().await;
+    let g = gateway();
+    // One request served by p1; one that fell back to p2 (CNY) while p1 answered 500.
+    chat(&g).await;
+    let fault = format!("{}/_mock/options", g.mock_url("p1"));
+    let set_fault = |f: serde_json::Value| {
+        let r = g.client().post(&fault).json(&json!({ "fault": f })).send();
+        async move { assert!(r.await.unwrap().status().is_success()) }
+    };
+    set_fault(json!("500")).await;
+    chat(&g).await;
+    set_fault(serde_json::Value::Null).await;
+
+    let b = browser().await;
+    let s = &b.session;
+    log_in(s, &g).await;
+    let count_in = |css: &str| {
+        format!(
+            "return Array.from(document.querySelectorAll(\"{css}\")).reduce(function (n, e) {{ return n + Number(e.getAttribute('data-count')); }}, 0);"
+        )
+    };
+
+    s.goto(&format!("{}/console", g.admin_url)).await;
+    assert_eq!(s.text_of("#hour-requests").await, "2");
+    assert_eq!(s.text_of("#hour-fallback-rate").await, "50.0%");
+    assert!(s.text_of("#hour-spend-CNY").await.ends_with(" CNY"));
+    assert_eq!(
+        s.execute(&count_in("#hour-chart rect[data-count]"), vec![])
+            .await,
+        json!(2),
+        "the last hour's bars add up to its requests"
+    );
+    assert_eq!(
+        s.execute(&count_in("#day-chart rect[data-count]"), vec![])
+            .await,
+        json!(2)
+    );
+    s.save_screenshot("console-overview").await;
+
+    s.goto(&format!("{}/console/wallets", g.admin_url)).await;
+    let wallets = s.text_of("main").await;
+    assert!(
+        wallets.contains("demo") && wallets.contains("USD") && wallets.contains("CNY"),
+        "{wallets}"
+    );
+    s.save_screenshot("console-wallets").await;
+
+    // The default explanation: the last 7 days against the 7 before, per currency.
+    s.goto(&format!("{}/console/explain", g.admin_url)).await;
+    assert!(s.text_of("#change-USD").await.ends_with(" USD"));
+    assert!(s.text_of("#change-CNY").await.ends_with(" CNY"));
+    let bars = s
+        .execute(
+            "return document.querySelectorAll('main svg rect[data-driver]').length;",
+            vec![],
+        )
+        .await;
+    assert!(bars.as_u64().unwrap() > 0, "{bars}");
+    s.save_screenshot("console-explain").await;
+
+    s.goto(&format!("{}/console/routes", g.admin_url)).await;
+    let p1 = s.text_of("tr[data-route='m/p1']").await;
+    assert!(p1.contains("1 USD / 1M"), "{p1}");
+    let fallbacks = s.text_of("tr[data-route='m/p1'] td:last-child").await;
+    assert_eq!(fallbacks, "1", "one fallback from m/p1 in the last hour");
+    s.save_screenshot("console-routes").await;
     b.session.close().await;
 }
 

@@ -80,14 +80,20 @@ async fn use_key(s: &Session, g: &Gateway, secret: &str) {
 }
 
 async fn chat(g: &Gateway, secret: &str, model: &str) -> String {
-    let r = g
+    chat_in(g, secret, model, None).await
+}
+
+/// A chat request, as part of workflow run `task` if given.
+async fn chat_in(g: &Gateway, secret: &str, model: &str, task: Option<&str>) -> String {
+    let mut r = g
         .client()
         .post(g.chat_url())
         .bearer_auth(secret)
-        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}));
+    if let Some(t) = task {
+        r = r.header("x-tollgate-task", t);
+    }
+    let r = r.send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     r.headers()["x-tollgate-request-id"]
         .to_str()
@@ -322,7 +328,7 @@ topup = {{ credit = "10", routed = "5" }}
     });
     let a1 = chat(&g, alice, "m").await;
     let b1 = chat(&g, bob, "m").await;
-    let a2 = chat(&g, alice, "m").await;
+    let a2 = chat_in(&g, alice, "m", Some("alice-run-1")).await;
     let b2 = chat(&g, bob, "r").await;
 
     // A wrong key: the form again, an error without detail, 401.
@@ -385,6 +391,10 @@ topup = {{ credit = "10", routed = "5" }}
     let table = s.text_of("#requests").await;
     assert!(!table.contains(&b1) && !table.contains(&b2), "{table}");
     assert!(table.contains("USD"), "cost with its currency: {table}");
+    // The key holder sees which of their requests belong to a workflow run.
+    let task_of = |id: &str| format!("#requests tr[data-request='{id}'] td.task");
+    assert_eq!(s.text_of(&task_of(&a2)).await, "alice-run-1");
+    assert_eq!(s.text_of(&task_of(&a1)).await, "—");
     s.execute(
         "document.querySelector('#balances').scrollIntoView();",
         vec![],

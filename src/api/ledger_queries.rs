@@ -223,7 +223,11 @@ pub async fn usage_of(
     f: Filter,
     group_by: Vec<GroupKey>,
 ) -> Result<Usage, ApiError> {
-    let Some(task) = f.task.clone().filter(|_| f.since.is_none() && f.until.is_none()) else {
+    let Some(task) = f
+        .task
+        .clone()
+        .filter(|_| f.since.is_none() && f.until.is_none())
+    else {
         return fold_records(state, f, Usage::new(group_by), |u, r| u.add(r)).await;
     };
     state.settle_reads().await;

@@ -214,7 +214,12 @@ mod tests {
         c.retries = 2;
         let rejected = rec("k1", None, 0, 0, "0");
         let groups = aggregate(
-            vec![GroupKey::KeyId, GroupKey::Model, GroupKey::Route, GroupKey::Bucket],
+            vec![
+                GroupKey::KeyId,
+                GroupKey::Model,
+                GroupKey::Route,
+                GroupKey::Bucket,
+            ],
             [&a, &b, &c, &rejected],
         );
         let t = Totals::of(&groups);
