@@ -582,6 +582,39 @@ async fn ledger_export_and_usage_by_task() {
     let (s, v) = g.admin_get("/admin/usage?task=run-a").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(usage_by_key(&v), expected_usage(&run_a, &[]));
+    // A run's usage comes from its rollup, with every grouping and the filters the rollup keeps
+    // (key, project, model, status); with a time bound, from its records: the same answer.
+    let (s, v) = g
+        .admin_get("/admin/usage?task=run-a&group_by=key_id,project,model,route,bucket")
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let dims = ["key_id", "project", "model", "route", "bucket"];
+    assert_eq!(usage_by_key(&v), expected_usage(&run_a, &dims));
+    let rejected: Vec<Value> = run_a
+        .iter()
+        .filter(|r| r["status"] == "rejected")
+        .cloned()
+        .collect();
+    let (_, v) = g
+        .admin_get("/admin/usage?task=run-a&status=rejected&group_by=model")
+        .await;
+    assert_eq!(usage_by_key(&v), expected_usage(&rejected, &["model"]));
+    let served: Vec<Value> = run_a
+        .iter()
+        .filter(|r| r["requested_model"] == "m")
+        .cloned()
+        .collect();
+    assert_eq!(served.len(), 3);
+    let (_, v) = g
+        .admin_get("/admin/usage?task=run-a&model=m&group_by=route")
+        .await;
+    assert_eq!(usage_by_key(&v), expected_usage(&served, &["route"]));
+    let (_, v) = g.admin_get("/admin/usage?task=run-a&key_id=nobody").await;
+    assert_eq!(v["groups"], json!([]));
+    let (_, v) = g
+        .admin_get("/admin/usage?task=run-a&since=2000-01-01T00:00:00Z&group_by=model")
+        .await;
+    assert_eq!(usage_by_key(&v), expected_usage(&run_a, &["model"]));
     let (s, v) = g.admin_get("/admin/usage?group_by=task,key_id").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(usage_by_key(&v), expected_usage(&all, &["key_id", "task"]));
