@@ -715,6 +715,34 @@ mod tests {
         serde_json::to_string(&explain(&period(periods[0]), &period(periods[1]))).unwrap()
     }
 
+    /// A sled store seen through the ledger trait's required methods only: what a store that keeps
+    /// no rollups answers.
+    struct WithoutRollups<'s>(&'s Store);
+
+    impl crate::store::LedgerStore for WithoutRollups<'_> {
+        fn record(&self, request_id: &str) -> Result<Option<LedgerRecord>, StoreError> {
+            self.0.record(request_id)
+        }
+        fn scan_records<'a>(
+            &'a self,
+            key_id: Option<&str>,
+            since: Option<DateTime<Utc>>,
+            until: Option<DateTime<Utc>>,
+            cursor: Option<&[u8]>,
+        ) -> crate::store::RecordScan<'a> {
+            Box::new(self.0.scan_records(key_id, since, until, cursor))
+        }
+        fn task_records(
+            &self,
+            task: &str,
+            key_id: Option<&str>,
+            since: Option<DateTime<Utc>>,
+            until: Option<DateTime<Utc>>,
+        ) -> Result<Vec<LedgerRecord>, StoreError> {
+            self.0.task_records(task, key_id, since, until)
+        }
+    }
+
     /// Spend per hour and bucket, from every record or from the rollups alone.
     fn hourly(s: &Store, rollups: bool) -> BTreeMap<(u64, String), Decimal> {
         let mut out: BTreeMap<(u64, String), Decimal> = BTreeMap::new();
@@ -859,6 +887,25 @@ mod tests {
             }
         }
         assert_eq!(runs_seen, 5);
+        // A store without rollups (PostgreSQL) answers through the trait's defaults, from the
+        // run's records: the same cells, the same first records and the same newest one.
+        let plain = WithoutRollups(&store);
+        for task in ["run-0", "run-3", "no-such-run"] {
+            use crate::store::LedgerStore;
+            assert_eq!(
+                plain.task_cells(task).unwrap(),
+                store.task_cells(task).unwrap()
+            );
+            let ids = |(first, last): (Vec<LedgerRecord>, Option<LedgerRecord>)| {
+                let first: Vec<String> = first.into_iter().map(|r| r.request_id).collect();
+                (first, last.map(|r| r.request_id))
+            };
+            for limit in [0, 7, 10_000] {
+                let sled = ids(store.task_ends(task, limit).unwrap());
+                assert_eq!(ids(plain.task_ends(task, limit).unwrap()), sled, "{task}");
+                assert!(sled.0.len() <= limit);
+            }
+        }
         // The recovered run's rollup counts its interrupted record, not the fallback it replaced.
         let recovered = store
             .scan_records(None, None, None, None)
