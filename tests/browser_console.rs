@@ -1,6 +1,7 @@
 //! The operator console in a real headless Chromium (WebDriver, `tests/webdriver/`): logging in
 //! and out through the forms, the in-flight page following a slow stream live, a workflow run's
-//! page, the overview, wallets, explainer and routes pages. Each test saves a screenshot of its page to `docs/screenshots/`.
+//! page, the overview, wallets, explainer and routes pages, and no secret on any page, URL or
+//! log line. Each test saves a screenshot of its page to `docs/screenshots/`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -552,6 +553,109 @@ async fn the_overview_wallets_explainer_and_routes_show_the_traffic() {
     assert_eq!(fallbacks, "1", "one fallback from m/p1 in the last hour");
     s.save_screenshot("console-routes").await;
     b.session.close().await;
+}
+
+/// No page, on either listener, shows a provider key, the admin token or a key's secret (after
+/// its creation); the key a visitor types into the marketplace's form is in no URL and no log
+/// line, nor is the admin token typed into the login form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_page_shows_a_secret_and_the_forms_leave_none_behind() {
+    let _one = BROWSER.lock().await;
+    let provider_key = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
+    let g = Gateway::start_extra(
+        Setup {
+            mocks: vec![
+                ("p1", "api_key_env = \"TG_TEST_MOCK_PROVIDER_KEY\""),
+                ("p2", ""),
+            ],
+            body: standard_body("allow_cross_bucket_fallback = true", "10", "10"),
+            data_dir: None,
+        },
+        Extra {
+            env: vec![
+                ("TG_TEST_MOCK_PROVIDER_KEY".into(), provider_key.clone()),
+                ("RUST_LOG".into(), "debug".into()),
+            ],
+            ..Extra::default()
+        },
+    );
+    // Traffic through the keyed provider, a failure (its reason is shown) and a run.
+    let id = chat(&g).await;
+    let fault = format!("{}/_mock/options", g.mock_url("p1"));
+    let r = g
+        .client()
+        .post(&fault)
+        .json(&json!({"fault": "500"}))
+        .send();
+    assert!(r.await.unwrap().status().is_success());
+    let r = g
+        .client()
+        .post(g.chat_url())
+        .bearer_auth(DEMO_KEY)
+        .header("x-tollgate-task", "run-s")
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, created) = g.admin_post("/admin/keys", json!({"name": "bob"})).await;
+    assert_eq!(status, 201, "{created}");
+    let bob_secret = created["secret"].as_str().unwrap().to_string();
+    let key_id = g.demo_key_id().await;
+    let secrets = [
+        provider_key.as_str(),
+        ADMIN_TOKEN,
+        DEMO_KEY,
+        bob_secret.as_str(),
+    ];
+
+    let b = browser().await;
+    let s = &b.session;
+    let check = |url: String, source: serde_json::Value| {
+        let source = source.as_str().unwrap_or_default().to_string();
+        assert!(source.len() > 100, "{url}: {source}");
+        for secret in secrets {
+            assert!(!url.contains(secret), "a secret in the URL {url}");
+            assert!(!source.contains(secret), "a secret on {url}");
+        }
+    };
+    let source = "return document.documentElement.outerHTML;";
+    // The marketplace, as the demo key sees it after typing it into the form.
+    s.goto(&format!("{}/", g.client_url)).await;
+    s.find("#key").await.send_keys(DEMO_KEY).await;
+    s.find("#key-form button[type=submit]").await.click().await;
+    s.wait_text("main", Duration::from_secs(5), |t| {
+        t.contains("Viewing as key")
+    })
+    .await;
+    for path in ["/", "/market/state"] {
+        s.goto(&format!("{}{path}", g.client_url)).await;
+        check(s.current_url().await, s.execute(source, vec![]).await);
+    }
+    log_in(s, &g).await;
+    for path in [
+        "/console".to_string(),
+        "/console/ledger".to_string(),
+        format!("/console/ledger/{id}"),
+        "/console/ledger/tail".to_string(),
+        "/console/wallets".to_string(),
+        format!("/console/wallets/{key_id}"),
+        "/console/explain".to_string(),
+        "/console/routes".to_string(),
+        "/console/keys".to_string(),
+        "/console/inflight".to_string(),
+        "/console/inflight.json".to_string(),
+        "/console/tasks/run-s".to_string(),
+    ] {
+        s.goto(&format!("{}{path}", g.admin_url)).await;
+        check(s.current_url().await, s.execute(source, vec![]).await);
+    }
+    b.session.close().await;
+    let log = g.log();
+    assert!(log.contains("key 'demo'"), "the gateway's log: {log}");
+    for secret in secrets {
+        assert!(!log.contains(secret), "{secret} logged:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
