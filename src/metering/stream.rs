@@ -249,9 +249,13 @@ impl MeteredStream {
         }
     }
 
-    /// Hands the waiting output over: its tokens count as delivered from now on.
+    /// Hands the waiting output over: its tokens count as delivered from now on, and only now
+    /// become the consumption a crash bills (R9, F1).
     fn take_out(&mut self) -> Bytes {
         self.out_tokens = 0;
+        if let Some(m) = &self.meter {
+            m.hold.publish_drawn();
+        }
         self.out.split().freeze()
     }
 
