@@ -118,6 +118,13 @@ impl Meter {
         }
     }
 
+    /// Whether the hold pays for `tokens` output tokens as it is, without an extension.
+    pub fn covers(&self, tokens: u64) -> bool {
+        self.per_token
+            .checked_mul(Decimal::from(tokens))
+            .is_some_and(|price| price <= self.hold.remaining())
+    }
+
     /// Pays for `tokens` output tokens; false when the wallet cannot pay for all of them.
     pub async fn pay(&mut self, tokens: u64) -> bool {
         if tokens == 0 {

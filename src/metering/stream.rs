@@ -12,7 +12,7 @@ use super::chunk::Usage;
 use super::meter::{Billed, Meter, Prices};
 use super::sse::{SseEvent, SseParser};
 use super::tokenizer::Tokenizer;
-use super::wire::{Closing, EventReader, Keep, Wire};
+use super::wire::{Closing, EventReader, Keep, Reading, Wire};
 use crate::ledger::{LedgerRecord, Status, UpstreamUsage, UsageSource};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -82,6 +82,9 @@ pub struct MeteredStream {
     out: BytesMut,
     /// Output tokens paid for and sitting in `out`, not yet handed to the client's connection.
     out_tokens: u64,
+    /// An event read but not paid yet: its tokens need an extension of the hold, and the output
+    /// before it left first rather than wait behind that round trip.
+    unpaid: Option<(SseEvent, Reading)>,
     /// Set once the final events were produced; the next poll drains the upstream and ends.
     finished: bool,
     eof: bool,
@@ -123,6 +126,7 @@ impl MeteredStream {
             last: None,
             out: BytesMut::new(),
             out_tokens: 0,
+            unpaid: None,
             finished: false,
             eof: false,
             in_gauge: true,
@@ -219,6 +223,12 @@ impl MeteredStream {
                 Box::pin(self.drain_upstream()).await;
                 return None;
             }
+            if let Some((ev, read)) = self.unpaid.take() {
+                if let Flow::End(e) = self.on_reading(ev, read).await {
+                    return Some(Box::pin(self.end(e)).await);
+                }
+                continue;
+            }
             let ev = match self.next_event(None).await {
                 Ok(Step::Event(ev)) => ev,
                 Ok(Step::Flush) => {
@@ -243,15 +253,33 @@ impl MeteredStream {
                 }
                 Err(_) => return Some(Box::pin(self.end(End::UpstreamBroke)).await),
             };
-            if let Flow::End(e) = self.on_event(ev).await {
+            let read = self.reader.read(&ev, &self.tokenizer);
+            if !self.out.is_empty() && self.needs_extension(&read) {
+                // Paid output goes out now; the event is paid at the next call.
+                self.unpaid = Some((ev, read));
+                return Some(self.take_out());
+            }
+            if let Flow::End(e) = self.on_reading(ev, read).await {
                 return Some(Box::pin(self.end(e)).await);
             }
         }
     }
 
-    /// Hands the waiting output over: its tokens count as delivered from now on.
+    /// Whether paying for `read` waits for the wallet (the hold cannot cover its tokens).
+    fn needs_extension(&self, read: &Reading) -> bool {
+        read.tokens > 0
+            && !read.broken
+            && read.keep == Keep::Forward
+            && self.meter.as_ref().is_some_and(|m| !m.covers(read.tokens))
+    }
+
+    /// Hands the waiting output over: its tokens count as delivered from now on, and only now
+    /// become the consumption a crash bills (R9, F1).
     fn take_out(&mut self) -> Bytes {
         self.out_tokens = 0;
+        if let Some(m) = &self.meter {
+            m.hold.publish_drawn();
+        }
         self.out.split().freeze()
     }
 
@@ -405,6 +433,10 @@ impl MeteredStream {
 
     async fn on_event(&mut self, ev: SseEvent) -> Flow {
         let read = self.reader.read(&ev, &self.tokenizer);
+        self.on_reading(ev, read).await
+    }
+
+    async fn on_reading(&mut self, ev: SseEvent, read: Reading) -> Flow {
         if read.broken {
             return Flow::End(End::UpstreamBroke);
         }

@@ -87,6 +87,8 @@ pub(super) async fn attempt(
 fn prepare(on: &Attempting<'_>, hold: &mut Hold) -> Prepared {
     let (call, provider) = (on.call, &on.upstream.provider);
     hold.try_draw(on.in_cost, 0);
+    // The input is spent once it goes upstream: a crash from here on bills it (R9).
+    hold.publish_drawn();
     let max_tokens = if call.stream || call.endpoint == Endpoint::Embeddings {
         None
     } else {

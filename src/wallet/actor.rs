@@ -100,6 +100,66 @@ impl SpendRate {
     }
 }
 
+/// Persists open holds' consumption every flush interval while the actor itself cannot (it
+/// waits for the store and handles nothing else meanwhile).
+struct ConsumptionFlusher {
+    writer: LedgerWriter,
+    interval: Duration,
+    /// When the next flush is due.
+    next: Instant,
+    /// (hold, its consumption slot, the consumption last handed to the writer).
+    holds: Vec<(u64, Arc<Drawn>, (Decimal, u64))>,
+    /// When it last handed consumption to the writer, if it did.
+    flushed: Option<Instant>,
+}
+
+impl ConsumptionFlusher {
+    /// Runs `wait` to its end, persisting the holds' consumption each time a flush is due
+    /// meanwhile. Returns what `wait` gave, and itself for [`WalletActor::saved_meanwhile`].
+    async fn persist_while<T>(mut self, wait: impl std::future::Future<Output = T>) -> (T, Self) {
+        if self.holds.is_empty() {
+            return (wait.await, self);
+        }
+        let mut wait = std::pin::pin!(wait);
+        loop {
+            let due = tokio::time::Instant::from_std(self.next);
+            tokio::select! {
+                r = &mut wait => return (r, self),
+                _ = tokio::time::sleep_until(due) => self.flush(),
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let now = Instant::now();
+        self.next = now + self.interval;
+        self.flushed = Some(now);
+        let at = chrono::Utc::now();
+        let mut drawn = Vec::new();
+        for (id, slot, saved) in &mut self.holds {
+            let current = slot.get();
+            if *saved != current {
+                *saved = current;
+                drawn.push(HoldDrawn {
+                    hold_id: *id,
+                    consumed: current.0,
+                    consumed_tokens: current.1,
+                    updated_at: at,
+                });
+            }
+        }
+        if drawn.is_empty() {
+            return;
+        }
+        if let Err(e) = self.writer.send(StoreOp::Holds {
+            new: Vec::new(),
+            drawn,
+        }) {
+            tracing::error!(error = %e, "cannot persist holds");
+        }
+    }
+}
+
 pub struct WalletActor {
     key_id: Arc<str>,
     balances: Balances,
@@ -108,6 +168,8 @@ pub struct WalletActor {
     writer: LedgerWriter,
     shard: Arc<Shard>,
     flush_interval: Duration,
+    /// When the open holds were last handed to the writer (see [`WalletActor::flush_holds`]).
+    last_flush: Instant,
     idle_timeout: Duration,
     last_activity: Instant,
     loaded: bool,
@@ -164,6 +226,7 @@ impl WalletActor {
             writer,
             shard,
             flush_interval,
+            last_flush: Instant::now(),
             idle_timeout,
             last_activity: Instant::now(),
             loaded: false,
@@ -200,6 +263,7 @@ impl WalletActor {
     /// and the consumption of every hold that drew since the last flush (R9). Runs every flush
     /// interval; a crash thus loses at most one interval of consumption per open hold.
     fn flush_holds(&mut self) {
+        self.last_flush = Instant::now();
         let now = chrono::Utc::now();
         let key_id = &self.key_id;
         let mut new = Vec::new();
@@ -240,6 +304,37 @@ impl WalletActor {
         if !new.is_empty() || !drawn.is_empty() {
             if let Err(e) = self.writer.send(StoreOp::Holds { new, drawn }) {
                 tracing::error!(error = %e, key_id = %self.key_id, "cannot persist holds");
+            }
+        }
+    }
+
+    /// The open holds' consumption slots, to persist while the actor waits for the store
+    /// (see [`WalletActor::with_more_lease`]). Only holds already persisted: a wait starts with
+    /// a flush when one is due, which persists the new ones.
+    fn consumption_flusher(&self) -> ConsumptionFlusher {
+        ConsumptionFlusher {
+            writer: self.writer.clone(),
+            interval: self.flush_interval,
+            next: self.last_flush + self.flush_interval,
+            holds: self
+                .holds
+                .iter()
+                .filter(|(_, h)| h.persisted)
+                .map(|(id, h)| (*id, h.drawn.clone(), h.saved))
+                .collect(),
+            flushed: None,
+        }
+    }
+
+    /// Takes note of what a [`ConsumptionFlusher`] persisted during a wait.
+    fn saved_meanwhile(&mut self, f: ConsumptionFlusher) {
+        let Some(at) = f.flushed else {
+            return;
+        };
+        self.last_flush = at;
+        for (id, _, saved) in f.holds {
+            if let Some(h) = self.holds.get_mut(&id) {
+                h.saved = saved;
             }
         }
     }
@@ -388,62 +483,73 @@ impl WalletActor {
     /// Asks the store to lease `amount` more of `bucket`, then runs `then`; the actor handles
     /// no other message meanwhile. When the store cannot answer, `then` grants from what is
     /// leased already (open streams go on while the database is away, F6).
+    ///
+    /// While it waits, the actor's own flush interval does not run (nothing does), yet its
+    /// other streams go on delivering: their consumption is persisted from here instead, at
+    /// the same pace (R9, F3: a crash during a slow lease, or a chain of them, still costs at
+    /// most one flush interval per open stream).
     fn with_more_lease<T: 'static>(
         &mut self,
         bucket: String,
         (need, want): (Decimal, Decimal),
         then: impl FnOnce(&mut Self) -> T + 'static,
     ) -> Answer<T> {
+        if self.last_flush.elapsed() >= self.flush_interval {
+            self.flush_holds();
+        }
+        let consumption = self.consumption_flusher();
         let writer = self.writer.clone();
         let key_id = self.key_id.to_string();
         let asked = bucket.clone();
-        Answer::Later(AtomicResponse::new(Box::pin(
-            async move {
-                // What other instances lease may come back in a moment (their streams end and
-                // return what they did not use): ask again a few times before giving up.
-                let mut got: Option<LeaseGrant> = None;
-                for attempt in 0..=LEASE_RETRIES {
-                    if attempt > 0 {
-                        tokio::time::sleep(LEASE_RETRY_WAIT).await;
-                    }
-                    let (key_id, bucket) = (key_id.clone(), asked.clone());
-                    let left = need - got.map_or(Decimal::ZERO, |g| g.amount);
-                    let grant = writer
-                        .ask(|reply| StoreOp::Lease {
-                            key_id,
-                            bucket,
-                            need: left,
-                            want: want.max(left),
-                            reply,
-                        })
-                        .await?;
-                    let total = match got {
-                        Some(g) if g.epoch == grant.epoch => g.amount + grant.amount,
-                        _ => grant.amount,
-                    };
-                    got = Some(LeaseGrant {
-                        amount: total,
-                        ..grant
-                    });
-                    if total >= need || grant.elsewhere.is_zero() {
-                        break;
-                    }
+        let leased = async move {
+            // What other instances lease may come back in a moment (their streams end and
+            // return what they did not use): ask again a few times before giving up.
+            let mut got: Option<LeaseGrant> = None;
+            for attempt in 0..=LEASE_RETRIES {
+                if attempt > 0 {
+                    tokio::time::sleep(LEASE_RETRY_WAIT).await;
                 }
-                got.ok_or(StoreError::WriterGone)
-            }
-            .into_actor(self)
-            .map(move |res, act, _| {
-                match res {
-                    Ok(grant) => act.add_lease(&bucket, grant),
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        key_id = %act.key_id,
+                let (key_id, bucket) = (key_id.clone(), asked.clone());
+                let left = need - got.map_or(Decimal::ZERO, |g| g.amount);
+                let grant = writer
+                    .ask(|reply| StoreOp::Lease {
+                        key_id,
                         bucket,
-                        "cannot lease more of the balance; granting from this instance's lease"
-                    ),
+                        need: left,
+                        want: want.max(left),
+                        reply,
+                    })
+                    .await?;
+                let total = match got {
+                    Some(g) if g.epoch == grant.epoch => g.amount + grant.amount,
+                    _ => grant.amount,
+                };
+                got = Some(LeaseGrant {
+                    amount: total,
+                    ..grant
+                });
+                if total >= need || grant.elsewhere.is_zero() {
+                    break;
                 }
-                then(act)
-            }),
+            }
+            got.ok_or(StoreError::WriterGone)
+        };
+        Answer::Later(AtomicResponse::new(Box::pin(
+            consumption.persist_while(leased).into_actor(self).map(
+                move |(res, flushed), act, _| {
+                    act.saved_meanwhile(flushed);
+                    match res {
+                        Ok(grant) => act.add_lease(&bucket, grant),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            key_id = %act.key_id,
+                            bucket,
+                            "cannot lease more of the balance; granting from this instance's lease"
+                        ),
+                    }
+                    then(act)
+                },
+            ),
         )))
     }
 

@@ -261,8 +261,10 @@ impl Drop for ReleaseOnDrop<'_> {
     }
 }
 
-/// What a hold has drawn so far: written by the request as it draws, read by the wallet actor at
-/// every flush to persist the consumption of open holds (R9) without a message per token.
+/// What a hold has spent so far, as a crash would bill it: written by the request once what it
+/// drew has left for the upstream (the input) or the client (paid output), read by the wallet
+/// actor at every flush to persist the consumption of open holds (R9) without a message per
+/// token.
 #[derive(Debug, Default)]
 pub struct Drawn(parking_lot::Mutex<(Decimal, u64)>);
 
@@ -334,8 +336,16 @@ impl Hold {
         }
         self.consumed = consumed;
         self.tokens = total;
-        self.drawn.set(consumed, total);
         true
+    }
+
+    /// Publishes everything drawn so far as the hold's consumption, which the wallet persists at
+    /// its next flush and a crash recovery bills (R9). A draw pays for output *before* it is
+    /// forwarded, and a stream may hold paid output back (coalescing, or waiting for an
+    /// extension): publish only once that output has been handed to the client, so that an
+    /// `interrupted` record never bills tokens the client did not receive (F1).
+    pub fn publish_drawn(&self) {
+        self.drawn.set(self.consumed, self.tokens);
     }
 
     /// Asks the wallet for up to `want` more. Returns the grant.
@@ -628,6 +638,7 @@ mod tests {
                 .await
                 .unwrap();
             assert!(hold.try_draw(d(3), 3));
+            hold.publish_drawn();
             let addr = wallets.registry.addr("k");
             assert!(!addr.send(actor::seams::Explode).await.unwrap());
             w.barrier().await.unwrap();
@@ -648,7 +659,7 @@ mod tests {
     }
 
     /// R9: an open hold's consumption reaches the store at every flush, without a message:
-    /// the draws a request makes locally are what a crash recovery bills.
+    /// the draws a request makes locally and publishes are what a crash recovery bills.
     #[test]
     fn open_holds_persist_what_they_drew_at_every_flush() {
         with_wallets(|store, _w, wallets| async move {
@@ -677,13 +688,54 @@ mod tests {
                 }
             };
             assert!(hold.try_draw(d(2), 0)); // the input
+            hold.publish_drawn();
             persisted(d(2), 0).await;
             for _ in 0..7 {
                 assert!(hold.try_draw(d(1), 1));
             }
+            hold.publish_drawn();
             persisted(d(9), 7).await;
             assert!(hold.try_draw(d(1), 1));
+            hold.publish_drawn();
             persisted(d(10), 8).await;
+            drop(hold);
+        });
+    }
+
+    /// F1 after a crash: output paid from the hold but not yet handed to the client (a stream
+    /// coalescing a burst, or waiting for an extension with paid tokens in its buffer) is not
+    /// persisted, so a recovery never bills it; it is once the stream publishes it.
+    #[test]
+    fn paid_output_not_yet_forwarded_is_not_persisted() {
+        with_wallets(|store, w, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(100), None).await.unwrap();
+            let mut hold = wallets
+                .reserve("k", "credit", d(1), d(50), &draft("req-5"))
+                .await
+                .unwrap();
+            let persisted = || async {
+                // Every wallet flushes its open holds, then the writer commits them.
+                assert!(wallets.flush_all(Duration::from_secs(5)).await);
+                w.flush().await.unwrap();
+                let h = store.holds().unwrap();
+                assert_eq!(h.len(), 1, "{h:?}");
+                (h[0].consumed, h[0].consumed_tokens)
+            };
+            assert!(hold.try_draw(d(2), 0));
+            hold.publish_drawn();
+            assert_eq!(persisted().await, (d(2), 0));
+            // 31 tokens paid, still in the stream's buffer.
+            for _ in 0..31 {
+                assert!(hold.try_draw(d(1), 1));
+            }
+            assert_eq!(
+                persisted().await,
+                (d(2), 0),
+                "billed before it was forwarded"
+            );
+            hold.publish_drawn();
+            assert_eq!(persisted().await, (d(33), 31));
             drop(hold);
         });
     }
