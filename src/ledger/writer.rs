@@ -910,6 +910,29 @@ mod tests {
         assert_eq!(cost_of(&s, "req-a"), "0");
     }
 
+    /// Which ids the writer looks up: fallbacks it wrote, ids from before it started or without
+    /// a time; past [`REPLACEABLE_MAX`] fallbacks, every id.
+    #[test]
+    fn replaceable_ids_are_looked_up_and_the_set_is_bounded() {
+        let mut r = Replaceable::new();
+        let now = chrono::Utc::now();
+        let fresh = crate::ledger::new_request_id(now);
+        let old = crate::ledger::new_request_id(now - chrono::Duration::seconds(5));
+        assert!(!r.may_be_stored(&fresh));
+        assert!(r.may_be_stored(&old));
+        assert!(r.may_be_stored("req-untimed"));
+        r.fallback_written(&fresh);
+        assert!(r.may_be_stored(&fresh));
+        let other = crate::ledger::new_request_id(now);
+        assert!(!r.may_be_stored(&other));
+        for i in 0..REPLACEABLE_MAX {
+            r.fallback_written(&format!("req-f{i}"));
+        }
+        assert!(r.overflowed);
+        assert!(r.fallbacks.is_empty(), "the set is dropped, not grown");
+        assert!(r.may_be_stored(&other));
+    }
+
     /// The writer looks a record's id up in the store only when a fallback was written for it:
     /// a settlement that follows its committed fallback still replaces it, counted once.
     #[tokio::test]
