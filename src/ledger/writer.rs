@@ -384,6 +384,12 @@ struct Pending {
     after_sync: Vec<Reply>,
     /// Which stored records a new record may replace; kept across batches.
     replaceable: Replaceable,
+    /// Holds persisted for the first time, put into `batch` at commit: one settled before
+    /// then is never written (nor its removal).
+    new_holds: std::collections::HashMap<u64, NewHold>,
+    /// Each wallet's latest balances, put into `batch` at commit: once per batch, not once
+    /// per settlement.
+    wallets: std::collections::HashMap<String, Balances>,
 }
 
 /// Most fallback records remembered as replaceable; past that every record is looked up.
@@ -444,6 +450,8 @@ impl Pending {
             sync_now: false,
             after_sync: Vec::new(),
             replaceable,
+            new_holds: Default::default(),
+            wallets: Default::default(),
         }
     }
 }
@@ -591,6 +599,20 @@ fn commit(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
             err: "commit refused (injected fault)".into(),
         });
     }
+    for (id, h) in std::mem::take(&mut p.new_holds) {
+        match h.encode() {
+            Ok(v) => p.batch.insert(key_h(id), v),
+            // Cannot happen (the wallet actor encoded the draft); the hold then is not
+            // recoverable after a crash, but settles normally.
+            Err(e) => tracing::error!(error = %e, hold_id = id, "cannot persist a hold"),
+        }
+    }
+    for (key_id, balances) in std::mem::take(&mut p.wallets) {
+        p.batch.insert(
+            key_w(&key_id),
+            to_json(&WalletState::from_balances(&balances)),
+        );
+    }
     // A copy goes to sled, so that a failed commit leaves the batch here (the values are
     // reference-counted: the copy is a tree of pointers).
     let mut batch = p.batch.clone();
@@ -620,12 +642,12 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
             drew,
             record,
         } => {
-            p.batch.insert(
-                key_w(&key_id),
-                to_json(&WalletState::from_balances(&balances)),
-            );
+            p.wallets.insert(key_id, balances);
             if let Some(h) = hold_id {
-                p.batch.remove(key_h(h));
+                // A hold persisted and settled within one batch is never written.
+                if p.new_holds.remove(&h).is_none() {
+                    p.batch.remove(key_h(h));
+                }
                 // Removing a key that is not there still costs sled a tree walk.
                 if drew {
                     p.batch.remove(key_c(h));
@@ -664,14 +686,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
         }
         StoreOp::Holds { new, drawn } => {
             for h in new {
-                match h.encode() {
-                    Ok(v) => p.batch.insert(key_h(h.hold_id), v),
-                    // Cannot happen (the wallet actor encoded the draft); the hold then is
-                    // not recoverable after a crash, but settles normally.
-                    Err(e) => {
-                        tracing::error!(error = %e, hold_id = h.hold_id, "cannot persist a hold")
-                    }
-                }
+                p.new_holds.insert(h.hold_id, h);
             }
             for d in drawn {
                 p.batch.insert(key_c(d.hold_id), encode_compact(&d));
@@ -1188,6 +1203,66 @@ mod tests {
             assert!(store.record(&format!("req-b{i}")).unwrap().is_some());
         }
         thread.stop();
+    }
+
+    /// Holds and wallet states wait for the commit: a hold settled in the batch that persists
+    /// it leaves nothing, one settled in a later batch is removed, one still open stays, and the
+    /// wallet keeps its latest balances.
+    #[test]
+    fn a_batch_writes_each_wallet_once_and_skips_holds_it_settles() {
+        let hold = |id: u64| -> NewHold {
+            let mut draft = rec("k1", Some(("m/p1", "credit", "USD")), 5, 0, "0");
+            draft.request_id = format!("req-h{id}");
+            PersistedHold {
+                hold_id: id,
+                key_id: "k1".into(),
+                bucket: "credit".into(),
+                granted: Decimal::ONE,
+                consumed: Decimal::ZERO,
+                consumed_tokens: 0,
+                updated_at: draft.started_at,
+                draft: Box::new(draft),
+            }
+            .into()
+        };
+        let settle = |id: u64, balance: i64| StoreOp::Settle {
+            key_id: "k1".into(),
+            balances: [("credit".to_string(), Decimal::from(balance))].into(),
+            debit: Debit {
+                bucket: "credit".into(),
+                amount: Decimal::ONE,
+                charge: Decimal::ONE,
+                epoch: 0,
+            },
+            hold_id: Some(id),
+            drew: false,
+            record: None,
+        };
+        let holds = |new: Vec<NewHold>| StoreOp::Holds { new, drawn: vec![] };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let db = store.db().clone();
+        let mut p = Pending::new(Faults::default(), Replaceable::new());
+        apply_op(&store, &db, &mut p, holds(vec![hold(1), hold(2), hold(3)]));
+        apply_op(&store, &db, &mut p, settle(1, 9));
+        apply_op(&store, &db, &mut p, settle(9, 8));
+        commit(&db, &mut p).unwrap();
+        let ids =
+            |s: &Store| -> Vec<u64> { s.holds().unwrap().iter().map(|h| h.hold_id).collect() };
+        let mut open = ids(&store);
+        open.sort();
+        assert_eq!(open, vec![2, 3], "hold 1 never written");
+        assert_eq!(
+            store.wallet("k1").unwrap().balances()["credit"],
+            Decimal::from(8)
+        );
+        apply_op(&store, &db, &mut p, settle(2, 7));
+        commit(&db, &mut p).unwrap();
+        assert_eq!(ids(&store), vec![3]);
+        assert_eq!(
+            store.wallet("k1").unwrap().balances()["credit"],
+            Decimal::from(7)
+        );
     }
 
     #[test]
