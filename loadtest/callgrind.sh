@@ -12,6 +12,8 @@
 #
 # usage: loadtest/callgrind.sh [BINARY] [SECONDS] [CONCURRENCY]
 #   BINARY defaults to target/release/tollgate (build it with `cargo build --release`).
+#   CG_STREAM=N streams N tokens per request instead (64-token bursts: `CG_STREAM=64`; the mock
+#   sends them without delay, include_usage on); divide by N for instructions per chunk.
 #   CG_KEEP=DIR keeps the dumps (one per thread: DIR/load.out-NN and DIR/idle.out-NN) and wrk's
 #   report, for `callgrind_annotate --inclusive=yes DIR/load.out-*`.
 # Needs valgrind (callgrind_control) and wrk (Debian packages `valgrind`, `wrk`).
@@ -20,13 +22,16 @@ cd "$(dirname "$0")/.."
 bin=${1:-target/release/tollgate}
 secs=${2:-10}
 conc=${3:-8}
+tokens=${CG_STREAM:-16}
+stream_fields=
+[ -n "${CG_STREAM:-}" ] && stream_fields=',"stream":true,"stream_options":{"include_usage":true}'
 tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mock=$(free_port); gw=$(free_port); admin=$(free_port)
-"$bin" mock-upstream --listen "127.0.0.1:$mock" --ttft-ms 0 --tokens 16 --interval-ms 0 >"$tmp/mock.log" 2>&1 &
+"$bin" mock-upstream --listen "127.0.0.1:$mock" --ttft-ms 0 --tokens "$tokens" --interval-ms 0 >"$tmp/mock.log" 2>&1 &
 pids+=($!)
 cat >"$tmp/gw.toml" <<TOML
 [server]
@@ -64,9 +69,9 @@ for _ in $(seq 1 600); do
   curl -fsS -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null && break
   sleep 0.2
 done
-cat >"$tmp/post.lua" <<'LUA'
+cat >"$tmp/post.lua" <<LUA
 wrk.method = "POST"
-wrk.body = '{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":16}'
+wrk.body = '{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":$tokens$stream_fields}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer tg-callgrind-key"
 LUA
@@ -124,3 +129,7 @@ awk -v r="$requests" '{ l[$1] += $2; i[$1] += $3 }
     for (j = 1; j <= n; j++) printf " %s %.0f", k[j], (l[k[j]] - i[k[j]]) / r
     printf "\n"
   }' "$tmp/threads.txt"
+if [ -n "${CG_STREAM:-}" ]; then
+  awk -v l="$load" -v i="$idle" -v r="$requests" -v n="$CG_STREAM" \
+    'BEGIN { printf "instructions per streamed chunk: %.0f (%d chunks per request)\n", (l - i) / r / n, n }'
+fi

@@ -805,6 +805,7 @@ mod tests {
                             epoch: 0,
                         },
                         hold_id: None,
+                        drew: false,
                         record: Some(Box::new(r)),
                     })
                     .unwrap();

@@ -56,6 +56,8 @@ pub enum StoreOp {
         balances: Balances,
         debit: Debit,
         hold_id: Option<u64>,
+        /// The hold's consumption was persisted apart (a `c/` entry) at least once.
+        drew: bool,
         record: Option<Box<LedgerRecord>>,
     },
     /// Leases more of `bucket` to this instance: `need` if the balance no lease covers has it,
@@ -90,7 +92,7 @@ pub enum StoreOp {
     RecordIfAbsent(Box<LedgerRecord>),
     /// Open holds for crash recovery (R9): new ones whole, known ones by their consumption.
     Holds {
-        new: Vec<PersistedHold>,
+        new: Vec<NewHold>,
         drawn: Vec<HoldDrawn>,
     },
     TopUp {
@@ -271,9 +273,11 @@ fn spawn(
     let (tx, rx) = sync_channel(QUEUE);
     let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health = failing.clone();
+    // Taken before any operation can be sent: every id issued from now on is this run's.
+    let replaceable = Replaceable::new();
     let handle = std::thread::Builder::new()
         .name("tollgate-ledger-writer".into())
-        .spawn(move || run(store, rx, flush_interval, fault, &health))
+        .spawn(move || run(store, rx, flush_interval, fault, replaceable, &health))
         .map_err(|e| StoreError::DataDir {
             path: "writer thread".into(),
             err: e.to_string(),
@@ -378,10 +382,64 @@ struct Pending {
     dirty: bool,
     sync_now: bool,
     after_sync: Vec<Reply>,
+    /// Which stored records a new record may replace; kept across batches.
+    replaceable: Replaceable,
+    /// Holds persisted for the first time, put into `batch` at commit: one settled before
+    /// then is never written (nor its removal).
+    new_holds: std::collections::HashMap<u64, NewHold>,
+    /// Each wallet's latest balances, put into `batch` at commit: once per batch, not once
+    /// per settlement.
+    wallets: std::collections::HashMap<String, Balances>,
+}
+
+/// Most fallback records remembered as replaceable; past that every record is looked up.
+const REPLACEABLE_MAX: usize = 100_000;
+
+/// Which records already in the store a record being written may replace, so that the writer
+/// reads the store (a tree lookup, about a tenth of its work per record) only for those. A
+/// request's record replaces a stored one only when a fallback (`RecordIfAbsent`) was written
+/// for it first; ids this process issues carry their start time, so an id issued before the
+/// writer started (or one without a time) may name a record of an earlier run and is looked up.
+struct Replaceable {
+    /// The writer's start, in the micros of [`micros`].
+    since: u64,
+    /// Request ids whose fallback record this writer committed and no record replaced yet.
+    fallbacks: std::collections::HashSet<String>,
+    /// More fallbacks were written than [`REPLACEABLE_MAX`]: look every record up.
+    overflowed: bool,
+}
+
+impl Replaceable {
+    fn new() -> Self {
+        Replaceable {
+            since: micros(chrono::Utc::now()),
+            fallbacks: Default::default(),
+            overflowed: false,
+        }
+    }
+
+    /// Whether the store may hold a record with this id.
+    fn may_be_stored(&self, request_id: &str) -> bool {
+        self.overflowed
+            || id_micros(request_id).is_none_or(|t| t < self.since)
+            || self.fallbacks.contains(request_id)
+    }
+
+    fn fallback_written(&mut self, request_id: &str) {
+        if self.overflowed {
+            return;
+        }
+        if self.fallbacks.len() >= REPLACEABLE_MAX {
+            self.overflowed = true;
+            self.fallbacks = Default::default();
+            return;
+        }
+        self.fallbacks.insert(request_id.to_string());
+    }
 }
 
 impl Pending {
-    fn new(faults: Faults) -> Self {
+    fn new(faults: Faults, replaceable: Replaceable) -> Self {
         Pending {
             batch: sled::Batch::default(),
             faults,
@@ -391,6 +449,9 @@ impl Pending {
             dirty: false,
             sync_now: false,
             after_sync: Vec::new(),
+            replaceable,
+            new_holds: Default::default(),
+            wallets: Default::default(),
         }
     }
 }
@@ -423,12 +484,13 @@ fn run(
     rx: Receiver<Msg>,
     flush_interval: Duration,
     fault: Faults,
+    replaceable: Replaceable,
     failing: &std::sync::atomic::AtomicBool,
 ) {
     let db = store.db().clone();
     let half = (flush_interval / 2).max(Duration::from_millis(1));
     let window = group_window(flush_interval);
-    let mut p = Pending::new(fault.clone());
+    let mut p = Pending::new(fault.clone(), replaceable);
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     let mut stopping = false;
@@ -537,6 +599,20 @@ fn commit(db: &sled::Db, p: &mut Pending) -> Result<(), StoreError> {
             err: "commit refused (injected fault)".into(),
         });
     }
+    for (id, h) in std::mem::take(&mut p.new_holds) {
+        match h.encode() {
+            Ok(v) => p.batch.insert(key_h(id), v),
+            // Cannot happen (the wallet actor encoded the draft); the hold then is not
+            // recoverable after a crash, but settles normally.
+            Err(e) => tracing::error!(error = %e, hold_id = id, "cannot persist a hold"),
+        }
+    }
+    for (key_id, balances) in std::mem::take(&mut p.wallets) {
+        p.batch.insert(
+            key_w(&key_id),
+            to_json(&WalletState::from_balances(&balances)),
+        );
+    }
     // A copy goes to sled, so that a failed commit leaves the batch here (the values are
     // reference-counted: the copy is a tree of pointers).
     let mut batch = p.batch.clone();
@@ -563,15 +639,19 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
             balances,
             debit: _,
             hold_id,
+            drew,
             record,
         } => {
-            p.batch.insert(
-                key_w(&key_id),
-                to_json(&WalletState::from_balances(&balances)),
-            );
+            p.wallets.insert(key_id, balances);
             if let Some(h) = hold_id {
-                p.batch.remove(key_h(h));
-                p.batch.remove(key_c(h));
+                // A hold persisted and settled within one batch is never written.
+                if p.new_holds.remove(&h).is_none() {
+                    p.batch.remove(key_h(h));
+                }
+                // Removing a key that is not there still costs sled a tree walk.
+                if drew {
+                    p.batch.remove(key_c(h));
+                }
             }
             if let Some(rec) = record {
                 write_record(store, p, rec);
@@ -598,6 +678,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
             let present = p.records.contains_key(&rec.request_id)
                 || store.has_record(&rec.request_id).unwrap_or(false);
             if !present {
+                p.replaceable.fallback_written(&rec.request_id);
                 put_record(&mut p.batch, &mut p.rollups, &rec);
                 p.records.insert(rec.request_id.clone(), rec);
                 p.ops += 1;
@@ -605,7 +686,7 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
         }
         StoreOp::Holds { new, drawn } => {
             for h in new {
-                p.batch.insert(key_h(h.hold_id), encode_compact(&h));
+                p.new_holds.insert(h.hold_id, h);
             }
             for d in drawn {
                 p.batch.insert(key_c(d.hold_id), encode_compact(&d));
@@ -726,15 +807,20 @@ fn apply_op(store: &Store, db: &sled::Db, p: &mut Pending, op: StoreOp) {
 /// Adds a record to the pending batch, replacing any earlier record of the same request (in
 /// the batch or the store): the rollups then lose the earlier record's counts.
 fn write_record(store: &Store, p: &mut Pending, rec: Box<LedgerRecord>) {
+    let may_be_stored = p.replaceable.may_be_stored(&rec.request_id);
+    if !p.replaceable.fallbacks.is_empty() {
+        p.replaceable.fallbacks.remove(&rec.request_id);
+    }
     let earlier = match p.records.remove(&rec.request_id) {
         Some(old) => Some(old),
-        None => match store.record(&rec.request_id) {
+        None if may_be_stored => match store.record(&rec.request_id) {
             Ok(old) => old.map(Box::new),
             Err(e) => {
                 tracing::error!(error = %e, request_id = %rec.request_id, "cannot read the record this one replaces: the rollups may count it twice");
                 None
             }
         },
+        None => None,
     };
     if let Some(old) = earlier {
         p.rollups.remove(&old);
@@ -837,6 +923,74 @@ mod tests {
         // Alone, the fallback is written.
         let s = run_ops(vec![StoreOp::RecordIfAbsent(Box::new(fallback))]);
         assert_eq!(cost_of(&s, "req-a"), "0");
+    }
+
+    /// Which ids the writer looks up: fallbacks it wrote, ids from before it started or without
+    /// a time; past [`REPLACEABLE_MAX`] fallbacks, every id.
+    #[test]
+    fn replaceable_ids_are_looked_up_and_the_set_is_bounded() {
+        let mut r = Replaceable::new();
+        let now = chrono::Utc::now();
+        let fresh = crate::ledger::new_request_id(now);
+        let old = crate::ledger::new_request_id(now - chrono::Duration::seconds(5));
+        assert!(!r.may_be_stored(&fresh));
+        assert!(r.may_be_stored(&old));
+        assert!(r.may_be_stored("req-untimed"));
+        r.fallback_written(&fresh);
+        assert!(r.may_be_stored(&fresh));
+        let other = crate::ledger::new_request_id(now);
+        assert!(!r.may_be_stored(&other));
+        for i in 0..REPLACEABLE_MAX {
+            r.fallback_written(&format!("req-f{i}"));
+        }
+        assert!(r.overflowed);
+        assert!(r.fallbacks.is_empty(), "the set is dropped, not grown");
+        assert!(r.may_be_stored(&other));
+    }
+
+    /// The writer looks a record's id up in the store only when a fallback was written for it:
+    /// a settlement that follows its committed fallback still replaces it, counted once.
+    #[tokio::test]
+    async fn a_settlement_after_a_committed_fallback_replaces_it_in_the_rollups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (w, thread) = start(store.clone(), Duration::from_millis(10)).unwrap();
+        let started = chrono::Utc::now();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let id = crate::ledger::new_request_id(started);
+            let mut settled = rec("k1", Some(("m/p1", "credit", "USD")), 2, 8, "0.000018");
+            settled.request_id = id.clone();
+            settled.started_at = started;
+            let mut fallback = settled.clone();
+            fallback.cost = Decimal::ZERO;
+            fallback.status = crate::ledger::Status::ClientDisconnected;
+            if n > 0 {
+                // Fallback and settlement in separate batches (and a second fallback after).
+                w.send(StoreOp::RecordIfAbsent(Box::new(fallback.clone())))
+                    .unwrap();
+                w.flush().await.unwrap();
+            }
+            w.send(StoreOp::Record(Box::new(settled))).unwrap();
+            w.flush().await.unwrap();
+            w.send(StoreOp::RecordIfAbsent(Box::new(fallback))).unwrap();
+            w.flush().await.unwrap();
+            ids.push(id);
+        }
+        for id in &ids {
+            assert_eq!(cost_of(&store, id), "0.000018", "{id}");
+        }
+        let hour = crate::ledger::rollup::hour_of(&store.record(&ids[0]).unwrap().unwrap());
+        let mut counted = 0;
+        store
+            .rollup_hours(crate::ledger::rollup::Scope::All, hour, hour + 1, |_, s| {
+                if let crate::ledger::rollup::Sums::Tally(_, n) = s {
+                    counted += n;
+                }
+            })
+            .unwrap();
+        assert_eq!(counted, 3, "each request counted once");
+        thread.stop();
     }
 
     #[tokio::test]
@@ -1051,6 +1205,66 @@ mod tests {
         thread.stop();
     }
 
+    /// Holds and wallet states wait for the commit: a hold settled in the batch that persists
+    /// it leaves nothing, one settled in a later batch is removed, one still open stays, and the
+    /// wallet keeps its latest balances.
+    #[test]
+    fn a_batch_writes_each_wallet_once_and_skips_holds_it_settles() {
+        let hold = |id: u64| -> NewHold {
+            let mut draft = rec("k1", Some(("m/p1", "credit", "USD")), 5, 0, "0");
+            draft.request_id = format!("req-h{id}");
+            PersistedHold {
+                hold_id: id,
+                key_id: "k1".into(),
+                bucket: "credit".into(),
+                granted: Decimal::ONE,
+                consumed: Decimal::ZERO,
+                consumed_tokens: 0,
+                updated_at: draft.started_at,
+                draft: Box::new(draft),
+            }
+            .into()
+        };
+        let settle = |id: u64, balance: i64| StoreOp::Settle {
+            key_id: "k1".into(),
+            balances: [("credit".to_string(), Decimal::from(balance))].into(),
+            debit: Debit {
+                bucket: "credit".into(),
+                amount: Decimal::ONE,
+                charge: Decimal::ONE,
+                epoch: 0,
+            },
+            hold_id: Some(id),
+            drew: false,
+            record: None,
+        };
+        let holds = |new: Vec<NewHold>| StoreOp::Holds { new, drawn: vec![] };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let db = store.db().clone();
+        let mut p = Pending::new(Faults::default(), Replaceable::new());
+        apply_op(&store, &db, &mut p, holds(vec![hold(1), hold(2), hold(3)]));
+        apply_op(&store, &db, &mut p, settle(1, 9));
+        apply_op(&store, &db, &mut p, settle(9, 8));
+        commit(&db, &mut p).unwrap();
+        let ids =
+            |s: &Store| -> Vec<u64> { s.holds().unwrap().iter().map(|h| h.hold_id).collect() };
+        let mut open = ids(&store);
+        open.sort();
+        assert_eq!(open, vec![2, 3], "hold 1 never written");
+        assert_eq!(
+            store.wallet("k1").unwrap().balances()["credit"],
+            Decimal::from(8)
+        );
+        apply_op(&store, &db, &mut p, settle(2, 7));
+        commit(&db, &mut p).unwrap();
+        assert_eq!(ids(&store), vec![3]);
+        assert_eq!(
+            store.wallet("k1").unwrap().balances()["credit"],
+            Decimal::from(7)
+        );
+    }
+
     #[test]
     fn holds_left_by_a_crash_are_recovered_in_both_encodings() {
         let hold = |id: u64, consumed: &str| {
@@ -1070,7 +1284,7 @@ mod tests {
         // Hold 1 is written whole once, then its consumption moves on (R9).
         let s = run_ops(vec![
             StoreOp::Holds {
-                new: vec![hold(1, "0.25")],
+                new: vec![hold(1, "0.25").into()],
                 drawn: vec![],
             },
             StoreOp::Holds {

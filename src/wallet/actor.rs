@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use super::registry::Shard;
 use super::{Drawn, WalletError};
 use crate::ledger::store::{
-    decode_compact, encode_compact, Balances, HoldDrawn, PersistedHold, StoreError,
+    decode_compact, encode_compact, Balances, HoldDrawn, NewHold, StoreError,
 };
 use crate::ledger::writer::{Debit, LeaseGrant, StoreOp, TopupOutcome};
 use crate::ledger::{LedgerRecord, LedgerWriter};
@@ -25,8 +25,10 @@ struct OpenHold {
     saved: (Decimal, u64),
     /// The request's draft record, encoded compactly (see [`encode_draft`]).
     draft: Box<[u8]>,
-    /// An `h/` entry was queued for this hold: the settlement must remove it (and its `c/`).
+    /// An `h/` entry was queued for this hold: the settlement must remove it.
     persisted: bool,
+    /// A `c/` entry (its consumption) was queued for this hold: the settlement removes it too.
+    drew: bool,
     /// The lease epoch the hold was granted under (0 without leases).
     epoch: u64,
 }
@@ -271,17 +273,10 @@ impl WalletActor {
         for (id, h) in self.holds.iter_mut() {
             let (consumed, tokens) = h.drawn.get();
             if !h.persisted {
-                let draft = match decode_compact::<LedgerRecord>(b"hold draft", &h.draft) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // Cannot happen (the actor encoded it); tried again at the next flush.
-                        tracing::error!(error = %e, %key_id, "cannot persist a hold");
-                        continue;
-                    }
-                };
                 h.persisted = true;
                 h.saved = (consumed, tokens);
-                new.push(PersistedHold {
+                // The draft stays encoded: the writer copies its bytes into the hold's entry.
+                new.push(NewHold {
                     hold_id: *id,
                     key_id: key_id.to_string(),
                     bucket: h.bucket.clone(),
@@ -289,10 +284,11 @@ impl WalletActor {
                     consumed,
                     consumed_tokens: tokens,
                     updated_at: now,
-                    draft: Box::new(draft),
+                    draft: h.draft.clone(),
                 });
             } else if h.saved != (consumed, tokens) {
                 h.saved = (consumed, tokens);
+                h.drew = true;
                 drawn.push(HoldDrawn {
                     hold_id: *id,
                     consumed,
@@ -672,6 +668,7 @@ impl WalletActor {
                 saved: (Decimal::ZERO, 0),
                 draft: m.draft,
                 persisted: false,
+                drew: false,
                 epoch: self.lease.as_ref().map_or(0, |l| l.epoch),
             },
         );
@@ -770,11 +767,13 @@ impl WalletActor {
         self.last_activity = Instant::now();
         let mut charge = m.charge.max(Decimal::ZERO);
         let mut persisted = false;
+        let mut drew = false;
         let mut epoch = self.lease.as_ref().map_or(0, |l| l.epoch);
         let (bucket, granted) = match self.holds.remove(&m.hold_id) {
             Some(h) => {
                 crate::metrics::hot(|m| m.holds_active.decrement(1.0));
                 persisted = h.persisted;
+                drew = h.drew;
                 epoch = h.epoch;
                 (h.bucket, h.granted)
             }
@@ -831,6 +830,7 @@ impl WalletActor {
             },
             // A hold settled before its first flush left nothing on disk to remove.
             hold_id: persisted.then_some(m.hold_id),
+            drew,
             record,
         };
         if let Err(e) = self.writer.send(op) {

@@ -662,7 +662,7 @@ mod tests {
     /// the draws a request makes locally and publishes are what a crash recovery bills.
     #[test]
     fn open_holds_persist_what_they_drew_at_every_flush() {
-        with_wallets(|store, _w, wallets| async move {
+        with_wallets(|store, w, wallets| async move {
             let d = Decimal::from;
             wallets.topup("k", "credit", d(100), None).await.unwrap();
             let mut hold = wallets
@@ -698,7 +698,28 @@ mod tests {
             assert!(hold.try_draw(d(1), 1));
             hold.publish_drawn();
             persisted(d(10), 8).await;
-            drop(hold);
+            // A hold that never drew is persisted whole once, and has no consumption entry.
+            let idle = wallets
+                .reserve("k", "credit", d(1), d(5), &draft("req-3b"))
+                .await
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while store.holds().unwrap().len() < 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the idle hold not persisted"
+                );
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Settling both leaves nothing of either on disk.
+            hold.settle(d(10), Some(draft("req-3"))).await;
+            idle.settle(d(1), Some(draft("req-3b"))).await;
+            wallets.snapshot("k").await.unwrap();
+            w.flush().await.unwrap();
+            assert_eq!(store.holds().unwrap(), vec![]);
+            assert_eq!(store.db().scan_prefix(b"h/").count(), 0);
+            assert_eq!(store.db().scan_prefix(b"c/").count(), 0);
+            assert_eq!(store.record("req-3").unwrap().unwrap().cost, d(10));
         });
     }
 

@@ -140,7 +140,14 @@ impl Pending {
             StoreOp::RecordIfAbsent(rec) => self.if_absent.push(*rec),
             StoreOp::Holds { new, drawn } => {
                 for h in new {
-                    self.holds_new.insert(h.hold_id, h);
+                    match h.decode() {
+                        Ok(h) => {
+                            self.holds_new.insert(h.hold_id, h);
+                        }
+                        // Cannot happen (the wallet actor encoded the draft); the hold then is
+                        // not recoverable after a crash, but settles normally.
+                        Err(e) => tracing::error!(error = %e, "cannot persist a hold"),
+                    }
                 }
                 for d in drawn {
                     match self.holds_new.get_mut(&d.hold_id) {
@@ -1191,6 +1198,7 @@ mod tests {
                 epoch,
             },
             hold_id: Some(hold_id),
+            drew: true,
             record: Some(Box::new(rec)),
         }
     }
@@ -1203,7 +1211,7 @@ mod tests {
         let mut p = Pending::default();
         p.add(
             StoreOp::Holds {
-                new: vec![hold(1), hold(2)],
+                new: vec![hold(1).into(), hold(2).into()],
                 drawn: vec![],
             },
             7,
