@@ -40,6 +40,12 @@ struct Lease {
     epoch: u64,
     /// Spending per bucket, to size the next lease.
     spend: BTreeMap<String, SpendRate>,
+    /// Per bucket, when the store last answered that it had nothing more to lease (it granted
+    /// less than was needed, after asking again while other instances leased the rest). A
+    /// reservation sent before that answer was covered by it: the database was asked after the
+    /// reservation was made, so it is refused at once instead of asking again. A burst on a
+    /// drained key then costs one round of asks per batch of waiting reservations, not one each.
+    dry: BTreeMap<String, Instant>,
 }
 
 /// A bucket's recent spending, to size leases: about [`LEASE_HORIZON`] of it, so that a busy
@@ -154,6 +160,7 @@ impl WalletActor {
         let lease = writer.leases().then(|| Lease {
             epoch: writer.epoch(),
             spend: BTreeMap::new(),
+            dry: BTreeMap::new(),
         });
         WalletActor {
             key_id,
@@ -338,6 +345,8 @@ pub struct Reserve {
     pub draft: Box<[u8]>,
     /// Shared with the request's [`super::Hold`], which records its draws in it.
     pub drawn: Arc<Drawn>,
+    /// When the reservation was made (see [`Lease::dry`]).
+    pub sent: Instant,
 }
 
 /// Encodes a draft record for [`Reserve`].
@@ -357,7 +366,7 @@ impl Handler<Reserve> for WalletActor {
                 "the wallet failed to reserve".into(),
             ))
         };
-        if self.loaded {
+        if self.loaded && !self.dry_since(&m.bucket, m.sent) {
             if let Some(more) = self.lease_shortfall(&m.bucket, m.want.max(m.min)) {
                 let bucket = m.bucket.clone();
                 return self.with_more_lease(bucket, more, move |act| {
@@ -370,6 +379,14 @@ impl Handler<Reserve> for WalletActor {
 }
 
 impl WalletActor {
+    /// Whether the store answered after `sent` that `bucket` had nothing more to lease.
+    fn dry_since(&self, bucket: &str, sent: Instant) -> bool {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.dry.get(bucket))
+            .is_some_and(|answered| *answered >= sent)
+    }
+
     /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
     /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
     fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
@@ -434,7 +451,16 @@ impl WalletActor {
             .into_actor(self)
             .map(move |res, act, _| {
                 match res {
-                    Ok(grant) => act.add_lease(&bucket, grant),
+                    Ok(grant) => {
+                        if let Some(l) = &mut act.lease {
+                            if grant.amount < need {
+                                l.dry.insert(bucket.clone(), Instant::now());
+                            } else {
+                                l.dry.remove(&bucket);
+                            }
+                        }
+                        act.add_lease(&bucket, grant)
+                    }
                     Err(e) => tracing::warn!(
                         error = %e,
                         key_id = %act.key_id,

@@ -133,6 +133,7 @@ impl Wallets {
                 want,
                 draft: actor::encode_draft(draft),
                 drawn: drawn.clone(),
+                sent: std::time::Instant::now(),
             })
             .await?;
         orphan.armed = false;
