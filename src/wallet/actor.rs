@@ -63,7 +63,7 @@ struct SpendRate {
 
 /// Settlements per [`LEASE_HORIZON`] from which a key counts as busy: its lease then keeps a
 /// horizon of spending between requests instead of going back after each one.
-const BUSY_SETTLES: u32 = 8;
+const BUSY_SETTLES: u32 = 3;
 
 /// The spending a lease is sized to cover.
 const LEASE_HORIZON: Duration = Duration::from_secs(1);
