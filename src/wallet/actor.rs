@@ -76,6 +76,9 @@ const LEASE_CHECK: Duration = Duration::from_millis(250);
 /// many times, this far apart (F2: the balance leased elsewhere may be on its way back).
 const LEASE_RETRIES: u32 = 4;
 const LEASE_RETRY_WAIT: Duration = Duration::from_millis(25);
+/// How long an extension takes the store's "nothing more to lease" as still true: about one
+/// round of asks.
+const DRY_MEMORY: Duration = Duration::from_millis(100);
 
 impl SpendRate {
     fn add(&mut self, amount: Decimal) {
@@ -106,6 +109,14 @@ impl SpendRate {
     }
 }
 
+/// What a wallet actor in a fleet publishes as it changes, for the wallet view to read without
+/// waiting in the actor's mailbox (behind reservations that wait for the store to lease more).
+#[derive(Debug, Default)]
+pub struct Published {
+    pub held: Balances,
+    pub open_holds: usize,
+}
+
 pub struct WalletActor {
     key_id: Arc<str>,
     balances: Balances,
@@ -119,6 +130,8 @@ pub struct WalletActor {
     loaded: bool,
     /// `Some` when balances are leased from a shared store (a fleet).
     lease: Option<Lease>,
+    /// In a fleet: `held` and the count of open holds, kept current (see [`Published`]).
+    published: Option<Arc<parking_lot::Mutex<Published>>>,
 }
 
 /// A handler's answer: at once, or after a round trip to the store during which the actor
@@ -156,6 +169,7 @@ impl WalletActor {
         shard: Arc<Shard>,
         flush_interval: Duration,
         idle_timeout: Duration,
+        published: Option<Arc<parking_lot::Mutex<Published>>>,
     ) -> Self {
         let lease = writer.leases().then(|| Lease {
             epoch: writer.epoch(),
@@ -168,6 +182,7 @@ impl WalletActor {
             held: BTreeMap::new(),
             holds: HashMap::new(),
             lease,
+            published,
             writer,
             shard,
             flush_interval,
@@ -201,6 +216,25 @@ impl WalletActor {
         if h.is_zero() {
             self.held.remove(bucket);
         }
+        self.publish(bucket);
+    }
+
+    /// Publishes `bucket`'s held amount and the count of open holds (in a fleet).
+    fn publish(&self, bucket: &str) {
+        let Some(p) = &self.published else {
+            return;
+        };
+        let mut p = p.lock();
+        match (self.held.get(bucket), p.held.get_mut(bucket)) {
+            (Some(v), Some(slot)) => *slot = *v,
+            (Some(v), None) => {
+                p.held.insert(bucket.to_string(), *v);
+            }
+            (None, _) => {
+                p.held.remove(bucket);
+            }
+        }
+        p.open_holds = self.holds.len();
     }
 
     /// Persists what the store does not have yet: each new hold once (with its draft record),
@@ -595,6 +629,9 @@ impl WalletActor {
                 epoch: self.lease.as_ref().map_or(0, |l| l.epoch),
             },
         );
+        if let Some(p) = &self.published {
+            p.lock().open_holds = self.holds.len();
+        }
         crate::metrics::hot(|m| m.holds_active.increment(1.0));
         Ok(grant)
     }
@@ -617,7 +654,11 @@ impl Handler<Extend> for WalletActor {
             Some(_) => self.holds.get(&m.hold_id).map(|h| h.bucket.clone()),
             None => None,
         };
-        if let Some(bucket) = bucket {
+        // An extension asked for just after the store said the bucket had nothing more to
+        // lease takes what is here: asked again, the store would keep the actor (and every
+        // reservation and wallet view queued behind) waiting to answer the same.
+        let recent = Instant::now().checked_sub(DRY_MEMORY);
+        if let Some(bucket) = bucket.filter(|b| !recent.is_some_and(|t| self.dry_since(b, t))) {
             if let Some(more) = self.lease_shortfall(&bucket, m.want) {
                 return self.with_more_lease(bucket, more, move |act| {
                     act.guarded("extend", Decimal::ZERO, |act| act.extend(m))
