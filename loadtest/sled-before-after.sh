@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-: "${OLD_BIN:?set OLD_BIN to the earlier build's tollgate binary}"
+: "${OLD_BIN:?set OLD_BIN to the tollgate binary of the earlier build}"
 CONFIG=${OLD_CONFIG:-loadtest/gateway.toml}
 SCALE=${SCALE:-1}
 ROUNDS=${ROUNDS:-2}
@@ -100,11 +100,13 @@ for scenario in $SCENARIOS; do
 done
 
 mkdir -p "$OUT"
+old_version=$("$OLD_BIN" --version 2>/dev/null || echo "$OLD_BIN")
+new_commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 {
   echo "# One sled instance: an earlier build and this one, in one run"
   echo
   echo "- when: $(date -u +%Y-%m-%dT%H:%M:%SZ); scale $SCALE; $ROUNDS rounds, alternating before, now"
-  echo "- before: \`$("$OLD_BIN" --version 2>/dev/null || echo "$OLD_BIN")\`; now: this tree ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+  echo "- before: $old_version (OLD_BIN); now: this tree at $new_commit"
   echo "- conditions: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
   echo "- gateway CPU (user + system, from /proc) divided by the requests, or tokens, it served in the phase"
   echo
