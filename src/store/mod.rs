@@ -44,7 +44,10 @@ pub trait WalletStore: Send + Sync {
     /// The open holds that the instances sharing this store persisted, each with the instance
     /// holding it, oldest first; with `key_id`, only that key's. A store one process owns
     /// answers none: its open holds are all in its own wallet actors.
-    fn fleet_holds(&self, key_id: Option<&str>) -> Result<Vec<(String, PersistedHold)>, StoreError> {
+    fn fleet_holds(
+        &self,
+        key_id: Option<&str>,
+    ) -> Result<Vec<(String, PersistedHold)>, StoreError> {
         let _ = key_id;
         Ok(Vec::new())
     }

@@ -431,7 +431,10 @@ impl WalletStore for PgStore {
         rows.iter().map(writer::hold_from_row).collect()
     }
 
-    fn fleet_holds(&self, key_id: Option<&str>) -> Result<Vec<(String, PersistedHold)>, StoreError> {
+    fn fleet_holds(
+        &self,
+        key_id: Option<&str>,
+    ) -> Result<Vec<(String, PersistedHold)>, StoreError> {
         let rows = match key_id {
             Some(k) => self.query(
                 "SELECT hold_id, key_id, bucket, granted, consumed, consumed_tokens, updated_at,

@@ -362,7 +362,10 @@ impl Window {
     }
 
     /// Runs a commit, folding how long it took into the average when it wrote something.
-    fn timed<T>(&mut self, commit: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn timed<T>(
+        &mut self,
+        commit: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
         let r = commit();
         let took = started.elapsed();
