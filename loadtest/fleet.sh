@@ -11,11 +11,15 @@
 #   loadtest/fleet.sh
 #   SCALE=0.25 loadtest/fleet.sh          # quick: a quarter of every count and duration
 #   SINGLE=0 loadtest/fleet.sh            # the fleet only
+#   FLUSH_MS=100 loadtest/fleet.sh        # another [settlement] flush_interval_ms (default 50);
+#                                         # the results are named fleet-flush100 and so on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCALE=${SCALE:-1}
 SINGLE=${SINGLE:-1}
+FLUSH_MS=${FLUSH_MS:-}
+SUFFIX=${FLUSH_MS:+-flush$FLUSH_MS}
 OUT=${OUT:-loadtest/results}
 BASE_PORT=${BASE_PORT:-18180}
 PRIMARY_PORT=$((BASE_PORT + 11))
@@ -95,6 +99,7 @@ gateway_config() {
   local n=$1 store=$2
   local port=$((BASE_PORT + 2 * n)) admin=$((BASE_PORT + 2 * n + 1))
   sed -e "s#@GATEWAY_PORT@#$port#; s#@ADMIN_PORT@#$admin#; s#@PRIMARY_PORT@#$PRIMARY_PORT#; s#@BACKUP_PORT@#$BACKUP_PORT#; s#@DATA_DIR@#$TMP/data-$store-$n#" \
+    -e "${FLUSH_MS:+s#^flush_interval_ms = .*#flush_interval_ms = $FLUSH_MS#}" \
     loadtest/gateway.toml
   if [ "$store" = postgres ]; then
     printf '\n[store]\nkind = "postgres"\nurl_env = "TOLLGATE_DATABASE_URL"\ninstance_id = "%s"\n' "${INSTANCES[$n]}"
@@ -111,7 +116,7 @@ run_loadtest() { # NAME PG_URL_OR_EMPTY then per instance: client_port admin_por
   done
   [ -n "$pg" ] && args+=(--pg-url "$pg")
   echo "== $name" >&2
-  timeout 900 "$BIN/tollgate-loadtest" --scenario loadtest/scenarios/fleet.toml --name "$name" \
+  timeout 900 "$BIN/tollgate-loadtest" --scenario loadtest/scenarios/fleet.toml --name "$name$SUFFIX" \
     --key "$KEY" --direct-url "http://127.0.0.1:$PRIMARY_PORT/v1" \
     --mock "primary=http://127.0.0.1:$PRIMARY_PORT" --mock "backup=http://127.0.0.1:$BACKUP_PORT" \
     --admin-token "$ADMIN_TOKEN" --verify-ledger --scale "$SCALE" --out "$OUT" \

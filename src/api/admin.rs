@@ -488,11 +488,13 @@ struct InflightQuery {
 }
 
 /// One open request as `GET /admin/inflight` shows it: the draft record's attribution and route,
-/// what it has drawn so far and what its hold grants; amounts as decimal strings.
+/// what it has drawn so far and what its hold grants; amounts as decimal strings. In a fleet,
+/// `instance_id` names the instance serving it.
 pub fn inflight_view(r: &OpenRequest) -> Value {
     let d = &r.draft;
     json!({
         "request_id": d.request_id,
+        "instance_id": d.instance_id,
         "key_id": d.key_id,
         "project": d.project,
         "task": d.task,
@@ -516,7 +518,7 @@ async fn inflight(
     if let Some(k) = key_id {
         key_or_404(&state, k)?;
     }
-    let open = state.wallets.inflight(key_id).await.map_err(|e| {
+    let open = open_requests(&state, key_id).await.map_err(|e| {
         ApiError::new(
             503,
             "service_unavailable",
@@ -526,6 +528,50 @@ async fn inflight(
     })?;
     let requests: Vec<Value> = open.iter().map(inflight_view).collect();
     Ok(HttpResponse::Ok().json(json!({ "requests": requests })))
+}
+
+/// The requests open right now, newest first; with `key_id`, only that key's. This instance's
+/// come from its wallet actors, as they are. In a fleet, the other instances' come from the
+/// open holds they persist at every flush (R9), so their figures are at most one flush
+/// interval old; each request's draft names the instance serving it.
+pub async fn open_requests(
+    state: &AppState,
+    key_id: Option<&str>,
+) -> Result<Vec<OpenRequest>, WalletError> {
+    let mut open = state.wallets.inflight(key_id).await?;
+    let Some(me) = state.instance_id.clone() else {
+        return Ok(open);
+    };
+    let store = state.store.clone();
+    let key = key_id.map(str::to_string);
+    let persisted = web::block(move || store.fleet_holds(key.as_deref()))
+        .await
+        .map_err(|e| WalletError::Unavailable(e.to_string()))?
+        .map_err(|e| WalletError::Unavailable(e.to_string()))?;
+    for r in &mut open {
+        r.draft.instance_id = Some(me.clone());
+    }
+    // This instance's own rows are older copies of what its actors just answered.
+    open.extend(
+        persisted
+            .into_iter()
+            .filter(|(instance, _)| *instance != me)
+            .map(|(instance, h)| {
+                let mut draft = *h.draft;
+                draft.instance_id = Some(instance);
+                OpenRequest {
+                    hold_id: h.hold_id,
+                    draft,
+                    drawn: h.consumed,
+                    output_tokens: h.consumed_tokens,
+                    held: h.granted,
+                }
+            }),
+    );
+    open.sort_by(|a, b| {
+        (b.draft.started_at, &b.draft.request_id).cmp(&(a.draft.started_at, &a.draft.request_id))
+    });
+    Ok(open)
 }
 
 /// Ledger filters (R31).

@@ -41,6 +41,16 @@ pub trait WalletStore: Send + Sync {
     }
     /// Every open hold persisted (R9), with its latest persisted consumption.
     fn holds(&self) -> Result<Vec<PersistedHold>, StoreError>;
+    /// The open holds that the instances sharing this store persisted, each with the instance
+    /// holding it, oldest first; with `key_id`, only that key's. A store one process owns
+    /// answers none: its open holds are all in its own wallet actors.
+    fn fleet_holds(
+        &self,
+        key_id: Option<&str>,
+    ) -> Result<Vec<(String, PersistedHold)>, StoreError> {
+        let _ = key_id;
+        Ok(Vec::new())
+    }
 }
 
 /// A page of ledger records in scan order, each with its cursor key.

@@ -42,6 +42,12 @@ struct Lease {
     epoch: u64,
     /// Spending per bucket, to size the next lease.
     spend: BTreeMap<String, SpendRate>,
+    /// Per bucket, when the store last answered that it had nothing more to lease (it granted
+    /// less than was needed, after asking again while other instances leased the rest). A
+    /// reservation sent before that answer was covered by it: the database was asked after the
+    /// reservation was made, so it is refused at once instead of asking again. A burst on a
+    /// drained key then costs one round of asks per batch of waiting reservations, not one each.
+    dry: BTreeMap<String, Instant>,
 }
 
 /// A bucket's recent spending, to size leases: about [`LEASE_HORIZON`] of it, so that a busy
@@ -59,7 +65,7 @@ struct SpendRate {
 
 /// Settlements per [`LEASE_HORIZON`] from which a key counts as busy: its lease then keeps a
 /// horizon of spending between requests instead of going back after each one.
-const BUSY_SETTLES: u32 = 8;
+const BUSY_SETTLES: u32 = 3;
 
 /// The spending a lease is sized to cover.
 const LEASE_HORIZON: Duration = Duration::from_secs(1);
@@ -72,6 +78,9 @@ const LEASE_CHECK: Duration = Duration::from_millis(250);
 /// many times, this far apart (F2: the balance leased elsewhere may be on its way back).
 const LEASE_RETRIES: u32 = 4;
 const LEASE_RETRY_WAIT: Duration = Duration::from_millis(25);
+/// How long an extension takes the store's "nothing more to lease" as still true: about one
+/// round of asks.
+const DRY_MEMORY: Duration = Duration::from_millis(100);
 
 impl SpendRate {
     fn add(&mut self, amount: Decimal) {
@@ -162,6 +171,14 @@ impl ConsumptionFlusher {
     }
 }
 
+/// What a wallet actor in a fleet publishes as it changes, for the wallet view to read without
+/// waiting in the actor's mailbox (behind reservations that wait for the store to lease more).
+#[derive(Debug, Default)]
+pub struct Published {
+    pub held: Balances,
+    pub open_holds: usize,
+}
+
 pub struct WalletActor {
     key_id: Arc<str>,
     balances: Balances,
@@ -177,6 +194,8 @@ pub struct WalletActor {
     loaded: bool,
     /// `Some` when balances are leased from a shared store (a fleet).
     lease: Option<Lease>,
+    /// In a fleet: `held` and the count of open holds, kept current (see [`Published`]).
+    published: Option<Arc<parking_lot::Mutex<Published>>>,
 }
 
 /// A handler's answer: at once, or after a round trip to the store during which the actor
@@ -214,10 +233,12 @@ impl WalletActor {
         shard: Arc<Shard>,
         flush_interval: Duration,
         idle_timeout: Duration,
+        published: Option<Arc<parking_lot::Mutex<Published>>>,
     ) -> Self {
         let lease = writer.leases().then(|| Lease {
             epoch: writer.epoch(),
             spend: BTreeMap::new(),
+            dry: BTreeMap::new(),
         });
         WalletActor {
             key_id,
@@ -225,6 +246,7 @@ impl WalletActor {
             held: BTreeMap::new(),
             holds: HashMap::new(),
             lease,
+            published,
             writer,
             shard,
             flush_interval,
@@ -259,6 +281,25 @@ impl WalletActor {
         if h.is_zero() {
             self.held.remove(bucket);
         }
+        self.publish(bucket);
+    }
+
+    /// Publishes `bucket`'s held amount and the count of open holds (in a fleet).
+    fn publish(&self, bucket: &str) {
+        let Some(p) = &self.published else {
+            return;
+        };
+        let mut p = p.lock();
+        match (self.held.get(bucket), p.held.get_mut(bucket)) {
+            (Some(v), Some(slot)) => *slot = *v,
+            (Some(v), None) => {
+                p.held.insert(bucket.to_string(), *v);
+            }
+            (None, _) => {
+                p.held.remove(bucket);
+            }
+        }
+        p.open_holds = self.holds.len();
     }
 
     /// Persists what the store does not have yet: each new hold once (with its draft record),
@@ -429,6 +470,8 @@ pub struct Reserve {
     pub draft: Box<[u8]>,
     /// Shared with the request's [`super::Hold`], which records its draws in it.
     pub drawn: Arc<Drawn>,
+    /// When the reservation was made (see [`Lease::dry`]).
+    pub sent: Instant,
 }
 
 /// Encodes a draft record for [`Reserve`].
@@ -448,7 +491,7 @@ impl Handler<Reserve> for WalletActor {
                 "the wallet failed to reserve".into(),
             ))
         };
-        if self.loaded {
+        if self.loaded && !self.dry_since(&m.bucket, m.sent) {
             if let Some(more) = self.lease_shortfall(&m.bucket, m.want.max(m.min)) {
                 let bucket = m.bucket.clone();
                 return self.with_more_lease(bucket, more, move |act| {
@@ -461,6 +504,14 @@ impl Handler<Reserve> for WalletActor {
 }
 
 impl WalletActor {
+    /// Whether the store answered after `sent` that `bucket` had nothing more to lease.
+    fn dry_since(&self, bucket: &str, sent: Instant) -> bool {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.dry.get(bucket))
+            .is_some_and(|answered| *answered >= sent)
+    }
+
     /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
     /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
     fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
@@ -535,7 +586,16 @@ impl WalletActor {
                 move |(res, flushed), act, _| {
                     act.saved_meanwhile(flushed);
                     match res {
-                        Ok(grant) => act.add_lease(&bucket, grant),
+                        Ok(grant) => {
+                            if let Some(l) = &mut act.lease {
+                                if grant.amount < need {
+                                    l.dry.insert(bucket.clone(), Instant::now());
+                                } else {
+                                    l.dry.remove(&bucket);
+                                }
+                            }
+                            act.add_lease(&bucket, grant)
+                        }
                         Err(e) => tracing::warn!(
                             error = %e,
                             key_id = %act.key_id,
@@ -672,6 +732,9 @@ impl WalletActor {
                 epoch: self.lease.as_ref().map_or(0, |l| l.epoch),
             },
         );
+        if let Some(p) = &self.published {
+            p.lock().open_holds = self.holds.len();
+        }
         crate::metrics::hot(|m| m.holds_active.increment(1.0));
         Ok(grant)
     }
@@ -694,7 +757,11 @@ impl Handler<Extend> for WalletActor {
             Some(_) => self.holds.get(&m.hold_id).map(|h| h.bucket.clone()),
             None => None,
         };
-        if let Some(bucket) = bucket {
+        // An extension asked for just after the store said the bucket had nothing more to
+        // lease takes what is here: asked again, the store would keep the actor (and every
+        // reservation and wallet view queued behind) waiting to answer the same.
+        let recent = Instant::now().checked_sub(DRY_MEMORY);
+        if let Some(bucket) = bucket.filter(|b| !recent.is_some_and(|t| self.dry_since(b, t))) {
             if let Some(more) = self.lease_shortfall(&bucket, m.want) {
                 return self.with_more_lease(bucket, more, move |act| {
                     act.guarded("extend", Decimal::ZERO, |act| act.extend(m))

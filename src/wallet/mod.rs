@@ -18,6 +18,7 @@ use actor::{Extend, Inflight, Reserve, Settle, Snapshot, TopUp, WalletActor};
 pub use actor::{OpenRequest, Settled, WalletSnapshot};
 use registry::Registry;
 
+use crate::ledger::store::Balances;
 use crate::ledger::{LedgerRecord, LedgerWriter, StoreOp, TopupOutcome};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -133,6 +134,7 @@ impl Wallets {
                 want,
                 draft: actor::encode_draft(draft),
                 drawn: drawn.clone(),
+                sent: std::time::Instant::now(),
             })
             .await?;
         orphan.armed = false;
@@ -172,12 +174,22 @@ impl Wallets {
         }
         // The shared figures first, then this instance's holds: holds granted since come from
         // leases that the balance read covered already, so held never exceeds that balance.
+        // The holds are read as the actor published them, not through its mailbox, where the
+        // view would wait behind reservations that wait for the store.
         let key = key_id.to_string();
         let shared = writer
             .ask(|reply| StoreOp::SharedWallet { key_id: key, reply })
             .await
             .map_err(|e| WalletError::Unavailable(e.to_string()))?;
-        let mut snap = self.send(key_id, || Snapshot).await?;
+        let mut snap = match self.registry.published(key_id) {
+            Some((held, open_holds)) => WalletSnapshot {
+                balances: Balances::new(),
+                held,
+                open_holds,
+            },
+            // No actor runs for the key here: this instance holds nothing of it.
+            None => WalletSnapshot::default(),
+        };
         if let Some(shared) = shared {
             for (bucket, elsewhere) in shared.held_elsewhere {
                 *snap.held.entry(bucket).or_default() += elsewhere;

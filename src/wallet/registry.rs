@@ -9,12 +9,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use parking_lot::Mutex;
 
-use super::actor::{FlushHolds, WalletActor};
+use super::actor::{FlushHolds, Published, WalletActor};
 use crate::ledger::LedgerWriter;
 
 pub struct Shard {
     arbiter: ArbiterHandle,
     actors: Mutex<HashMap<Arc<str>, Addr<WalletActor>>>,
+    /// In a fleet, what each running actor holds, published as it changes (see [`Published`]).
+    published: Mutex<HashMap<Arc<str>, Arc<Mutex<Published>>>>,
 }
 
 impl Shard {
@@ -23,6 +25,7 @@ impl Shard {
         let mut m = self.actors.lock();
         if m.get(key_id).is_some_and(|a| a == addr) {
             m.remove(key_id);
+            self.published.lock().remove(key_id);
         }
     }
 }
@@ -54,6 +57,7 @@ impl Registry {
                 Arc::new(Shard {
                     arbiter: a.handle(),
                     actors: Mutex::new(HashMap::new()),
+                    published: Mutex::new(HashMap::new()),
                 })
             })
             .collect();
@@ -87,11 +91,25 @@ impl Registry {
         let s = shard.clone();
         let (fi, it) = (self.flush_interval, self.idle_timeout);
         let k = key.clone();
+        let published = self.writer.leases().then(|| {
+            let p = Arc::new(Mutex::new(Published::default()));
+            shard.published.lock().insert(key.clone(), p.clone());
+            p
+        });
         let addr = WalletActor::start_in_arbiter(&shard.arbiter, move |_| {
-            WalletActor::new(k, writer, s, fi, it)
+            WalletActor::new(k, writer, s, fi, it, published)
         });
         m.insert(key, addr.clone());
         addr
+    }
+
+    /// What the key's running actor holds per bucket and its count of open holds, as it last
+    /// published them (in a fleet; `None` otherwise, or when no actor runs for the key).
+    pub fn published(&self, key_id: &str) -> Option<(crate::ledger::store::Balances, usize)> {
+        let shard = self.shard(key_id);
+        let p = shard.published.lock().get(key_id).cloned()?;
+        let p = p.lock();
+        Some((p.held.clone(), p.open_holds))
     }
 
     /// The key's actor if one is running (none is started).

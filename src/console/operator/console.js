@@ -47,6 +47,7 @@
   if (inflight) {
     var openCols = ["id", "key", "project", "task", "model", "route", "bucket", "started", "tokens", "cost", "held"];
     var openNum = { tokens: 1, cost: 1, held: 1 };
+    if (document.querySelector("#inflight[data-fleet]")) openCols.splice(1, 0, "instance");
     poll(function () { return "/console/inflight.json"; }, 1000, function (v) {
       if (!v.rows) return;
       while (inflight.firstChild) inflight.removeChild(inflight.firstChild);

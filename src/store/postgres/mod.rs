@@ -430,6 +430,29 @@ impl WalletStore for PgStore {
         )?;
         rows.iter().map(writer::hold_from_row).collect()
     }
+
+    fn fleet_holds(
+        &self,
+        key_id: Option<&str>,
+    ) -> Result<Vec<(String, PersistedHold)>, StoreError> {
+        let rows = match key_id {
+            Some(k) => self.query(
+                "SELECT hold_id, key_id, bucket, granted, consumed, consumed_tokens, updated_at,
+                        draft, instance_id
+                 FROM tg_holds WHERE key_id = $1 ORDER BY instance_id, hold_id",
+                vec![Box::new(k.to_string())],
+            )?,
+            None => self.query(
+                "SELECT hold_id, key_id, bucket, granted, consumed, consumed_tokens, updated_at,
+                        draft, instance_id
+                 FROM tg_holds ORDER BY instance_id, hold_id",
+                vec![],
+            )?,
+        };
+        rows.iter()
+            .map(|r| Ok((r.get::<_, String>(8), writer::hold_from_row(r)?)))
+            .collect()
+    }
 }
 
 impl LedgerStore for PgStore {

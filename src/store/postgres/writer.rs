@@ -200,10 +200,10 @@ struct Health {
 }
 
 fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &AtomicBool) {
-    // Settlements gather for half a flush interval (at most 50 ms) before they commit: a
-    // record is in the database within about one flush interval, and a busy fleet commits a
-    // few dozen transactions per second rather than one per request.
-    let window = (flush_interval / 2).min(Duration::from_millis(50));
+    // Settlements gather for most of a flush interval before they commit (see `Window`): a
+    // record is in the database within one flush interval, and a busy instance commits about
+    // one transaction per window rather than one per request.
+    let mut window = Window::new(flush_interval);
     let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
     // At most a second: the count of live instances (the rate limits' shares) follows too.
     let tick = (shared.ttl / 4)
@@ -235,13 +235,32 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => Some(Msg::Stop),
         };
-        if let Some(Msg::Op(op)) = &first {
-            if !answers(op) {
-                // Group commit: let settlements gather for a short window.
-                std::thread::sleep(window);
+        let gather = matches!(&first, Some(Msg::Op(op)) if !answers(op));
+        let mut msgs: Vec<Msg> = first.into_iter().collect();
+        if gather {
+            // Group commit: let settlements gather for the window, unless an operation that
+            // someone waits for (a lease, a load) or the stop comes first.
+            let until = Instant::now() + window.length();
+            while msgs.len() < MAX_BATCH {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(m) => {
+                        let urgent = match &m {
+                            Msg::Op(op) => answers(op),
+                            Msg::Stop => true,
+                        };
+                        msgs.push(m);
+                        if urgent {
+                            break;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        msgs.push(Msg::Stop);
+                        break;
+                    }
+                }
             }
         }
-        let mut msgs: Vec<Msg> = first.into_iter().collect();
         while msgs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(m) => msgs.push(m),
@@ -253,13 +272,13 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
                 Msg::Stop => stopping = true,
                 Msg::Op(op) if answers(&op) => {
                     // Everything sent before it is committed first, as the sled writer does.
-                    let committed = commit(&shared, &mut p, &mut seq, failing);
+                    let committed = window.timed(|| commit(&shared, &mut p, &mut seq, failing));
                     answer(&shared, op, committed);
                 }
                 Msg::Op(op) => p.add(op, shared.epoch.load(Ordering::Acquire)),
             }
         }
-        let _ = commit(&shared, &mut p, &mut seq, failing);
+        let _ = window.timed(|| commit(&shared, &mut p, &mut seq, failing));
         if stopping {
             let until = Instant::now() + STOP_RETRY;
             while !p.is_empty() && Instant::now() < until {
@@ -318,6 +337,52 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
         }
     }
     drop(shared.runtime);
+}
+
+/// How long settlements gather before they commit: the flush interval less twice what a
+/// commit has been taking lately (so that a settlement is committed within one flush interval
+/// of being sent, as R9 and the records' durability ask), at least half the flush interval and
+/// at most [`MAX_WINDOW`]. Fewer, larger batches are what keeps a busy fleet's database at a
+/// fraction of a transaction per request.
+struct Window {
+    flush_interval: Duration,
+    /// A moving average of how long a commit of a non-empty batch takes.
+    commit: Duration,
+}
+
+/// Past this, a longer window saves little and delays what the other instances see.
+const MAX_WINDOW: Duration = Duration::from_millis(100);
+
+impl Window {
+    fn new(flush_interval: Duration) -> Window {
+        Window {
+            flush_interval,
+            commit: Duration::from_millis(5),
+        }
+    }
+
+    fn length(&self) -> Duration {
+        let half = self.flush_interval / 2;
+        self.flush_interval
+            .saturating_sub(self.commit * 2)
+            .clamp(half.min(MAX_WINDOW), MAX_WINDOW)
+    }
+
+    /// Runs a commit, folding how long it took into the average when it wrote something.
+    fn timed<T>(
+        &mut self,
+        commit: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let r = commit();
+        let took = started.elapsed();
+        // An empty commit returns at once, and a failed one says nothing of a working
+        // database: neither moves the average.
+        if r.is_ok() && took > Duration::from_micros(200) {
+            self.commit = (self.commit * 7 + took) / 8;
+        }
+        r
+    }
 }
 
 /// Runs `f` on the store's runtime from the writer thread, bounded by [`ROUND_TIMEOUT`].
