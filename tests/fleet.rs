@@ -1167,6 +1167,8 @@ async fn keys_and_topups_made_on_one_instance_work_on_the_others_at_once() {
     assert_eq!(s.status, 200, "top-up on gw-b not spendable on gw-a: {s:?}");
 
     // F7: the same reference sent to all three at the same moment applies once; ten times over.
+    // The last request's debit commits with its record: read the balance once both are in.
+    quiesce(&f, &key).await;
     let before = wallet(a, &key).await.0;
     for n in 0..10 {
         let reference = format!("race-{n}");
