@@ -1,8 +1,9 @@
 //! tollgate-loadtest: runs a scenario file against any OpenAI-compatible endpoint (`--base-url`,
-//! `--key`), optionally side by side with the mock upstream directly (`--direct-url`), measures
-//! SSE timing in HDR histograms, reads the gateway process's cost from `/proc` (`--gateway-pid`),
-//! checks tollgate's money invariants (`--verify-ledger`), and writes JSON, Markdown and SVG.
-//! A fleet is several `--base-url`s (requests round robin), `--gateway-pid`s (cost summed) and
+//! `--key`), optionally side by side with the mock upstream directly (`--direct-url`) and with a
+//! plain reverse proxy in front of it (`--proxy-url`, `--proxy-pid`: the yardstick, reported as
+//! gateway ÷ proxy), measures SSE timing in HDR histograms, reads the gateway process's cost from
+//! `/proc` (`--gateway-pid`), checks tollgate's money invariants (`--verify-ledger`), and writes
+//! JSON, Markdown and SVG. A fleet is several `--base-url`s (requests round robin), `--gateway-pid`s (cost summed) and
 //! `--admin-url`s (each must show the same wallet), with `--pg-url` for the database's
 //! transactions per request. It starts nothing itself; `loadtest/run.sh` starts a mock and a
 //! gateway for the standard runs, `loadtest/fleet.sh` a database and three instances.
@@ -45,6 +46,14 @@ struct Cli {
     /// OpenAI base URL of the mock upstream, for the side-by-side comparison.
     #[arg(long)]
     direct_url: Option<String>,
+    /// OpenAI base URL of a plain reverse proxy in front of the mock (the yardstick, e.g. nginx
+    /// with `proxy_pass`): run side by side too, and the report gives gateway ÷ proxy.
+    #[arg(long)]
+    proxy_url: Option<String>,
+    /// PID of the proxy's processes (e.g. nginx's master and worker), for its CPU and RSS.
+    /// Repeatable (summed).
+    #[arg(long)]
+    proxy_pid: Vec<u32>,
     /// Mock control URLs as NAME=URL (e.g. primary=http://127.0.0.1:9101), for `POST
     /// /_mock/options` before each round and for its token counters. Repeatable.
     #[arg(long = "mock", value_parser = parse_mock)]
@@ -123,11 +132,15 @@ fn main() {
 
 fn conditions() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cores = std::thread::available_parallelism()
+    // The machine's cores, not this process's share (run.sh pins the load client to some).
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|t| t.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0);
+    let mine = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
     format!(
-        "{cores} cores, loadavg {}",
+        "{cores} cores ({mine} for the load client), loadavg {}",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
@@ -199,6 +212,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         Some(u) => Some(Target::new("direct", u, None, endpoint)?),
         None => None,
     };
+    let proxy = match &cli.proxy_url {
+        Some(u) => Some(Target::new("proxy", u, None, endpoint)?),
+        None => None,
+    };
 
     // The ledger window starts after a quiescent wallet snapshot.
     let mut ledger_start = None;
@@ -242,8 +259,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         client: client.clone(),
         gateway,
         direct,
+        proxy,
         mocks: cli.mocks.clone(),
         gateway_pids: cli.gateway_pid.clone(),
+        proxy_pids: cli.proxy_pid.clone(),
         pg_url: cli.pg_url.clone(),
         progress: !cli.no_progress,
     };
@@ -299,6 +318,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         started_at,
         base_url: cli.base_url.join(" "),
         direct_url: cli.direct_url.clone().filter(|_| scenario.compare),
+        proxy_url: cli.proxy_url.clone().filter(|_| scenario.compare),
         conditions: format!("{before_conditions} (before), {} (after)", conditions()),
         phases: runs.iter().map(report::phase_report).collect(),
         verify,

@@ -23,6 +23,8 @@ pub struct Report {
     pub started_at: String,
     pub base_url: String,
     pub direct_url: Option<String>,
+    /// The reference proxy in front of the mock (`--proxy-url`), run side by side.
+    pub proxy_url: Option<String>,
     /// `/proc/loadavg` before and after, and the core count: the load conditions.
     pub conditions: String,
     pub phases: Vec<PhaseReport>,
@@ -39,6 +41,12 @@ pub struct PhaseReport {
     pub gateway: Summary,
     pub overhead: Option<Overhead>,
     pub gateway_cost: Option<Cost>,
+    /// The reference proxy's figures, its overhead over direct and its process cost.
+    pub proxy: Option<Summary>,
+    pub proxy_overhead: Option<Overhead>,
+    pub proxy_cost: Option<Cost>,
+    /// Gateway ÷ proxy, measured in the same run.
+    pub versus_proxy: Option<VersusProxy>,
     pub mock_tokens: Option<u64>,
     /// A fleet's database transactions at steady state (`--pg-url`).
     pub db: Option<DbCost>,
@@ -57,6 +65,69 @@ pub struct Overhead {
     pub added_e2e_p99_us: i64,
     /// Gateway ÷ direct, in tokens/s for streams (requests/s when no tokens flowed).
     pub throughput_ratio: f64,
+}
+
+/// The gateway beside the reference proxy, both measured in the same run: process cost ratios
+/// (gateway ÷ proxy; 0 when the proxy's figure is 0) and what each adds over the direct mock.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct VersusProxy {
+    pub cpu_per_request_ratio: f64,
+    /// Per token, which for the mock is per chunk (one token per content event).
+    pub cpu_per_token_ratio: f64,
+    pub peak_rss_ratio: f64,
+    pub proxy_added_ttft_p50_us: i64,
+    pub proxy_added_ttft_p99_us: i64,
+    pub gateway_added_ttft_p50_us: i64,
+    pub gateway_added_ttft_p99_us: i64,
+    pub proxy_added_e2e_p50_us: i64,
+    pub proxy_added_e2e_p99_us: i64,
+    pub gateway_added_e2e_p50_us: i64,
+    pub gateway_added_e2e_p99_us: i64,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Gateway ÷ proxy from the two processes' costs and overheads (either may be missing).
+pub fn versus_proxy(
+    gateway_cost: Option<&Cost>,
+    proxy_cost: Option<&Cost>,
+    gateway_overhead: Option<&Overhead>,
+    proxy_overhead: Option<&Overhead>,
+) -> VersusProxy {
+    let (g, p) = match (gateway_cost, proxy_cost) {
+        (Some(g), Some(p)) => (g.clone(), p.clone()),
+        _ => (Cost::default(), Cost::default()),
+    };
+    let zero = Overhead {
+        added_ttft_p50_us: 0,
+        added_ttft_p99_us: 0,
+        added_gap_p50_us: 0,
+        added_gap_p99_us: 0,
+        added_e2e_p50_us: 0,
+        added_e2e_p99_us: 0,
+        throughput_ratio: 0.0,
+    };
+    let go = gateway_overhead.unwrap_or(&zero);
+    let po = proxy_overhead.unwrap_or(&zero);
+    VersusProxy {
+        cpu_per_request_ratio: ratio(g.cpu_us_per_request, p.cpu_us_per_request),
+        cpu_per_token_ratio: ratio(g.cpu_us_per_token, p.cpu_us_per_token),
+        peak_rss_ratio: ratio(g.peak_rss_kib as f64, p.peak_rss_kib as f64),
+        proxy_added_ttft_p50_us: po.added_ttft_p50_us,
+        proxy_added_ttft_p99_us: po.added_ttft_p99_us,
+        gateway_added_ttft_p50_us: go.added_ttft_p50_us,
+        gateway_added_ttft_p99_us: go.added_ttft_p99_us,
+        proxy_added_e2e_p50_us: po.added_e2e_p50_us,
+        proxy_added_e2e_p99_us: po.added_e2e_p99_us,
+        gateway_added_e2e_p50_us: go.added_e2e_p50_us,
+        gateway_added_e2e_p99_us: go.added_e2e_p99_us,
+    }
 }
 
 fn diff(a: u64, b: u64) -> i64 {
@@ -85,20 +156,41 @@ pub fn overhead(gateway: &Summary, direct: &Summary) -> Overhead {
 pub fn phase_report(run: &PhaseRun) -> PhaseReport {
     let gateway = run.gateway.summary();
     let direct = run.direct.as_ref().map(|d| d.summary());
+    let proxy = run.proxy.as_ref().map(|p| p.summary());
     let mut timeline = BTreeMap::new();
     timeline.insert("gateway".to_string(), timeline_points(&run.gateway));
     if let Some(d) = &run.direct {
         timeline.insert("direct".to_string(), timeline_points(d));
     }
+    if let Some(p) = &run.proxy {
+        timeline.insert("proxy".to_string(), timeline_points(p));
+    }
+    let gateway_overhead = direct.as_ref().map(|d| overhead(&gateway, d));
+    let proxy_overhead = match (&proxy, &direct) {
+        (Some(p), Some(d)) => Some(overhead(p, d)),
+        _ => None,
+    };
+    let versus = proxy.as_ref().map(|_| {
+        versus_proxy(
+            run.cost.as_ref(),
+            run.proxy_cost.as_ref(),
+            gateway_overhead.as_ref(),
+            proxy_overhead.as_ref(),
+        )
+    });
     PhaseReport {
         name: run.phase.name.clone(),
         mode: run.phase.mode,
         concurrency: run.phase.concurrency,
         rate: run.phase.rate,
-        overhead: direct.as_ref().map(|d| overhead(&gateway, d)),
+        overhead: gateway_overhead,
         direct,
         gateway,
         gateway_cost: run.cost.clone(),
+        proxy,
+        proxy_overhead,
+        proxy_cost: run.proxy_cost.clone(),
+        versus_proxy: versus,
         mock_tokens: run.mock_tokens,
         db: run.db.clone(),
         timeline,
@@ -124,6 +216,12 @@ pub fn markdown(r: &Report) -> String {
     if let Some(d) = &r.direct_url {
         let _ = writeln!(md, "- direct (side by side): `{d}`");
     }
+    if let Some(p) = &r.proxy_url {
+        let _ = writeln!(
+            md,
+            "- reference proxy in front of the mock (side by side): `{p}`"
+        );
+    }
     let _ = writeln!(md, "- conditions: {}", r.conditions);
     let _ = writeln!(
         md,
@@ -144,6 +242,9 @@ pub fn markdown(r: &Report) -> String {
         let mut rows: Vec<(&str, &Summary)> = Vec::new();
         if let Some(d) = &p.direct {
             rows.push(("direct", d));
+        }
+        if let Some(x) = &p.proxy {
+            rows.push(("proxy", x));
         }
         rows.push(("gateway", &p.gateway));
         for (label, s) in rows {
@@ -207,6 +308,24 @@ pub fn markdown(r: &Report) -> String {
                 c.hwm_kib
             );
         }
+        if let Some(c) = &p.proxy_cost {
+            let _ = writeln!(
+                md,
+                "\nProxy process: {:.2} CPU-s for {} requests and {} tokens → {:.1} µs/request, {:.2} µs/token; RSS idle {} KiB, peak {} KiB with {} open (VmHWM {} KiB).",
+                c.cpu_s,
+                c.requests,
+                c.tokens,
+                c.cpu_us_per_request,
+                c.cpu_us_per_token,
+                c.idle_rss_kib,
+                c.peak_rss_kib,
+                c.peak_open,
+                c.hwm_kib
+            );
+        }
+        if let Some(v) = &p.versus_proxy {
+            versus_table(&mut md, p, v);
+        }
         if let Some(db) = &p.db {
             let _ = writeln!(
                 md,
@@ -250,6 +369,53 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     md
+}
+
+/// The gateway ÷ proxy table of one phase.
+fn versus_table(md: &mut String, p: &PhaseReport, v: &VersusProxy) {
+    let _ = writeln!(
+        md,
+        "\nGateway beside the reference proxy (same run):\n\n| measure | proxy | gateway | gateway ÷ proxy |\n|---|---:|---:|---:|"
+    );
+    if let (Some(g), Some(x)) = (&p.gateway_cost, &p.proxy_cost) {
+        let _ = writeln!(
+            md,
+            "| CPU per request | {:.1} µs | {:.1} µs | {:.2}× |",
+            x.cpu_us_per_request, g.cpu_us_per_request, v.cpu_per_request_ratio
+        );
+        if x.tokens > 0 && g.tokens > 0 {
+            let _ = writeln!(
+                md,
+                "| CPU per chunk (token) | {:.2} µs | {:.2} µs | {:.2}× |",
+                x.cpu_us_per_token, g.cpu_us_per_token, v.cpu_per_token_ratio
+            );
+        }
+        let _ = writeln!(
+            md,
+            "| peak RSS | {:.1} MiB | {:.1} MiB | {:.2}× |",
+            x.peak_rss_kib as f64 / 1024.0,
+            g.peak_rss_kib as f64 / 1024.0,
+            v.peak_rss_ratio
+        );
+    }
+    if p.direct.is_some() {
+        let _ = writeln!(
+            md,
+            "| added TTFT p50 / p99 over direct | {} / {} ms | {} / {} ms | |",
+            signed_ms(v.proxy_added_ttft_p50_us),
+            signed_ms(v.proxy_added_ttft_p99_us),
+            signed_ms(v.gateway_added_ttft_p50_us),
+            signed_ms(v.gateway_added_ttft_p99_us),
+        );
+        let _ = writeln!(
+            md,
+            "| added e2e p50 / p99 over direct | {} / {} ms | {} / {} ms | |",
+            signed_ms(v.proxy_added_e2e_p50_us),
+            signed_ms(v.proxy_added_e2e_p99_us),
+            signed_ms(v.gateway_added_e2e_p50_us),
+            signed_ms(v.gateway_added_e2e_p99_us),
+        );
+    }
 }
 
 /// Reads one latency percentile off a timeline point.
@@ -364,14 +530,18 @@ pub fn svg(r: &Report) -> String {
             );
         }
     }
-    let colours = [("direct", "#1f77b4"), ("gateway", "#d62728")];
+    let colours = [
+        ("direct", "#1f77b4"),
+        ("gateway", "#d62728"),
+        ("proxy", "#2ca02c"),
+    ];
     let mut legend_y = TOP + 10.0;
     for (target, points) in &series {
         let colour = colours
             .iter()
             .find(|(t, _)| t == target)
             .map(|(_, c)| *c)
-            .unwrap_or("#2ca02c");
+            .unwrap_or("#7f7f7f");
         let x = |t: u64| LEFT + plot_w * t as f64 / t_max;
         let lat: [(&str, &str, PointValue); 3] = [
             ("p50", "", |p| p.p50_us),
@@ -503,6 +673,8 @@ duration_s = 1
             direct: Some(direct),
             gateway,
             cost: None,
+            proxy: None,
+            proxy_cost: None,
             mock_tokens: None,
             db: None,
         };
@@ -512,6 +684,7 @@ duration_s = 1
             started_at: "now".into(),
             base_url: "http://127.0.0.1:1/v1".into(),
             direct_url: None,
+            proxy_url: None,
             conditions: "test".into(),
             phases: vec![phase_report(&run)],
             verify: None,
@@ -565,6 +738,68 @@ duration_s = 1
         assert!(
             md.contains("with 500 open → 10.0 KiB per open request"),
             "{md}"
+        );
+    }
+
+    #[test]
+    fn compares_the_gateway_with_the_proxy() {
+        let mut r = sample_report();
+        let md = markdown(&r);
+        assert!(!md.contains("reference proxy"), "{md}");
+        let cost = |us_req: f64, us_tok: f64, peak| Cost {
+            requests: 100,
+            tokens: 6400,
+            cpu_us_per_request: us_req,
+            cpu_us_per_token: us_tok,
+            peak_rss_kib: peak,
+            ..Cost::default()
+        };
+        let gateway_cost = cost(120.0, 5.5, 40 * 1024);
+        let proxy_cost = cost(25.0, 1.1, 16 * 1024);
+        // The proxy adds 0.2 ms TTFT at p50 over direct, the gateway 1 ms (sample_report's 11 ms
+        // against 10 ms).
+        let direct = r.phases[0].direct.clone().unwrap();
+        let mut proxy = direct.clone();
+        proxy.ttft_us.p50 += 200;
+        let p = &mut r.phases[0];
+        p.proxy_overhead = Some(overhead(&proxy, &direct));
+        p.proxy = Some(proxy);
+        p.versus_proxy = Some(versus_proxy(
+            Some(&gateway_cost),
+            Some(&proxy_cost),
+            p.overhead.as_ref(),
+            p.proxy_overhead.as_ref(),
+        ));
+        p.gateway_cost = Some(gateway_cost);
+        p.proxy_cost = Some(proxy_cost);
+        let v = p.versus_proxy.clone().unwrap();
+        assert!((v.cpu_per_request_ratio - 4.8).abs() < 1e-9, "{v:?}");
+        assert!((v.cpu_per_token_ratio - 5.0).abs() < 1e-9, "{v:?}");
+        assert!((v.peak_rss_ratio - 2.5).abs() < 1e-9, "{v:?}");
+        assert!((150..=250).contains(&v.proxy_added_ttft_p50_us), "{v:?}");
+        assert!((900..=1100).contains(&v.gateway_added_ttft_p50_us), "{v:?}");
+        let md = markdown(&r);
+        assert!(md.contains("| proxy | 3 | 3 | 0 |"), "{md}");
+        assert!(
+            md.contains("| CPU per request | 25.0 µs | 120.0 µs | 4.80× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| CPU per chunk (token) | 1.10 µs | 5.50 µs | 5.00× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| peak RSS | 16.0 MiB | 40.0 MiB | 2.50× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| added TTFT p50 / p99 over direct | +0.2"),
+            "{md}"
+        );
+        // No proxy figure, no ratio (not a division by zero).
+        assert_eq!(
+            versus_proxy(None, None, None, None).cpu_per_request_ratio,
+            0.0
         );
     }
 

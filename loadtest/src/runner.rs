@@ -1,8 +1,10 @@
-//! Drives a scenario: phase by phase, round by round, alternating the direct target (the mock)
-//! and the gateway (direct, gateway, gateway, direct, ... so slow drift cancels), in closed loop
-//! (fixed concurrency) or open loop (fixed start rate, latency from the scheduled start). Around
-//! each gateway round it reads the gateway's CPU and RSS from `/proc` (summed over a fleet's
-//! processes), the mocks' token counters and, for a fleet, the database's transactions.
+//! Drives a scenario: phase by phase, round by round, alternating the direct target (the mock),
+//! the reference proxy in front of it when one is given (e.g. nginx) and the gateway (direct,
+//! proxy, gateway, gateway, proxy, direct, ... so slow drift cancels), in closed loop (fixed
+//! concurrency) or open loop (fixed start rate, latency from the scheduled start). Around each
+//! gateway round it reads the gateway's CPU and RSS from `/proc` (summed over a fleet's
+//! processes), the mocks' token counters and, for a fleet, the database's transactions; around
+//! each proxy round, the proxy's CPU and RSS.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,16 +32,20 @@ pub struct Runner {
     pub client: HttpClient,
     pub gateway: Target,
     pub direct: Option<Target>,
+    /// A plain reverse proxy in front of the mock (the yardstick), sent the direct body.
+    pub proxy: Option<Target>,
     /// `--mock NAME=URL`: mock control URLs.
     pub mocks: Vec<(String, String)>,
     /// The gateway's processes (one, or each instance of a fleet); empty: no process cost.
     pub gateway_pids: Vec<u32>,
+    /// The proxy's processes (e.g. nginx's master and worker); empty: no process cost.
+    pub proxy_pids: Vec<u32>,
     /// The fleet's PostgreSQL, for its transactions per request.
     pub pg_url: Option<String>,
     pub progress: bool,
 }
 
-/// The gateway process's cost over a phase's gateway rounds.
+/// A process's cost (the gateway's or the proxy's) over a phase's rounds of that target.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Cost {
     pub cpu_s: f64,
@@ -49,9 +55,9 @@ pub struct Cost {
     pub cpu_s_per_1k_tokens: f64,
     pub cpu_us_per_request: f64,
     pub cpu_us_per_token: f64,
-    /// RSS right before the first gateway round of the phase.
+    /// RSS right before the first round of the phase.
     pub idle_rss_kib: u64,
-    /// Highest sampled RSS during the phase's gateway rounds.
+    /// Highest sampled RSS during the phase's rounds.
     pub peak_rss_kib: u64,
     /// `VmHWM` at the end of the phase (peak since the process started).
     pub hwm_kib: u64,
@@ -66,6 +72,8 @@ pub struct PhaseRun {
     pub direct: Option<Recorder>,
     pub gateway: Recorder,
     pub cost: Option<Cost>,
+    pub proxy: Option<Recorder>,
+    pub proxy_cost: Option<Cost>,
     /// Tokens the mocks emitted during the gateway rounds (all `--mock`s summed).
     pub mock_tokens: Option<u64>,
     /// The database's transactions over the gateway rounds' steady state (`--pg-url`).
@@ -140,12 +148,19 @@ impl Runner {
         (count, time)
     }
 
-    fn targets(&self) -> usize {
-        if self.scenario.compare && self.direct.is_some() {
-            2
-        } else {
-            1
+    /// The targets of every round, in the order of even rounds (odd rounds reverse it).
+    fn order(&self) -> Vec<Which> {
+        let mut order = Vec::new();
+        if self.scenario.compare {
+            if self.direct.is_some() {
+                order.push(Which::Direct);
+            }
+            if self.proxy.is_some() {
+                order.push(Which::Proxy);
+            }
         }
+        order.push(Which::Gateway);
+        order
     }
 
     pub async fn run(&self, run_start: Instant) -> Result<Vec<PhaseRun>, String> {
@@ -153,7 +168,9 @@ impl Runner {
             .scenario
             .phases
             .iter()
-            .map(|p| self.per_round(p).0 * u64::from(self.scenario.rounds) * self.targets() as u64)
+            .map(|p| {
+                self.per_round(p).0 * u64::from(self.scenario.rounds) * self.order().len() as u64
+            })
             .sum();
         let progress = if self.progress {
             let bar = ProgressBar::new(total);
@@ -180,36 +197,34 @@ impl Runner {
         run_start: Instant,
         progress: &ProgressBar,
     ) -> Result<PhaseRun, String> {
-        let direct_rec = Arc::new(Mutex::new(Recorder::default()));
-        let gateway_rec = Arc::new(Mutex::new(Recorder::default()));
         let gateway_bodies: Arc<Vec<Bytes>> = Arc::new(self.gateway_bodies());
         let direct_bodies = Arc::new(vec![self
             .scenario
             .body(&self.scenario.request.direct_model)]);
-        let mut cost_ticks = 0u64;
-        let mut cost: Option<Cost> = None;
+        let mut gateway = Side::new(self.gateway_pids.clone());
+        let mut direct = Side::new(Vec::new());
+        let mut proxy = Side::new(self.proxy_pids.clone());
         let mut mock_tokens: Option<u64> = None;
         let mut db: Option<DbCost> = None;
-        let compare = self.targets() == 2;
+        let order = self.order();
         for round in 0..self.scenario.rounds {
             // ABBA: direct first on even rounds, gateway first on odd ones.
-            let mut order: Vec<bool> = if compare {
-                vec![true, false]
-            } else {
-                vec![false]
-            };
+            let mut order = order.clone();
             if round % 2 == 1 {
                 order.reverse();
             }
-            for is_direct in order {
-                let (target, bodies, recorder) = match (is_direct, &self.direct) {
-                    (true, Some(d)) => (d.clone(), direct_bodies.clone(), direct_rec.clone()),
-                    _ => (
-                        self.gateway.clone(),
+            for which in order {
+                let (target, bodies, side) = match which {
+                    Which::Direct => (self.direct.clone(), direct_bodies.clone(), &mut direct),
+                    Which::Proxy => (self.proxy.clone(), direct_bodies.clone(), &mut proxy),
+                    Which::Gateway => (
+                        Some(self.gateway.clone()),
                         gateway_bodies.clone(),
-                        gateway_rec.clone(),
+                        &mut gateway,
                     ),
                 };
+                let Some(target) = target else { continue };
+                let is_gateway = which == Which::Gateway;
                 progress.set_message(format!(
                     "{} round {}/{} {}",
                     phase.name,
@@ -232,16 +247,12 @@ impl Runner {
                     admin::set_mock_options(&self.client, url, &base).await?;
                 }
                 let mut events = self.schedule_events(phase);
-                let before_tokens = if is_direct {
-                    None
-                } else {
+                let before_tokens = if is_gateway {
                     self.mock_token_total().await
-                };
-                let pids = if is_direct {
-                    Vec::new()
                 } else {
-                    self.gateway_pids.clone()
+                    None
                 };
+                let pids = side.pids.clone();
                 let proc_before = if pids.is_empty() {
                     None
                 } else {
@@ -255,6 +266,7 @@ impl Runner {
                 });
                 let began = Instant::now();
                 let warmup = Duration::from_secs_f64(phase.warmup_s.max(0.0));
+                let recorder = side.recorder.clone();
                 let load = Arc::new(Load {
                     client: self.client.clone(),
                     target,
@@ -270,8 +282,8 @@ impl Runner {
                     finished: AtomicU64::new(0),
                 });
                 // The database's steady state: from the end of the warm-up to the end of the load.
-                let db_start = match (&self.pg_url, is_direct) {
-                    (Some(url), false) => Some(tokio::spawn(db_sample_at(
+                let db_start = match (&self.pg_url, is_gateway) {
+                    (Some(url), true) => Some(tokio::spawn(db_sample_at(
                         url.clone(),
                         began + warmup,
                         load.clone(),
@@ -315,8 +327,8 @@ impl Runner {
                         }
                         None => (after.rss_kib, 0),
                     };
-                    cost_ticks += after.cpu_ticks.saturating_sub(before.cpu_ticks);
-                    let c = cost.get_or_insert_with(|| Cost {
+                    side.ticks += after.cpu_ticks.saturating_sub(before.cpu_ticks);
+                    let c = side.cost.get_or_insert_with(|| Cost {
                         idle_rss_kib: before.rss_kib,
                         ..Cost::default()
                     });
@@ -329,16 +341,17 @@ impl Runner {
                 }
             }
         }
-        let gateway = take(&gateway_rec);
-        let direct = compare.then(|| take(&direct_rec));
-        if let Some(c) = cost.as_mut() {
-            finish_cost(c, cost_ticks, &gateway);
-        }
+        let (gateway, cost) = gateway.finish();
+        let (direct_rec, _) = direct.finish();
+        let (proxy_rec, proxy_cost) = proxy.finish();
+        let compare = self.scenario.compare;
         Ok(PhaseRun {
             phase: phase.clone(),
-            direct,
+            direct: (compare && self.direct.is_some()).then_some(direct_rec),
             gateway,
             cost,
+            proxy: (compare && self.proxy.is_some()).then_some(proxy_rec),
+            proxy_cost,
             mock_tokens,
             db,
         })
@@ -409,6 +422,42 @@ impl Runner {
 
 fn take(r: &Mutex<Recorder>) -> Recorder {
     std::mem::take(&mut *lock(r))
+}
+
+/// The three targets of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Direct,
+    Proxy,
+    Gateway,
+}
+
+/// One target's measurements over a phase: its recorder and, with processes to read, its cost.
+struct Side {
+    recorder: Arc<Mutex<Recorder>>,
+    pids: Vec<u32>,
+    ticks: u64,
+    cost: Option<Cost>,
+}
+
+impl Side {
+    fn new(pids: Vec<u32>) -> Side {
+        Side {
+            recorder: Arc::new(Mutex::new(Recorder::default())),
+            pids,
+            ticks: 0,
+            cost: None,
+        }
+    }
+
+    fn finish(self) -> (Recorder, Option<Cost>) {
+        let recorder = take(&self.recorder);
+        let mut cost = self.cost;
+        if let Some(c) = cost.as_mut() {
+            finish_cost(c, self.ticks, &recorder);
+        }
+        (recorder, cost)
+    }
 }
 
 fn finish_cost(c: &mut Cost, ticks: u64, gateway: &Recorder) {

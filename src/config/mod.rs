@@ -139,11 +139,15 @@ pub struct Ledger {
     pub retention_days: u32,
 }
 
+/// sled's page cache when `store.cache_mb` is not set, MiB.
+pub const DEFAULT_SLED_CACHE_MB: u64 = 8;
+
 /// `[store]`, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreConfig {
-    /// The embedded store in `server.data_dir`: one process owns it.
-    Sled,
+    /// The embedded store in `server.data_dir`: one process owns it. `cache_bytes` bounds sled's
+    /// page cache, a large part of the process's resident memory.
+    Sled { cache_bytes: u64 },
     /// A PostgreSQL database shared by every instance of a fleet.
     Postgres(PostgresStore),
 }
@@ -405,7 +409,28 @@ routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_pe
     #[test]
     fn the_store_is_sled_unless_postgres_is_asked_for() {
         let c = super::parse_str(MINIMAL).unwrap();
-        assert_eq!(c.store, super::StoreConfig::Sled);
+        assert_eq!(
+            c.store,
+            super::StoreConfig::Sled {
+                cache_bytes: super::DEFAULT_SLED_CACHE_MB << 20
+            }
+        );
+        let big = format!("{MINIMAL}\n[store]\ncache_mb = 256\n");
+        assert_eq!(
+            super::parse_str(&big).unwrap().store,
+            super::StoreConfig::Sled {
+                cache_bytes: 256 << 20
+            }
+        );
+        for bad in [
+            "cache_mb = 0",
+            "cache_mb = 1048577",
+            "kind = \"postgres\"\nurl_env = \"DB_URL\"\ncache_mb = 64",
+        ] {
+            let text = format!("{MINIMAL}\n[store]\n{bad}\n");
+            let err = super::parse_str(&text).unwrap_err().to_string();
+            assert!(err.contains("store.cache_mb"), "{err}");
+        }
         let pg = format!(
             "{MINIMAL}\n[store]\nkind = \"postgres\"\nurl_env = \"DB_URL\"\ninstance_id = \"gw-1\"\n"
         );

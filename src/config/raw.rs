@@ -123,6 +123,8 @@ pub struct RawStore {
     pub instance_id: Option<String>,
     #[serde(default = "d_lease_ttl")]
     pub lease_ttl_ms: u64,
+    /// sled only: the page cache, MiB (default 8).
+    pub cache_mb: Option<u64>,
 }
 
 impl Default for RawStore {
@@ -133,6 +135,7 @@ impl Default for RawStore {
             pool_size: d_pool_size(),
             instance_id: None,
             lease_ttl_ms: d_lease_ttl(),
+            cache_mb: None,
         }
     }
 }

@@ -320,6 +320,9 @@ fn check_server(c: &mut Checker, s: RawServer) -> Option<Server> {
     })
 }
 
+/// The largest `store.cache_mb` (1 TiB): sled's cache is counted in bytes.
+const MAX_SLED_CACHE_MB: u64 = 1 << 20;
+
 /// The longest `store.instance_id`: it is written into every lease and open hold.
 const MAX_INSTANCE_ID: usize = 64;
 
@@ -337,9 +340,21 @@ fn check_store(
             if s.instance_id.is_some() {
                 c.problem("store.instance_id", "only used with kind = \"postgres\"");
             }
-            Some(StoreConfig::Sled)
+            let cache_mb = s.cache_mb.unwrap_or(DEFAULT_SLED_CACHE_MB);
+            if cache_mb == 0 || cache_mb > MAX_SLED_CACHE_MB {
+                c.problem(
+                    "store.cache_mb",
+                    format!("must be between 1 and {MAX_SLED_CACHE_MB}"),
+                );
+            }
+            Some(StoreConfig::Sled {
+                cache_bytes: cache_mb << 20,
+            })
         }
         "postgres" => {
+            if s.cache_mb.is_some() {
+                c.problem("store.cache_mb", "only used with kind = \"sled\"");
+            }
             let url_env = match s.url_env {
                 Some(v) if !v.trim().is_empty() => Some(v),
                 Some(_) => {

@@ -488,6 +488,13 @@ pub enum Index<'a> {
     Task(&'a str),
 }
 
+/// sled's page cache when none is configured (`store.cache_mb`; sled's own default is 1 GiB).
+/// It bounds the largest part of a serving gateway's resident memory: with 64 MiB, a gateway
+/// that had settled 30,000 requests held 110 MiB with 200 streams open. The tree's upper nodes
+/// and recent records (what the console and the admin API read most) fit; older pages come back
+/// from the OS page cache.
+pub const SLED_CACHE_BYTES: u64 = crate::config::DEFAULT_SLED_CACHE_MB << 20;
+
 /// Read access to the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -495,8 +502,14 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating) the store under `dir`, with owner-only permissions on what it creates.
+    /// Opens (creating) the store under `dir`, with owner-only permissions on what it creates,
+    /// and the default page cache.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(dir, SLED_CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let dd = |e: std::io::Error| StoreError::DataDir {
             path: dir.display().to_string(),
             err: e.to_string(),
@@ -505,7 +518,7 @@ impl Store {
         set_mode(dir, 0o700).map_err(dd)?;
         let db = sled::Config::new()
             .path(dir.join("tollgate.sled"))
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .flush_every_ms(Some(1000))
             .open()?;
         restrict_tree(&dir.join("tollgate.sled")).map_err(dd)?;

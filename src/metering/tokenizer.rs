@@ -67,11 +67,30 @@ pub struct Tokenizer {
     bpe: Option<Vocabulary>,
 }
 
-/// A shared BPE table and the index of its per-thread memo.
+/// A shared BPE table, built on first use, and the index of its per-thread memo.
 #[derive(Clone)]
 struct Vocabulary {
-    core: Arc<CoreBPE>,
+    kind: TokenizerKind,
     memo_slot: usize,
+}
+
+impl Vocabulary {
+    /// The process-wide table: built by the first count that needs it (tens of milliseconds),
+    /// so a model that is never asked for costs no memory (o200k_base's table is about 55 MiB
+    /// resident). `None` only if tiktoken-rs could not build its own shipped table (an internal
+    /// error, logged once); counts then fall back to the `chunks` estimate.
+    fn core(&self) -> Option<&'static CoreBPE> {
+        table(self.kind).and_then(|t| t.as_deref().ok())
+    }
+}
+
+/// `kind`'s process-wide table, built on the first call (`None` for `chunks`).
+fn table(kind: TokenizerKind) -> Option<&'static Result<Arc<CoreBPE>, String>> {
+    match kind {
+        TokenizerKind::Chunks => None,
+        TokenizerKind::O200kBase => Some(shared_bpe(&O200K_BASE, tiktoken_rs::o200k_base)),
+        TokenizerKind::Cl100kBase => Some(shared_bpe(&CL100K_BASE, tiktoken_rs::cl100k_base)),
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -92,26 +111,39 @@ static CL100K_BASE: SharedBpe = OnceLock::new();
 fn shared_bpe<E: std::fmt::Display>(
     cell: &'static SharedBpe,
     build: fn() -> Result<CoreBPE, E>,
-) -> Result<Arc<CoreBPE>, String> {
-    cell.get_or_init(|| build().map(Arc::new).map_err(|e| e.to_string()))
-        .clone()
+) -> &'static Result<Arc<CoreBPE>, String> {
+    cell.get_or_init(|| {
+        build().map(Arc::new).map_err(|e| {
+            tracing::error!(error = %e, "cannot build a BPE tokenizer table; counting by chunks");
+            e.to_string()
+        })
+    })
 }
 
 impl Tokenizer {
-    /// A tokenizer of the given kind. The first call for a BPE kind builds its table (tens of
-    /// milliseconds); later calls share it.
+    /// A tokenizer of the given kind. A BPE kind's table is built by the first count that
+    /// needs it and shared by every tokenizer of that kind (see [`Vocabulary::core`]).
     pub fn new(kind: TokenizerKind) -> Result<Tokenizer, TokenizerError> {
-        let (bpe, memo_slot) = match kind {
+        let memo_slot = match kind {
             TokenizerKind::Chunks => return Ok(Tokenizer { kind, bpe: None }),
-            TokenizerKind::O200kBase => (shared_bpe(&O200K_BASE, tiktoken_rs::o200k_base), 0),
-            TokenizerKind::Cl100kBase => (shared_bpe(&CL100K_BASE, tiktoken_rs::cl100k_base), 1),
+            TokenizerKind::O200kBase => 0,
+            TokenizerKind::Cl100kBase => 1,
         };
-        match bpe {
-            Ok(core) => Ok(Tokenizer {
-                kind,
-                bpe: Some(Vocabulary { core, memo_slot }),
+        Ok(Tokenizer {
+            kind,
+            bpe: Some(Vocabulary { kind, memo_slot }),
+        })
+    }
+
+    /// Builds this tokenizer's table now rather than at the first count; the error says why it
+    /// cannot be built.
+    pub fn load(&self) -> Result<(), TokenizerError> {
+        match table(self.kind) {
+            Some(Err(message)) => Err(TokenizerError::Load {
+                kind: self.kind,
+                message: message.clone(),
             }),
-            Err(message) => Err(TokenizerError::Load { kind, message }),
+            _ => Ok(()),
         }
     }
 
@@ -318,7 +350,9 @@ fn bpe_count(bpe: &Vocabulary, text: &str) -> u64 {
     if text.len() <= MEMO_MAX_TEXT_BYTES {
         return memoised_count(bpe, text);
     }
-    let bpe = &*bpe.core;
+    let Some(bpe) = bpe.core() else {
+        return chunks_of(text.len());
+    };
     if text.len() <= MAX_RUN_BYTES {
         return encode_len(bpe, text);
     }
@@ -346,7 +380,10 @@ fn memoised_count(vocabulary: &Vocabulary, text: &str) -> u64 {
     if let Some(count) = cached {
         return u64::from(count);
     }
-    let count = encode_len(&vocabulary.core, text);
+    let Some(core) = vocabulary.core() else {
+        return chunks_of(text.len());
+    };
+    let count = encode_len(core, text);
     MEMO.with(|memo| {
         let memo = &mut memo.borrow_mut()[slot];
         if memo.len() >= MEMO_CAPACITY {
@@ -394,6 +431,20 @@ mod tests {
         };
         let bpe = bpe.lock();
         bpe.encode_ordinary(text).len() as u64
+    }
+
+    #[test]
+    fn bpe_tables_load_on_demand_and_count_the_same() {
+        let t = o200k();
+        t.load().unwrap();
+        assert_eq!(
+            t.count_text("Say something about load testing."),
+            ordinary(
+                TokenizerKind::O200kBase,
+                "Say something about load testing."
+            )
+        );
+        chunks().load().unwrap();
     }
 
     #[test]
@@ -607,9 +658,9 @@ mod tests {
     fn clones_share_the_table() {
         let a = o200k();
         let b = o200k();
-        assert!(Arc::ptr_eq(
-            &a.bpe.as_ref().unwrap().core,
-            &b.bpe.as_ref().unwrap().core
+        assert!(std::ptr::eq(
+            a.bpe.as_ref().unwrap().core().unwrap(),
+            b.bpe.as_ref().unwrap().core().unwrap()
         ));
     }
 }

@@ -176,9 +176,10 @@ pub struct Opened {
 pub fn open(config: &Config) -> Result<Opened, String> {
     let flush = Duration::from_millis(config.settlement.flush_interval_ms);
     match &config.store {
-        StoreConfig::Sled => {
+        StoreConfig::Sled { cache_bytes } => {
             let store =
-                crate::ledger::Store::open(&config.server.data_dir).map_err(|e| e.to_string())?;
+                crate::ledger::Store::open_with_cache(&config.server.data_dir, *cache_bytes)
+                    .map_err(|e| e.to_string())?;
             let recovered = store.recover_holds().map_err(|e| e.to_string())?;
             if recovered > 0 {
                 tracing::warn!(
