@@ -55,30 +55,7 @@ if [ "$PIN" = 1 ] && [ "$CORES" -ge 2 ] && command -v taskset >/dev/null; then
   LOAD_PIN=(taskset -c "0-$((CORES - 2))")
 fi
 
-cargo build --release -p tollgate -p tollgate-loadtest
-BIN=target/release
-
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-
-wait_http() { # URL
-  for _ in $(seq 1 100); do
-    if curl -sf -o /dev/null "$1"; then return 0; fi
-    sleep 0.1
-  done
-  echo "not ready: $1" >&2
-  return 1
-}
+. loadtest/lib.sh
 
 ${LOAD_PIN[@]+"${LOAD_PIN[@]}"} "$BIN/tollgate" mock-upstream --listen "127.0.0.1:$PRIMARY_PORT" --ttft-ms 0 --tokens 64 --interval-ms 20 \
   >"$TMP/primary.log" 2>&1 &

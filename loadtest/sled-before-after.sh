@@ -27,30 +27,7 @@ BACKUP_PORT=$((BASE_PORT + 12))
 KEY="tg-loadtest-0123456789"
 ADMIN_TOKEN="lt-admin-token"
 
-cargo build --release -p tollgate -p tollgate-loadtest
-BIN=target/release
-
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-
-wait_http() { # URL
-  for _ in $(seq 1 100); do
-    if curl -sf -o /dev/null "$1"; then return 0; fi
-    sleep 0.1
-  done
-  echo "not ready: $1" >&2
-  return 1
-}
+. loadtest/lib.sh
 
 "$BIN/tollgate" mock-upstream --listen "127.0.0.1:$PRIMARY_PORT" --ttft-ms 0 --tokens 64 --interval-ms 20 \
   >"$TMP/primary.log" 2>&1 &
