@@ -2,20 +2,24 @@
 //! `tokenizer.rs`.
 //!
 //! tiktoken-rs's `CoreBPE` keeps each vocabulary several times over (an encoder map, a decoder
-//! map, a sorted token list, 128 regex copies): about 55 MiB resident for `o200k_base`.
-//! Counting needs only bytes → rank, so a [`BpeTable`] holds every token's bytes back to back in
-//! one arena, their end offsets by rank, and an open-addressing index of ranks by the hash of
-//! their bytes: about 4.5 MiB for `o200k_base`. Text is split into pieces with the same regex
-//! tiktoken uses for the vocabulary and each piece is merged the way tiktoken merges it, so the
-//! counts are tiktoken's `encode_ordinary(text).len()` exactly.
+//! map, a sorted token list, 128 regex copies): about 55 MiB resident for `o200k_base`, and
+//! most of it stays resident even once a temporary `CoreBPE` is dropped (the allocator keeps
+//! the freed small blocks). Counting needs only bytes → rank, so a [`BpeTable`] is the layout
+//! of `bpe_index.rs`: every token's bytes in one arena, their end offsets by rank, and an
+//! open-addressing index of ranks by the hash of their bytes, about 4.5 MiB for `o200k_base`.
+//! The build script writes these tables from tiktoken-rs's shipped vocabularies and the
+//! library embeds them, so they are read-only data paged in from the binary as counting
+//! touches them, never built at run time.
 //!
-//! The vocabulary is read once from a temporary `CoreBPE` (tiktoken-rs does not expose its
-//! data otherwise), which is dropped as soon as the table is built.
+//! Text is split into pieces with the same regex tiktoken uses for the vocabulary and each
+//! piece is merged the way tiktoken merges it, so the counts are tiktoken's
+//! `encode_ordinary(text).len()` exactly.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::borrow::Cow;
 
 use fancy_regex::Regex;
-use tiktoken_rs::CoreBPE;
+
+use crate::metering::bpe_index::first_slot;
 
 /// One of the BPE vocabularies the gateway counts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,14 +29,6 @@ pub(crate) enum Vocabulary {
 }
 
 impl Vocabulary {
-    /// Ordinary (non-special) tokens: ranks `0..ranks()`, as shipped with tiktoken-rs.
-    fn ranks(self) -> u32 {
-        match self {
-            Vocabulary::O200kBase => 199_998,
-            Vocabulary::Cl100kBase => 100_256,
-        }
-    }
-
     /// The regex that splits text into the pieces BPE merges within (tiktoken's, verbatim).
     fn pattern(self) -> &'static str {
         match self {
@@ -57,110 +53,90 @@ impl Vocabulary {
         }
     }
 
-    /// tiktoken-rs's own table for this vocabulary (tens of MiB, tens of milliseconds).
-    fn core(self) -> Result<CoreBPE, String> {
-        let core = match self {
-            Vocabulary::O200kBase => tiktoken_rs::o200k_base(),
-            Vocabulary::Cl100kBase => tiktoken_rs::cl100k_base(),
-        };
-        core.map_err(|e| e.to_string())
+    /// The table the build script wrote: arena, ends, slots (see `bpe_index.rs`).
+    fn data(self) -> [&'static [u8]; 3] {
+        macro_rules! table {
+            ($name:literal) => {
+                [
+                    include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".arena")),
+                    include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".ends")),
+                    include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".slots")),
+                ]
+            };
+        }
+        match self {
+            Vocabulary::O200kBase => table!("o200k_base"),
+            Vocabulary::Cl100kBase => table!("cl100k_base"),
+        }
     }
 }
 
-/// Bytes → rank for one vocabulary, and the regex that splits text into pieces.
+/// Bytes → rank for one vocabulary (the layout of `bpe_index.rs`), and the regex that splits
+/// text into pieces.
 pub(crate) struct BpeTable {
-    /// Every token's bytes, back to back in rank order.
-    arena: Box<[u8]>,
-    /// `ends[r]` is where rank `r`'s bytes end in `arena`; they start where `r - 1`'s end.
-    ends: Box<[u32]>,
-    /// Open addressing with linear probing: `rank + 1` of a token whose bytes hash here, or 0.
-    slots: Box<[u32]>,
-    /// `64 - log2(slots.len())`: a hash's top bits pick its first slot.
-    shift: u32,
+    arena: Cow<'static, [u8]>,
+    /// Little-endian `u32`: where each rank's bytes end in `arena`; they start where the
+    /// previous rank's end.
+    ends: Cow<'static, [u8]>,
+    /// Little-endian `u32`: `rank + 1`, or 0 for an empty slot.
+    slots: Cow<'static, [u8]>,
+    /// log2 of the number of slots.
+    bits: u32,
     pieces: Regex,
 }
 
 impl BpeTable {
-    /// Builds `vocabulary`'s table from tiktoken-rs's shipped data.
-    ///
-    /// The temporary `CoreBPE` is built on a thread of its own so that its hundreds of
-    /// thousands of small allocations come from that thread's malloc arena rather than being
-    /// interleaved with the long-lived table (and the caller's other allocations); once it is
-    /// dropped, that arena is free as a whole and goes back to the system.
+    /// `vocabulary`'s table: the embedded data and its compiled split regex.
     pub(crate) fn build(vocabulary: Vocabulary) -> Result<BpeTable, String> {
-        let pieces = Regex::new(vocabulary.pattern()).map_err(|e| e.to_string())?;
-        let core = std::thread::scope(|scope| {
-            scope
-                .spawn(|| vocabulary.core())
-                .join()
-                .unwrap_or_else(|_| Err("building the table panicked".to_owned()))
-        })?;
-        let table = catch_unwind(AssertUnwindSafe(|| {
-            BpeTable::from_core(&core, vocabulary.ranks(), pieces)
-        }))
-        .unwrap_or_else(|_| Err("reading the table panicked".to_owned()));
-        drop(core);
-        table
+        let [arena, ends, slots] = vocabulary.data();
+        BpeTable::new(
+            arena.into(),
+            ends.into(),
+            slots.into(),
+            vocabulary.pattern(),
+        )
     }
 
-    /// Copies ranks `0..ranks` out of `core`. tiktoken-rs has no accessor for one token's
-    /// bytes; decoding a one-token list gives them.
-    fn from_core(core: &CoreBPE, ranks: u32, pieces: Regex) -> Result<BpeTable, String> {
-        let mut tokens: Vec<Vec<u8>> = Vec::with_capacity(ranks as usize);
-        for rank in 0..ranks {
-            let bytes = core
-                ._decode_native_and_split(vec![rank])
-                .next()
-                .ok_or_else(|| format!("no bytes for rank {rank}"))?;
-            tokens.push(bytes);
+    /// Checks that the parts fit together (so that lookups stay in bounds).
+    fn new(
+        arena: Cow<'static, [u8]>,
+        ends: Cow<'static, [u8]>,
+        slots: Cow<'static, [u8]>,
+        pattern: &str,
+    ) -> Result<BpeTable, String> {
+        let words = slots.len() / 4;
+        let fits = !ends.is_empty()
+            && ends.len() % 4 == 0
+            && slots.len() % 4 == 0
+            && words.is_power_of_two()
+            && words > 1
+            && words > ends.len() / 4;
+        if !fits {
+            return Err("the table's parts have the wrong sizes".to_owned());
         }
-        BpeTable::from_tokens(&tokens, pieces)
-    }
-
-    /// The table of `tokens` (token `r` has rank `r`); an error if two tokens have the same
-    /// bytes, a token is empty, or the arena would not fit 32-bit offsets.
-    fn from_tokens(tokens: &[Vec<u8>], pieces: Regex) -> Result<BpeTable, String> {
-        let total: usize = tokens.iter().map(Vec::len).sum();
-        if total > u32::MAX as usize || tokens.len() >= u32::MAX as usize {
-            return Err("the vocabulary is too large".to_owned());
-        }
-        let mut arena = Vec::with_capacity(total);
-        let mut ends = Vec::with_capacity(tokens.len());
-        for token in tokens {
-            if token.is_empty() {
-                return Err("the vocabulary has an empty token".to_owned());
-            }
-            arena.extend_from_slice(token);
-            ends.push(arena.len() as u32); // total fits u32, checked above
-        }
-        let bits = (tokens.len() * 2)
-            .next_power_of_two()
-            .trailing_zeros()
-            .max(1);
-        let mut table = BpeTable {
-            arena: arena.into_boxed_slice(),
-            ends: ends.into_boxed_slice(),
-            slots: vec![0u32; 1 << bits].into_boxed_slice(),
-            shift: 64 - bits,
-            pieces,
+        let table = BpeTable {
+            bits: words.trailing_zeros(),
+            pieces: Regex::new(pattern).map_err(|e| e.to_string())?,
+            arena,
+            ends,
+            slots,
         };
-        for (rank, token) in tokens.iter().enumerate() {
-            let mut slot = table.first_slot(token);
-            while table.slots[slot] != 0 {
-                if table.token(table.slots[slot] - 1) == token.as_slice() {
-                    return Err(format!("rank {rank} repeats an earlier token"));
-                }
-                slot = (slot + 1) & (table.slots.len() - 1);
-            }
-            table.slots[slot] = rank as u32 + 1; // fits u32, checked above
+        let ranks = table.ends.len() / 4;
+        let ordered = (0..ranks).all(|r| {
+            let start = if r == 0 { 0 } else { word(&table.ends, r - 1) };
+            start <= word(&table.ends, r)
+        });
+        let in_range = (0..words).all(|s| word(&table.slots, s) as usize <= ranks);
+        if !ordered || word(&table.ends, ranks - 1) as usize != table.arena.len() || !in_range {
+            return Err("the table's offsets are out of order or out of range".to_owned());
         }
         Ok(table)
     }
 
-    /// Heap bytes held by the table's own arrays (the regex not included).
+    /// Bytes held by the table (the regex not included).
     #[cfg(test)]
     pub(crate) fn table_bytes(&self) -> usize {
-        self.arena.len() + 4 * self.ends.len() + 4 * self.slots.len()
+        self.arena.len() + self.ends.len() + self.slots.len()
     }
 
     /// Tokens in `text`: tiktoken's `encode_ordinary(text).len()`. `None` if the regex gave up
@@ -221,48 +197,36 @@ impl BpeTable {
 
     /// The rank of the token whose bytes are `bytes`, if there is one.
     fn rank(&self, bytes: &[u8]) -> Option<u32> {
-        let mut slot = self.first_slot(bytes);
+        let mask = (1usize << self.bits) - 1;
+        let mut slot = first_slot(bytes, self.bits);
         loop {
-            let entry = self.slots[slot];
+            let entry = word(&self.slots, slot);
             if entry == 0 {
                 return None;
             }
             if self.token(entry - 1) == bytes {
                 return Some(entry - 1);
             }
-            slot = (slot + 1) & (self.slots.len() - 1);
+            slot = (slot + 1) & mask;
         }
     }
 
     fn token(&self, rank: u32) -> &[u8] {
         let rank = rank as usize;
-        let start = if rank == 0 { 0 } else { self.ends[rank - 1] };
-        &self.arena[start as usize..self.ends[rank] as usize]
-    }
-
-    fn first_slot(&self, bytes: &[u8]) -> usize {
-        (hash(bytes) >> self.shift) as usize
+        let start = if rank == 0 {
+            0
+        } else {
+            word(&self.ends, rank - 1)
+        };
+        &self.arena[start as usize..word(&self.ends, rank) as usize]
     }
 }
 
-/// A multiplicative hash of `bytes`, eight at a time; its top bits are the well-mixed ones.
-fn hash(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-    let mix = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
-    let mut h = (bytes.len() as u64).wrapping_mul(K);
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let mut buf = [0u8; 8];
-        buf.copy_from_slice(word);
-        h = mix(h, u64::from_le_bytes(buf));
-    }
-    let rest = words.remainder();
-    if !rest.is_empty() {
-        let mut buf = [0u8; 8];
-        buf[..rest.len()].copy_from_slice(rest);
-        h = mix(h, u64::from_le_bytes(buf));
-    }
-    h
+/// The `i`th little-endian `u32` of `bytes`.
+fn word(bytes: &[u8], i: usize) -> u32 {
+    let mut buf = [0u8; 4];
+    buf.copy_from_slice(&bytes[4 * i..4 * i + 4]);
+    u32::from_le_bytes(buf)
 }
 
 #[cfg(test)]
@@ -272,7 +236,9 @@ mod tests {
 
     fn tiny(tokens: &[&str]) -> BpeTable {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.as_bytes().to_vec()).collect();
-        BpeTable::from_tokens(&tokens, Regex::new(r"\S+|\s+").unwrap()).unwrap()
+        let index = crate::metering::bpe_index::index(&tokens).unwrap();
+        let [arena, ends, slots] = [index.arena, index.ends, index.slots].map(Cow::Owned);
+        BpeTable::new(arena, ends, slots, r"\S+|\s+").unwrap()
     }
 
     #[test]
@@ -291,7 +257,7 @@ mod tests {
     #[test]
     fn repeated_tokens_are_refused() {
         let tokens = vec![b"a".to_vec(), b"b".to_vec(), b"a".to_vec()];
-        let refused = BpeTable::from_tokens(&tokens, Regex::new("a").unwrap());
-        assert!(refused.is_err());
+        assert!(crate::metering::bpe_index::index(&tokens).is_err());
+        assert!(crate::metering::bpe_index::index(&[b"a".to_vec(), vec![]]).is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! metered stream that ties them to the wallet hold.
 
 mod bpe;
+mod bpe_index;
 pub mod chunk;
 pub mod meter;
 pub mod sse;
