@@ -2,6 +2,8 @@
 //! chunks in `chunk.rs`, all three in `wire.rs`), tokenizers, the per-request meter and the
 //! metered stream that ties them to the wallet hold.
 
+mod bpe;
+mod bpe_index;
 pub mod chunk;
 pub mod meter;
 pub mod sse;
