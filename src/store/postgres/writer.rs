@@ -6,10 +6,13 @@
 //! it, and it is tried again until it commits; `tg_batches` makes sure a batch whose COMMIT was
 //! cut off is never applied twice.
 //!
-//! The thread also renews this instance's registration (every quarter of `lease_ttl_ms`) and,
-//! once it has been connected for a whole TTL, reaps instances whose registration expired:
-//! their open holds are billed at the consumption they last persisted, as `interrupted`
-//! records, and the rest of their leases returns to the balances.
+//! The thread also beats this instance's heart (every eighth of `lease_ttl_ms`, between 10 ms
+//! and a second): one statement renews its registration, counts the live instances and looks
+//! for expired ones. A busy writer runs it inside the batch it commits anyway, so a busy
+//! instance spends no transaction of its own on it. Once connected for a whole TTL, the writer
+//! reaps the instances whose registration expired: their open holds are billed at the
+//! consumption they last persisted, as `interrupted` records, and the rest of their leases
+//! returns to the balances.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -195,8 +198,8 @@ fn answers(op: &StoreOp) -> bool {
 struct Health {
     /// When the database last answered a renewal, if it did since the last failure.
     connected_since: Option<Instant>,
-    next_renewal: Instant,
-    next_reap: Instant,
+    /// When the next heartbeat (see [`HEARTBEAT`]) is due.
+    next_beat: Instant,
 }
 
 fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &AtomicBool) {
@@ -205,28 +208,28 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     // one transaction per window rather than one per request.
     let mut window = Window::new(flush_interval);
     let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
-    // At most a second: the count of live instances (the rate limits' shares) follows too.
-    let tick = (shared.ttl / 4)
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(25));
-    // Expired registrations are looked for more often than they are renewed, so that a dead
-    // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
-    let reap_tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    // One heartbeat renews the registration and looks for expired ones: often enough that a
+    // dead instance is reaped soon after its TTL (it expires between 7/8 and 1 TTL after its
+    // death), and at least every second, so that the count of live instances (the rate limits'
+    // shares) follows too.
+    let tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let born = Instant::now();
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
         connected_since: Some(Instant::now()),
-        next_renewal: Instant::now(),
-        next_reap: Instant::now() + reap_tick,
+        next_beat: Instant::now(),
+    };
+    // Instances of a fleet often start together: beat every 100 ms for the first seconds, so
+    // that the rate limits' shares settle soon.
+    let next_tick = |now: Instant| {
+        let early = now.duration_since(born) < EARLY_RENEWALS;
+        now + if early { tick.min(EARLY_TICK) } else { tick }
     };
     let mut stopping = false;
     while !stopping {
         let now = Instant::now();
-        let mut wait = health
-            .next_renewal
-            .min(health.next_reap)
-            .saturating_duration_since(now);
+        let mut wait = health.next_beat.saturating_duration_since(now);
         if !p.is_empty() {
             wait = wait.min(retry);
         }
@@ -272,18 +275,27 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
                 Msg::Stop => stopping = true,
                 Msg::Op(op) if answers(&op) => {
                     // Everything sent before it is committed first, as the sled writer does.
-                    let committed = window.timed(|| commit(&shared, &mut p, &mut seq, failing));
+                    let committed = window
+                        .timed(|| commit(&shared, &mut p, &mut seq, failing, false))
+                        .map(|_| ());
                     answer(&shared, op, committed);
                 }
                 Msg::Op(op) => p.add(op, shared.epoch.load(Ordering::Acquire)),
             }
         }
-        let _ = window.timed(|| commit(&shared, &mut p, &mut seq, failing));
+        // The heartbeat rides along when it falls due before the next window would end.
+        let beat_now = !stopping && Instant::now() + window.length() >= health.next_beat;
+        if let Ok(Some(beat)) =
+            window.timed(|| commit(&shared, &mut p, &mut seq, failing, beat_now))
+        {
+            health.next_beat = next_tick(Instant::now());
+            heartbeat(&shared, &mut health, failing, false, Some(beat));
+        }
         if stopping {
             let until = Instant::now() + STOP_RETRY;
             while !p.is_empty() && Instant::now() < until {
                 std::thread::sleep(retry);
-                let _ = commit(&shared, &mut p, &mut seq, failing);
+                let _ = commit(&shared, &mut p, &mut seq, failing, false);
             }
             if !p.is_empty() {
                 tracing::error!(
@@ -294,21 +306,9 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
             break;
         }
         let now = Instant::now();
-        if now >= health.next_renewal {
-            // Instances of a fleet often start together: renew (and count the live instances)
-            // every 100 ms for the first seconds, so that the rate limits' shares settle soon.
-            let early = now.duration_since(born) < EARLY_RENEWALS;
-            health.next_renewal = now + if early { tick.min(EARLY_TICK) } else { tick };
-            renew(&shared, &mut health, failing, p.is_empty());
-        }
-        if now >= health.next_reap {
-            health.next_reap = now + reap_tick;
-            if health
-                .connected_since
-                .is_some_and(|t| t.elapsed() >= shared.ttl)
-            {
-                reap_expired(&shared);
-            }
+        if now >= health.next_beat {
+            health.next_beat = next_tick(now);
+            heartbeat(&shared, &mut health, failing, p.is_empty(), None);
         }
     }
     if p.is_empty() {
@@ -397,15 +397,17 @@ fn block<T>(
     })
 }
 
-/// Commits what is pending in one transaction. On failure everything stays pending.
+/// Commits what is pending in one transaction, with the heartbeat in it when `beat` (its
+/// answer is returned; none when nothing was pending). On failure everything stays pending.
 fn commit(
     shared: &Shared,
     p: &mut Pending,
     seq: &mut i64,
     failing: &AtomicBool,
-) -> Result<(), StoreError> {
+    beat: bool,
+) -> Result<Option<Beat>, StoreError> {
     if p.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let started = Instant::now();
     let retried = p.seq.is_some();
@@ -413,14 +415,14 @@ fn commit(
         *seq += 1;
         (shared.epoch.load(Ordering::Acquire) as i64, *seq)
     });
-    let r = block(shared, apply(shared, p, epoch, batch, retried));
+    let r = block(shared, apply(shared, p, epoch, batch, retried, beat));
     match r {
-        Ok(()) => {
+        Ok(beat) => {
             *p = Pending::default();
             failing.store(false, Ordering::Release);
             metrics::histogram!(crate::metrics::LEDGER_FLUSH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            Ok(())
+            Ok(beat)
         }
         Err(e) => {
             if !failing.swap(true, Ordering::AcqRel) {
@@ -482,14 +484,15 @@ async fn maybe<F: std::future::Future<Output = Result<T, tokio_postgres::Error>>
 /// Commits a batch in one transaction, in two pipelined rounds (the statements of a round go
 /// out together on the connection and their answers come back together): first the batch
 /// mark, the open holds, the debits and the returned leases; then the records, which depend on
-/// which debits found their lease.
+/// which debits found their lease, and the heartbeat when `beat`.
 async fn apply(
     shared: &Shared,
     p: &Pending,
     epoch: i64,
     batch: i64,
     retried: bool,
-) -> Result<(), StoreError> {
+    beat: bool,
+) -> Result<Option<Beat>, StoreError> {
     let me = &shared.instance_id;
     let mut client = shared.pool.get().await.map_err(db_err)?;
     let tx = client.transaction().await.map_err(db_err)?;
@@ -503,7 +506,7 @@ async fn apply(
             .map_err(db_err)?;
         if done.is_some() {
             // The earlier try committed; only its acknowledgement was lost.
-            return Ok(());
+            return Ok(None);
         }
     }
     let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) =
@@ -625,12 +628,17 @@ async fn apply(
         .iter()
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
-    futures_util::future::try_join(
+    let registration = shared.epoch.load(Ordering::Acquire) as i64;
+    let ttl_ms = shared.ttl.as_millis() as f64;
+    let beat_p: [Param; 3] = [me, &registration, &ttl_ms];
+    let (_, _, beat) = tokio::try_join!(
         write_records(&tx, &latest, false, me),
         write_records(&tx, &absent, true, me),
-    )
-    .await?;
-    tx.commit().await.map_err(db_err)
+        maybe(beat, || tx.query_one(HEARTBEAT, &beat_p)),
+    )?;
+    let beat = beat.map(|row| Beat::from_row(&row));
+    tx.commit().await.map_err(db_err)?;
+    Ok(beat)
 }
 
 /// Writes ledger records; `if_absent`: only those whose request has none yet.
@@ -1029,49 +1037,90 @@ async fn prune(shared: &Shared, before_micros: u64) -> Result<usize, StoreError>
     Ok(n as usize)
 }
 
-/// Renews this instance's registration; registers again (with a new epoch, so that leases
-/// granted before no longer count) if another instance reaped it meanwhile.
-fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool) {
+/// One statement: renews this instance's registration (of its current epoch), drops its lease
+/// rows spent to zero, counts the live instances and the expired others.
+const HEARTBEAT: &str =
+    "WITH r AS (UPDATE tg_instances
+                SET expires_at = now() + $3::float8 * interval '1 millisecond'
+                WHERE instance_id = $1 AND epoch = $2 RETURNING 1),
+          z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
+     SELECT (SELECT count(*) FROM r),
+            (SELECT count(*) FROM tg_instances WHERE expires_at > now()),
+            (SELECT count(*) FROM tg_instances WHERE expires_at < now() AND instance_id <> $1)";
+
+/// What a [`HEARTBEAT`] answered.
+#[derive(Clone, Copy, Debug)]
+struct Beat {
+    renewed: bool,
+    live: i64,
+    expired: i64,
+}
+
+impl Beat {
+    fn from_row(row: &tokio_postgres::Row) -> Beat {
+        Beat {
+            renewed: row.get::<_, i64>(0) == 1,
+            live: row.get(1),
+            expired: row.get(2),
+        }
+    }
+}
+
+/// Beats this instance's heart: `folded` is the answer of a heartbeat that ran inside a batch;
+/// without one, it runs on its own. Registers again (with a new epoch, so that leases granted
+/// before no longer count) if another instance reaped it meanwhile, and reaps the expired
+/// instances once connected for a whole TTL.
+fn heartbeat(
+    shared: &Shared,
+    health: &mut Health,
+    failing: &AtomicBool,
+    idle: bool,
+    folded: Option<Beat>,
+) {
     let me = shared.instance_id.clone();
     let ttl_ms = shared.ttl.as_millis() as f64;
     let epoch = shared.epoch.load(Ordering::Acquire) as i64;
     let pool = shared.pool.clone();
-    let r = block(shared, async move {
-        let client = pool.get().await.map_err(db_err)?;
-        // One round trip: renew, drop the lease rows spent to zero, count the live instances.
-        let row = client
-            .query_one(
-                "WITH r AS (UPDATE tg_instances
-                            SET expires_at = now() + $3::float8 * interval '1 millisecond'
-                            WHERE instance_id = $1 AND epoch = $2 RETURNING 1),
-                      z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
-                 SELECT (SELECT count(*) FROM r),
-                        (SELECT count(*) FROM tg_instances WHERE expires_at > now())",
-                &[&me, &epoch, &ttl_ms],
-            )
-            .await
-            .map_err(db_err)?;
-        let (renewed, live): (i64, i64) = (row.get(0), row.get(1));
-        if renewed == 1 {
-            return Ok((None, live));
-        }
-        let fresh = new_epoch();
-        client
-            .execute(
-                "INSERT INTO tg_instances (instance_id, epoch, started_at, expires_at)
-                 VALUES ($1, $2, now(), now() + $3::float8 * interval '1 millisecond')
-                 ON CONFLICT (instance_id) DO UPDATE
-                 SET epoch = EXCLUDED.epoch, started_at = EXCLUDED.started_at,
-                     expires_at = EXCLUDED.expires_at",
-                &[&me, &(fresh as i64), &ttl_ms],
-            )
-            .await
-            .map_err(db_err)?;
-        Ok((Some(fresh), live + 1))
-    });
+    let r = match folded {
+        Some(beat) if beat.renewed => Ok((None, beat)),
+        _ => block(shared, async move {
+            let client = pool.get().await.map_err(db_err)?;
+            let beat = match folded {
+                Some(beat) => beat,
+                None => Beat::from_row(
+                    &client
+                        .query_one(HEARTBEAT, &[&me, &epoch, &ttl_ms])
+                        .await
+                        .map_err(db_err)?,
+                ),
+            };
+            if beat.renewed {
+                return Ok((None, beat));
+            }
+            let fresh = new_epoch();
+            client
+                .execute(
+                    "INSERT INTO tg_instances (instance_id, epoch, started_at, expires_at)
+                     VALUES ($1, $2, now(), now() + $3::float8 * interval '1 millisecond')
+                     ON CONFLICT (instance_id) DO UPDATE
+                     SET epoch = EXCLUDED.epoch, started_at = EXCLUDED.started_at,
+                         expires_at = EXCLUDED.expires_at",
+                    &[&me, &(fresh as i64), &ttl_ms],
+                )
+                .await
+                .map_err(db_err)?;
+            Ok((
+                Some(fresh),
+                Beat {
+                    live: beat.live + 1,
+                    ..beat
+                },
+            ))
+        }),
+    };
     match r {
-        Ok((fresh, live)) => {
-            let live = u32::try_from(live).unwrap_or(u32::MAX).max(1);
+        Ok((fresh, beat)) => {
+            let live = u32::try_from(beat.live).unwrap_or(u32::MAX).max(1);
             shared.instances.store(live, Ordering::Relaxed);
             if let Some(e) = fresh {
                 tracing::error!(
@@ -1086,6 +1135,16 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
             }
             if idle {
                 failing.store(false, Ordering::Release);
+            }
+            // Now and then also without an expired instance: the reaper clears the marks of
+            // batches long committed.
+            let cleanup = rand::random::<u16>() < 256;
+            if (beat.expired > 0 || cleanup)
+                && health
+                    .connected_since
+                    .is_some_and(|t| t.elapsed() >= shared.ttl)
+            {
+                reap_expired(shared);
             }
         }
         Err(e) => {
@@ -1121,15 +1180,14 @@ fn reap_expired(shared: &Shared) {
             let n = reap(&tx, &d).await?;
             out.push((d, n));
         }
-        if !out.is_empty() || rand::random::<u8>() == 0 {
-            // Now and then: the marks of batches long committed.
-            tx.execute(
-                "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
-                &[],
-            )
-            .await
-            .map_err(db_err)?;
-        }
+        // The marks of batches long committed (the heartbeat also calls this now and then
+        // when no instance expired, for this).
+        tx.execute(
+            "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         Ok(out)
     });
