@@ -273,6 +273,37 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
         for m in msgs {
             match m {
                 Msg::Stop => stopping = true,
+                Msg::Op(StoreOp::Lease {
+                    key_id,
+                    bucket,
+                    need,
+                    want,
+                    reply,
+                }) if !p.is_empty() => {
+                    // Everything sent before it commits first: the lease joins that batch's
+                    // transaction rather than taking one of its own.
+                    let ask = LeaseAsk {
+                        key_id,
+                        bucket,
+                        need,
+                        want,
+                    };
+                    let r = window.timed(|| {
+                        commit_with(&shared, &mut p, &mut seq, failing, false, Some(&ask))
+                    });
+                    let granted = match r {
+                        Ok(Committed {
+                            lease: Some(granted),
+                            ..
+                        }) => granted,
+                        Ok(_) => block(
+                            &shared,
+                            lease(&shared, ask.key_id, ask.bucket, ask.need, ask.want),
+                        ),
+                        Err(e) => Err(db_err(format!("earlier writes are not committed: {e}"))),
+                    };
+                    let _ = reply.send(granted);
+                }
                 Msg::Op(op) if answers(&op) => {
                     // Everything sent before it is committed first, as the sled writer does.
                     let committed = window
@@ -406,8 +437,37 @@ fn commit(
     failing: &AtomicBool,
     beat: bool,
 ) -> Result<Option<Beat>, StoreError> {
+    commit_with(shared, p, seq, failing, beat, None).map(|c| c.beat)
+}
+
+/// A lease asked for while a batch is pending (see [`StoreOp::Lease`]).
+struct LeaseAsk {
+    key_id: String,
+    bucket: String,
+    need: Decimal,
+    want: Decimal,
+}
+
+/// What a batch's transaction answered besides committing.
+#[derive(Default)]
+struct Committed {
+    beat: Option<Beat>,
+    /// The lease asked for with the batch, when its transaction ran it (not when nothing was
+    /// pending, nor when a retried batch turned out committed already).
+    lease: Option<Result<LeaseGrant, StoreError>>,
+}
+
+/// [`commit`], with `lease` granted in the same transaction after the batch's writes.
+fn commit_with(
+    shared: &Shared,
+    p: &mut Pending,
+    seq: &mut i64,
+    failing: &AtomicBool,
+    beat: bool,
+    lease: Option<&LeaseAsk>,
+) -> Result<Committed, StoreError> {
     if p.is_empty() {
-        return Ok(None);
+        return Ok(Committed::default());
     }
     let started = Instant::now();
     let retried = p.seq.is_some();
@@ -415,14 +475,14 @@ fn commit(
         *seq += 1;
         (shared.epoch.load(Ordering::Acquire) as i64, *seq)
     });
-    let r = block(shared, apply(shared, p, epoch, batch, retried, beat));
+    let r = block(shared, apply(shared, p, epoch, batch, retried, beat, lease));
     match r {
-        Ok(beat) => {
+        Ok(committed) => {
             *p = Pending::default();
             failing.store(false, Ordering::Release);
             metrics::histogram!(crate::metrics::LEDGER_FLUSH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            Ok(beat)
+            Ok(committed)
         }
         Err(e) => {
             if !failing.swap(true, Ordering::AcqRel) {
@@ -484,7 +544,7 @@ async fn maybe<F: std::future::Future<Output = Result<T, tokio_postgres::Error>>
 /// Commits a batch in one transaction, in two pipelined rounds (the statements of a round go
 /// out together on the connection and their answers come back together): first the batch
 /// mark, the open holds, the debits and the returned leases; then the records, which depend on
-/// which debits found their lease, and the heartbeat when `beat`.
+/// which debits found their lease, and the heartbeat when `beat`; then the `lease` asked for.
 async fn apply(
     shared: &Shared,
     p: &Pending,
@@ -492,7 +552,8 @@ async fn apply(
     batch: i64,
     retried: bool,
     beat: bool,
-) -> Result<Option<Beat>, StoreError> {
+    lease: Option<&LeaseAsk>,
+) -> Result<Committed, StoreError> {
     let me = &shared.instance_id;
     let mut client = shared.pool.get().await.map_err(db_err)?;
     let tx = client.transaction().await.map_err(db_err)?;
@@ -506,7 +567,7 @@ async fn apply(
             .map_err(db_err)?;
         if done.is_some() {
             // The earlier try committed; only its acknowledgement was lost.
-            return Ok(None);
+            return Ok(Committed::default());
         }
     }
     let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) =
@@ -637,8 +698,12 @@ async fn apply(
         maybe(beat, || tx.query_one(HEARTBEAT, &beat_p)),
     )?;
     let beat = beat.map(|row| Beat::from_row(&row));
+    let lease = match lease {
+        Some(ask) => Some(lease_in(shared, &tx, ask).await?),
+        None => None,
+    };
     tx.commit().await.map_err(db_err)?;
-    Ok(beat)
+    Ok(Committed { beat, lease })
 }
 
 /// Writes ledger records; `if_absent`: only those whose request has none yet.
@@ -817,10 +882,35 @@ async fn lease(
     need: Decimal,
     want: Decimal,
 ) -> Result<LeaseGrant, StoreError> {
-    let epoch = shared.epoch.load(Ordering::Acquire);
-    let me = &shared.instance_id;
     let mut client = shared.pool.get().await.map_err(db_err)?;
     let tx = client.transaction().await.map_err(db_err)?;
+    let ask = LeaseAsk {
+        key_id,
+        bucket,
+        need,
+        want,
+    };
+    let grant = lease_in(shared, &tx, &ask).await?;
+    tx.commit().await.map_err(db_err)?;
+    grant
+}
+
+/// Grants a lease inside `tx`. The outer error is the database's (the transaction is lost);
+/// the inner one a refusal that leaves the transaction usable.
+async fn lease_in(
+    shared: &Shared,
+    tx: &Transaction<'_>,
+    ask: &LeaseAsk,
+) -> Result<Result<LeaseGrant, StoreError>, StoreError> {
+    let LeaseAsk {
+        key_id,
+        bucket,
+        need,
+        want,
+    } = ask;
+    let (need, want) = (*need, *want);
+    let epoch = shared.epoch.load(Ordering::Acquire);
+    let me = &shared.instance_id;
     // A lease belongs to this instance's registration: without it (reaped, not registered
     // again yet) nobody would ever reap the lease.
     let registered = tx
@@ -831,29 +921,29 @@ async fn lease(
         .await
         .map_err(db_err)?;
     if registered.is_none() {
-        return Err(db_err(
+        return Ok(Err(db_err(
             "this instance's registration lapsed; it registers again at its next renewal",
-        ));
+        )));
     }
     let wallet = tx
         .query_opt(
             "SELECT balance, leased FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE",
-            &[&key_id, &bucket],
+            &[key_id, bucket],
         )
         .await
         .map_err(db_err)?;
     let Some(wallet) = wallet else {
-        return Ok(LeaseGrant {
+        return Ok(Ok(LeaseGrant {
             amount: Decimal::ZERO,
             epoch,
             elsewhere: Decimal::ZERO,
-        });
+        }));
     };
     let (balance, leased): (Decimal, Decimal) = (wallet.get(0), wallet.get(1));
     let own: Decimal = tx
         .query_opt(
             "SELECT amount FROM tg_leases WHERE instance_id = $1 AND key_id = $2 AND bucket = $3",
-            &[me, &key_id, &bucket],
+            &[me, key_id, bucket],
         )
         .await
         .map_err(db_err)?
@@ -865,7 +955,7 @@ async fn lease(
     if granted > Decimal::ZERO {
         tx.execute(
             "UPDATE tg_wallets SET leased = leased + $3 WHERE key_id = $1 AND bucket = $2",
-            &[&key_id, &bucket, &granted],
+            &[key_id, bucket, &granted],
         )
         .await
         .map_err(db_err)?;
@@ -877,16 +967,15 @@ async fn lease(
             )
             .await
             .map_err(db_err)?;
-        tx.execute(&stmt, &[me, &key_id, &bucket, &granted])
+        tx.execute(&stmt, &[me, key_id, bucket, &granted])
             .await
             .map_err(db_err)?;
     }
-    tx.commit().await.map_err(db_err)?;
-    Ok(LeaseGrant {
+    Ok(Ok(LeaseGrant {
         amount: granted,
         epoch,
         elsewhere: (leased - own).max(Decimal::ZERO),
-    })
+    }))
 }
 
 /// What this instance leases of a key's buckets (a wallet actor starting again after an idle
