@@ -7,8 +7,8 @@
 //! cut off is never applied twice.
 //!
 //! The thread also beats this instance's heart (every eighth of `lease_ttl_ms`, between 10 ms
-//! and a second): one statement renews its registration, counts the live instances and looks
-//! for expired ones. A busy writer runs it inside the batch it commits anyway, so a busy
+//! and half a second): one statement renews its registration, counts the live instances, looks
+//! for expired ones and fingerprints the key table (for the key sync). A busy writer runs it inside the batch it commits anyway, so a busy
 //! instance spends no transaction of its own on it. Once connected for a whole TTL, the writer
 //! reaps the instances whose registration expired: their open holds are billed at the
 //! consumption they last persisted, as `interrupted` records, and the rest of their leases
@@ -47,6 +47,8 @@ pub(super) struct Shared {
     pub epoch: Arc<AtomicU64>,
     /// The live instances, counted at every renewal (rate limits are shared among them).
     pub instances: Arc<std::sync::atomic::AtomicU32>,
+    /// The key table's fingerprint at the last heartbeat (see `PgStore::keys_if_changed`).
+    pub keys_version: Arc<AtomicU64>,
 }
 
 const MAX_BATCH: usize = 4096;
@@ -210,9 +212,9 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
     // One heartbeat renews the registration and looks for expired ones: often enough that a
     // dead instance is reaped soon after its TTL (it expires between 7/8 and 1 TTL after its
-    // death), and at least every second, so that the count of live instances (the rate limits'
-    // shares) follows too.
-    let tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    // death), and at least every half second, so that the count of live instances (the rate
+    // limits' shares) follows too, and keys changed elsewhere take effect within a second.
+    let tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_millis(500));
     let born = Instant::now();
     let mut p = Pending::default();
     let mut seq: i64 = 0;
@@ -1127,7 +1129,8 @@ async fn prune(shared: &Shared, before_micros: u64) -> Result<usize, StoreError>
 }
 
 /// One statement: renews this instance's registration (of its current epoch), drops its lease
-/// rows spent to zero, counts the live instances and the expired others.
+/// rows spent to zero, counts the live instances and the expired others, and fingerprints the
+/// key table (every row version of a key has its own `xmin`; a deletion changes the count).
 const HEARTBEAT: &str =
     "WITH r AS (UPDATE tg_instances
                 SET expires_at = now() + $3::float8 * interval '1 millisecond'
@@ -1135,7 +1138,9 @@ const HEARTBEAT: &str =
           z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
      SELECT (SELECT count(*) FROM r),
             (SELECT count(*) FROM tg_instances WHERE expires_at > now()),
-            (SELECT count(*) FROM tg_instances WHERE expires_at < now() AND instance_id <> $1)";
+            (SELECT count(*) FROM tg_instances WHERE expires_at < now() AND instance_id <> $1),
+            (SELECT (count(*) << 32) + coalesce(sum(hashtext(id || ':' || xmin::text)), 0)
+             FROM tg_keys)";
 
 /// What a [`HEARTBEAT`] answered.
 #[derive(Clone, Copy, Debug)]
@@ -1143,6 +1148,7 @@ struct Beat {
     renewed: bool,
     live: i64,
     expired: i64,
+    keys: i64,
 }
 
 impl Beat {
@@ -1151,6 +1157,7 @@ impl Beat {
             renewed: row.get::<_, i64>(0) == 1,
             live: row.get(1),
             expired: row.get(2),
+            keys: row.get(3),
         }
     }
 }
@@ -1211,6 +1218,7 @@ fn heartbeat(
         Ok((fresh, beat)) => {
             let live = u32::try_from(beat.live).unwrap_or(u32::MAX).max(1);
             shared.instances.store(live, Ordering::Relaxed);
+            shared.keys_version.store(beat.keys as u64, Ordering::Release);
             if let Some(e) = fresh {
                 tracing::error!(
                     instance_id = %shared.instance_id,
