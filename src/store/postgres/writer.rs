@@ -8,9 +8,10 @@
 //!
 //! The thread also beats this instance's heart (every eighth of `lease_ttl_ms`, between 10 ms
 //! and half a second): one statement renews its registration, counts the live instances, looks
-//! for expired ones and fingerprints the key table (for the key sync). A busy writer runs it inside the batch it commits anyway, so a busy
-//! instance spends no transaction of its own on it. Once connected for a whole TTL, the writer
-//! reaps the instances whose registration expired: their open holds are billed at the
+//! for expired ones and fingerprints the key table (for the key sync). A busy writer runs it
+//! inside the batch it commits anyway, so a busy instance spends no transaction of its own on
+//! it; a lease asked for while a batch is pending joins that batch's transaction too. Once
+//! connected for a whole TTL, the writer reaps the instances whose registration expired: their open holds are billed at the
 //! consumption they last persisted, as `interrupted` records, and the rest of their leases
 //! returns to the balances.
 
@@ -1131,8 +1132,7 @@ async fn prune(shared: &Shared, before_micros: u64) -> Result<usize, StoreError>
 /// One statement: renews this instance's registration (of its current epoch), drops its lease
 /// rows spent to zero, counts the live instances and the expired others, and fingerprints the
 /// key table (every row version of a key has its own `xmin`; a deletion changes the count).
-const HEARTBEAT: &str =
-    "WITH r AS (UPDATE tg_instances
+const HEARTBEAT: &str = "WITH r AS (UPDATE tg_instances
                 SET expires_at = now() + $3::float8 * interval '1 millisecond'
                 WHERE instance_id = $1 AND epoch = $2 RETURNING 1),
           z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
@@ -1218,7 +1218,9 @@ fn heartbeat(
         Ok((fresh, beat)) => {
             let live = u32::try_from(beat.live).unwrap_or(u32::MAX).max(1);
             shared.instances.store(live, Ordering::Relaxed);
-            shared.keys_version.store(beat.keys as u64, Ordering::Release);
+            shared
+                .keys_version
+                .store(beat.keys as u64, Ordering::Release);
             if let Some(e) = fresh {
                 tracing::error!(
                     instance_id = %shared.instance_id,
