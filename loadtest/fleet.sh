@@ -13,12 +13,16 @@
 #   SINGLE=0 loadtest/fleet.sh            # the fleet only
 #   FLUSH_MS=100 loadtest/fleet.sh        # another [settlement] flush_interval_ms (default 50);
 #                                         # the results are named fleet-flush100 and so on
+#   STATEMENTS=1 loadtest/fleet.sh        # also count the fleet's statements with
+#                                         # pg_stat_statements (whole run, warm-up included) into
+#                                         # loadtest/results/fleet-statements.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCALE=${SCALE:-1}
 SINGLE=${SINGLE:-1}
 FLUSH_MS=${FLUSH_MS:-}
+STATEMENTS=${STATEMENTS:-0}
 SUFFIX=${FLUSH_MS:+-flush$FLUSH_MS}
 OUT=${OUT:-loadtest/results}
 BASE_PORT=${BASE_PORT:-18180}
@@ -81,9 +85,16 @@ port = $PG_PORT
 unix_socket_directories = '$TMP/pg'
 max_connections = 200
 CONF
+if [ "$STATEMENTS" = 1 ]; then
+  printf "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track_utility = on\n" \
+    >>"$TMP/pg/data/postgresql.conf"
+fi
 "${AS_PG[@]}" pg_ctl -D "$TMP/pg/data" -l "$TMP/pg/postgres.log" -w start >/dev/null
 createdb -h 127.0.0.1 -p "$PG_PORT" -U tollgate tollgate
 export TOLLGATE_DATABASE_URL="postgres://tollgate@127.0.0.1:$PG_PORT/tollgate"
+if [ "$STATEMENTS" = 1 ]; then
+  psql -X -q -d "$TOLLGATE_DATABASE_URL" -c "CREATE EXTENSION pg_stat_statements" >/dev/null
+fi
 
 "$BIN/tollgate" mock-upstream --listen "127.0.0.1:$PRIMARY_PORT" --ttft-ms 0 --tokens 64 --interval-ms 20 \
   >"$TMP/primary.log" 2>&1 &
@@ -139,6 +150,14 @@ if ! run_loadtest fleet "$TOLLGATE_DATABASE_URL" "${fleet[@]}"; then
   echo "!! fleet: failed (see $OUT/fleet.md; gateway logs below)" >&2
   tail -n 20 "$TMP"/gateway-?.log >&2 || true
   status=1
+fi
+if [ "$STATEMENTS" = 1 ]; then
+  # Before the instances stop (their stops return leases): what ran during the load.
+  psql -X -d "$TOLLGATE_DATABASE_URL" -c "SELECT calls, rows, round(total_exec_time::numeric, 1) AS ms,
+      left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS statement
+    FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+    WHERE d.datname = current_database() ORDER BY calls DESC LIMIT 30" \
+    >"$OUT/fleet$SUFFIX-statements.txt"
 fi
 for n in 0 1 2; do
   kill "${fleet[$((3 * n + 2))]}" 2>/dev/null || true

@@ -294,8 +294,9 @@ pub async fn build(mut config: Config) -> Result<Running, String> {
     })
 }
 
-/// How often an instance of a fleet reads the shared keys again.
-const KEY_SYNC: Duration = Duration::from_secs(1);
+/// How often an instance of a fleet looks whether the shared keys changed (cheap: the store
+/// answers from its heartbeat's fingerprint of the key table and reads the keys only then).
+const KEY_SYNC: Duration = Duration::from_millis(250);
 
 /// Runs both listeners until SIGINT/SIGTERM, then drains, settles and flushes.
 pub async fn serve(config: Config) -> Result<(), String> {
@@ -380,16 +381,29 @@ pub async fn serve(config: Config) -> Result<(), String> {
     ));
     let stopper = actix_rt::spawn(stop_on_signal(state.clone(), client.handle()));
     // In a fleet, keys created, changed or revoked through another instance take effect here
-    // within a second (a new key's first request looks it up at once).
+    // within a second (a new key's first request looks it up at once). The store reads them
+    // only when its heartbeat saw the key table change.
     let key_sync = state.instance_id.is_some().then(|| {
         let st = state.clone();
         actix_rt::spawn(async move {
+            let mut seen = None;
             loop {
                 tokio::time::sleep(KEY_SYNC).await;
                 let store = st.store.clone();
-                match web::block(move || store.keys()).await {
-                    Ok(Ok(records)) => st.keys.sync(records),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the fleet's keys"),
+                let read = web::block(move || {
+                    let r = store.keys_if_changed(&mut seen);
+                    (r, seen)
+                })
+                .await;
+                match read {
+                    Ok((r, s)) => {
+                        seen = s;
+                        match r {
+                            Ok(Some(records)) => st.keys.sync(records),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot read the fleet's keys"),
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot read the fleet's keys"),
                 }
             }

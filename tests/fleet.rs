@@ -1489,6 +1489,72 @@ const FLEET_STREAMS_SLACK: u64 = 0;
 // ---------------------------------------------------------------------------------------------
 // 0. The harness itself
 
+/// Busy instances spend no transaction of their own on their heartbeats: while all three
+/// settle streams, every transaction that writes is a batch (or a lease that found no batch
+/// gathering). With the renewals in their own transactions, the 1.5 s window below would hold
+/// about 20 more (one per instance every quarter of the 800 ms TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_instances_renew_their_registrations_inside_their_batches() {
+    let _serial = SERIAL.lock().await;
+    let f = Fleet::start(FleetConfig {
+        settlement: "flush_interval_ms = 50",
+        prices: ("0", "1"),
+        lease_ttl_ms: 800,
+        bootstrap: false,
+    });
+    let (key, secret) = create_key(f.a(), "busy", json!({})).await;
+    assert_eq!(topup(f.a(), &key, "1000", None).await.0, 200);
+    let run = Arc::new(AtomicBool::new(true));
+    let mut loops = Vec::new();
+    for (i, g) in f.gws.iter().enumerate() {
+        for _ in 0..6 {
+            let (url, secret, run) = (g.client_url.clone(), secret.clone(), run.clone());
+            loops.push(tokio::spawn(async move {
+                let client = http();
+                let mut seen = Vec::new();
+                while run.load(Ordering::SeqCst) && seen.len() < 1000 {
+                    seen.push(request(&client, i, &url, &secret, true, 30, 10).await);
+                }
+                seen
+            }));
+        }
+    }
+    // Past the first seconds' early renewals, with every instance's lease taken.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let sample = || -> (i64, i64) {
+        let out = f.pg.query(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                    (SELECT count(*) FROM tg_batches)",
+        );
+        let mut it = out.split('|').map(|v| v.trim().parse::<i64>().unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let (xid0, batches0) = sample();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (xid1, batches1) = sample();
+    run.store(false, Ordering::SeqCst);
+    let mut seen = Vec::new();
+    for l in loops {
+        seen.extend(l.await.unwrap());
+    }
+    assert!(
+        seen.iter().all(|s| s.status == 200 && s.done),
+        "a request failed: {:?}",
+        seen.iter().find(|s| s.status != 200 || !s.done)
+    );
+    let (writes, batches) = (xid1 - xid0, batches1 - batches0);
+    eprintln!("busy: {writes} writing transactions, {batches} of them batches, in 1.5 s");
+    assert!(
+        batches >= 30,
+        "the instances were not busy: {batches} batches"
+    );
+    assert!(
+        writes - batches <= 6,
+        "{writes} writing transactions for {batches} batches: the heartbeats ran on their own"
+    );
+    f.assert_no_panic();
+}
+
 #[test]
 fn the_throwaway_cluster_serves_restarts_and_is_removed_on_drop() {
     let mut pg = PgCluster::start();

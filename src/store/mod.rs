@@ -22,6 +22,16 @@ use crate::ledger::{LedgerRecord, LedgerWriter, StoreError};
 pub trait WalletStore: Send + Sync {
     /// Every key, oldest first.
     fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Every key, unless the store can tell that none changed since the version in `seen`
+    /// (which it then keeps): `None`. For a fleet's periodic key sync; a store that cannot tell
+    /// reads them every time.
+    fn keys_if_changed(
+        &self,
+        seen: &mut Option<u64>,
+    ) -> Result<Option<Vec<ApiKeyRecord>>, StoreError> {
+        let _ = seen;
+        self.keys().map(Some)
+    }
     /// One key by id, revoked or not.
     fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// The key whose secret hashes to `secret_sha256` (hex), revoked or not. A store that one

@@ -13,7 +13,7 @@ mod writer;
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,8 @@ pub struct PgStore {
     pool: Pool,
     handle: tokio::runtime::Handle,
     _runtime: Arc<Runtime>,
+    /// A fingerprint of the key table as the writer's last heartbeat saw it (0: none yet).
+    keys_version: Arc<AtomicU64>,
 }
 
 /// Connects, migrates, registers this instance (reaping what an earlier run under the same
@@ -107,10 +109,12 @@ pub fn open(
             .build()
             .map_err(|e| format!("store: cannot build the connection pool: {e}"))?
     };
+    let keys_version = Arc::new(AtomicU64::new(0));
     let store = PgStore {
         pool: pool.clone(),
         handle: handle.clone(),
         _runtime: runtime.clone(),
+        keys_version: keys_version.clone(),
     };
     let ttl = Duration::from_millis(cfg.lease_ttl_ms);
     let instance = cfg.instance_id.clone();
@@ -130,6 +134,7 @@ pub fn open(
             ttl,
             epoch,
             instances,
+            keys_version,
         },
         flush_interval,
         failing,
@@ -367,6 +372,23 @@ impl WalletStore for PgStore {
     fn keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let rows = self.query("SELECT record FROM tg_keys ORDER BY created_at, id", vec![])?;
         rows.iter().map(key_from_row).collect()
+    }
+
+    /// The writer's heartbeat (at most half a second apart, and free while it commits batches)
+    /// fingerprints the key table, so that a fleet's key sync reads the keys only when they
+    /// changed.
+    fn keys_if_changed(
+        &self,
+        seen: &mut Option<u64>,
+    ) -> Result<Option<Vec<ApiKeyRecord>>, StoreError> {
+        // Taken before the keys are read: a change meanwhile shows in the next fingerprint.
+        let version = self.keys_version.load(Ordering::Acquire);
+        if version != 0 && *seen == Some(version) {
+            return Ok(None);
+        }
+        let keys = self.keys()?;
+        *seen = Some(version);
+        Ok(Some(keys))
     }
 
     fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {

@@ -6,10 +6,14 @@
 //! it, and it is tried again until it commits; `tg_batches` makes sure a batch whose COMMIT was
 //! cut off is never applied twice.
 //!
-//! The thread also renews this instance's registration (every quarter of `lease_ttl_ms`) and,
-//! once it has been connected for a whole TTL, reaps instances whose registration expired:
-//! their open holds are billed at the consumption they last persisted, as `interrupted`
-//! records, and the rest of their leases returns to the balances.
+//! The thread also beats this instance's heart (every eighth of `lease_ttl_ms`, between 10 ms
+//! and half a second): one statement renews its registration, counts the live instances, looks
+//! for expired ones and fingerprints the key table (for the key sync). A busy writer runs it
+//! inside the batch it commits anyway, so a busy instance spends no transaction of its own on
+//! it; a lease asked for while a batch is pending joins that batch's transaction too. Once
+//! connected for a whole TTL, the writer reaps the instances whose registration expired: their open holds are billed at the
+//! consumption they last persisted, as `interrupted` records, and the rest of their leases
+//! returns to the balances.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +48,8 @@ pub(super) struct Shared {
     pub epoch: Arc<AtomicU64>,
     /// The live instances, counted at every renewal (rate limits are shared among them).
     pub instances: Arc<std::sync::atomic::AtomicU32>,
+    /// The key table's fingerprint at the last heartbeat (see `PgStore::keys_if_changed`).
+    pub keys_version: Arc<AtomicU64>,
 }
 
 const MAX_BATCH: usize = 4096;
@@ -195,8 +201,8 @@ fn answers(op: &StoreOp) -> bool {
 struct Health {
     /// When the database last answered a renewal, if it did since the last failure.
     connected_since: Option<Instant>,
-    next_renewal: Instant,
-    next_reap: Instant,
+    /// When the next heartbeat (see [`HEARTBEAT`]) is due.
+    next_beat: Instant,
 }
 
 fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &AtomicBool) {
@@ -205,28 +211,28 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
     // one transaction per window rather than one per request.
     let mut window = Window::new(flush_interval);
     let retry = (flush_interval / 2).clamp(Duration::from_millis(50), Duration::from_millis(500));
-    // At most a second: the count of live instances (the rate limits' shares) follows too.
-    let tick = (shared.ttl / 4)
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(25));
-    // Expired registrations are looked for more often than they are renewed, so that a dead
-    // instance is reaped soon after its TTL (it expires between ¾ and 1 TTL after its death).
-    let reap_tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    // One heartbeat renews the registration and looks for expired ones: often enough that a
+    // dead instance is reaped soon after its TTL (it expires between 7/8 and 1 TTL after its
+    // death), and at least every half second, so that the count of live instances (the rate
+    // limits' shares) follows too, and keys changed elsewhere take effect within a second.
+    let tick = (shared.ttl / 8).clamp(Duration::from_millis(10), Duration::from_millis(500));
     let born = Instant::now();
     let mut p = Pending::default();
     let mut seq: i64 = 0;
     let mut health = Health {
         connected_since: Some(Instant::now()),
-        next_renewal: Instant::now(),
-        next_reap: Instant::now() + reap_tick,
+        next_beat: Instant::now(),
+    };
+    // Instances of a fleet often start together: beat every 100 ms for the first seconds, so
+    // that the rate limits' shares settle soon.
+    let next_tick = |now: Instant| {
+        let early = now.duration_since(born) < EARLY_RENEWALS;
+        now + if early { tick.min(EARLY_TICK) } else { tick }
     };
     let mut stopping = false;
     while !stopping {
         let now = Instant::now();
-        let mut wait = health
-            .next_renewal
-            .min(health.next_reap)
-            .saturating_duration_since(now);
+        let mut wait = health.next_beat.saturating_duration_since(now);
         if !p.is_empty() {
             wait = wait.min(retry);
         }
@@ -270,20 +276,60 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
         for m in msgs {
             match m {
                 Msg::Stop => stopping = true,
+                Msg::Op(StoreOp::Lease {
+                    key_id,
+                    bucket,
+                    need,
+                    want,
+                    reply,
+                }) if !p.is_empty() => {
+                    // Everything sent before it commits first: the lease joins that batch's
+                    // transaction rather than taking one of its own.
+                    let ask = LeaseAsk {
+                        key_id,
+                        bucket,
+                        need,
+                        want,
+                    };
+                    let r = window.timed(|| {
+                        commit_with(&shared, &mut p, &mut seq, failing, false, Some(&ask))
+                    });
+                    let granted = match r {
+                        Ok(Committed {
+                            lease: Some(granted),
+                            ..
+                        }) => granted,
+                        Ok(_) => block(
+                            &shared,
+                            lease(&shared, ask.key_id, ask.bucket, ask.need, ask.want),
+                        ),
+                        Err(e) => Err(db_err(format!("earlier writes are not committed: {e}"))),
+                    };
+                    let _ = reply.send(granted);
+                }
                 Msg::Op(op) if answers(&op) => {
                     // Everything sent before it is committed first, as the sled writer does.
-                    let committed = window.timed(|| commit(&shared, &mut p, &mut seq, failing));
+                    let committed = window
+                        .timed(|| commit(&shared, &mut p, &mut seq, failing, false))
+                        .map(|_| ());
                     answer(&shared, op, committed);
                 }
                 Msg::Op(op) => p.add(op, shared.epoch.load(Ordering::Acquire)),
             }
         }
-        let _ = window.timed(|| commit(&shared, &mut p, &mut seq, failing));
+        // The heartbeat rides along when it falls due before the next window would end.
+        let beat_now = !stopping && Instant::now() + window.length() >= health.next_beat;
+        if let Ok(Some(beat)) =
+            window.timed(|| commit(&shared, &mut p, &mut seq, failing, beat_now))
+        {
+            health.next_beat = next_tick(Instant::now());
+            heartbeat(&shared, &mut health, failing, false, Some(beat));
+        }
         if stopping {
             let until = Instant::now() + STOP_RETRY;
             while !p.is_empty() && Instant::now() < until {
                 std::thread::sleep(retry);
-                let _ = commit(&shared, &mut p, &mut seq, failing);
+                let _ = commit(&shared, &mut p, &mut seq, failing, false);
             }
             if !p.is_empty() {
                 tracing::error!(
@@ -294,21 +340,9 @@ fn run(shared: Shared, rx: Receiver<Msg>, flush_interval: Duration, failing: &At
             break;
         }
         let now = Instant::now();
-        if now >= health.next_renewal {
-            // Instances of a fleet often start together: renew (and count the live instances)
-            // every 100 ms for the first seconds, so that the rate limits' shares settle soon.
-            let early = now.duration_since(born) < EARLY_RENEWALS;
-            health.next_renewal = now + if early { tick.min(EARLY_TICK) } else { tick };
-            renew(&shared, &mut health, failing, p.is_empty());
-        }
-        if now >= health.next_reap {
-            health.next_reap = now + reap_tick;
-            if health
-                .connected_since
-                .is_some_and(|t| t.elapsed() >= shared.ttl)
-            {
-                reap_expired(&shared);
-            }
+        if now >= health.next_beat {
+            health.next_beat = next_tick(now);
+            heartbeat(&shared, &mut health, failing, p.is_empty(), None);
         }
     }
     if p.is_empty() {
@@ -397,15 +431,46 @@ fn block<T>(
     })
 }
 
-/// Commits what is pending in one transaction. On failure everything stays pending.
+/// Commits what is pending in one transaction, with the heartbeat in it when `beat` (its
+/// answer is returned; none when nothing was pending). On failure everything stays pending.
 fn commit(
     shared: &Shared,
     p: &mut Pending,
     seq: &mut i64,
     failing: &AtomicBool,
-) -> Result<(), StoreError> {
+    beat: bool,
+) -> Result<Option<Beat>, StoreError> {
+    commit_with(shared, p, seq, failing, beat, None).map(|c| c.beat)
+}
+
+/// A lease asked for while a batch is pending (see [`StoreOp::Lease`]).
+struct LeaseAsk {
+    key_id: String,
+    bucket: String,
+    need: Decimal,
+    want: Decimal,
+}
+
+/// What a batch's transaction answered besides committing.
+#[derive(Default)]
+struct Committed {
+    beat: Option<Beat>,
+    /// The lease asked for with the batch, when its transaction ran it (not when nothing was
+    /// pending, nor when a retried batch turned out committed already).
+    lease: Option<Result<LeaseGrant, StoreError>>,
+}
+
+/// [`commit`], with `lease` granted in the same transaction after the batch's writes.
+fn commit_with(
+    shared: &Shared,
+    p: &mut Pending,
+    seq: &mut i64,
+    failing: &AtomicBool,
+    beat: bool,
+    lease: Option<&LeaseAsk>,
+) -> Result<Committed, StoreError> {
     if p.is_empty() {
-        return Ok(());
+        return Ok(Committed::default());
     }
     let started = Instant::now();
     let retried = p.seq.is_some();
@@ -413,14 +478,14 @@ fn commit(
         *seq += 1;
         (shared.epoch.load(Ordering::Acquire) as i64, *seq)
     });
-    let r = block(shared, apply(shared, p, epoch, batch, retried));
+    let r = block(shared, apply(shared, p, epoch, batch, retried, beat, lease));
     match r {
-        Ok(()) => {
+        Ok(committed) => {
             *p = Pending::default();
             failing.store(false, Ordering::Release);
             metrics::histogram!(crate::metrics::LEDGER_FLUSH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            Ok(())
+            Ok(committed)
         }
         Err(e) => {
             if !failing.swap(true, Ordering::AcqRel) {
@@ -482,14 +547,16 @@ async fn maybe<F: std::future::Future<Output = Result<T, tokio_postgres::Error>>
 /// Commits a batch in one transaction, in two pipelined rounds (the statements of a round go
 /// out together on the connection and their answers come back together): first the batch
 /// mark, the open holds, the debits and the returned leases; then the records, which depend on
-/// which debits found their lease.
+/// which debits found their lease, and the heartbeat when `beat`; then the `lease` asked for.
 async fn apply(
     shared: &Shared,
     p: &Pending,
     epoch: i64,
     batch: i64,
     retried: bool,
-) -> Result<(), StoreError> {
+    beat: bool,
+    lease: Option<&LeaseAsk>,
+) -> Result<Committed, StoreError> {
     let me = &shared.instance_id;
     let mut client = shared.pool.get().await.map_err(db_err)?;
     let tx = client.transaction().await.map_err(db_err)?;
@@ -503,7 +570,7 @@ async fn apply(
             .map_err(db_err)?;
         if done.is_some() {
             // The earlier try committed; only its acknowledgement was lost.
-            return Ok(());
+            return Ok(Committed::default());
         }
     }
     let (mark, upsert, drawn_stmt, debits_stmt, releases_stmt, done_stmt) =
@@ -625,12 +692,21 @@ async fn apply(
         .iter()
         .filter(|r| seen.insert(r.request_id.clone()))
         .collect();
-    futures_util::future::try_join(
+    let registration = shared.epoch.load(Ordering::Acquire) as i64;
+    let ttl_ms = shared.ttl.as_millis() as f64;
+    let beat_p: [Param; 3] = [me, &registration, &ttl_ms];
+    let (_, _, beat) = tokio::try_join!(
         write_records(&tx, &latest, false, me),
         write_records(&tx, &absent, true, me),
-    )
-    .await?;
-    tx.commit().await.map_err(db_err)
+        maybe(beat, || tx.query_one(HEARTBEAT, &beat_p)),
+    )?;
+    let beat = beat.map(|row| Beat::from_row(&row));
+    let lease = match lease {
+        Some(ask) => Some(lease_in(shared, &tx, ask).await?),
+        None => None,
+    };
+    tx.commit().await.map_err(db_err)?;
+    Ok(Committed { beat, lease })
 }
 
 /// Writes ledger records; `if_absent`: only those whose request has none yet.
@@ -809,10 +885,35 @@ async fn lease(
     need: Decimal,
     want: Decimal,
 ) -> Result<LeaseGrant, StoreError> {
-    let epoch = shared.epoch.load(Ordering::Acquire);
-    let me = &shared.instance_id;
     let mut client = shared.pool.get().await.map_err(db_err)?;
     let tx = client.transaction().await.map_err(db_err)?;
+    let ask = LeaseAsk {
+        key_id,
+        bucket,
+        need,
+        want,
+    };
+    let grant = lease_in(shared, &tx, &ask).await?;
+    tx.commit().await.map_err(db_err)?;
+    grant
+}
+
+/// Grants a lease inside `tx`. The outer error is the database's (the transaction is lost);
+/// the inner one a refusal that leaves the transaction usable.
+async fn lease_in(
+    shared: &Shared,
+    tx: &Transaction<'_>,
+    ask: &LeaseAsk,
+) -> Result<Result<LeaseGrant, StoreError>, StoreError> {
+    let LeaseAsk {
+        key_id,
+        bucket,
+        need,
+        want,
+    } = ask;
+    let (need, want) = (*need, *want);
+    let epoch = shared.epoch.load(Ordering::Acquire);
+    let me = &shared.instance_id;
     // A lease belongs to this instance's registration: without it (reaped, not registered
     // again yet) nobody would ever reap the lease.
     let registered = tx
@@ -823,29 +924,29 @@ async fn lease(
         .await
         .map_err(db_err)?;
     if registered.is_none() {
-        return Err(db_err(
+        return Ok(Err(db_err(
             "this instance's registration lapsed; it registers again at its next renewal",
-        ));
+        )));
     }
     let wallet = tx
         .query_opt(
             "SELECT balance, leased FROM tg_wallets WHERE key_id = $1 AND bucket = $2 FOR UPDATE",
-            &[&key_id, &bucket],
+            &[key_id, bucket],
         )
         .await
         .map_err(db_err)?;
     let Some(wallet) = wallet else {
-        return Ok(LeaseGrant {
+        return Ok(Ok(LeaseGrant {
             amount: Decimal::ZERO,
             epoch,
             elsewhere: Decimal::ZERO,
-        });
+        }));
     };
     let (balance, leased): (Decimal, Decimal) = (wallet.get(0), wallet.get(1));
     let own: Decimal = tx
         .query_opt(
             "SELECT amount FROM tg_leases WHERE instance_id = $1 AND key_id = $2 AND bucket = $3",
-            &[me, &key_id, &bucket],
+            &[me, key_id, bucket],
         )
         .await
         .map_err(db_err)?
@@ -857,7 +958,7 @@ async fn lease(
     if granted > Decimal::ZERO {
         tx.execute(
             "UPDATE tg_wallets SET leased = leased + $3 WHERE key_id = $1 AND bucket = $2",
-            &[&key_id, &bucket, &granted],
+            &[key_id, bucket, &granted],
         )
         .await
         .map_err(db_err)?;
@@ -869,16 +970,15 @@ async fn lease(
             )
             .await
             .map_err(db_err)?;
-        tx.execute(&stmt, &[me, &key_id, &bucket, &granted])
+        tx.execute(&stmt, &[me, key_id, bucket, &granted])
             .await
             .map_err(db_err)?;
     }
-    tx.commit().await.map_err(db_err)?;
-    Ok(LeaseGrant {
+    Ok(Ok(LeaseGrant {
         amount: granted,
         epoch,
         elsewhere: (leased - own).max(Decimal::ZERO),
-    })
+    }))
 }
 
 /// What this instance leases of a key's buckets (a wallet actor starting again after an idle
@@ -1029,50 +1129,98 @@ async fn prune(shared: &Shared, before_micros: u64) -> Result<usize, StoreError>
     Ok(n as usize)
 }
 
-/// Renews this instance's registration; registers again (with a new epoch, so that leases
-/// granted before no longer count) if another instance reaped it meanwhile.
-fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool) {
+/// One statement: renews this instance's registration (of its current epoch), drops its lease
+/// rows spent to zero, counts the live instances and the expired others, and fingerprints the
+/// key table (every row version of a key has its own `xmin`; a deletion changes the count).
+const HEARTBEAT: &str = "WITH r AS (UPDATE tg_instances
+                SET expires_at = now() + $3::float8 * interval '1 millisecond'
+                WHERE instance_id = $1 AND epoch = $2 RETURNING 1),
+          z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
+     SELECT (SELECT count(*) FROM r),
+            (SELECT count(*) FROM tg_instances WHERE expires_at > now()),
+            (SELECT count(*) FROM tg_instances WHERE expires_at < now() AND instance_id <> $1),
+            (SELECT (count(*) << 32) + coalesce(sum(hashtext(id || ':' || xmin::text)), 0)
+             FROM tg_keys)";
+
+/// What a [`HEARTBEAT`] answered.
+#[derive(Clone, Copy, Debug)]
+struct Beat {
+    renewed: bool,
+    live: i64,
+    expired: i64,
+    keys: i64,
+}
+
+impl Beat {
+    fn from_row(row: &tokio_postgres::Row) -> Beat {
+        Beat {
+            renewed: row.get::<_, i64>(0) == 1,
+            live: row.get(1),
+            expired: row.get(2),
+            keys: row.get(3),
+        }
+    }
+}
+
+/// Beats this instance's heart: `folded` is the answer of a heartbeat that ran inside a batch;
+/// without one, it runs on its own. Registers again (with a new epoch, so that leases granted
+/// before no longer count) if another instance reaped it meanwhile, and reaps the expired
+/// instances once connected for a whole TTL.
+fn heartbeat(
+    shared: &Shared,
+    health: &mut Health,
+    failing: &AtomicBool,
+    idle: bool,
+    folded: Option<Beat>,
+) {
     let me = shared.instance_id.clone();
     let ttl_ms = shared.ttl.as_millis() as f64;
     let epoch = shared.epoch.load(Ordering::Acquire) as i64;
     let pool = shared.pool.clone();
-    let r = block(shared, async move {
-        let client = pool.get().await.map_err(db_err)?;
-        // One round trip: renew, drop the lease rows spent to zero, count the live instances.
-        let row = client
-            .query_one(
-                "WITH r AS (UPDATE tg_instances
-                            SET expires_at = now() + $3::float8 * interval '1 millisecond'
-                            WHERE instance_id = $1 AND epoch = $2 RETURNING 1),
-                      z AS (DELETE FROM tg_leases WHERE instance_id = $1 AND amount = 0)
-                 SELECT (SELECT count(*) FROM r),
-                        (SELECT count(*) FROM tg_instances WHERE expires_at > now())",
-                &[&me, &epoch, &ttl_ms],
-            )
-            .await
-            .map_err(db_err)?;
-        let (renewed, live): (i64, i64) = (row.get(0), row.get(1));
-        if renewed == 1 {
-            return Ok((None, live));
-        }
-        let fresh = new_epoch();
-        client
-            .execute(
-                "INSERT INTO tg_instances (instance_id, epoch, started_at, expires_at)
-                 VALUES ($1, $2, now(), now() + $3::float8 * interval '1 millisecond')
-                 ON CONFLICT (instance_id) DO UPDATE
-                 SET epoch = EXCLUDED.epoch, started_at = EXCLUDED.started_at,
-                     expires_at = EXCLUDED.expires_at",
-                &[&me, &(fresh as i64), &ttl_ms],
-            )
-            .await
-            .map_err(db_err)?;
-        Ok((Some(fresh), live + 1))
-    });
+    let r = match folded {
+        Some(beat) if beat.renewed => Ok((None, beat)),
+        _ => block(shared, async move {
+            let client = pool.get().await.map_err(db_err)?;
+            let beat = match folded {
+                Some(beat) => beat,
+                None => Beat::from_row(
+                    &client
+                        .query_one(HEARTBEAT, &[&me, &epoch, &ttl_ms])
+                        .await
+                        .map_err(db_err)?,
+                ),
+            };
+            if beat.renewed {
+                return Ok((None, beat));
+            }
+            let fresh = new_epoch();
+            client
+                .execute(
+                    "INSERT INTO tg_instances (instance_id, epoch, started_at, expires_at)
+                     VALUES ($1, $2, now(), now() + $3::float8 * interval '1 millisecond')
+                     ON CONFLICT (instance_id) DO UPDATE
+                     SET epoch = EXCLUDED.epoch, started_at = EXCLUDED.started_at,
+                         expires_at = EXCLUDED.expires_at",
+                    &[&me, &(fresh as i64), &ttl_ms],
+                )
+                .await
+                .map_err(db_err)?;
+            Ok((
+                Some(fresh),
+                Beat {
+                    live: beat.live + 1,
+                    ..beat
+                },
+            ))
+        }),
+    };
     match r {
-        Ok((fresh, live)) => {
-            let live = u32::try_from(live).unwrap_or(u32::MAX).max(1);
+        Ok((fresh, beat)) => {
+            let live = u32::try_from(beat.live).unwrap_or(u32::MAX).max(1);
             shared.instances.store(live, Ordering::Relaxed);
+            shared
+                .keys_version
+                .store(beat.keys as u64, Ordering::Release);
             if let Some(e) = fresh {
                 tracing::error!(
                     instance_id = %shared.instance_id,
@@ -1086,6 +1234,16 @@ fn renew(shared: &Shared, health: &mut Health, failing: &AtomicBool, idle: bool)
             }
             if idle {
                 failing.store(false, Ordering::Release);
+            }
+            // Now and then also without an expired instance: the reaper clears the marks of
+            // batches long committed.
+            let cleanup = rand::random::<u16>() < 256;
+            if (beat.expired > 0 || cleanup)
+                && health
+                    .connected_since
+                    .is_some_and(|t| t.elapsed() >= shared.ttl)
+            {
+                reap_expired(shared);
             }
         }
         Err(e) => {
@@ -1121,15 +1279,14 @@ fn reap_expired(shared: &Shared) {
             let n = reap(&tx, &d).await?;
             out.push((d, n));
         }
-        if !out.is_empty() || rand::random::<u8>() == 0 {
-            // Now and then: the marks of batches long committed.
-            tx.execute(
-                "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
-                &[],
-            )
-            .await
-            .map_err(db_err)?;
-        }
+        // The marks of batches long committed (the heartbeat also calls this now and then
+        // when no instance expired, for this).
+        tx.execute(
+            "DELETE FROM tg_batches WHERE at < now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         Ok(out)
     });
