@@ -43,10 +43,7 @@ if [ ! -x "$BINDIR/initdb" ]; then
 fi
 PATH="$BINDIR:$PATH"
 
-cargo build --release -p tollgate -p tollgate-loadtest
-BIN=target/release
-
-TMP=$(mktemp -d -p /tmp tollgate-fleet-XXXXXX)
+. loadtest/lib.sh
 chmod 755 "$TMP"
 AS_PG=()
 if [ "$(id -u)" = 0 ]; then
@@ -55,26 +52,8 @@ if [ "$(id -u)" = 0 ]; then
 else
   mkdir "$TMP/pg"
 fi
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
-  done
+on_exit() {
   "${AS_PG[@]}" pg_ctl -D "$TMP/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-
-wait_http() { # URL
-  for _ in $(seq 1 200); do
-    if curl -sf -o /dev/null "$1"; then return 0; fi
-    sleep 0.1
-  done
-  echo "not ready: $1" >&2
-  return 1
 }
 
 echo "== PostgreSQL on 127.0.0.1:$PG_PORT ($BINDIR)" >&2

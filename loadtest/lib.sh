@@ -5,7 +5,7 @@
 cargo build --release -p tollgate -p tollgate-loadtest
 BIN=target/release
 
-TMP=$(mktemp -d)
+TMP=$(mktemp -d -p /tmp tollgate-lt-XXXXXX)
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]:-}"; do
@@ -19,8 +19,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-wait_http() { # URL: waits up to 10 s for it to answer 2xx
-  for _ in $(seq 1 100); do
+wait_http() { # URL: waits up to 20 s for it to answer 2xx
+  for _ in $(seq 1 200); do
     if curl -sf -o /dev/null "$1"; then return 0; fi
     sleep 0.1
   done

@@ -1347,6 +1347,32 @@ async fn every_instance_admin_api_answers_for_the_whole_fleet() {
 // ---------------------------------------------------------------------------------------------
 // 6. Fleet-wide limits
 
+/// `count` non-stream requests of `tokens` output tokens each, round robin over the three
+/// instances: how many each admitted, and how many were refused with 429 `rate_limited`.
+async fn round_robin(
+    client: &::reqwest::Client,
+    f: &Fleet,
+    secret: &str,
+    count: usize,
+    tokens: u32,
+) -> ([u64; 3], u64) {
+    let mut admitted = [0u64; 3];
+    let mut refused = 0;
+    for n in 0..count {
+        let i = n % 3;
+        let s = request(client, i, &f.gws[i].client_url, secret, false, tokens, 1).await;
+        match s.status {
+            200 => admitted[i] += 1,
+            429 => {
+                assert_eq!(s.error.as_deref(), Some("rate_limited"), "{s:?}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {s:?}"),
+        }
+    }
+    (admitted, refused)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
     let _serial = SERIAL.lock().await;
@@ -1365,20 +1391,7 @@ async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
     const RPM: u64 = 30;
     let (key, secret) = create_key(f.a(), "rpm", json!({"rpm": RPM})).await;
     assert_eq!(topup(f.a(), &key, "100", None).await.0, 200);
-    let mut admitted = [0u64; 3];
-    let mut refused = 0;
-    for n in 0..90usize {
-        let i = n % 3;
-        let s = request(&client, i, &f.gws[i].client_url, &secret, false, 1, 1).await;
-        match s.status {
-            200 => admitted[i] += 1,
-            429 => {
-                assert_eq!(s.error.as_deref(), Some("rate_limited"), "{s:?}");
-                refused += 1;
-            }
-            other => panic!("unexpected {other}: {s:?}"),
-        }
-    }
+    let (admitted, refused) = round_robin(&client, &f, &secret, 90, 1).await;
     let total: u64 = admitted.iter().sum();
     eprintln!("limits: rpm {RPM} over 3 instances: {admitted:?} admitted, {refused} refused");
     assert!(
@@ -1438,20 +1451,7 @@ async fn tpm_holds_across_the_fleet_within_the_documented_bound() {
     const TPM: u64 = 300;
     let (key, secret) = create_key(f.a(), "tpm", json!({"tpm": TPM})).await;
     assert_eq!(topup(f.a(), &key, "100", None).await.0, 200);
-    let mut admitted = [0u64; 3];
-    let mut refused = 0;
-    for n in 0..90usize {
-        let i = n % 3;
-        let s = request(&client, i, &f.gws[i].client_url, &secret, false, 10, 1).await;
-        match s.status {
-            200 => admitted[i] += 1,
-            429 => {
-                assert_eq!(s.error.as_deref(), Some("rate_limited"), "{s:?}");
-                refused += 1;
-            }
-            other => panic!("unexpected {other}: {s:?}"),
-        }
-    }
+    let (admitted, refused) = round_robin(&client, &f, &secret, 90, 10).await;
     let recs = quiesce(&f, &key).await;
     let billed: Vec<u64> = recs
         .iter()
