@@ -2,7 +2,7 @@
 //! each route's kind, bucket, prices and live state, and a verdict per model. A key holder may
 //! post their key (`POST /key`) to see the page as that key sees it: what it can call now and
 //! why not, its balances per bucket, and its own recent requests. `GET /market/state` carries the
-//! routes' live cells, which `GET /assets/market.js` (our one script) polls every second.
+//! routes' live cells, which `GET /assets/market.js` (our one script) polls twice a second.
 //! `page.rs` builds the view from the catalog, the wallet and the ledger; `session.rs` keeps
 //! the key's session.
 

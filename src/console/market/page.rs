@@ -301,7 +301,7 @@ pub fn render(m: &Market) -> Markup {
             @for model in &m.models { (model_section(model, m.key.is_none())) }
             @if let Some(k) = &m.key { (key_details(k)) }
             p.muted {
-                "Prices are per million tokens in the bucket's currency. States update every second while "
+                "Prices are per million tokens in the bucket's currency. States update twice a second while "
                 "this page is open; without JavaScript, reload to refresh."
             }
         }
