@@ -1347,6 +1347,19 @@ async fn every_instance_admin_api_answers_for_the_whole_fleet() {
 // ---------------------------------------------------------------------------------------------
 // 6. Fleet-wide limits
 
+/// A fleet for the limit tests, once every instance has counted the others: each learns the
+/// fleet's size at its registration renewals, at most a second apart (docs/fleet.md).
+async fn fleet_for_limits() -> (Fleet, ::reqwest::Client) {
+    let f = Fleet::start(FleetConfig {
+        settlement: "flush_interval_ms = 50",
+        prices: ("0", "1"),
+        lease_ttl_ms: 10_000,
+        bootstrap: false,
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    (f, http())
+}
+
 /// `count` non-stream requests of `tokens` output tokens each, round robin over the three
 /// instances: how many each admitted, and how many were refused with 429 `rate_limited`.
 async fn round_robin(
@@ -1376,16 +1389,7 @@ async fn round_robin(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
     let _serial = SERIAL.lock().await;
-    let f = Fleet::start(FleetConfig {
-        settlement: "flush_interval_ms = 50",
-        prices: ("0", "1"),
-        lease_ttl_ms: 10_000,
-        bootstrap: false,
-    });
-    let client = http();
-    // Each instance learns the fleet's size at its registration renewals, at most a second
-    // apart (docs/fleet.md): wait until all three have seen the others.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (f, client) = fleet_for_limits().await;
 
     // rpm = 30 over three instances: 90 requests round robin within a few seconds.
     const RPM: u64 = 30;
@@ -1439,15 +1443,7 @@ async fn rpm_and_concurrent_streams_hold_across_the_fleet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpm_holds_across_the_fleet_within_the_documented_bound() {
     let _serial = SERIAL.lock().await;
-    let f = Fleet::start(FleetConfig {
-        settlement: "flush_interval_ms = 50",
-        prices: ("0", "1"),
-        lease_ttl_ms: 10_000,
-        bootstrap: false,
-    });
-    let client = http();
-    // Every instance counts the others first (renewals at most a second apart).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (f, client) = fleet_for_limits().await;
     const TPM: u64 = 300;
     let (key, secret) = create_key(f.a(), "tpm", json!({"tpm": TPM})).await;
     assert_eq!(topup(f.a(), &key, "100", None).await.0, 200);

@@ -308,6 +308,16 @@ impl PgStore {
         })
     }
 
+    /// The first key `sql` (one text parameter, `value`) selects, if any.
+    fn first_key(
+        &self,
+        sql: &'static str,
+        value: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let rows = self.query(sql, vec![Box::new(value.to_string())])?;
+        rows.first().map(key_from_row).transpose()
+    }
+
     fn page(
         &self,
         key_id: Option<&str>,
@@ -392,19 +402,14 @@ impl WalletStore for PgStore {
     }
 
     fn key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let rows = self.query(
-            "SELECT record FROM tg_keys WHERE id = $1",
-            vec![Box::new(id.to_string())],
-        )?;
-        rows.first().map(key_from_row).transpose()
+        self.first_key("SELECT record FROM tg_keys WHERE id = $1", id)
     }
 
     fn key_by_secret_hash(&self, secret_sha256: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let rows = self.query(
+        self.first_key(
             "SELECT record FROM tg_keys WHERE secret_sha256 = $1 ORDER BY created_at LIMIT 1",
-            vec![Box::new(secret_sha256.to_string())],
-        )?;
-        rows.first().map(key_from_row).transpose()
+            secret_sha256,
+        )
     }
 
     fn bootstrap_key_id(&self, name: &str) -> Result<Option<String>, StoreError> {
