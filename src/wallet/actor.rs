@@ -179,7 +179,12 @@ pub struct Published {
     pub open_holds: usize,
 }
 
-pub struct WalletActor {
+/// A key's wallet state: balances, holds, lease. Shared between the key's [`WalletActor`] (its
+/// timers, top-ups, leases, and whatever must wait for the store) and the requests, which
+/// reserve, extend and settle on their own thread under its lock when nothing waits (see
+/// [`WalletCore::serves_now`]). The lock, like the actor's mailbox, lets one operation at a
+/// time touch the state; it is never held across a wait.
+pub struct WalletCore {
     key_id: Arc<str>,
     balances: Balances,
     held: BTreeMap<String, Decimal>,
@@ -196,6 +201,18 @@ pub struct WalletActor {
     lease: Option<Lease>,
     /// In a fleet: `held` and the count of open holds, kept current (see [`Published`]).
     published: Option<Arc<parking_lot::Mutex<Published>>>,
+    /// The actor waits for the store (a lease, a top-up) and handles nothing else meanwhile:
+    /// operations go through its mailbox, in order, until it is done.
+    waiting: bool,
+    /// The actor stopped (idle, or shutdown): a new reservation goes to a fresh actor.
+    stopped: bool,
+}
+
+/// The actor of one key's wallet: owns the [`WalletCore`]'s timers and every operation that
+/// waits for the store, and takes the requests' operations whenever the core cannot serve them
+/// on the caller's thread.
+pub struct WalletActor {
+    pub(super) core: Arc<parking_lot::Mutex<WalletCore>>,
 }
 
 /// A handler's answer: at once, or after a round trip to the store during which the actor
@@ -226,7 +243,7 @@ where
     }
 }
 
-impl WalletActor {
+impl WalletCore {
     pub(super) fn new(
         key_id: Arc<str>,
         writer: LedgerWriter,
@@ -240,7 +257,7 @@ impl WalletActor {
             spend: BTreeMap::new(),
             dry: BTreeMap::new(),
         });
-        WalletActor {
+        WalletCore {
             key_id,
             balances: Balances::new(),
             held: BTreeMap::new(),
@@ -254,6 +271,8 @@ impl WalletActor {
             idle_timeout,
             last_activity: Instant::now(),
             loaded: false,
+            waiting: false,
+            stopped: false,
         }
     }
 
@@ -396,12 +415,30 @@ impl WalletActor {
         }
     }
 
+    /// Whether requests may reserve, extend and settle here and now, on their own thread: the
+    /// wallet is loaded, its actor runs and waits for nothing.
+    fn serves_now(&self) -> bool {
+        self.loaded && !self.stopped && !self.waiting
+    }
+
+    /// Whether the actor waits for the store (see [`WalletCore::serves_now`]).
+    #[cfg(test)]
+    pub(crate) fn waits(&self) -> bool {
+        self.waiting
+    }
+}
+
+impl WalletActor {
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
-        if self.holds.is_empty() && self.last_activity.elapsed() >= self.idle_timeout {
-            self.return_lease(true);
+        let mut c = self.core.lock();
+        if c.holds.is_empty() && c.last_activity.elapsed() >= c.idle_timeout {
+            c.return_lease(true);
+            // No request may use this core any more; the ones that looked it up before this
+            // line go to the actor's mailbox, find it stopped, and start a new one.
+            c.stopped = true;
             // Leave the registry first, so new requests start a fresh actor, which loads the
             // state through the writer queue after everything this one sent.
-            self.shard.forget(&self.key_id, &ctx.address());
+            c.shard.forget(&c.key_id, &ctx.address());
             ctx.stop();
         }
     }
@@ -413,9 +450,14 @@ impl Actor for WalletActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         metrics::gauge!(crate::metrics::WALLET_ACTORS).increment(1.0);
         ctx.set_mailbox_capacity(4096);
-        let writer = self.writer.clone();
-        let key_id = self.key_id.to_string();
-        // Block every message until the state is loaded.
+        let c = self.core.lock();
+        let writer = c.writer.clone();
+        let key_id = c.key_id.to_string();
+        let (flush_interval, idle_timeout, leased) =
+            (c.flush_interval, c.idle_timeout, c.lease.is_some());
+        drop(c);
+        // Block every message until the state is loaded (the requests' own calls wait for
+        // `loaded` and come through here meanwhile).
         ctx.wait(
             async move {
                 writer
@@ -423,37 +465,46 @@ impl Actor for WalletActor {
                     .await
             }
             .into_actor(self)
-            .map(|res, act, ctx| match res {
-                Ok(state) => {
-                    act.balances = state.balances();
-                    act.loaded = true;
-                    if let Some(l) = &mut act.lease {
-                        l.epoch = act.writer.epoch();
+            .map(|res, act, ctx| {
+                let mut c = act.core.lock();
+                match res {
+                    Ok(state) => {
+                        c.balances = state.balances();
+                        c.loaded = true;
+                        let epoch = c.writer.epoch();
+                        if let Some(l) = &mut c.lease {
+                            l.epoch = epoch;
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, key_id = %act.key_id, "cannot load wallet");
-                    act.shard.forget(&act.key_id, &ctx.address());
-                    ctx.stop();
+                    Err(e) => {
+                        tracing::error!(error = %e, key_id = %c.key_id, "cannot load wallet");
+                        c.stopped = true;
+                        c.shard.forget(&c.key_id, &ctx.address());
+                        ctx.stop();
+                    }
                 }
             }),
         );
-        ctx.run_interval(self.flush_interval, |act, _| act.flush_holds());
+        ctx.run_interval(flush_interval, |act, _| act.core.lock().flush_holds());
         let idle_check =
-            (self.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         ctx.run_interval(idle_check, |act, ctx| act.check_idle(ctx));
-        if self.lease.is_some() {
+        if leased {
             ctx.run_interval(LEASE_CHECK, |act, _| {
-                let idle = act.last_activity.elapsed() >= LEASE_IDLE;
-                act.return_lease(idle);
+                let mut c = act.core.lock();
+                let idle = c.last_activity.elapsed() >= LEASE_IDLE;
+                c.return_lease(idle);
             });
         }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         metrics::gauge!(crate::metrics::WALLET_ACTORS).decrement(1.0);
-        // Only reachable at process shutdown: persist the consumption so recovery settles it.
-        self.flush_holds();
+        let mut c = self.core.lock();
+        c.stopped = true;
+        // Only reachable with holds open at process shutdown: persist the consumption so
+        // recovery settles it.
+        c.flush_holds();
     }
 }
 
@@ -491,42 +542,66 @@ impl Handler<Reserve> for WalletActor {
                 "the wallet failed to reserve".into(),
             ))
         };
-        if self.loaded && !self.dry_since(&m.bucket, m.sent) {
-            if let Some(more) = self.lease_shortfall(&m.bucket, m.want.max(m.min)) {
+        let core = self.core.clone();
+        let mut c = core.lock();
+        if c.loaded && !c.dry_since(&m.bucket, m.sent) {
+            if let Some(more) = c.lease_shortfall(&m.bucket, m.want.max(m.min)) {
                 let bucket = m.bucket.clone();
-                return self.with_more_lease(bucket, more, move |act| {
-                    act.guarded("reserve", failed(), |act| act.reserve(m))
+                return self.with_more_lease(&mut c, bucket, more, move |c| {
+                    c.guarded("reserve", failed(), |c| c.reserve(m))
                 });
             }
         }
-        Answer::Now(self.guarded("reserve", failed(), |act| act.reserve(m)))
+        Answer::Now(c.guarded("reserve", failed(), |c| c.reserve(m)))
+    }
+}
+
+impl WalletCore {
+    /// Reserves on the caller's thread when nothing needs the actor: the wallet serves now (see
+    /// [`WalletCore::serves_now`]) and, in a fleet, the lease covers the grant. Gives the
+    /// message back otherwise, for the actor's mailbox.
+    pub(super) fn try_reserve(
+        &mut self,
+        m: Reserve,
+    ) -> Result<Result<Decimal, WalletError>, Reserve> {
+        if !self.serves_now() || self.lease_shortfall(&m.bucket, m.want.max(m.min)).is_some() {
+            return Err(m);
+        }
+        let failed = Err(WalletError::Unavailable(
+            "the wallet failed to reserve".into(),
+        ));
+        Ok(self.guarded("reserve", failed, |c| c.reserve(m)))
+    }
+
+    /// [`WalletCore::try_reserve`] for an extension.
+    pub(super) fn try_extend(&mut self, m: Extend) -> Result<Decimal, Extend> {
+        let short = self.lease.is_some()
+            && self
+                .holds
+                .get(&m.hold_id)
+                .is_some_and(|h| self.lease_shortfall(&h.bucket, m.want).is_some());
+        if !self.serves_now() || short {
+            return Err(m);
+        }
+        Ok(self.guarded("extend", Decimal::ZERO, |c| c.extend(m)))
+    }
+
+    /// Settles on the caller's thread unless the actor waits for the store (then the
+    /// settlement queues behind what waits, as every message does). A stopped actor's core
+    /// still settles: its holds are settled here rather than lost with its mailbox.
+    pub(super) fn try_settle(&mut self, m: Settle) -> Result<Settled, Settle> {
+        if !self.loaded || self.waiting {
+            return Err(m);
+        }
+        let failed = Settled {
+            debited: Decimal::ZERO,
+            shortfall: m.charge.max(Decimal::ZERO),
+        };
+        Ok(self.guarded("settle", failed, |c| c.settle(m)))
     }
 }
 
 impl WalletActor {
-    /// Whether the store answered after `sent` that `bucket` had nothing more to lease.
-    fn dry_since(&self, bucket: &str, sent: Instant) -> bool {
-        self.lease
-            .as_ref()
-            .and_then(|l| l.dry.get(bucket))
-            .is_some_and(|answered| *answered >= sent)
-    }
-
-    /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
-    /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
-    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
-        let lease = self.lease.as_ref()?;
-        let short = want.checked_sub(self.available(bucket))?;
-        if short <= Decimal::ZERO {
-            return None;
-        }
-        let chunk = match lease.spend.get(bucket) {
-            Some(s) => s.chunk(short),
-            None => short,
-        };
-        Some((short, chunk))
-    }
-
     /// Asks the store to lease `amount` more of `bucket`, then runs `then`; the actor handles
     /// no other message meanwhile. When the store cannot answer, `then` grants from what is
     /// leased already (open streams go on while the database is away, F6).
@@ -535,18 +610,22 @@ impl WalletActor {
     /// other streams go on delivering: their consumption is persisted from here instead, at
     /// the same pace (R9, F3: a crash during a slow lease, or a chain of them, still costs at
     /// most one flush interval per open stream).
+    ///
+    /// Requests' own calls see the core waiting and queue in the mailbox behind this.
     fn with_more_lease<T: 'static>(
         &mut self,
+        c: &mut WalletCore,
         bucket: String,
         (need, want): (Decimal, Decimal),
-        then: impl FnOnce(&mut Self) -> T + 'static,
+        then: impl FnOnce(&mut WalletCore) -> T + 'static,
     ) -> Answer<T> {
-        if self.last_flush.elapsed() >= self.flush_interval {
-            self.flush_holds();
+        if c.last_flush.elapsed() >= c.flush_interval {
+            c.flush_holds();
         }
-        let consumption = self.consumption_flusher();
-        let writer = self.writer.clone();
-        let key_id = self.key_id.to_string();
+        c.waiting = true;
+        let consumption = c.consumption_flusher();
+        let writer = c.writer.clone();
+        let key_id = c.key_id.to_string();
         let asked = bucket.clone();
         let leased = async move {
             // What other instances lease may come back in a moment (their streams end and
@@ -583,30 +662,57 @@ impl WalletActor {
         };
         Answer::Later(AtomicResponse::new(Box::pin(
             consumption.persist_while(leased).into_actor(self).map(
-                move |(res, flushed), act, _| {
-                    act.saved_meanwhile(flushed);
+                move |(res, flushed), act: &mut WalletActor, _| {
+                    let mut c = act.core.lock();
+                    c.waiting = false;
+                    c.saved_meanwhile(flushed);
                     match res {
                         Ok(grant) => {
-                            if let Some(l) = &mut act.lease {
+                            if let Some(l) = &mut c.lease {
                                 if grant.amount < need {
                                     l.dry.insert(bucket.clone(), Instant::now());
                                 } else {
                                     l.dry.remove(&bucket);
                                 }
                             }
-                            act.add_lease(&bucket, grant)
+                            c.add_lease(&bucket, grant)
                         }
                         Err(e) => tracing::warn!(
                             error = %e,
-                            key_id = %act.key_id,
+                            key_id = %c.key_id,
                             bucket,
                             "cannot lease more of the balance; granting from this instance's lease"
                         ),
                     }
-                    then(act)
+                    then(&mut c)
                 },
             ),
         )))
+    }
+}
+
+impl WalletCore {
+    /// Whether the store answered after `sent` that `bucket` had nothing more to lease.
+    fn dry_since(&self, bucket: &str, sent: Instant) -> bool {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.dry.get(bucket))
+            .is_some_and(|answered| *answered >= sent)
+    }
+
+    /// With a lease that cannot grant `want` in `bucket`: what it lacks, and how much to ask
+    /// the store for (that, plus the bucket's recent spending, see [`SpendRate`]).
+    fn lease_shortfall(&self, bucket: &str, want: Decimal) -> Option<(Decimal, Decimal)> {
+        let lease = self.lease.as_ref()?;
+        let short = want.checked_sub(self.available(bucket))?;
+        if short <= Decimal::ZERO {
+            return None;
+        }
+        let chunk = match lease.spend.get(bucket) {
+            Some(s) => s.chunk(short),
+            None => short,
+        };
+        Some((short, chunk))
     }
 
     /// Adds a lease granted by the store. A grant of a new epoch means the store reaped the
@@ -703,7 +809,7 @@ impl WalletActor {
     }
 }
 
-impl WalletActor {
+impl WalletCore {
     fn reserve(&mut self, m: Reserve) -> Result<Decimal, WalletError> {
         self.last_activity = Instant::now();
         if !self.loaded {
@@ -753,26 +859,28 @@ impl Message for Extend {
 impl Handler<Extend> for WalletActor {
     type Result = Answer<Decimal>;
     fn handle(&mut self, m: Extend, _: &mut Context<Self>) -> Self::Result {
-        let bucket = match self.lease {
-            Some(_) => self.holds.get(&m.hold_id).map(|h| h.bucket.clone()),
+        let core = self.core.clone();
+        let mut c = core.lock();
+        let bucket = match c.lease {
+            Some(_) => c.holds.get(&m.hold_id).map(|h| h.bucket.clone()),
             None => None,
         };
         // An extension asked for just after the store said the bucket had nothing more to
         // lease takes what is here: asked again, the store would keep the actor (and every
         // reservation and wallet view queued behind) waiting to answer the same.
         let recent = Instant::now().checked_sub(DRY_MEMORY);
-        if let Some(bucket) = bucket.filter(|b| !recent.is_some_and(|t| self.dry_since(b, t))) {
-            if let Some(more) = self.lease_shortfall(&bucket, m.want) {
-                return self.with_more_lease(bucket, more, move |act| {
-                    act.guarded("extend", Decimal::ZERO, |act| act.extend(m))
+        if let Some(bucket) = bucket.filter(|b| !recent.is_some_and(|t| c.dry_since(b, t))) {
+            if let Some(more) = c.lease_shortfall(&bucket, m.want) {
+                return self.with_more_lease(&mut c, bucket, more, move |c| {
+                    c.guarded("extend", Decimal::ZERO, |c| c.extend(m))
                 });
             }
         }
-        Answer::Now(self.guarded("extend", Decimal::ZERO, |act| act.extend(m)))
+        Answer::Now(c.guarded("extend", Decimal::ZERO, |c| c.extend(m)))
     }
 }
 
-impl WalletActor {
+impl WalletCore {
     fn extend(&mut self, m: Extend) -> Decimal {
         self.last_activity = Instant::now();
         let Some(h) = self.holds.get(&m.hold_id) else {
@@ -821,7 +929,7 @@ impl Handler<Settle> for WalletActor {
             debited: Decimal::ZERO,
             shortfall: m.charge.max(Decimal::ZERO),
         };
-        let settled = self.guarded("settle", failed, |act| act.settle(m));
+        let settled = self.core.lock().guarded("settle", failed, |c| c.settle(m));
         if let Some(r) = reply {
             let _ = r.send(settled);
         }
@@ -829,7 +937,7 @@ impl Handler<Settle> for WalletActor {
     }
 }
 
-impl WalletActor {
+impl WalletCore {
     fn settle(&mut self, m: Settle) -> Settled {
         self.last_activity = Instant::now();
         let mut charge = m.charge.max(Decimal::ZERO);
@@ -921,8 +1029,9 @@ impl Message for TopUp {
 impl Handler<TopUp> for WalletActor {
     type Result = AtomicResponse<Self, Result<TopupOutcome, WalletError>>;
     fn handle(&mut self, m: TopUp, _: &mut Context<Self>) -> Self::Result {
-        self.last_activity = Instant::now();
-        let mut after = self.balances.clone();
+        let mut c = self.core.lock();
+        c.last_activity = Instant::now();
+        let mut after = c.balances.clone();
         let balance = after.entry(m.bucket.clone()).or_default();
         match balance.checked_add(m.amount) {
             Some(sum) if !m.amount.is_sign_negative() => *balance = sum,
@@ -934,10 +1043,14 @@ impl Handler<TopUp> for WalletActor {
                 return AtomicResponse::new(Box::pin(fut::ready(Err(err))));
             }
         }
-        let writer = self.writer.clone();
-        let key_id = self.key_id.to_string();
+        let writer = c.writer.clone();
+        let key_id = c.key_id.to_string();
         let bucket = m.bucket.clone();
         let amount = m.amount;
+        // Until the store answers, no request may change the balances `after` was taken from:
+        // their calls queue in the mailbox behind this.
+        c.waiting = true;
+        drop(c);
         AtomicResponse::new(Box::pin(
             async move {
                 let asked = writer
@@ -953,33 +1066,48 @@ impl Handler<TopUp> for WalletActor {
                 (asked, after)
             }
             .into_actor(self)
-            .map(|(asked, after), act, _| match asked {
-                // With a lease, the top-up went to the shared balance: the lease grows only
-                // when this instance asks for more.
-                Ok(TopupOutcome::Applied) => {
-                    if act.lease.is_none() {
-                        act.balances = after;
-                    }
-                    Ok(TopupOutcome::Applied)
-                }
-                Ok(other) => Ok(other),
-                // Applied, but its fsync failed: the store has the new balances (and the
-                // reference), so the wallet takes them, or its next settlement would write the
-                // top-up away. Only this actor writes this key's balances, and it handles
-                // nothing else meanwhile. (Reloading from the store instead would undo debits
-                // the writer still holds unwritten.)
-                Err(StoreError::NotDurable(e)) => {
-                    if act.lease.is_none() {
-                        act.balances = after;
-                    }
-                    Err(WalletError::Unavailable(format!(
-                        "the top-up was applied but could not be made durable ({e}); retry with the same reference to confirm it"
-                    )))
-                }
-                // Not applied: the balances stay as they are.
-                Err(e) => Err(WalletError::Unavailable(e.to_string())),
+            .map(|(asked, after), act, _| {
+                let mut c = act.core.lock();
+                c.waiting = false;
+                c.topped_up(asked, after)
             }),
         ))
+    }
+}
+
+impl WalletCore {
+    /// Takes a top-up's answer from the store: the balances `after` it, when it was applied.
+    fn topped_up(
+        &mut self,
+        asked: Result<TopupOutcome, StoreError>,
+        after: Balances,
+    ) -> Result<TopupOutcome, WalletError> {
+        match asked {
+            // With a lease, the top-up went to the shared balance: the lease grows only
+            // when this instance asks for more.
+            Ok(TopupOutcome::Applied) => {
+                if self.lease.is_none() {
+                    self.balances = after;
+                }
+                Ok(TopupOutcome::Applied)
+            }
+            Ok(other) => Ok(other),
+            // Applied, but its fsync failed: the store has the new balances (and the
+            // reference), so the wallet takes them, or its next settlement would write the
+            // top-up away. Only this actor writes this key's balances, and it handles
+            // nothing else meanwhile. (Reloading from the store instead would undo debits
+            // the writer still holds unwritten.)
+            Err(StoreError::NotDurable(e)) => {
+                if self.lease.is_none() {
+                    self.balances = after;
+                }
+                Err(WalletError::Unavailable(format!(
+                        "the top-up was applied but could not be made durable ({e}); retry with the same reference to confirm it"
+                    )))
+            }
+            // Not applied: the balances stay as they are.
+            Err(e) => Err(WalletError::Unavailable(e.to_string())),
+        }
     }
 }
 
@@ -1000,10 +1128,11 @@ impl Message for Snapshot {
 impl Handler<Snapshot> for WalletActor {
     type Result = MessageResult<Snapshot>;
     fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        let c = self.core.lock();
         MessageResult(WalletSnapshot {
-            balances: self.balances.clone(),
-            held: self.held.clone(),
-            open_holds: self.holds.len(),
+            balances: c.balances.clone(),
+            held: c.held.clone(),
+            open_holds: c.holds.len(),
         })
     }
 }
@@ -1019,7 +1148,7 @@ impl Message for FlushHolds {
 impl Handler<FlushHolds> for WalletActor {
     type Result = ();
     fn handle(&mut self, _: FlushHolds, _: &mut Context<Self>) {
-        self.flush_holds();
+        self.core.lock().flush_holds();
     }
 }
 
@@ -1049,8 +1178,9 @@ impl Message for Inflight {
 impl Handler<Inflight> for WalletActor {
     type Result = MessageResult<Inflight>;
     fn handle(&mut self, _: Inflight, _: &mut Context<Self>) -> Self::Result {
-        let key_id = &self.key_id;
-        let open = self
+        let c = self.core.lock();
+        let key_id = &c.key_id;
+        let open = c
             .holds
             .iter()
             .filter_map(|(id, h)| {
@@ -1092,7 +1222,7 @@ pub(crate) mod seams {
         type Result = bool;
         #[allow(clippy::panic)]
         fn handle(&mut self, _: Explode, _: &mut Context<Self>) -> bool {
-            self.guarded("explode", false, |_| {
+            self.core.lock().guarded("explode", false, |_| {
                 panic!("injected wallet handler failure")
             })
         }
@@ -1106,8 +1236,12 @@ pub(crate) mod seams {
 
     impl Handler<Block> for WalletActor {
         type Result = ();
+        /// The actor is busy as if it waited for the store: requests' calls queue in its
+        /// mailbox meanwhile.
         fn handle(&mut self, m: Block, _: &mut Context<Self>) {
+            self.core.lock().waiting = true;
             std::thread::sleep(m.0);
+            self.core.lock().waiting = false;
         }
     }
 }

@@ -16,7 +16,7 @@ use rust_decimal::Decimal;
 
 use actor::{Extend, Inflight, Reserve, Settle, Snapshot, TopUp, WalletActor};
 pub use actor::{OpenRequest, Settled, WalletSnapshot};
-use registry::Registry;
+use registry::{Registry, Wallet};
 
 use crate::ledger::store::Balances;
 use crate::ledger::{LedgerRecord, LedgerWriter, StoreOp, TopupOutcome};
@@ -77,12 +77,12 @@ impl Wallets {
         self.send_to(key_id, make).await.map(|(r, _)| r)
     }
 
-    /// Sends to the key's actor; also returns the address that answered.
+    /// Sends to the key's actor; also returns the wallet that answered.
     async fn send_to<M>(
         &self,
         key_id: &str,
         make: impl Fn() -> M,
-    ) -> Result<(M::Result, Addr<WalletActor>), WalletError>
+    ) -> Result<(M::Result, Wallet), WalletError>
     where
         M: Message + Send + 'static,
         M::Result: Send,
@@ -90,9 +90,9 @@ impl Wallets {
     {
         let mut last = String::new();
         for _ in 0..SEND_TRIES {
-            let addr = self.registry.addr(key_id);
-            match addr.send(make()).await {
-                Ok(r) => return Ok((r, addr)),
+            let wallet = self.registry.wallet(key_id);
+            match wallet.addr.send(make()).await {
+                Ok(r) => return Ok((r, wallet)),
                 // The actor stopped (idle) between lookup and send: a new one is started.
                 Err(e) => last = e.to_string(),
             }
@@ -117,37 +117,46 @@ impl Wallets {
             ));
         }
         let hold_id = next_hold_id();
-        // If this request is dropped while the actor answers (the client left), the hold the
-        // actor opens has no owner: release it then.
+        let drawn = Arc::new(Drawn::default());
+        let reserve = || Reserve {
+            hold_id,
+            bucket: bucket.to_string(),
+            min,
+            want,
+            draft: actor::encode_draft(draft),
+            drawn: drawn.clone(),
+            sent: std::time::Instant::now(),
+        };
+        // On this thread, without a message, when the wallet can serve it now.
+        let wallet = self.registry.wallet(key_id);
+        let m = reserve();
+        let now = wallet.core.lock().try_reserve(m);
+        if let Ok(granted) = now {
+            return Ok(self.hold(hold_id, wallet, granted?, drawn));
+        }
+        // Otherwise through the actor's mailbox. If this request is dropped while the actor
+        // answers (the client left), the hold the actor opens has no owner: release it then.
         let mut orphan = ReleaseOnDrop {
             wallets: self,
             key_id,
             hold_id,
             armed: true,
         };
-        let drawn = Arc::new(Drawn::default());
-        let (granted, addr) = self
-            .send_to(key_id, || Reserve {
-                hold_id,
-                bucket: bucket.to_string(),
-                min,
-                want,
-                draft: actor::encode_draft(draft),
-                drawn: drawn.clone(),
-                sent: std::time::Instant::now(),
-            })
-            .await?;
+        let (granted, wallet) = self.send_to(key_id, reserve).await?;
         orphan.armed = false;
-        let granted = granted?;
-        Ok(Hold {
-            id: hold_id,
-            addr: Some(addr),
+        Ok(self.hold(hold_id, wallet, granted?, drawn))
+    }
+
+    fn hold(&self, id: u64, wallet: Wallet, granted: Decimal, drawn: Arc<Drawn>) -> Hold {
+        Hold {
+            id,
+            wallet: Some(wallet),
             granted,
             consumed: Decimal::ZERO,
             tokens: 0,
             drawn,
             _live: LiveHold::new(&self.registry.live),
-        })
+        }
     }
 
     pub async fn topup(
@@ -291,10 +300,11 @@ impl Drawn {
 }
 
 /// A reservation held by one request attempt. Draws are local; `extend` and `settle` are the
-/// only messages. Dropping an unsettled hold releases it without a charge.
+/// only calls to the wallet (on the request's thread, or as messages when its actor waits for
+/// the store). Dropping an unsettled hold releases it without a charge.
 pub struct Hold {
     id: u64,
-    addr: Option<Addr<WalletActor>>,
+    wallet: Option<Wallet>,
     granted: Decimal,
     consumed: Decimal,
     tokens: u64,
@@ -362,53 +372,62 @@ impl Hold {
 
     /// Asks the wallet for up to `want` more. Returns the grant.
     pub async fn extend(&mut self, want: Decimal) -> Decimal {
-        let Some(addr) = &self.addr else {
+        let Some(wallet) = &self.wallet else {
             return Decimal::ZERO;
         };
-        let grant = addr
-            .send(Extend {
-                hold_id: self.id,
-                want,
-            })
-            .await
-            .unwrap_or(Decimal::ZERO);
+        let m = Extend {
+            hold_id: self.id,
+            want,
+        };
+        let now = wallet.core.lock().try_extend(m);
+        let grant = match now {
+            Ok(grant) => grant,
+            Err(m) => wallet.addr.send(m).await.unwrap_or(Decimal::ZERO),
+        };
         match self.granted.checked_add(grant) {
             Some(g) => {
                 self.granted = g;
                 grant
             }
-            // Cannot happen (the actor grants from a balance that fits); keep what we had.
+            // Cannot happen (the wallet grants from a balance that fits); keep what we had.
             None => Decimal::ZERO,
         }
     }
 
     /// Settles the hold: debits `charge` and commits `record` (if any) in the same batch.
     pub async fn settle(mut self, charge: Decimal, record: Option<LedgerRecord>) -> Settled {
-        if self.covers(charge) {
-            // The hold covers the charge, so the wallet will debit exactly `charge` (its balance
-            // covers every grant): no need to wait for the actor's answer on the request path.
-            // The actor still applies it, and commits the record, in mailbox order.
-            self.settle_detached(charge, record);
-            return Settled {
-                debited: charge,
-                shortfall: Decimal::ZERO,
-            };
-        }
-        let Some(addr) = self.addr.take() else {
+        let Some(wallet) = self.wallet.take() else {
             return Settled {
                 debited: Decimal::ZERO,
                 shortfall: charge,
             };
         };
-        // Queued unconditionally (a full mailbox does not refuse it) before we wait: once this
-        // line has run, the settlement no longer depends on this request staying alive.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        addr.do_send(Settle {
+        let m = Settle {
             hold_id: self.id,
             charge,
             record: record.map(Box::new),
-            reply: Some(tx),
-        });
+            reply: None,
+        };
+        let now = wallet.core.lock().try_settle(m);
+        let mut m = match now {
+            Ok(settled) => return settled,
+            Err(m) => m,
+        };
+        if self.covers(charge) {
+            // The hold covers the charge, so the wallet will debit exactly `charge` (its balance
+            // covers every grant): no need to wait for the actor's answer on the request path.
+            // The actor still applies it, and commits the record, in mailbox order.
+            wallet.addr.do_send(m);
+            return Settled {
+                debited: charge,
+                shortfall: Decimal::ZERO,
+            };
+        }
+        // Queued unconditionally (a full mailbox does not refuse it) before we wait: once this
+        // line has run, the settlement no longer depends on this request staying alive.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        m.reply = Some(tx);
+        wallet.addr.do_send(m);
         match rx.await {
             Ok(s) => s,
             Err(_) => Settled {
@@ -446,29 +465,38 @@ impl Hold {
         seal(&record)
     }
 
-    /// Settles without waiting for the answer (used from `Drop` paths). The message is queued
-    /// even when the mailbox is full.
+    /// Settles without waiting for the answer (used from `Drop` paths). The message, when one
+    /// is needed, is queued even when the mailbox is full.
     pub fn settle_detached(mut self, charge: Decimal, record: Option<LedgerRecord>) {
-        if let Some(addr) = self.addr.take() {
-            addr.do_send(Settle {
-                hold_id: self.id,
-                charge,
-                record: record.map(Box::new),
-                reply: None,
-            });
+        if let Some(wallet) = self.wallet.take() {
+            settle_now_or_send(&wallet, self.id, charge, record);
         }
+    }
+}
+
+/// Settles on this thread when the wallet can, else queues the settlement in its mailbox.
+fn settle_now_or_send(
+    wallet: &Wallet,
+    hold_id: u64,
+    charge: Decimal,
+    record: Option<LedgerRecord>,
+) {
+    let m = Settle {
+        hold_id,
+        charge,
+        record: record.map(Box::new),
+        reply: None,
+    };
+    let now = wallet.core.lock().try_settle(m);
+    if let Err(m) = now {
+        wallet.addr.do_send(m);
     }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        if let Some(addr) = self.addr.take() {
-            addr.do_send(Settle {
-                hold_id: self.id,
-                charge: Decimal::ZERO,
-                record: None,
-                reply: None,
-            });
+        if let Some(wallet) = self.wallet.take() {
+            settle_now_or_send(&wallet, self.id, Decimal::ZERO, None);
         }
     }
 }
@@ -784,8 +812,13 @@ mod tests {
                 .reserve("k", "credit", d(1), d(1), &draft("req-4"))
                 .await
                 .unwrap();
-            let addr = wallets.registry.addr("k");
+            let wallet = wallets.registry.wallet("k");
+            let addr = wallet.addr.clone();
             addr.do_send(actor::seams::Block(Duration::from_millis(300)));
+            // Until the actor is busy, the hold's calls do not go through its mailbox.
+            while !wallet.core.lock().waits() {
+                std::thread::yield_now();
+            }
             for _ in 0..5000 {
                 addr.do_send(Snapshot);
             }

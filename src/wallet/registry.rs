@@ -9,12 +9,19 @@ use std::time::Duration;
 use actix::prelude::*;
 use parking_lot::Mutex;
 
-use super::actor::{FlushHolds, Published, WalletActor};
+use super::actor::{FlushHolds, Published, WalletActor, WalletCore};
 use crate::ledger::LedgerWriter;
+
+/// A running wallet: its actor's address and the state it shares with the requests.
+#[derive(Clone)]
+pub struct Wallet {
+    pub addr: Addr<WalletActor>,
+    pub core: Arc<Mutex<WalletCore>>,
+}
 
 pub struct Shard {
     arbiter: ArbiterHandle,
-    actors: Mutex<HashMap<Arc<str>, Addr<WalletActor>>>,
+    actors: Mutex<HashMap<Arc<str>, Wallet>>,
     /// In a fleet, what each running actor holds, published as it changes (see [`Published`]).
     published: Mutex<HashMap<Arc<str>, Arc<Mutex<Published>>>>,
 }
@@ -23,7 +30,7 @@ impl Shard {
     /// Removes `key_id` from the map if it still points at `addr`.
     pub(super) fn forget(&self, key_id: &str, addr: &Addr<WalletActor>) {
         let mut m = self.actors.lock();
-        if m.get(key_id).is_some_and(|a| a == addr) {
+        if m.get(key_id).is_some_and(|w| w.addr == *addr) {
             m.remove(key_id);
             self.published.lock().remove(key_id);
         }
@@ -79,11 +86,16 @@ impl Registry {
 
     /// The key's actor, started if needed.
     pub fn addr(&self, key_id: &str) -> Addr<WalletActor> {
+        self.wallet(key_id).addr
+    }
+
+    /// The key's wallet, its actor started if needed.
+    pub fn wallet(&self, key_id: &str) -> Wallet {
         let shard = self.shard(key_id);
         let mut m = shard.actors.lock();
-        if let Some(a) = m.get(key_id) {
-            if a.connected() {
-                return a.clone();
+        if let Some(w) = m.get(key_id) {
+            if w.addr.connected() {
+                return w.clone();
             }
         }
         let key: Arc<str> = Arc::from(key_id);
@@ -96,11 +108,13 @@ impl Registry {
             shard.published.lock().insert(key.clone(), p.clone());
             p
         });
-        let addr = WalletActor::start_in_arbiter(&shard.arbiter, move |_| {
-            WalletActor::new(k, writer, s, fi, it, published)
-        });
-        m.insert(key, addr.clone());
-        addr
+        let core = Arc::new(Mutex::new(WalletCore::new(k, writer, s, fi, it, published)));
+        let shared = core.clone();
+        let addr =
+            WalletActor::start_in_arbiter(&shard.arbiter, move |_| WalletActor { core: shared });
+        let wallet = Wallet { addr, core };
+        m.insert(key, wallet.clone());
+        wallet
     }
 
     /// What the key's running actor holds per bucket and its count of open holds, as it last
@@ -116,14 +130,19 @@ impl Registry {
     pub fn live_addr(&self, key_id: &str) -> Option<Addr<WalletActor>> {
         let shard = self.shard(key_id);
         let m = shard.actors.lock();
-        m.get(key_id).filter(|a| a.connected()).cloned()
+        m.get(key_id)
+            .filter(|w| w.addr.connected())
+            .map(|w| w.addr.clone())
     }
 
     /// Every running wallet actor.
     pub fn live_addrs(&self) -> Vec<Addr<WalletActor>> {
         self.shards
             .iter()
-            .flat_map(|s| s.actors.lock().values().cloned().collect::<Vec<_>>())
+            .flat_map(|s| {
+                let m = s.actors.lock();
+                m.values().map(|w| w.addr.clone()).collect::<Vec<_>>()
+            })
             .collect()
     }
 
