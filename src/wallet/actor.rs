@@ -276,11 +276,11 @@ impl WalletCore {
         }
     }
 
-    fn balance(&self, bucket: &str) -> Decimal {
+    pub(super) fn balance(&self, bucket: &str) -> Decimal {
         self.balances.get(bucket).copied().unwrap_or_default()
     }
 
-    fn held(&self, bucket: &str) -> Decimal {
+    pub(super) fn held(&self, bucket: &str) -> Decimal {
         self.held.get(bucket).copied().unwrap_or_default()
     }
 
@@ -1229,6 +1229,20 @@ pub(crate) mod seams {
     }
 
     pub struct Block(pub Duration);
+
+    /// Keeps the actor's thread busy without touching the wallet's state.
+    pub struct Sleep(pub Duration);
+
+    impl Message for Sleep {
+        type Result = ();
+    }
+
+    impl Handler<Sleep> for WalletActor {
+        type Result = ();
+        fn handle(&mut self, m: Sleep, _: &mut Context<Self>) {
+            std::thread::sleep(m.0);
+        }
+    }
 
     impl Message for Block {
         type Result = ();

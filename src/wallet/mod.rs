@@ -839,6 +839,82 @@ mod tests {
         });
     }
 
+    /// A reservation abandoned while the actor answers it (the client left mid-reserve, while
+    /// the wallet waited for the store so the reservation went through its mailbox) must not
+    /// leave an open hold behind: it would lock the money and keep the actor from going idle.
+    #[test]
+    fn an_abandoned_reservation_releases_its_hold() {
+        with_wallets(|_, _, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(1000), None).await.unwrap();
+            let wallet = wallets.registry.wallet("k");
+            wallet
+                .addr
+                .do_send(actor::seams::Block(Duration::from_millis(200)));
+            while !wallet.core.lock().waits() {
+                std::thread::yield_now();
+            }
+            for i in 0..20 {
+                let draft = draft(&format!("req-a{i}"));
+                let mut r = Box::pin(wallets.reserve("k", "credit", d(1), d(5), &draft));
+                // Polled once: the reservation is queued behind the busy actor, then dropped.
+                assert!(futures_util::FutureExt::now_or_never(&mut r).is_none());
+                drop(r);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let snap = wallets.snapshot("k").await.unwrap();
+                if snap.open_holds == 0 {
+                    assert_eq!(snap.held.get("credit"), None);
+                    assert_eq!(snap.balances["credit"], d(1000));
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} holds left open",
+                    snap.open_holds
+                );
+                actix_rt::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+
+    /// Requests reserve and settle on their own thread while the actor is free: no message, so
+    /// a reservation answers at its first poll and its settlement is applied when it returns,
+    /// even with the actor's thread blocked right after.
+    #[test]
+    fn a_free_wallet_serves_reservations_and_settlements_on_the_callers_thread() {
+        with_wallets(|store, w, wallets| async move {
+            let d = Decimal::from;
+            wallets.topup("k", "credit", d(10), None).await.unwrap();
+            let draft = draft("req-direct");
+            let mut r = Box::pin(wallets.reserve("k", "credit", d(1), d(4), &draft));
+            let mut hold = futures_util::FutureExt::now_or_never(&mut r)
+                .expect("the reservation waited for the actor")
+                .unwrap();
+            drop(r);
+            assert!(hold.try_draw(d(3), 3));
+            let wallet = wallets.registry.wallet("k");
+            // Blocks the actor's thread (not its state) for a while.
+            wallet
+                .addr
+                .do_send(actor::seams::Sleep(Duration::from_millis(300)));
+            let extended = futures_util::FutureExt::now_or_never(hold.extend(d(2)))
+                .expect("the extension waited for the actor");
+            assert_eq!(extended, d(2));
+            let settled = futures_util::FutureExt::now_or_never(hold.settle(d(5), Some(draft)))
+                .expect("the settlement waited for the actor");
+            assert_eq!(settled.debited, d(5));
+            let c = wallet.core.lock();
+            assert_eq!(c.balance("credit"), d(5));
+            assert_eq!(c.held("credit"), Decimal::ZERO);
+            drop(c);
+            w.flush().await.unwrap();
+            assert_eq!(store.record("req-direct").unwrap().unwrap().cost, d(5));
+            assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(5));
+        });
+    }
+
     /// Shutdown waits for this: a hold counts as live until its settlement was sent.
     #[test]
     fn holds_count_as_live_until_their_settlement_is_sent() {
