@@ -498,6 +498,8 @@ fn run(
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     let mut stopping = false;
+    // One batch's messages; kept between batches so that gathering one does not grow a vector.
+    let mut msgs: Vec<Msg> = Vec::new();
     while !stopping {
         let first = match rx.recv_timeout(half) {
             Ok(m) => Some(m),
@@ -509,14 +511,14 @@ fn run(
         if first.as_ref().is_some_and(|m| !m.waits()) {
             std::thread::sleep(window);
         }
-        let mut msgs: Vec<Msg> = first.into_iter().collect();
+        msgs.extend(first);
         while msgs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(m) => msgs.push(m),
                 Err(_) => break,
             }
         }
-        for m in msgs {
+        for m in msgs.drain(..) {
             match m {
                 Msg::Stop => {
                     stopping = true;
