@@ -741,4 +741,24 @@ routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_pe
             drop(release);
         });
     }
+
+    /// A panic while the route's state is being updated is caught: the request that reported
+    /// lives on, the lock is free, and the route keeps counting.
+    #[test]
+    fn a_panic_inside_the_update_leaves_the_route_usable() {
+        let config = crate::config::parse_str(CONFIG).unwrap();
+        actix_rt::System::new().block_on(async move {
+            let table = RouteTable::start(&config, &HashMap::new()).unwrap();
+            let id = "m/demo";
+            let route = table.routes.get(id).unwrap();
+            route.guarded("test", |h| {
+                h.recent.push(true, 1);
+                panic!("a bug inside the lock");
+            });
+            table.report(id, true, false, Duration::from_millis(2), None, false);
+            let s = table.snapshot(id).unwrap();
+            assert_eq!((s.state, s.requests, s.failures), (State::Closed, 1, 0));
+            assert!(matches!(table.admit(id), Admission::Go { trial: false }));
+        });
+    }
 }
