@@ -92,7 +92,7 @@ impl Breaker {
             self.window.pop_front();
         }
         if failure {
-            self.consecutive_failures += 1;
+            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         } else {
             self.consecutive_failures = 0;
         }
@@ -132,8 +132,9 @@ impl Breaker {
     }
 
     fn open(&mut self, now: Instant) -> State {
-        self.state = State::Open;
+        // The time first, then the state: an open breaker always has its own end.
         self.open_until = Some(now + Duration::from_millis(self.open_ms));
+        self.state = State::Open;
         State::Open
     }
 }

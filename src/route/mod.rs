@@ -1,7 +1,9 @@
-//! Route health: one [`RouteActor`] per route owns its breaker, counters, latency EWMA, probes and
-//! last failure, and publishes a [`RouteSnapshot`] that the router reads without a mailbox round
-//! trip. Outcomes reach the actor fire-and-forget; the half-open trial slot is claimed with an
-//! atomic so exactly one request (or probe) tests a recovering route.
+//! Route health: each route's breaker and recent attempts sit behind one short lock, and every
+//! change publishes a [`RouteSnapshot`] that the router reads without a lock or a mailbox round
+//! trip. A sent attempt's outcome is applied on the thread that reports it, under that lock, so
+//! the next request already sees it; one [`RouteActor`] per route keeps what needs timers (the
+//! open → half-open move, probes) and takes the same lock. The half-open trial slot is claimed
+//! with an atomic so exactly one request (or probe) tests a recovering route.
 
 pub mod breaker;
 
@@ -15,9 +17,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{HeaderMap, Method};
+use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::config::{Circuit, Config, ProbeKind, Route};
+use crate::config::{Config, ProbeKind, Route};
 use crate::router::upstream::{read_body, UpstreamProvider, Upstreams};
 use breaker::{Breaker, State};
 
@@ -79,9 +82,10 @@ impl RouteSnapshot {
 /// How many recent attempts the success rate and the latency median cover.
 pub const RECENT: usize = 64;
 
-/// The last [`RECENT`] attempt outcomes of one route, kept by its actor (off the request path:
-/// outcomes arrive as messages) and summarised into each published snapshot, once per outcome:
-/// both summaries are kept up to date as entries come and go, so neither counts nor sorts.
+/// The last [`RECENT`] attempt outcomes of one route, updated under the route's lock as each
+/// outcome is reported and summarised into each published snapshot, once per outcome: both
+/// summaries are kept up to date as entries come and go, so neither counts nor sorts (and, once
+/// the window is full, nothing allocates).
 #[derive(Default)]
 struct Recent {
     /// (succeeded, latency in ms), oldest overwritten first.
@@ -133,8 +137,18 @@ pub enum Admission {
     Open,
 }
 
+/// What an outcome changes, behind [`RouteShared::health`].
+struct Health {
+    breaker: Breaker,
+    recent: Recent,
+}
+
 struct RouteShared {
     route: Arc<Route>,
+    /// Taken briefly by whoever applies an outcome (the reporting thread) or a timer's or
+    /// probe's result (the actor), never across an await. Snapshots are published while it is
+    /// held, so they appear in the order the changes were made.
+    health: Mutex<Health>,
     snapshot: ArcSwap<RouteSnapshot>,
     /// Milliseconds since `epoch` when the half-open trial was claimed; 0 when free.
     trial_since: AtomicU64,
@@ -146,7 +160,8 @@ struct RouteShared {
 
 pub struct RouteTable {
     routes: HashMap<String, Arc<RouteShared>>,
-    actors: HashMap<String, Addr<RouteActor>>,
+    /// Held so each route's timers run as long as the table lives; nothing is sent to them.
+    _actors: HashMap<String, Addr<RouteActor>>,
     epoch: Instant,
     _arbiter: Option<Arbiter>,
 }
@@ -169,6 +184,10 @@ impl RouteTable {
                 .clone();
             let shared = Arc::new(RouteShared {
                 route: route.clone(),
+                health: Mutex::new(Health {
+                    breaker: Breaker::new(provider.circuit.clone(), Instant::now()),
+                    recent: Recent::default(),
+                }),
                 snapshot: ArcSwap::from_pointee(RouteSnapshot {
                     state: State::Closed,
                     open_until: None,
@@ -201,24 +220,20 @@ impl RouteTable {
                 metrics::counter!(crate::metrics::PROBES, "route" => route.id.clone(), "result" => result).absolute(0);
             }
             let s = shared.clone();
-            let circuit = provider.circuit.clone();
             let probe = provider.probe.clone();
             let clients = probe_clients.clone();
             let addr = RouteActor::start_in_arbiter(&arbiter.handle(), move |_| RouteActor {
-                breaker: Breaker::new(circuit.clone(), Instant::now()),
-                circuit,
                 shared: s,
                 probe,
                 clients,
                 epoch,
-                recent: Recent::default(),
             });
             routes.insert(route.id.clone(), shared);
             actors.insert(route.id.clone(), addr);
         }
         Ok(RouteTable {
             routes,
-            actors,
+            _actors: actors,
             epoch,
             _arbiter: Some(arbiter),
         })
@@ -260,7 +275,7 @@ impl RouteTable {
         }
     }
 
-    /// Reports a sent attempt's outcome (fire-and-forget).
+    /// Reports a sent attempt's outcome; it is applied (and published) before this returns.
     pub fn report(
         &self,
         route_id: &str,
@@ -270,8 +285,8 @@ impl RouteTable {
         reason: Option<String>,
         trial: bool,
     ) {
-        if let Some(a) = self.actors.get(route_id) {
-            a.do_send(Outcome {
+        if let Some(r) = self.routes.get(route_id) {
+            r.apply(Outcome {
                 ok,
                 breaker_failure,
                 latency,
@@ -290,8 +305,7 @@ impl RouteTable {
         started: Instant,
     ) -> Option<AttemptReporter> {
         let shared = self.routes.get(route_id)?.clone();
-        self.actors.get(route_id).map(|a| AttemptReporter {
-            addr: a.clone(),
+        Some(AttemptReporter {
             shared,
             trial,
             started,
@@ -305,7 +319,6 @@ impl RouteTable {
 
 /// Reports one sent attempt's outcome when it is finally known; dropping it reports nothing.
 pub struct AttemptReporter {
-    addr: Addr<RouteActor>,
     shared: Arc<RouteShared>,
     trial: bool,
     started: Instant,
@@ -315,7 +328,7 @@ impl AttemptReporter {
     /// `broke`: the stream broke after it started (a breaker failure), with the reason.
     pub fn finish(self, broke: Option<String>) {
         self.shared.attempts_ended[usize::from(broke.is_some())].increment(1);
-        self.addr.do_send(Outcome {
+        self.shared.apply(Outcome {
             ok: broke.is_none(),
             breaker_failure: broke.is_some(),
             latency: self.started.elapsed(),
@@ -336,18 +349,16 @@ fn claim_trial(r: &RouteShared, now_ms: u64) -> bool {
         .is_ok()
 }
 
+/// The timers of one route: the open → half-open move and the probes. Outcomes of requests do
+/// not pass through it.
 struct RouteActor {
-    breaker: Breaker,
-    circuit: Circuit,
     shared: Arc<RouteShared>,
     probe: Option<crate::config::Probe>,
     clients: Arc<Upstreams>,
     epoch: Instant,
-    recent: Recent,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
+/// One sent attempt's outcome.
 struct Outcome {
     ok: bool,
     breaker_failure: bool,
@@ -356,35 +367,114 @@ struct Outcome {
     trial: bool,
 }
 
-impl RouteActor {
-    fn publish(&self, f: impl FnOnce(&mut RouteSnapshot)) {
-        let mut s = (**self.shared.snapshot.load()).clone();
-        s.state = self.breaker.state();
-        s.open_until = self.breaker.open_until().filter(|_| s.state == State::Open);
+impl RouteShared {
+    /// Applies a request's outcome: the breaker, the recent window and the published snapshot,
+    /// under the lock.
+    fn apply(&self, m: Outcome) {
+        // Built before the lock: the only allocation an outcome needs besides the snapshot.
+        let failure = (!m.ok).then(|| FailureInfo {
+            at: Utc::now(),
+            reason: m.reason.unwrap_or_else(|| "failed".into()),
+            source: FailureSource::Request,
+        });
+        let lat = m.latency.as_secs_f64() * 1000.0;
+        let latency_ms = m.latency.as_millis() as u64;
+        self.guarded("outcome", |h| {
+            let now = Instant::now();
+            self.record(h, now, m.breaker_failure, m.trial);
+            h.recent.push(m.ok, latency_ms);
+            let (rate, p50) = (h.recent.success_rate(), h.recent.latency_p50_ms());
+            self.publish(h, now, |s| {
+                s.recent_success_rate = rate;
+                s.recent_latency_p50_ms = p50;
+                s.requests += 1;
+                if failure.is_some() {
+                    s.failures += 1;
+                    s.last_failure = failure;
+                }
+                s.latency_ewma_ms = if s.requests == 1 {
+                    lat
+                } else {
+                    0.8 * s.latency_ewma_ms + 0.2 * lat
+                };
+            });
+        });
+    }
+
+    /// Moves an expired open breaker to half-open (the actor's timer).
+    fn tick(&self) {
+        self.guarded("tick", |h| {
+            let now = Instant::now();
+            let changed = h.breaker.tick(now);
+            if changed.is_some() {
+                self.transition(changed);
+                self.publish(h, now, |_| {});
+            }
+        });
+    }
+
+    /// Applies a probe's result (the actor, once the probe has answered).
+    fn probe_done(&self, res: ProbeResult, state: State, trial: bool) {
+        let failure = (!res.ok).then(|| FailureInfo {
+            at: res.at,
+            reason: res.reason.clone().unwrap_or_else(|| "probe failed".into()),
+            source: FailureSource::Probe,
+        });
+        self.guarded("probe", |h| {
+            let now = Instant::now();
+            if res.ok || state != State::Open {
+                self.record(h, now, !res.ok, trial);
+            }
+            self.publish(h, now, |s| {
+                s.last_probe = Some(res);
+                if failure.is_some() {
+                    s.last_failure = failure;
+                }
+            });
+        });
+    }
+
+    /// Runs `body` under the lock. A panic in it (a bug: nothing in it is expected to fail) is
+    /// caught and logged, so that neither the reporting request nor the actor dies of it; the
+    /// lock is released either way (parking_lot does not poison). The breaker changes its
+    /// state only once nothing can fail any more, and the snapshot the router reads is
+    /// replaced whole or not at all, so a caught panic leaves the route as it last published.
+    fn guarded(&self, what: &'static str, body: impl FnOnce(&mut Health)) {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            body(&mut self.health.lock())
+        }));
+        if caught.is_err() {
+            tracing::error!(route = %self.route.id, what, "route health update failed; kept as last published");
+        }
+    }
+
+    fn publish(&self, h: &Health, now: Instant, f: impl FnOnce(&mut RouteSnapshot)) {
+        let mut s = (**self.snapshot.load()).clone();
+        s.state = h.breaker.state();
+        s.open_until = h.breaker.open_until().filter(|_| s.state == State::Open);
         s.open_until_at = s.open_until.map(|t| {
             Utc::now()
-                + chrono::Duration::from_std(t.saturating_duration_since(Instant::now()))
-                    .unwrap_or_default()
+                + chrono::Duration::from_std(t.saturating_duration_since(now)).unwrap_or_default()
         });
-        s.consecutive_failures = self.breaker.consecutive_failures();
+        s.consecutive_failures = h.breaker.consecutive_failures();
         f(&mut s);
-        self.shared.snapshot.store(Arc::new(s));
+        self.snapshot.store(Arc::new(s));
     }
 
     fn transition(&self, to: Option<State>) {
         if let Some(to) = to {
-            let id = self.shared.route.id.clone();
+            let id = self.route.id.clone();
             tracing::info!(route = %id, to = to.as_str(), "circuit breaker transition");
             metrics::counter!(crate::metrics::CIRCUIT_TRANSITIONS, "route" => id.clone(), "to" => to.as_str()).increment(1);
             metrics::gauge!(crate::metrics::CIRCUIT_STATE, "route" => id).set(to.gauge());
         }
     }
 
-    fn record(&mut self, failure: bool, trial: bool) {
-        let changed = self.breaker.record(Instant::now(), failure);
+    fn record(&self, h: &mut Health, now: Instant, failure: bool, trial: bool) {
+        let changed = h.breaker.record(now, failure);
         self.transition(changed);
         if trial || changed.is_some() {
-            self.shared.trial_since.store(0, Ordering::Release);
+            self.trial_since.store(0, Ordering::Release);
         }
     }
 }
@@ -393,14 +483,7 @@ impl Actor for RouteActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let _ = &self.circuit;
-        ctx.run_interval(Duration::from_millis(100), |act, _| {
-            let changed = act.breaker.tick(Instant::now());
-            if changed.is_some() {
-                act.transition(changed);
-                act.publish(|_| {});
-            }
-        });
+        ctx.run_interval(Duration::from_millis(100), |act, _| act.shared.tick());
         if let Some(p) = self.probe.clone() {
             ctx.run_interval(Duration::from_millis(p.interval_ms), move |act, ctx| {
                 let shared = act.shared.clone();
@@ -422,52 +505,11 @@ impl Actor for RouteActor {
                         .map(move |res, act, _| {
                             let id = act.shared.route.id.clone();
                             metrics::counter!(crate::metrics::PROBES, "route" => id, "result" => if res.ok { "ok" } else { "fail" }).increment(1);
-                            if res.ok || state != State::Open {
-                                act.record(!res.ok, trial);
-                            }
-                            let failure = (!res.ok).then(|| FailureInfo {
-                                at: res.at,
-                                reason: res.reason.clone().unwrap_or_else(|| "probe failed".into()),
-                                source: FailureSource::Probe,
-                            });
-                            act.publish(|s| {
-                                s.last_probe = Some(res);
-                                if failure.is_some() {
-                                    s.last_failure = failure;
-                                }
-                            });
+                            act.shared.probe_done(res, state, trial);
                         }),
                 );
             });
         }
-    }
-}
-
-impl Handler<Outcome> for RouteActor {
-    type Result = ();
-    fn handle(&mut self, m: Outcome, _: &mut Context<Self>) {
-        self.record(m.breaker_failure, m.trial);
-        let lat = m.latency.as_secs_f64() * 1000.0;
-        self.recent.push(m.ok, m.latency.as_millis() as u64);
-        let (rate, p50) = (self.recent.success_rate(), self.recent.latency_p50_ms());
-        self.publish(|s| {
-            s.recent_success_rate = rate;
-            s.recent_latency_p50_ms = p50;
-            s.requests += 1;
-            if !m.ok {
-                s.failures += 1;
-                s.last_failure = Some(FailureInfo {
-                    at: Utc::now(),
-                    reason: m.reason.unwrap_or_else(|| "failed".into()),
-                    source: FailureSource::Request,
-                });
-            }
-            s.latency_ewma_ms = if s.requests == 1 {
-                lat
-            } else {
-                0.8 * s.latency_ewma_ms + 0.2 * lat
-            };
-        });
     }
 }
 
@@ -612,5 +654,111 @@ mod recent_tests {
                 "after {i}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod outcome_tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    const CONFIG: &str = r#"
+[server]
+admin_token = "admin-0123456789"
+
+[buckets.credit]
+currency = "USD"
+
+[[providers]]
+id = "demo"
+kind = "mock"
+circuit = { failure_threshold = 3, min_requests = 1000, open_ms = 60000, max_open_ms = 120000 }
+
+[[models]]
+name = "m"
+routes = [{ provider = "demo", upstream_model = "u", bucket = "credit", input_per_mtok = "1", output_per_mtok = "2" }]
+"#;
+
+    /// An outcome counts the moment it is reported, from any thread, even while the route's
+    /// actor is busy: the attempt that reaches the failure threshold opens the breaker before
+    /// `report` (or a stream's `finish`) returns, so the very next request falls back.
+    #[test]
+    fn the_failing_attempt_opens_the_breaker_before_report_returns() {
+        let config = crate::config::parse_str(CONFIG).unwrap();
+        actix_rt::System::new().block_on(async move {
+            let table = RouteTable::start(&config, &HashMap::new()).unwrap();
+            let id = "m/demo";
+            // Keep the routes' arbiter (the actor's thread) busy until the test ends; dropping
+            // `release`, also on a failed assertion, frees it.
+            let (release, held) = mpsc::channel::<()>();
+            let (busy, is_busy) = mpsc::channel();
+            table._arbiter.as_ref().unwrap().spawn(async move {
+                let _ = busy.send(());
+                let _ = held.recv_timeout(Duration::from_secs(60));
+            });
+            is_busy.recv_timeout(Duration::from_secs(10)).unwrap();
+
+            // Reported from a plain thread, outside any actix System.
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        for n in 1..=2u32 {
+                            assert!(matches!(table.admit(id), Admission::Go { trial: false }));
+                            table.report(
+                                id,
+                                false,
+                                true,
+                                Duration::from_millis(4),
+                                Some("upstream answered 500".into()),
+                                false,
+                            );
+                            let s = table.snapshot(id).unwrap();
+                            assert_eq!(s.consecutive_failures, n);
+                            assert_eq!((s.requests, s.failures), (u64::from(n), u64::from(n)));
+                            assert_eq!(s.state, State::Closed);
+                        }
+                        // The third failure is a stream that broke after it started.
+                        assert!(matches!(table.admit(id), Admission::Go { trial: false }));
+                        let reporter = table.reporter(id, false, Instant::now()).unwrap();
+                        reporter.finish(Some("stream broke".into()));
+                    })
+                    .join()
+                    .unwrap();
+            });
+            let s = table.snapshot(id).unwrap();
+            assert_eq!(s.state, State::Open);
+            assert!(s.open_until_at.is_some());
+            assert_eq!((s.requests, s.failures, s.consecutive_failures), (3, 3, 3));
+            assert_eq!(
+                s.last_failure
+                    .as_ref()
+                    .map(|f| (f.reason.as_str(), f.source)),
+                Some(("stream broke", FailureSource::Request))
+            );
+            assert_eq!(s.recent_success_rate, Some(0.0));
+            assert!(matches!(table.admit(id), Admission::Open));
+            drop(release);
+        });
+    }
+
+    /// A panic while the route's state is being updated is caught: the request that reported
+    /// lives on, the lock is free, and the route keeps counting.
+    #[test]
+    fn a_panic_inside_the_update_leaves_the_route_usable() {
+        let config = crate::config::parse_str(CONFIG).unwrap();
+        actix_rt::System::new().block_on(async move {
+            let table = RouteTable::start(&config, &HashMap::new()).unwrap();
+            let id = "m/demo";
+            let route = table.routes.get(id).unwrap();
+            route.guarded("test", |h| {
+                h.recent.push(true, 1);
+                panic!("a bug inside the lock");
+            });
+            table.report(id, true, false, Duration::from_millis(2), None, false);
+            let s = table.snapshot(id).unwrap();
+            assert_eq!((s.state, s.requests, s.failures), (State::Closed, 1, 0));
+            assert!(matches!(table.admit(id), Admission::Go { trial: false }));
+        });
     }
 }
