@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate::config;
 
+/// jemalloc instead of the C library's allocator: the ledger writer frees what the HTTP workers
+/// allocated (each settled record), and glibc's per-thread arenas made that a third of the
+/// writer's time (see docs/performance.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
