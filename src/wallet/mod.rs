@@ -905,10 +905,12 @@ mod tests {
             let settled = futures_util::FutureExt::now_or_never(hold.settle(d(5), Some(draft)))
                 .expect("the settlement waited for the actor");
             assert_eq!(settled.debited, d(5));
-            let c = wallet.core.lock();
-            assert_eq!(c.balance("credit"), d(5));
-            assert_eq!(c.held("credit"), Decimal::ZERO);
-            drop(c);
+            let (balance, held) = {
+                let c = wallet.core.lock();
+                (c.balance("credit"), c.held("credit"))
+            };
+            assert_eq!(balance, d(5));
+            assert_eq!(held, Decimal::ZERO);
             w.flush().await.unwrap();
             assert_eq!(store.record("req-direct").unwrap().unwrap().cost, d(5));
             assert_eq!(store.wallet("k").unwrap().balances()["credit"], d(5));
