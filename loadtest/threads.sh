@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Where the gateway's CPU goes, thread by thread: a standalone mock upstream and wrk on one core,
+# the gateway pinned to the other, wrk at concurrency C for a fixed time; then, for each gateway
+# thread, user and system CPU per request and context switches per request, read from
+# /proc/PID/task/*/stat and status before and after the window. Quicker than callgrind and it
+# counts the kernel's share (sockets, wake-ups), which instruction counts leave out; but it is a
+# timing, so compare binaries in alternating runs on a quiet machine.
+#
+# usage: loadtest/threads.sh [BINARY] [SECONDS] [CONCURRENCY]
+#   BINARY defaults to target/release/tollgate (build it with `cargo build --release`).
+#   STREAM=N       N-token streams (include_usage) instead of non-stream requests of 16 tokens;
+#                  INTERVAL=MS paces them (default 0: bursts).
+#   WORKERS=N      the gateway's HTTP workers (default 2).
+#   PRELOAD=LIB    runs the gateway with LD_PRELOAD=LIB (to compare allocators).
+#   PERF=FILE      also records `perf record -g` of the gateway over the window into FILE.
+# Needs wrk and taskset; two or more cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-target/release/tollgate}
+secs=${2:-10}
+conc=${3:-64}
+tokens=${STREAM:-16}
+stream_fields=
+[ -n "${STREAM:-}" ] && stream_fields=',"stream":true,"stream_options":{"include_usage":true}'
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mock=$(free_port); gw=$(free_port); admin=$(free_port)
+taskset -c 1 "$bin" mock-upstream --listen "127.0.0.1:$mock" --ttft-ms 0 --tokens "$tokens" \
+  --interval-ms "${INTERVAL:-0}" >"$tmp/mock.log" 2>&1 &
+pids+=($!)
+cat >"$tmp/gw.toml" <<TOML
+[server]
+listen = "127.0.0.1:$gw"
+admin_listen = "127.0.0.1:$admin"
+admin_token = "threads-admin"
+data_dir = "$tmp/data"
+workers = ${WORKERS:-2}
+
+[settlement]
+flush_interval_ms = 50
+
+[buckets.credit]
+currency = "USD"
+kind = "official"
+
+[[providers]]
+id = "mock"
+base_url = "http://127.0.0.1:$mock/v1"
+
+[[models]]
+name = "m"
+tokenizer = "chunks"
+routes = [
+  { provider = "mock", upstream_model = "m", bucket = "credit", input_per_mtok = "0.5", output_per_mtok = "2" },
+]
+
+[[keys]]
+name = "threads"
+secret = "tg-threads-key"
+topup = { credit = "1000000" }
+TOML
+taskset -c 0 env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
+gwpid=$!
+pids+=($gwpid)
+for _ in $(seq 1 100); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null && break
+  sleep 0.2
+done
+cat >"$tmp/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":$tokens$stream_fields}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer tg-threads-key"
+LUA
+url="http://127.0.0.1:$gw/v1/chat/completions"
+taskset -c 1 wrk -t1 -c"$conc" -d2s -s "$tmp/post.lua" "$url" >/dev/null
+# One line per thread: name, utime, stime (clock ticks), voluntary and involuntary switches.
+snapshot() {
+  for t in /proc/"$gwpid"/task/*; do
+    echo "$(tr ' ' _ <"$t/comm")#${t##*/} $(awk '{print $14, $15}' "$t/stat") $(awk '/^(voluntary|nonvoluntary)_ctxt_switches/ {printf "%s ", $2}' "$t/status")"
+  done | sort
+}
+snapshot >"$tmp/before"
+if [ -n "${PERF:-}" ]; then
+  perf record -F 2000 -g -p "$gwpid" -o "$PERF" -- sleep "$secs" >/dev/null 2>&1 &
+  pids+=($!)
+fi
+taskset -c 1 wrk -t1 -c"$conc" -d"${secs}s" --latency -s "$tmp/post.lua" "$url" >"$tmp/wrk.txt"
+snapshot >"$tmp/after"
+requests=$(awk '/requests in/ {print $1}' "$tmp/wrk.txt")
+grep -E 'requests in|Requests/sec|Non-2xx|timeout' "$tmp/wrk.txt" || true
+grep -A4 'Latency Distribution' "$tmp/wrk.txt" || true
+grep VmHWM "/proc/$gwpid/status"
+ticks=$(getconf CLK_TCK)
+join "$tmp/before" "$tmp/after" | awk -v n="$requests" -v hz="$ticks" '
+  { u = ($6 - $2) * 1e6 / hz / n; s = ($7 - $3) * 1e6 / hz / n; c = ($8 - $4 + $9 - $5) / n
+    tu += u; ts += s; tc += c
+    if (u + s > 0.05) printf "%-24s user %6.2f  sys %6.2f µs/request  switches %.3f/request\n", $1, u, s, c }
+  END { printf "%-24s user %6.2f  sys %6.2f µs/request (%.2f)  switches %.3f/request\n", "all threads", tu, ts, tu + ts, tc }'
