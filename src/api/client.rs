@@ -18,7 +18,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::config::Endpoint;
 use crate::keys::ApiKey;
-use crate::router::upstream::Upstreams;
+use crate::router::upstream::{Upstreams, Whole};
 use crate::router::{self, Call};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -149,7 +149,7 @@ async fn read_limited(
         }
     }
     let until = tokio::time::Instant::now() + deadline;
-    let mut buf = web::BytesMut::new();
+    let mut buf = Whole::default();
     loop {
         let next = match tokio::time::timeout_at(until, payload.next()).await {
             Ok(next) => next,
@@ -172,9 +172,9 @@ async fn read_limited(
         if buf.len() + chunk.len() > limit {
             return Err(too_large());
         }
-        buf.extend_from_slice(&chunk);
+        buf.push(chunk);
     }
-    Ok(buf.freeze())
+    Ok(buf.into_bytes())
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -429,6 +429,9 @@ async fn handle(
     .await
     .map_err(rid)?;
     let body = parse_object(&bytes).map_err(rid)?;
+    // The bytes may be a slice of the connection's read buffer: let it go before any wait, so
+    // that the connection reuses its buffer instead of allocating another.
+    drop(bytes);
     let (model_name, stream, include_usage, n, max_tokens) =
         check_fields(&body, endpoint).map_err(rid)?;
     check_message_count(&body, endpoint, state.config.server.max_messages).map_err(rid)?;

@@ -216,7 +216,9 @@ async fn respond_stream(
     ok.latency_ms = call.started.elapsed().as_millis() as u64;
     draft.attempts.push(ok);
     let headers = success_headers(&draft);
-    let mut ms = MeteredStream::new(StreamParts {
+    // Boxed from the start: the stream is kept boxed in the response body below, and inline
+    // here it would make every attempt's future (a complete answer's too) its size larger.
+    let mut ms = Box::new(MeteredStream::new(StreamParts {
         body: resp.into_body(),
         meter,
         tokenizer: state.tokenizer(&call.model.name),
@@ -229,7 +231,7 @@ async fn respond_stream(
         reporter: reporter.take(),
         limiter: call.limiter.clone(),
         shutdown: Some(state.shutdown.subscribe()),
-    });
+    }));
     let first = match ms.first_token(first_deadline).await {
         Ok(first) => first,
         Err(e) => {
@@ -252,7 +254,7 @@ async fn respond_stream(
     let first = redact.bytes(first);
     // Boxed: `unfold` keeps both its state and the in-flight future inline, and the future owns
     // the state while it runs, so an unboxed stream would be held twice.
-    let rest = futures_util::stream::unfold((Box::new(ms), redact), |(mut ms, r)| async move {
+    let rest = futures_util::stream::unfold((ms, redact), |(mut ms, r)| async move {
         let b = ms.next_chunk().await?;
         Some((Ok::<Bytes, std::convert::Infallible>(r.bytes(b)), (ms, r)))
     });

@@ -127,6 +127,10 @@ pub fn record_error(
 /// Orders routes by priority; among equal priorities a weighted random pick goes first and the
 /// rest follow by weight (R12).
 pub fn plan(routes: &[Arc<Route>]) -> Vec<Arc<Route>> {
+    // One route (the usual model) has one order: no draw to make.
+    if let [only] = routes {
+        return vec![only.clone()];
+    }
     let mut out = Vec::with_capacity(routes.len());
     let mut i = 0;
     let mut rng = rand::thread_rng();
