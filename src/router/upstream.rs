@@ -322,3 +322,68 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 pub fn is_retriable_status(s: StatusCode) -> bool {
     matches!(s.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_in_one_chunk_is_that_chunk_and_more_chunks_are_joined_in_order() {
+        let one = Bytes::from_static(b"{\"id\":\"x\"}");
+        let mut w = Whole::default();
+        assert!(w.is_empty());
+        w.push(one.clone());
+        assert_eq!(w.len(), one.len());
+        let got = w.into_bytes();
+        assert_eq!(got, one);
+        // The same bytes, not a copy of them.
+        assert_eq!(got.as_ptr(), one.as_ptr());
+
+        let mut w = Whole::default();
+        for part in ["{\"a\":", "1,", "\"b\":2}"] {
+            w.push(Bytes::from(part));
+        }
+        assert_eq!(w.len(), 13);
+        assert_eq!(&w.into_bytes()[..], b"{\"a\":1,\"b\":2}");
+
+        assert!(Whole::default().into_bytes().is_empty());
+    }
+
+    #[test]
+    fn each_endpoint_path_has_its_url_parsed_once_under_the_base_url() {
+        let config = crate::config::parse_str(
+            r#"
+            [server]
+            admin_token = "admin-0123456789"
+            [buckets.b]
+            currency = "USD"
+            kind = "official"
+            [[providers]]
+            id = "p"
+            base_url = "http://127.0.0.1:9/v1"
+            [[models]]
+            name = "m"
+            routes = [ { provider = "p", upstream_model = "u", bucket = "b", input_per_mtok = "1", output_per_mtok = "1" } ]
+            "#,
+        )
+        .unwrap();
+        let ups = Upstreams::new(&config, &HashMap::new()).unwrap();
+        let p = ups.get("p").unwrap();
+        let uri = |path: &str| {
+            p.uris
+                .iter()
+                .find(|(x, _)| *x == path)
+                .map(|(_, u)| u.to_string())
+        };
+        assert_eq!(
+            uri("/chat/completions").as_deref(),
+            Some("http://127.0.0.1:9/v1/chat/completions")
+        );
+        assert_eq!(
+            uri("/messages").as_deref(),
+            Some("http://127.0.0.1:9/v1/messages")
+        );
+        assert_eq!(uri("/models"), None);
+    }
+}
