@@ -58,13 +58,14 @@ struct Prepared {
 }
 
 /// Makes one attempt with `hold` (input + initial output already granted). `draft` is the
-/// record as this route would write it; `rec` the request's working record (earlier attempts).
+/// record as this route would write it; `rec` the request's working record (earlier attempts),
+/// none before the request's first attempt.
 /// A stream takes `reporter` and reports its outcome to the route when it ends.
 pub(super) async fn attempt(
     on: Attempting<'_>,
     mut hold: Hold,
     draft: LedgerRecord,
-    rec: &LedgerRecord,
+    rec: Option<&LedgerRecord>,
     reporter: &mut Option<AttemptReporter>,
 ) -> Served {
     let prepared = prepare(&on, &mut hold);
@@ -132,11 +133,11 @@ fn prepare(on: &Attempting<'_>, hold: &mut Hold) -> Prepared {
 async fn send(
     on: &Attempting<'_>,
     prepared: Prepared,
-    rec: &LedgerRecord,
+    rec: Option<&LedgerRecord>,
 ) -> Result<http::Response<Incoming>, Failure> {
     let call = on.call;
     // First sent attempt only: a later one's elapsed time includes upstream waits and backoff.
-    if !rec.attempts.iter().any(|a| is_sent(&a.outcome)) {
+    if !rec.is_some_and(|rec| rec.attempts.iter().any(|a| is_sent(&a.outcome))) {
         let overhead = call.started.elapsed().as_secs_f64();
         crate::metrics::hot(|m| m.overhead.record(overhead));
     }
@@ -167,13 +168,17 @@ fn idle(on: &Attempting<'_>) -> Duration {
 fn serving_record(
     on: &Attempting<'_>,
     mut draft: LedgerRecord,
-    rec: &LedgerRecord,
+    rec: Option<&LedgerRecord>,
     http_status: u16,
 ) -> (LedgerRecord, Attempt) {
     let route = on.route;
-    draft.attempts = rec.attempts.clone();
-    draft.retries = rec.retries;
-    draft.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
+    // Without a working record this is the request's first attempt: the draft, made from the
+    // call, has no earlier attempts, retries or fallbacks.
+    if let Some(rec) = rec {
+        draft.attempts = rec.attempts.clone();
+        draft.retries = rec.retries;
+        draft.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
+    }
     let ok = Attempt {
         route: route.id.clone(),
         upstream_model: route.upstream_model.clone(),
