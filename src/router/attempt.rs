@@ -344,26 +344,27 @@ async fn respond_complete(
     Served::Response(r.content_type("application/json").body(out))
 }
 
+/// The names of the `x-tollgate-*` response headers, made at compile time: parsing a name that
+/// is not a standard one copies it, and `from_static` called at run time checks it byte by byte.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
+const ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
+const UPSTREAM_MODEL: HeaderName = HeaderName::from_static("x-tollgate-upstream-model");
+const BUCKET: HeaderName = HeaderName::from_static("x-tollgate-bucket");
+const FALLBACKS: HeaderName = HeaderName::from_static("x-tollgate-fallbacks");
+const RETRIES: HeaderName = HeaderName::from_static("x-tollgate-retries");
+
 /// The `x-tollgate-*` headers of a served response (the request id, the serving route, its
 /// upstream model and bucket, fallbacks and retries).
 fn success_headers(rec: &LedgerRecord) -> [(HeaderName, String); 6] {
-    // Names made from static strings: parsing a name that is not a standard one copies it.
-    let name = HeaderName::from_static;
     [
-        (name("x-tollgate-request-id"), rec.request_id.clone()),
+        (REQUEST_ID, rec.request_id.clone()),
+        (ROUTE, rec.route.clone().unwrap_or_default()),
         (
-            name("x-tollgate-route"),
-            rec.route.clone().unwrap_or_default(),
-        ),
-        (
-            name("x-tollgate-upstream-model"),
+            UPSTREAM_MODEL,
             rec.upstream_model.clone().unwrap_or_default(),
         ),
-        (
-            name("x-tollgate-bucket"),
-            rec.bucket.clone().unwrap_or_default(),
-        ),
-        (name("x-tollgate-fallbacks"), rec.fallbacks.to_string()),
-        (name("x-tollgate-retries"), rec.retries.to_string()),
+        (BUCKET, rec.bucket.clone().unwrap_or_default()),
+        (FALLBACKS, rec.fallbacks.to_string()),
+        (RETRIES, rec.retries.to_string()),
     ]
 }
