@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
+use actix_web::http::header::HeaderName;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use http::HeaderMap;
@@ -18,7 +19,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::config::Endpoint;
 use crate::keys::ApiKey;
-use crate::router::upstream::Upstreams;
+use crate::router::upstream::{Upstreams, Whole};
 use crate::router::{self, Call};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -149,7 +150,7 @@ async fn read_limited(
         }
     }
     let until = tokio::time::Instant::now() + deadline;
-    let mut buf = web::BytesMut::new();
+    let mut buf = Whole::default();
     loop {
         let next = match tokio::time::timeout_at(until, payload.next()).await {
             Ok(next) => next,
@@ -172,9 +173,9 @@ async fn read_limited(
         if buf.len() + chunk.len() > limit {
             return Err(too_large());
         }
-        buf.extend_from_slice(&chunk);
+        buf.push(chunk);
     }
-    Ok(buf.freeze())
+    Ok(buf.into_bytes())
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -350,11 +351,16 @@ async fn messages(
         .map_err(ApiError::anthropic)
 }
 
-fn header_str(req: &HttpRequest, name: &'static str) -> Option<String> {
-    // A name made from a static string: looking up by `&str` parses a name that is not a
-    // standard one into a fresh copy, on every request.
+/// Request headers the client API reads, named at compile time: a lookup by `&str` parses a name
+/// that is not a standard one into a fresh copy, and `from_static` called at run time checks the
+/// name byte by byte, on every request.
+const X_TOLLGATE_PROJECT: HeaderName = HeaderName::from_static("x-tollgate-project");
+const X_TOLLGATE_USER: HeaderName = HeaderName::from_static("x-tollgate-user");
+const X_TOLLGATE_TASK: HeaderName = HeaderName::from_static("x-tollgate-task");
+
+fn header_str(req: &HttpRequest, name: &HeaderName) -> Option<String> {
     req.headers()
-        .get(actix_web::http::header::HeaderName::from_static(name))
+        .get(name)
         .and_then(|v| v.to_str().ok())
         .map(|s| bounded(s.trim()))
         .filter(|s| !s.is_empty())
@@ -368,9 +374,7 @@ const MAX_TASK_CHARS: usize = 128;
 /// [`MAX_TASK_CHARS`] printable ASCII characters (0x20–0x7E); an empty header is no task.
 fn task_header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     const NAME: &str = "x-tollgate-task";
-    // A static name, as in `header_str`.
-    let name = actix_web::http::header::HeaderName::from_static(NAME);
-    let Some(v) = req.headers().get(&name) else {
+    let Some(v) = req.headers().get(&X_TOLLGATE_TASK) else {
         return Ok(None);
     };
     let bytes = v.as_bytes();
@@ -402,13 +406,13 @@ async fn handle(
     // Checks that need no body first (R41): authentication, then the key's rate.
     let key = authenticate_for(&state, &req, endpoint)?;
     let project =
-        header_str(&req, "x-tollgate-project").unwrap_or_else(|| key.record.project.clone());
+        header_str(&req, &X_TOLLGATE_PROJECT).unwrap_or_else(|| key.record.project.clone());
     let task = task_header(&req)?;
     let pending = Pending {
         request_id: crate::ledger::new_request_id(started_at),
         key,
         project,
-        end_user: header_str(&req, "x-tollgate-user"),
+        end_user: header_str(&req, &X_TOLLGATE_USER),
         task,
         endpoint,
         started_at,
@@ -429,6 +433,9 @@ async fn handle(
     .await
     .map_err(rid)?;
     let body = parse_object(&bytes).map_err(rid)?;
+    // The bytes may be a slice of the connection's read buffer: let it go before any wait, so
+    // that the connection reuses its buffer instead of allocating another.
+    drop(bytes);
     let (model_name, stream, include_usage, n, max_tokens) =
         check_fields(&body, endpoint).map_err(rid)?;
     check_message_count(&body, endpoint, state.config.server.max_messages).map_err(rid)?;

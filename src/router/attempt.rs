@@ -58,13 +58,14 @@ struct Prepared {
 }
 
 /// Makes one attempt with `hold` (input + initial output already granted). `draft` is the
-/// record as this route would write it; `rec` the request's working record (earlier attempts).
+/// record as this route would write it; `rec` the request's working record (earlier attempts),
+/// none before the request's first attempt.
 /// A stream takes `reporter` and reports its outcome to the route when it ends.
 pub(super) async fn attempt(
     on: Attempting<'_>,
     mut hold: Hold,
     draft: LedgerRecord,
-    rec: &LedgerRecord,
+    rec: Option<&LedgerRecord>,
     reporter: &mut Option<AttemptReporter>,
 ) -> Served {
     let prepared = prepare(&on, &mut hold);
@@ -132,11 +133,11 @@ fn prepare(on: &Attempting<'_>, hold: &mut Hold) -> Prepared {
 async fn send(
     on: &Attempting<'_>,
     prepared: Prepared,
-    rec: &LedgerRecord,
+    rec: Option<&LedgerRecord>,
 ) -> Result<http::Response<Incoming>, Failure> {
     let call = on.call;
     // First sent attempt only: a later one's elapsed time includes upstream waits and backoff.
-    if !rec.attempts.iter().any(|a| is_sent(&a.outcome)) {
+    if !rec.is_some_and(|rec| rec.attempts.iter().any(|a| is_sent(&a.outcome))) {
         let overhead = call.started.elapsed().as_secs_f64();
         crate::metrics::hot(|m| m.overhead.record(overhead));
     }
@@ -167,13 +168,17 @@ fn idle(on: &Attempting<'_>) -> Duration {
 fn serving_record(
     on: &Attempting<'_>,
     mut draft: LedgerRecord,
-    rec: &LedgerRecord,
+    rec: Option<&LedgerRecord>,
     http_status: u16,
 ) -> (LedgerRecord, Attempt) {
     let route = on.route;
-    draft.attempts = rec.attempts.clone();
-    draft.retries = rec.retries;
-    draft.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
+    // Without a working record this is the request's first attempt: the draft, made from the
+    // call, has no earlier attempts, retries or fallbacks.
+    if let Some(rec) = rec {
+        draft.attempts = rec.attempts.clone();
+        draft.retries = rec.retries;
+        draft.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
+    }
     let ok = Attempt {
         route: route.id.clone(),
         upstream_model: route.upstream_model.clone(),
@@ -216,7 +221,9 @@ async fn respond_stream(
     ok.latency_ms = call.started.elapsed().as_millis() as u64;
     draft.attempts.push(ok);
     let headers = success_headers(&draft);
-    let mut ms = MeteredStream::new(StreamParts {
+    // Boxed from the start: the stream is kept boxed in the response body below, and inline
+    // here it would make every attempt's future (a complete answer's too) its size larger.
+    let mut ms = Box::new(MeteredStream::new(StreamParts {
         body: resp.into_body(),
         meter,
         tokenizer: state.tokenizer(&call.model.name),
@@ -229,7 +236,7 @@ async fn respond_stream(
         reporter: reporter.take(),
         limiter: call.limiter.clone(),
         shutdown: Some(state.shutdown.subscribe()),
-    });
+    }));
     let first = match ms.first_token(first_deadline).await {
         Ok(first) => first,
         Err(e) => {
@@ -252,7 +259,7 @@ async fn respond_stream(
     let first = redact.bytes(first);
     // Boxed: `unfold` keeps both its state and the in-flight future inline, and the future owns
     // the state while it runs, so an unboxed stream would be held twice.
-    let rest = futures_util::stream::unfold((Box::new(ms), redact), |(mut ms, r)| async move {
+    let rest = futures_util::stream::unfold((ms, redact), |(mut ms, r)| async move {
         let b = ms.next_chunk().await?;
         Some((Ok::<Bytes, std::convert::Infallible>(r.bytes(b)), (ms, r)))
     });
@@ -337,26 +344,27 @@ async fn respond_complete(
     Served::Response(r.content_type("application/json").body(out))
 }
 
+/// The names of the `x-tollgate-*` response headers, made at compile time: parsing a name that
+/// is not a standard one copies it, and `from_static` called at run time checks it byte by byte.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
+const ROUTE: HeaderName = HeaderName::from_static("x-tollgate-route");
+const UPSTREAM_MODEL: HeaderName = HeaderName::from_static("x-tollgate-upstream-model");
+const BUCKET: HeaderName = HeaderName::from_static("x-tollgate-bucket");
+const FALLBACKS: HeaderName = HeaderName::from_static("x-tollgate-fallbacks");
+const RETRIES: HeaderName = HeaderName::from_static("x-tollgate-retries");
+
 /// The `x-tollgate-*` headers of a served response (the request id, the serving route, its
 /// upstream model and bucket, fallbacks and retries).
 fn success_headers(rec: &LedgerRecord) -> [(HeaderName, String); 6] {
-    // Names made from static strings: parsing a name that is not a standard one copies it.
-    let name = HeaderName::from_static;
     [
-        (name("x-tollgate-request-id"), rec.request_id.clone()),
+        (REQUEST_ID, rec.request_id.clone()),
+        (ROUTE, rec.route.clone().unwrap_or_default()),
         (
-            name("x-tollgate-route"),
-            rec.route.clone().unwrap_or_default(),
-        ),
-        (
-            name("x-tollgate-upstream-model"),
+            UPSTREAM_MODEL,
             rec.upstream_model.clone().unwrap_or_default(),
         ),
-        (
-            name("x-tollgate-bucket"),
-            rec.bucket.clone().unwrap_or_default(),
-        ),
-        (name("x-tollgate-fallbacks"), rec.fallbacks.to_string()),
-        (name("x-tollgate-retries"), rec.retries.to_string()),
+        (BUCKET, rec.bucket.clone().unwrap_or_default()),
+        (FALLBACKS, rec.fallbacks.to_string()),
+        (RETRIES, rec.retries.to_string()),
     ]
 }

@@ -127,6 +127,10 @@ pub fn record_error(
 /// Orders routes by priority; among equal priorities a weighted random pick goes first and the
 /// rest follow by weight (R12).
 pub fn plan(routes: &[Arc<Route>]) -> Vec<Arc<Route>> {
+    // One route (the usual model) has one order: no draw to make.
+    if let [only] = routes {
+        return vec![only.clone()];
+    }
     let mut out = Vec::with_capacity(routes.len());
     let mut i = 0;
     let mut rng = rand::thread_rng();
@@ -200,7 +204,9 @@ struct Run<'a> {
     state: &'a AppState,
     ups: &'a Upstreams,
     call: &'a Call,
-    rec: LedgerRecord,
+    /// The working record, made when first needed ([`Run::rec`]): a request its first attempt
+    /// serves never needs one, its draft is made straight from the call.
+    rec: Option<LedgerRecord>,
     /// The bucket of the first route the key may spend (R13).
     home: String,
     /// "route (outcome: why)" of each skipped route.
@@ -244,7 +250,7 @@ impl<'a> Run<'a> {
             state,
             ups,
             call,
-            rec: call.draft(),
+            rec: None,
             home,
             skipped: Vec::new(),
             insufficient: Vec::new(),
@@ -276,7 +282,10 @@ impl<'a> Run<'a> {
                 Ok(trial) => trial,
                 Err(step) => return step,
             };
-            let mut draft = self.rec.clone();
+            let mut draft = match &self.rec {
+                Some(rec) => rec.clone(),
+                None => self.call.draft(),
+            };
             set_route(&mut draft, route, &bucket.currency, bucket.kind.as_str());
             let hold = match self.reserve(route, bucket, &bounds, &draft, trial).await {
                 Ok(hold) => hold,
@@ -294,7 +303,7 @@ impl<'a> Run<'a> {
                 in_cost: bounds.in_cost,
                 retry,
             };
-            let served = attempt::attempt(on, hold, draft, &self.rec, &mut reporter).await;
+            let served = attempt::attempt(on, hold, draft, self.rec.as_ref(), &mut reporter).await;
             let latency = t0.elapsed();
             let f = match served {
                 Served::Response(resp) => {
@@ -309,7 +318,7 @@ impl<'a> Run<'a> {
             self.record_failure(route, trial, retry, &f, started_at, latency);
             if let Some((status, body)) = &f.passthrough {
                 // A non-retriable upstream 4xx goes back to the client (R14, R26).
-                let mut rec = self.rec.clone();
+                let mut rec = self.rec().clone();
                 set_route(&mut rec, route, &bucket.currency, bucket.kind.as_str());
                 rec.fallbacks = fallbacks(&rec.attempts, Some(&route.id));
                 let err = passthrough_error(self.state, *status, body, self.call.endpoint);
@@ -329,6 +338,12 @@ impl<'a> Run<'a> {
                 None => return Step::Next,
             }
         }
+    }
+
+    /// The working record: the call's draft with every attempt and skip so far.
+    fn rec(&mut self) -> &mut LedgerRecord {
+        let call = self.call;
+        self.rec.get_or_insert_with(|| call.draft())
     }
 
     /// Check: may this key use this route at all (its bucket, and crossing from the home
@@ -444,7 +459,7 @@ impl<'a> Run<'a> {
                 Err(Step::Stop(reject(
                     self.state,
                     self.call,
-                    self.rec.clone(),
+                    self.rec().clone(),
                     err,
                 )))
             }
@@ -459,7 +474,7 @@ impl<'a> Run<'a> {
             }
         }
         if retry > 0 {
-            self.rec.retries += 1;
+            self.rec().retries += 1;
         }
         self.sent_attempts += 1;
     }
@@ -483,7 +498,7 @@ impl<'a> Run<'a> {
             trial,
         );
         metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => f.outcome.clone()).increment(1);
-        self.rec.attempts.push(Attempt {
+        self.rec().attempts.push(Attempt {
             route: route.id.clone(),
             upstream_model: route.upstream_model.clone(),
             bucket: route.bucket.clone(),
@@ -528,7 +543,7 @@ impl<'a> Run<'a> {
     /// Skips a route without sending: counted, and recorded as an attempt with its reason.
     fn skip(&mut self, route: &Route, outcome: &str, why: String) {
         metrics::counter!(crate::metrics::UPSTREAM_ATTEMPTS, "route" => route.id.clone(), "outcome" => outcome.to_string()).increment(1);
-        self.rec.attempts.push(Attempt {
+        self.rec().attempts.push(Attempt {
             route: route.id.clone(),
             upstream_model: route.upstream_model.clone(),
             bucket: route.bucket.clone(),
@@ -548,8 +563,9 @@ impl<'a> Run<'a> {
     /// request's record.
     fn nothing_served(mut self) -> ApiError {
         let model = &self.call.model.name;
+        let mut rec = self.rec.take().unwrap_or_else(|| self.call.draft());
         // Every route that was tried but the last one was fallen back from.
-        self.rec.fallbacks = fallbacks(&self.rec.attempts, None).saturating_sub(1);
+        rec.fallbacks = fallbacks(&rec.attempts, None).saturating_sub(1);
         let err = if self.sent_attempts == 0 {
             if !self.insufficient.is_empty() {
                 ApiError::new(
@@ -573,7 +589,7 @@ impl<'a> Run<'a> {
                 )
             }
         } else {
-            let detail = describe_failures(&self.rec.attempts);
+            let detail = describe_failures(&rec.attempts);
             let budget = if self.budget_denied {
                 "; the gateway retry budget is exhausted"
             } else {
@@ -595,7 +611,7 @@ impl<'a> Run<'a> {
                 )
             }
         };
-        reject(self.state, self.call, self.rec, err)
+        reject(self.state, self.call, rec, err)
     }
 }
 

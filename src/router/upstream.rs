@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -17,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{Api, Config, Http2Mode, Provider, ProviderKind};
+use crate::config::{Api, Config, Endpoint, Http2Mode, Provider, ProviderKind};
 
 /// The header that names the Messages API version an Anthropic upstream is asked to speak.
 pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
@@ -40,6 +42,9 @@ pub enum SendError {
 pub struct UpstreamProvider {
     pub provider: Arc<Provider>,
     client: HttpClient,
+    /// `{base_url}{path}` for each endpoint's path, parsed once: a request clones one (a few
+    /// reference counts) instead of formatting and parsing its URL.
+    uris: Vec<(&'static str, Uri)>,
     /// The provider key as its format sends it: `Authorization: Bearer` (openai) or `x-api-key`
     /// (anthropic).
     auth: Option<(HeaderName, HeaderValue)>,
@@ -122,11 +127,26 @@ impl Upstreams {
                 }
                 None => None,
             };
+            let endpoints = [
+                Endpoint::Chat,
+                Endpoint::Embeddings,
+                Endpoint::Responses,
+                Endpoint::Messages,
+            ];
+            let uris = endpoints
+                .iter()
+                .map(|e| e.upstream_path())
+                .filter_map(|path| {
+                    let uri = format!("{}{path}", p.base_url).parse::<Uri>().ok()?;
+                    Some((path, uri))
+                })
+                .collect();
             by_id.insert(
                 p.id.clone(),
                 UpstreamProvider {
                     provider: p.clone(),
                     client: build_client(p)?,
+                    uris,
                     auth,
                     forwards_mock_headers: matches!(p.kind, ProviderKind::Mock { .. }),
                 },
@@ -158,7 +178,15 @@ impl UpstreamProvider {
         extra: &HeaderMap,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, SendError> {
-        let uri = format!("{}{}", self.provider.base_url, path);
+        let uri = match self.uris.iter().find(|(p, _)| *p == path) {
+            Some((_, uri)) => uri.clone(),
+            // Any other path (a probe's `/models`), or a base URL that does not parse (the
+            // builder then says why).
+            None => match format!("{}{}", self.provider.base_url, path).parse::<Uri>() {
+                Ok(uri) => uri,
+                Err(e) => return Err(SendError::Request(e.to_string())),
+            },
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
@@ -221,22 +249,59 @@ pub async fn read_body(
     limit: usize,
     idle: Duration,
 ) -> Result<Bytes, SendError> {
-    let mut buf = bytes::BytesMut::new();
+    let mut whole = Whole::default();
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(SendError::Timeout(idle.as_millis() as u64)),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(whole.into_bytes()),
             Ok(Some(Err(e))) => return Err(SendError::Request(describe(&e))),
             Ok(Some(Ok(f))) => {
                 if let Ok(d) = f.into_data() {
-                    if buf.len() + d.len() > limit {
+                    if whole.len() + d.len() > limit {
                         return Err(SendError::Request(format!(
                             "upstream body larger than {limit} bytes"
                         )));
                     }
-                    buf.extend_from_slice(&d);
+                    whole.push(d);
                 }
             }
+        }
+    }
+}
+
+/// A body gathered from its chunks. A body that came in one chunk (a short answer usually
+/// does) is kept as that chunk, without a copy; only a second chunk starts a buffer.
+#[derive(Default)]
+pub struct Whole {
+    first: Option<Bytes>,
+    rest: bytes::BytesMut,
+}
+
+impl Whole {
+    pub fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, chunk: Bytes) {
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(chunk),
+            first => {
+                if let Some(f) = first {
+                    self.rest.extend_from_slice(&f);
+                }
+                self.rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        match self.first {
+            Some(f) => f,
+            None => self.rest.freeze(),
         }
     }
 }
@@ -256,4 +321,69 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 pub fn is_retriable_status(s: StatusCode) -> bool {
     matches!(s.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_in_one_chunk_is_that_chunk_and_more_chunks_are_joined_in_order() {
+        let one = Bytes::from_static(b"{\"id\":\"x\"}");
+        let mut w = Whole::default();
+        assert!(w.is_empty());
+        w.push(one.clone());
+        assert_eq!(w.len(), one.len());
+        let got = w.into_bytes();
+        assert_eq!(got, one);
+        // The same bytes, not a copy of them.
+        assert_eq!(got.as_ptr(), one.as_ptr());
+
+        let mut w = Whole::default();
+        for part in ["{\"a\":", "1,", "\"b\":2}"] {
+            w.push(Bytes::from(part));
+        }
+        assert_eq!(w.len(), 13);
+        assert_eq!(&w.into_bytes()[..], b"{\"a\":1,\"b\":2}");
+
+        assert!(Whole::default().into_bytes().is_empty());
+    }
+
+    #[test]
+    fn each_endpoint_path_has_its_url_parsed_once_under_the_base_url() {
+        let config = crate::config::parse_str(
+            r#"
+            [server]
+            admin_token = "admin-0123456789"
+            [buckets.b]
+            currency = "USD"
+            kind = "official"
+            [[providers]]
+            id = "p"
+            base_url = "http://127.0.0.1:9/v1"
+            [[models]]
+            name = "m"
+            routes = [ { provider = "p", upstream_model = "u", bucket = "b", input_per_mtok = "1", output_per_mtok = "1" } ]
+            "#,
+        )
+        .unwrap();
+        let ups = Upstreams::new(&config, &HashMap::new()).unwrap();
+        let p = ups.get("p").unwrap();
+        let uri = |path: &str| {
+            p.uris
+                .iter()
+                .find(|(x, _)| *x == path)
+                .map(|(_, u)| u.to_string())
+        };
+        assert_eq!(
+            uri("/chat/completions").as_deref(),
+            Some("http://127.0.0.1:9/v1/chat/completions")
+        );
+        assert_eq!(
+            uri("/messages").as_deref(),
+            Some("http://127.0.0.1:9/v1/messages")
+        );
+        assert_eq!(uri("/models"), None);
+    }
 }
