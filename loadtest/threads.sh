@@ -26,42 +26,12 @@ tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. loadtest/one-route.sh
 mock=$(free_port); gw=$(free_port); admin=$(free_port)
 taskset -c 1 "$bin" mock-upstream --listen "127.0.0.1:$mock" --ttft-ms 0 --tokens "$tokens" \
   --interval-ms "${INTERVAL:-0}" >"$tmp/mock.log" 2>&1 &
 pids+=($!)
-cat >"$tmp/gw.toml" <<TOML
-[server]
-listen = "127.0.0.1:$gw"
-admin_listen = "127.0.0.1:$admin"
-admin_token = "threads-admin"
-data_dir = "$tmp/data"
-workers = ${WORKERS:-2}
-
-[settlement]
-flush_interval_ms = 50
-
-[buckets.credit]
-currency = "USD"
-kind = "official"
-
-[[providers]]
-id = "mock"
-base_url = "http://127.0.0.1:$mock/v1"
-
-[[models]]
-name = "m"
-tokenizer = "chunks"
-routes = [
-  { provider = "mock", upstream_model = "m", bucket = "credit", input_per_mtok = "0.5", output_per_mtok = "2" },
-]
-
-[[keys]]
-name = "threads"
-secret = "tg-threads-key"
-topup = { credit = "1000000" }
-TOML
+one_route_config "$tmp/gw.toml" "$gw" "$admin" "$mock" "$tmp/data" "${WORKERS:-2}"
 taskset -c 0 env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 gwpid=$!
 pids+=($gwpid)
@@ -73,7 +43,7 @@ cat >"$tmp/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":$tokens$stream_fields}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer tg-threads-key"
+wrk.headers["Authorization"] = "Bearer $ONE_ROUTE_KEY"
 LUA
 url="http://127.0.0.1:$gw/v1/chat/completions"
 taskset -c 1 wrk -t1 -c"$conc" -d2s -s "$tmp/post.lua" "$url" >/dev/null
