@@ -23,14 +23,7 @@ bin=${1:-target/release/tollgate}
 secs=${2:-10}
 conc=${3:-8}
 tokens=${CG_STREAM:-16}
-stream_fields=
-[ -n "${CG_STREAM:-}" ] && stream_fields=',"stream":true,"stream_options":{"include_usage":true}'
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
 . loadtest/one-route.sh
-mock=$(free_port); gw=$(free_port); admin=$(free_port)
 "$bin" mock-upstream --listen "127.0.0.1:$mock" --ttft-ms 0 --tokens "$tokens" --interval-ms 0 >"$tmp/mock.log" 2>&1 &
 pids+=($!)
 one_route_config "$tmp/gw.toml" "$gw" "$admin" "$mock" "$tmp/data" 2
@@ -38,17 +31,8 @@ valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no --callgrind-
   "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 vg=$!
 pids+=($vg)
-for _ in $(seq 1 600); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null && break
-  sleep 0.2
-done
-cat >"$tmp/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":$tokens$stream_fields}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $ONE_ROUTE_KEY"
-LUA
-url="http://127.0.0.1:$gw/v1/chat/completions"
+wait_ready 600
+one_route_wrk "$tokens" "$([ -n "${CG_STREAM:-}" ] && echo 1 || echo 0)"
 wrk -t1 -c"$conc" -d3s -s "$tmp/post.lua" "$url" >/dev/null
 callgrind_control -z "$vg" >/dev/null 2>&1
 callgrind_control -i on "$vg" >/dev/null 2>&1

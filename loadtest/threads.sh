@@ -20,14 +20,7 @@ bin=${1:-target/release/tollgate}
 secs=${2:-10}
 conc=${3:-64}
 tokens=${STREAM:-16}
-stream_fields=
-[ -n "${STREAM:-}" ] && stream_fields=',"stream":true,"stream_options":{"include_usage":true}'
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
 . loadtest/one-route.sh
-mock=$(free_port); gw=$(free_port); admin=$(free_port)
 taskset -c 1 "$bin" mock-upstream --listen "127.0.0.1:$mock" --ttft-ms 0 --tokens "$tokens" \
   --interval-ms "${INTERVAL:-0}" >"$tmp/mock.log" 2>&1 &
 pids+=($!)
@@ -35,17 +28,8 @@ one_route_config "$tmp/gw.toml" "$gw" "$admin" "$mock" "$tmp/data" "${WORKERS:-2
 taskset -c 0 env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 gwpid=$!
 pids+=($gwpid)
-for _ in $(seq 1 100); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$admin/readyz" 2>/dev/null && break
-  sleep 0.2
-done
-cat >"$tmp/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}],"max_tokens":$tokens$stream_fields}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $ONE_ROUTE_KEY"
-LUA
-url="http://127.0.0.1:$gw/v1/chat/completions"
+wait_ready 100
+one_route_wrk "$tokens" "$([ -n "${STREAM:-}" ] && echo 1 || echo 0)"
 taskset -c 1 wrk -t1 -c"$conc" -d2s -s "$tmp/post.lua" "$url" >/dev/null
 # One line per thread: name, utime, stime (clock ticks), voluntary and involuntary switches.
 snapshot() {
