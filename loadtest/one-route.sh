@@ -1,7 +1,8 @@
 # Sourced by loadtest/callgrind.sh and loadtest/threads.sh: a temp dir ($tmp) and the processes
 # started ($pids), both cleaned up on exit; free loopback ports for the mock ($mock), the
 # gateway ($gw) and its admin API ($admin); and the one-route gateway both measure (one mock
-# provider, one model on the `chunks` tokenizer, one funded key whose secret is $ONE_ROUTE_KEY).
+# provider, one model on the `chunks` tokenizer, one funded key whose secret is $ONE_ROUTE_KEY;
+# FLUSH_MS=N sets its `flush_interval_ms`, default 50 as in the load tests).
 
 ONE_ROUTE_KEY=tg-one-route-key
 
@@ -26,7 +27,7 @@ data_dir = "$5"
 workers = $6
 
 [settlement]
-flush_interval_ms = 50
+flush_interval_ms = ${FLUSH_MS:-50}
 
 [buckets.credit]
 currency = "USD"

@@ -12,7 +12,9 @@
 #                  INTERVAL=MS paces them (default 0: bursts).
 #   WORKERS=N      the gateway's HTTP workers (default 2).
 #   PRELOAD=LIB    runs the gateway with LD_PRELOAD=LIB (to compare allocators).
-#   PERF=FILE      also records `perf record -g` of the gateway over the window into FILE.
+#   PERF=FILE      also records `perf record -g` of the gateway over the window into FILE
+#                  (PERF_CALLGRAPH="--call-graph dwarf" for stacks through code without frame
+#                  pointers; PERF_FREQ=HZ, default 2000).
 # Needs wrk and taskset; two or more cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,7 @@ snapshot() {
 }
 snapshot >"$tmp/before"
 if [ -n "${PERF:-}" ]; then
-  perf record -F 2000 -g -p "$gwpid" -o "$PERF" -- sleep "$secs" >/dev/null 2>&1 &
+  perf record -F "${PERF_FREQ:-2000}" ${PERF_CALLGRAPH:--g} -p "$gwpid" -o "$PERF" -- sleep "$secs" >/dev/null 2>&1 &
   pids+=($!)
 fi
 taskset -c 1 wrk -t1 -c"$conc" -d"${secs}s" --latency -s "$tmp/post.lua" "$url" >"$tmp/wrk.txt"
