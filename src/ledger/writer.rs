@@ -544,6 +544,7 @@ fn run(
                 );
             }
         }
+        collect_garbage();
         if p.dirty || res.is_err() {
             unsynced = true;
         }
@@ -588,6 +589,22 @@ fn run(
             });
         }
         p.sync_now = false;
+    }
+}
+
+/// Frees the tree nodes the last commit replaced, on this thread.
+///
+/// sled hands each node it replaces to crossbeam's global epoch collector, to be freed once no
+/// thread can still be reading it. Any thread that enters that collector may end up freeing
+/// them, and the HTTP workers enter it on every histogram observation (the metrics exporter's
+/// buckets use the same collector). Left alone, the workers freed the writer's garbage: 3.9% of
+/// the gateway's CPU at c=64, and jemalloc's slower path for memory freed on a thread other
+/// than the one that allocated it. Each round hands this thread's deferred frees to the global
+/// queue, tries to advance the epoch and frees what has expired; a freed node must be two
+/// epochs old, hence three rounds.
+fn collect_garbage() {
+    for _ in 0..3 {
+        crossbeam_epoch::pin().flush();
     }
 }
 
