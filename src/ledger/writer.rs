@@ -544,7 +544,9 @@ fn run(
                 );
             }
         }
-        collect_garbage();
+        if had_ops {
+            collect_garbage();
+        }
         if p.dirty || res.is_err() {
             unsynced = true;
         }
@@ -592,7 +594,8 @@ fn run(
     }
 }
 
-/// Frees the tree nodes the last commit replaced, on this thread.
+/// Frees the tree nodes the last commit replaced, on this thread (called only after a commit
+/// that wrote something: an idle turn of the loop has nothing to free).
 ///
 /// sled hands each node it replaces to crossbeam's global epoch collector, to be freed once no
 /// thread can still be reading it. Any thread that enters that collector may end up freeing
